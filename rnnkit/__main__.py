@@ -1,0 +1,3 @@
+from rnnkit.cli import app
+
+app(prog_name="rnnkit")

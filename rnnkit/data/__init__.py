@@ -1,0 +1,1 @@
+"""Tokenizers, vocabularies, readers and batching; nothing here knows about models."""

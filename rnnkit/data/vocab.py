@@ -1,0 +1,90 @@
+"""Vocabularies and the simple tokenizers (characters, whitespace words)."""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Iterable
+
+UNK, PAD, BOS, EOS = "<unk>", "<pad>", "<s>", "</s>"
+
+
+class Vocab:
+    """A fixed list of tokens; unknown tokens map to ``<unk>``."""
+
+    def __init__(self, tokens: list[str]):
+        if UNK not in tokens:
+            raise ValueError("a vocabulary needs the <unk> token")
+        self.itos = list(tokens)
+        self.stoi = {t: i for i, t in enumerate(self.itos)}
+        if len(self.stoi) != len(self.itos):
+            raise ValueError("duplicate tokens in vocabulary")
+        self.unk = self.stoi[UNK]
+
+    @classmethod
+    def build(cls, tokens: Iterable[str], specials: list[str], min_freq: int = 1,
+              max_size: int | None = None) -> "Vocab":
+        """Most frequent first (ties in first-seen order), after ``specials``."""
+        counts = Counter(tokens)
+        ranked = sorted(counts.items(), key=lambda kv: -kv[1])  # stable: keeps first-seen order
+        words = [t for t, c in ranked if c >= min_freq and t not in specials]
+        if max_size is not None:
+            words = words[: max(0, max_size - len(specials))]
+        return cls(specials + words)
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def __getitem__(self, token: str) -> int:
+        return self.stoi.get(token, self.unk)
+
+    def encode(self, tokens: Iterable[str]) -> list[int]:
+        return [self.stoi.get(t, self.unk) for t in tokens]
+
+    def decode(self, ids: Iterable[int]) -> list[str]:
+        return [self.itos[i] for i in ids]
+
+
+class CharTokenizer:
+    """Every character is a token, newlines included."""
+
+    kind = "char"
+
+    def split(self, text: str) -> list[str]:
+        return list(text)
+
+    def join(self, tokens: list[str]) -> str:
+        return "".join(tokens)
+
+
+class WordTokenizer:
+    """Whitespace words; the end of each line is the ``</s>`` token."""
+
+    kind = "word"
+
+    def split(self, text: str) -> list[str]:
+        out: list[str] = []
+        for line in text.splitlines():
+            out.extend(line.split())
+            out.append(EOS)
+        return out
+
+    def join(self, tokens: list[str]) -> str:
+        text = " ".join(tokens)
+        return text.replace(f" {EOS} ", "\n").replace(f" {EOS}", "\n").replace(f"{EOS} ", "\n").replace(EOS, "\n")
+
+
+def make_tokenizer(kind: str) -> CharTokenizer | WordTokenizer:
+    return {"char": CharTokenizer, "word": WordTokenizer}[kind]()
+
+
+def read_text(path: str) -> str:
+    """Read a UTF-8 text file; a decoding error names the file and line."""
+    raw = open(path, "rb").read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: bytes are not valid UTF-8") from None
+
+
+class DataError(ValueError):
+    """A problem with a user's data file; shown as one line, exit code 2."""

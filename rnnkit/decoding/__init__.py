@@ -1,0 +1,1 @@
+"""Turning model scores into text: sampling, greedy and beam search."""

@@ -1,0 +1,1 @@
+"""Recurrent building blocks: cells, stacked RNNs, attention, encoders, decoders."""

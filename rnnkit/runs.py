@@ -1,0 +1,67 @@
+"""Starting and resuming runs, and rebuilding a task from a checkpoint alone."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rnnkit.config import Config, ConfigError, config_to_dict, load_config, save_config
+from rnnkit.tasks import task_module
+from rnnkit.training.checkpoint import CheckpointError, load_checkpoint
+from rnnkit.training.trainer import Trainer, resolve_device
+
+
+def _first_difference(a: Any, b: Any, prefix: str) -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            d = _first_difference(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+            if d:
+                return d
+        return None
+    return None if a == b else prefix
+
+
+def prepare_trainer(cfg: Config, resume: bool = False) -> Trainer:
+    """Check the run directory, build the task and a Trainer (restored when ``resume``)."""
+    run_dir = Path(cfg.run_dir)
+    last = run_dir / "last.pt"
+    ckpt = None
+    if resume:
+        if not last.exists():
+            raise ConfigError("run_dir", f"--resume given, but {last} does not exist")
+        ckpt = load_checkpoint(last)
+        old = ckpt["config"]
+        new = config_to_dict(cfg)
+        for section in ("task", "data", "model", "seed"):
+            diff = _first_difference(old.get(section), new.get(section), section)
+            if diff:
+                raise ConfigError(diff, f"differs from the checkpoint being resumed ({last}); only train.* may change")
+    elif last.exists():
+        raise ConfigError("run_dir", f"{run_dir} already holds a run; pass --resume to continue it, "
+                                     f"or choose another directory with --set run_dir=...")
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(cfg.seed)
+    task = task_module(cfg.task).build(cfg, device, extras=ckpt["task"] if ckpt else None)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    trainer = Trainer(cfg, task, run_dir, device)
+    if ckpt is not None:
+        trainer.resume(last)
+    return trainer
+
+
+def load_task(path: str | Path, device: str = "auto"):
+    """Rebuild a task (model, vocabulary, tokenizer) from a checkpoint, for inference."""
+    dev = resolve_device(device)
+    ckpt = load_checkpoint(path, map_location=dev)
+    try:
+        cfg = load_config(None, base=ckpt["config"])
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: its stored config is invalid ({err})") from None
+    task = task_module(cfg.task).build(cfg, dev, extras=ckpt["task"], with_data=False)
+    task.model.load_state_dict(ckpt["model"])
+    task.model.eval()
+    return task

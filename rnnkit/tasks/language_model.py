@@ -1,0 +1,200 @@
+"""Character- and word-level language modeling with truncated backpropagation through time."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+from rnnkit.config import Config, ConfigError, num, require_file
+from rnnkit.data.vocab import EOS, UNK, Vocab, make_tokenizer, read_text
+from rnnkit.decoding.sampling import sample_next
+from rnnkit.models.language_model import RNNLanguageModel
+from rnnkit.models.rnn import Cell, detach_state
+from rnnkit.training.trainer import StepResult
+
+METRICS = ("valid_loss", "valid_ppl", "valid_bpc")
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None          # one text file, cut into train/valid/test by ``split``
+    split: list[float] = field(default_factory=lambda: [0.9, 0.05, 0.05])  # fractions of characters
+    train: Optional[str] = None         # or: separate files (``path`` unset)
+    valid: Optional[str] = None
+    test: Optional[str] = None
+    tokenizer: Literal["char", "word"] = "char"
+    min_freq: int = num(1, 1)
+    max_vocab: Optional[int] = num(None, 2)
+    bptt: int = num(64, 1)               # tokens per truncated-BPTT window
+
+
+@dataclass
+class ModelConfig:
+    cell: Cell = "lstm"
+    embedding_dim: int = num(128, 1)
+    hidden_size: int = num(256, 1)
+    num_layers: int = num(2, 1)
+    dropout: float = num(0.0, 0, 1, hi_open=True)
+    tie_weights: bool = False
+
+
+def check_config(cfg: Config) -> None:
+    d = cfg.data
+    if cfg.train.metric not in METRICS:
+        raise ConfigError("train.metric", f"expected one of {', '.join(METRICS)} for task 'lm', got {cfg.train.metric!r}")
+    if d.path is not None and d.train is not None:
+        raise ConfigError("data.train", "set either data.path (one file, split) or data.train/valid/test, not both")
+    if d.path is None:
+        require_file("data.train", d.train)
+        require_file("data.valid", d.valid)
+        if d.test is not None:
+            require_file("data.test", d.test)
+        return
+    require_file("data.path", d.path)
+    if len(d.split) != 3 or any(f < 0 for f in d.split) or d.split[0] <= 0 or d.split[1] <= 0 \
+            or sum(d.split) > 1 + 1e-9:
+        raise ConfigError("data.split", f"expected three fractions [train, valid, test], train and valid > 0, "
+                                        f"summing to at most 1, got {d.split!r}")
+
+
+def split_text(text: str, fractions: list[float]) -> tuple[str, str, str]:
+    """Cut one text into consecutive train/valid/test parts by character fractions."""
+    n = len(text)
+    a = int(n * fractions[0])
+    b = a + int(n * fractions[1])
+    c = b + int(n * fractions[2])
+    return text[:a], text[a:b], text[b:c]
+
+
+def batchify(ids: list[int], rows: int, device: torch.device) -> torch.Tensor:
+    """Lay a token stream out as ``rows`` contiguous streams: (rows, length)."""
+    length = len(ids) // rows
+    if length < 2:
+        raise ValueError(f"{len(ids)} tokens are too few for {rows} rows")
+    return torch.tensor(ids[: rows * length], dtype=torch.long).view(rows, length).to(device)
+
+
+class LanguageModelTask:
+    def __init__(self, cfg: Config, device: torch.device, extras: dict[str, Any] | None = None,
+                 with_data: bool = True):
+        self.cfg, self.device = cfg, device
+        self.tokenizer = make_tokenizer(cfg.data.tokenizer)
+        self.splits = self._read_splits() if with_data else {}
+        if extras is None:  # a new run: the vocabulary comes from the training split
+            specials = [UNK] + ([EOS] if cfg.data.tokenizer == "word" else [])
+            self.vocab = Vocab.build(self.tokenizer.split(self.splits["train"]), specials,
+                                     cfg.data.min_freq, cfg.data.max_vocab)
+        else:
+            self.vocab = Vocab(extras["vocab"])
+        m = cfg.model
+        self.model = RNNLanguageModel(len(self.vocab), m.cell, m.embedding_dim, m.hidden_size,
+                                      m.num_layers, m.dropout, m.tie_weights).to(device)
+        self.state = None
+        self.train_stream: torch.Tensor | None = None
+        self.valid_stream: torch.Tensor | None = None
+        if self.splits:
+            bs = cfg.train.batch_size
+            self.train_stream = batchify(self.encode(self.splits["train"]), bs, device)
+            self.valid_stream = batchify(self.encode(self.splits["valid"]), min(cfg.train.eval_batch_size,
+                                         max(1, len(self.splits["valid"]) // (2 * cfg.data.bptt))), device)
+
+    def _read_splits(self) -> dict[str, str]:
+        d = self.cfg.data
+        if d.path is not None:
+            train, valid, test = split_text(read_text(d.path), d.split)
+            return {"train": train, "valid": valid, "test": test}
+        out = {"train": read_text(d.train), "valid": read_text(d.valid)}
+        if d.test:
+            out["test"] = read_text(d.test)
+        return out
+
+    def encode(self, text: str) -> list[int]:
+        return self.vocab.encode(self.tokenizer.split(text))
+
+    # ------------------------------------------------------------------ training interface
+    def train_batches(self, epoch: int) -> range:
+        """Window start offsets over the batchified training stream."""
+        return range(0, self.train_stream.size(1) - 1, self.cfg.data.bptt)
+
+    def train_step(self, start: int, index: int, step: int) -> StepResult:
+        if index == 0:
+            self.state = None   # a new pass over the stream starts from a zero state
+        x = self.train_stream[:, start:start + self.cfg.data.bptt]
+        y = self.train_stream[:, start + 1:start + 1 + x.size(1)]
+        x = x[:, : y.size(1)]
+        logits, state = self.model(x, self.state)
+        self.state = detach_state(state)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+        return StepResult(loss, y.numel())
+
+    def train_state(self) -> dict[str, Any]:
+        s = self.state
+        return {"hidden": None if s is None else (list(s) if isinstance(s, tuple) else [s])}
+
+    def load_train_state(self, state: dict[str, Any]) -> None:
+        h = state.get("hidden")
+        self.state = None if h is None else (tuple(h) if len(h) == 2 else h[0])
+
+    def extras(self) -> dict[str, Any]:
+        return {"vocab": self.vocab.itos, "tokenizer": self.cfg.data.tokenizer}
+
+    @torch.no_grad()
+    def stream_loss(self, stream: torch.Tensor) -> tuple[float, int]:
+        """Mean loss per token over a batchified stream, carrying state across windows."""
+        total, count, state = 0.0, 0, None
+        bptt = self.cfg.data.bptt
+        for start in range(0, stream.size(1) - 1, bptt):
+            x = stream[:, start:start + bptt]
+            y = stream[:, start + 1:start + 1 + x.size(1)]
+            logits, state = self.model(x[:, : y.size(1)], state)
+            total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1),
+                                     reduction="sum").item()
+            count += y.numel()
+        return total / count, count
+
+    def metrics(self, loss: float, tokens: int) -> dict[str, float]:
+        out = {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+        if self.cfg.data.tokenizer == "char":
+            out["bpc"] = loss / math.log(2)
+        return out
+
+    def evaluate(self) -> dict[str, float]:
+        loss, tokens = self.stream_loss(self.valid_stream)
+        return self.metrics(loss, tokens)
+
+    # ------------------------------------------------------------------ inference
+    def evaluate_text(self, text: str, rows: int = 16) -> dict[str, float]:
+        ids = self.encode(text)
+        rows = max(1, min(rows, len(ids) // (2 * self.cfg.data.bptt)))
+        self.model.eval()
+        loss, tokens = self.stream_loss(batchify(ids, rows, self.device))
+        return {**self.metrics(loss, tokens), "tokens": tokens}
+
+    @torch.no_grad()
+    def generate(self, prime: str, length: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None) -> Iterator[str]:
+        """Yield ``length`` sampled tokens (as text pieces) after feeding ``prime``."""
+        self.model.eval()
+        ids = self.encode(prime) if prime else []
+        if not ids:  # start from a line break (or the first ordinary token)
+            start = "\n" if self.cfg.data.tokenizer == "char" else EOS
+            ids = [self.vocab.stoi.get(start, len(self.vocab) - 1)]
+        logits, state = self.model(torch.tensor([ids], device=self.device))
+        last = logits[:, -1]
+        word = self.cfg.data.tokenizer == "word"
+        for _ in range(length):
+            last[:, self.vocab.unk] = float("-inf")   # never emit <unk>
+            nxt = sample_next(last, temperature, top_k, top_p, generator)
+            tok = self.vocab.itos[int(nxt)]
+            yield ("\n" if tok == EOS else tok + " ") if word else tok
+            logits, state = self.model(nxt.view(1, 1), state)
+            last = logits[:, -1]
+
+
+def build(cfg: Config, device: torch.device, extras: dict[str, Any] | None = None,
+          with_data: bool = True) -> LanguageModelTask:
+    """A task for training (``with_data``) or, from a checkpoint's ``extras``, for inference."""
+    return LanguageModelTask(cfg, device, extras, with_data)

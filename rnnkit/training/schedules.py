@@ -1,0 +1,51 @@
+"""Learning-rate schedules as pure functions of the step (plus the plateau's own state)."""
+from __future__ import annotations
+
+import math
+
+from rnnkit.config import TrainConfig
+
+
+class LRSchedule:
+    """Linear warmup, then constant / step / cosine decay; ``plateau`` decays on evaluations.
+
+    The rate at a step depends only on the step and the plateau scale, so resuming
+    needs no more state than :meth:`state_dict` returns.
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.scale = 1.0       # plateau multiplier
+        self.best: float | None = None
+        self.bad = 0
+
+    def lr(self, step: int) -> float:
+        c = self.cfg
+        warm = (step + 1) / c.warmup_steps if step < c.warmup_steps else 1.0
+        if c.lr_schedule == "step":
+            rate = c.lr * c.lr_gamma ** (step // c.lr_step_size)
+        elif c.lr_schedule == "cosine":
+            progress = min(1.0, max(0, step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps))
+            rate = c.min_lr + (c.lr - c.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+        else:
+            rate = c.lr * self.scale
+        return max(c.min_lr, rate * warm) if c.lr_schedule != "cosine" else rate * warm
+
+    def observe(self, value: float, mode: str) -> None:
+        """Feed an evaluation result; only the plateau schedule reacts."""
+        if self.cfg.lr_schedule != "plateau":
+            return
+        better = self.best is None or (value < self.best if mode == "min" else value > self.best)
+        if better:
+            self.best, self.bad = value, 0
+        else:
+            self.bad += 1
+            if self.bad > self.cfg.lr_patience:
+                self.scale *= self.cfg.lr_gamma
+                self.bad = 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "best": self.best, "bad": self.bad}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.best, self.bad = state["scale"], state["best"], state["bad"]

@@ -1,0 +1,241 @@
+"""The one training loop. It drives any task that offers the small interface below."""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol, Sequence
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+
+from rnnkit.config import Config, config_to_dict
+from rnnkit.training.checkpoint import load_checkpoint, save_checkpoint
+from rnnkit.training.schedules import LRSchedule
+
+
+class StepResult(NamedTuple):
+    loss: torch.Tensor           # mean loss over the step's tokens, with a graph
+    tokens: int                  # how many tokens the loss covers (for throughput)
+    logs: dict[str, float] | None = None  # extra values worth logging (e.g. teacher forcing)
+
+
+class Task(Protocol):
+    """What the Trainer needs from a task; it knows nothing else about it."""
+
+    model: torch.nn.Module
+
+    def train_batches(self, epoch: int) -> Sequence[Any]: ...
+    def train_step(self, batch: Any, index: int, step: int) -> StepResult: ...
+    def evaluate(self) -> dict[str, float]: ...
+    def extras(self) -> dict[str, Any]: ...
+    def train_state(self) -> dict[str, Any]: ...
+    def load_train_state(self, state: dict[str, Any]) -> None: ...
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device asks for CUDA, but no CUDA device is available")
+    return dev
+
+
+def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+    t = cfg.train
+    params = [p for p in params if p.requires_grad]
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    cls = torch.optim.Adam if t.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    epoch: int = 0
+    batch_index: int = 0           # next batch of ``epoch`` to train on
+    elapsed: float = 0.0           # training seconds over all sessions of this run
+    best: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    last_eval: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, task: Task, run_dir: Path, device: torch.device,
+                 console: Console | None = None):
+        self.cfg, self.task, self.run_dir, self.device = cfg, task, Path(run_dir), device
+        self.console = console or Console(stderr=True)
+        self.optimizer = build_optimizer(cfg, task.model.parameters())
+        self.schedule = LRSchedule(cfg.train)
+        self.progress = Progress()
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self._stop_requested = False
+
+    # ------------------------------------------------------------------ checkpoints
+    def _payload(self) -> dict[str, Any]:
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "config": config_to_dict(self.cfg),
+            "model": self.task.model.state_dict(),
+            "task": self.task.extras(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "progress": vars(self.progress).copy(),
+            "train_state": self.task.train_state(),
+            "rng": rng,
+        }
+
+    def resume(self, path: Path) -> None:
+        """Restore model, optimizer, schedule, data position, carried state and RNG."""
+        ckpt = load_checkpoint(path, map_location=self.device)
+        self.task.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.schedule.load_state_dict(ckpt["schedule"])
+        self.progress = Progress(**ckpt["progress"])
+        self.task.load_train_state(ckpt["train_state"])
+        torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
+        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
+        self._truncate_metrics(self.progress.step)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop records a crashed session wrote after the checkpoint we resume from."""
+        if not self.metrics_path.exists():
+            return
+        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        self.metrics_path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with self.metrics_path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------ evaluation
+    def _improved(self, value: float) -> bool:
+        best = self.progress.best
+        if best is None:
+            return True
+        return value < best if self.cfg.train.metric_mode == "min" else value > best
+
+    def evaluate_and_save(self) -> bool:
+        """Evaluate, log, checkpoint (``last.pt``, and ``best.pt`` on improvement).
+
+        Returns True when early stopping says training should end.
+        """
+        t, p = self.cfg.train, self.progress
+        self.task.model.eval()
+        with torch.no_grad():
+            results = {f"valid_{k}": float(v) for k, v in self.task.evaluate().items()}
+        self.task.model.train()
+        p.last_eval = results
+        value = results[t.metric]
+        self.schedule.observe(value, t.metric_mode)
+        improved = self._improved(value)
+        if improved:
+            p.best, p.best_step, p.bad_evals = value, p.step, 0
+        else:
+            p.bad_evals += 1
+        self._log({"kind": "eval", "step": p.step, **results})
+        shown = "  ".join(f"{k}={v:.4g}" for k, v in results.items())
+        tqdm.write(f"step {p.step}: {shown}{'  (best)' if improved else ''}")
+        payload = self._payload()
+        save_checkpoint(payload, self.run_dir / "last.pt")
+        if improved:
+            save_checkpoint(payload, self.run_dir / "best.pt")
+        return t.early_stopping is not None and p.bad_evals >= t.early_stopping
+
+    # ------------------------------------------------------------------ the loop
+    def _on_interrupt(self, signum, frame) -> None:
+        if self._stop_requested:
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        tqdm.write("interrupted: finishing this step, then saving last.pt (Ctrl-C again to abort)")
+
+    def fit(self) -> dict[str, Any]:
+        t, p = self.cfg.train, self.progress
+        model = self.task.model
+        model.train()
+        params = [q for q in model.parameters() if q.requires_grad]
+        previous = None
+        try:
+            previous = signal.signal(signal.SIGINT, self._on_interrupt)
+        except ValueError:  # not the main thread
+            pass
+        bar = tqdm(total=t.max_steps, initial=p.step, desc="train", unit="step",
+                   dynamic_ncols=True, disable=None)
+        start = time.perf_counter()
+        session_start_elapsed = p.elapsed
+        window_loss = torch.zeros((), device=self.device)
+        window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
+        stop = p.step >= t.max_steps
+        try:
+            while not stop:
+                batches = self.task.train_batches(p.epoch)
+                if len(batches) == 0:
+                    raise RuntimeError("the training data yields no batches; check data and batch size")
+                while p.batch_index < len(batches) and not stop:
+                    lr = self.schedule.lr(p.step)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
+                    out = self.task.train_step(batches[p.batch_index], p.batch_index, p.step)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    out.loss.backward()
+                    norm = (torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm, foreach=True)
+                            if t.clip_grad_norm else None)
+                    self.optimizer.step()
+                    p.step += 1
+                    p.batch_index += 1
+                    window_loss += out.loss.detach() * out.tokens
+                    window_tokens += out.tokens
+                    window_steps += 1
+                    p.elapsed = session_start_elapsed + time.perf_counter() - start
+                    timed_out = t.max_time is not None and p.elapsed >= t.max_time
+                    if p.step % t.log_every == 0:
+                        now = time.perf_counter()
+                        loss = window_loss.item() / max(1, window_tokens)
+                        record = {"kind": "train", "step": p.step, "loss": loss, "lr": lr,
+                                  "tokens_per_s": window_tokens / max(1e-9, now - window_start)}
+                        if norm is not None:
+                            record["grad_norm"] = float(norm)
+                        record.update(out.logs or {})
+                        self._log(record)
+                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                                        tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+                        window_loss.zero_()
+                        window_tokens, window_steps, window_start = 0, 0, now
+                    bar.update(1)
+                    stop = p.step >= t.max_steps or timed_out or self._stop_requested
+                    if p.step % t.eval_every == 0 or stop:
+                        stop = self.evaluate_and_save() or stop
+                if p.batch_index >= len(batches):
+                    p.epoch, p.batch_index = p.epoch + 1, 0
+        finally:
+            bar.close()
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        summary = {"steps": p.step, "epochs": p.epoch, "seconds": round(p.elapsed, 1),
+                   "best_" + t.metric: p.best, "best_step": p.best_step, **p.last_eval,
+                   "interrupted": self._stop_requested}
+        self._print_summary(summary)
+        return summary
+
+    def _print_summary(self, summary: dict[str, Any]) -> None:
+        table = Table(title=f"rnnkit: {self.cfg.task} run in {self.run_dir}", show_header=False)
+        table.add_column("what", style="bold")
+        table.add_column("value")
+        for k, v in summary.items():
+            if isinstance(v, float):
+                v = f"{v:.4f}" if math.isfinite(v) else str(v)
+            table.add_row(k, str(v))
+        table.add_row("checkpoints", f"{self.run_dir / 'last.pt'}, {self.run_dir / 'best.pt'}")
+        self.console.print(table)

@@ -112,25 +112,69 @@ def generate(
 @app.command()
 def translate(
     checkpoint: Path = typer.Argument(..., help="A translation checkpoint (last.pt or best.pt)."),
+    input: Optional[Path] = typer.Option(None, "--input", "-i", help="Source file; default stdin."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file; default stdout."),
+    beam: int = typer.Option(1, "--beam", "-b", min=1, help="Beam size; 1 is greedy decoding."),
+    n_best: int = typer.Option(1, "--n-best", min=1,
+                               help="Write the n best translations per line, separated by ' ||| '."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Sentences decoded together."),
+    length_penalty: float = typer.Option(0.0, "--length-penalty", min=0.0,
+                                         help="GNMT length penalty alpha for beam search (0: none)."),
+    replace_unk: bool = typer.Option(False, "--replace-unk",
+                                     help="Replace each <unk> with the source token it attends to most."),
+    attention_plots: Optional[Path] = typer.Option(None, "--attention-plots", metavar="DIR",
+                                                   help="Write one attention heatmap PNG per sentence here."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
-    """Translate text with a sequence-to-sequence model.
+    """Translate text, one output line per input line, in order (empty lines stay empty).
 
     Example:  rnnkit translate runs/en_fr/best.pt --beam 5 < input.en > output.fr
     """
-    _bad_option("translation arrives with the translation task (task: translation); "
-                "this build has language models only")
+    from rnnkit.data.parallel import read_lines
+    from rnnkit.runs import load_task
+
+    if n_best > beam:
+        _bad_option(f"--n-best ({n_best}) cannot exceed --beam ({beam})")
+    with user_errors():
+        task = load_task(checkpoint, device)
+        if task.cfg.task != "translation":
+            raise CheckpointError(f"{checkpoint}: a '{task.cfg.task}' checkpoint cannot translate; "
+                                  f"use 'rnnkit generate' for language models")
+        if (replace_unk or attention_plots) and task.cfg.model.decoder.attention == "none":
+            _bad_option("--replace-unk and --attention-plots need a model with attention")
+        if input is not None and not input.is_file():
+            raise DataError(f"--input: file not found: {input}")
+        lines = read_lines(str(input)) if input is not None else sys.stdin.read().splitlines()
+        results = task.translate(lines, beam=beam, n_best=n_best, batch_size=batch_size,
+                                 alpha=length_penalty, replace_unk=replace_unk)
+    nbest = results if n_best > 1 else [[r] for r in results]
+    text = "".join(" ||| ".join(t.text for t in hyps) + "\n" for hyps in nbest)
+    if output is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        output.write_text(text, encoding="utf-8")
+    if attention_plots is not None:
+        from rnnkit.plots import save_attention_plots
+
+        written = save_attention_plots([h[0] for h in nbest], attention_plots)
+        err_console.print(f"wrote {written} attention plots to {attention_plots}")
 
 
 @app.command("eval")
 def evaluate(
     checkpoint: Path = typer.Argument(..., help="A checkpoint (last.pt or best.pt)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Language models: a text file to score."),
+    src: Optional[Path] = typer.Option(None, "--src", help="Translation: source sentences."),
+    ref: Optional[Path] = typer.Option(None, "--ref", help="Translation: reference translations, line-aligned."),
+    beam: int = typer.Option(1, "--beam", "-b", min=1, help="Translation: beam size (1 is greedy)."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Translation: sentences decoded together."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
-    """Score a checkpoint on held-out data: loss, perplexity (and bits per character).
+    """Score a checkpoint: LMs on --data (loss, perplexity, bits/char); translation on --src/--ref (BLEU, chrF, perplexity).
 
-    Example:  rnnkit eval runs/char_lm/best.pt --data data/sample.txt --json
+    Example:  rnnkit eval runs/en_fr/best.pt --src test.en --ref test.fr --beam 5 --json
     """
     from rnnkit.data.vocab import read_text
     from rnnkit.runs import load_task
@@ -144,7 +188,16 @@ def evaluate(
                 raise DataError(f"--data: file not found: {data}")
             results = task.evaluate_text(read_text(str(data)))
         else:
-            _bad_option(f"eval does not support task {task.cfg.task!r} yet")
+            if src is None or ref is None:
+                _bad_option("--src FILE and --ref FILE are required to evaluate a translation model")
+            from rnnkit.data.parallel import read_parallel
+            from rnnkit.metrics import bleu, chrf, perplexity
+
+            sources, refs = read_parallel(str(src), str(ref))
+            hyps = [t.text for t in task.translate(sources, beam=beam, batch_size=batch_size)]
+            loss, tokens = task.score_pairs(sources, refs, batch_size)
+            results = {"bleu": bleu(hyps, refs), "chrf": chrf(hyps, refs), "loss": loss,
+                       "ppl": perplexity(loss), "sentences": len(sources), "beam": beam}
     _print_results(results, as_json)
 
 

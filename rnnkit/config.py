@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -48,6 +49,16 @@ def _describe_range(lo, hi, lo_open, hi_open) -> str:
 
 # --------------------------------------------------------------------------- sections
 @dataclass
+class TeacherForcingConfig:
+    """The probability of feeding the gold previous token (sequence-to-sequence tasks)."""
+
+    schedule: Literal["constant", "linear", "exponential", "inverse_sigmoid"] = "constant"
+    start: float = num(1.0, 0, 1)
+    end: float = num(0.0, 0, 1)
+    steps: int = num(10000, 1)   # the decay's length in training steps
+
+
+@dataclass
 class TrainConfig:
     """The shared training loop's settings (the same for every task)."""
 
@@ -74,6 +85,7 @@ class TrainConfig:
     metric_mode: Literal["min", "max"] = "min"
     early_stopping: Optional[int] = num(None, 1)  # evaluations without improvement before stopping
     num_threads: Optional[int] = num(None, 1)
+    teacher_forcing: TeacherForcingConfig = field(default_factory=TeacherForcingConfig)
 
 
 @dataclass
@@ -136,7 +148,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise bad
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise bad
         return float(value)
     if tp is str:
@@ -191,6 +203,13 @@ def _parse_override(text: str) -> tuple[str, Any, str]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):  # YAML reads '3e-4' as text; a number is meant
+        for parse in (int, float):
+            try:
+                value = parse(value)
+                break
+            except ValueError:
+                pass
     return key, value, raw
 
 
@@ -261,7 +280,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         cfg = _build(tree, data_cls, model_cls)
         _check(cfg, with_task=base is None)
     except ConfigError as err:
-        hit = next((k for k in set_keys if err.key == k or err.key.startswith(k + ".")), None)
+        hit = next((k for k in set_keys if err.key and (err.key == k or err.key.startswith(k + ".")
+                                                         or k.startswith(err.key + "."))), None)
         err.source = f"{source} (--set {hit}={set_keys[hit]})" if hit else source
         raise ConfigError(err.key, err.message, err.source) from None
     return cfg

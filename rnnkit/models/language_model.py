@@ -13,7 +13,7 @@ class RNNLanguageModel(nn.Module):
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, embedding_dim)
         self.rnn = make_rnn(cell, embedding_dim, hidden_size, num_layers, dropout)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.proj = nn.Linear(hidden_size, embedding_dim) if tie_weights and embedding_dim != hidden_size else None
         self.output = nn.Linear(embedding_dim if tie_weights else hidden_size, vocab_size)
         if tie_weights:

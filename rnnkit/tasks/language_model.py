@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from rnnkit.config import Config, ConfigError, num, require_file
 from rnnkit.data.vocab import EOS, UNK, Vocab, make_tokenizer, read_text
 from rnnkit.decoding.sampling import sample_next
+from rnnkit.metrics import perplexity
 from rnnkit.models.language_model import RNNLanguageModel
 from rnnkit.models.rnn import Cell, detach_state
 from rnnkit.training.trainer import StepResult
@@ -156,7 +157,7 @@ class LanguageModelTask:
         return total / count, count
 
     def metrics(self, loss: float, tokens: int) -> dict[str, float]:
-        out = {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+        out = {"loss": loss, "ppl": perplexity(loss)}
         if self.cfg.data.tokenizer == "char":
             out["bpc"] = loss / math.log(2)
         return out

@@ -203,7 +203,8 @@ class Trainer:
                     if p.step % t.log_every == 0:
                         now = time.perf_counter()
                         loss = window_loss.item() / max(1, window_tokens)
-                        record = {"kind": "train", "step": p.step, "loss": loss, "lr": lr,
+                        record = {"kind": "train", "step": p.step, "elapsed": round(p.elapsed, 4),
+                                  "loss": loss, "lr": lr,
                                   "tokens_per_s": window_tokens / max(1e-9, now - window_start)}
                         if norm is not None:
                             record["grad_norm"] = float(norm)

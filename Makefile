@@ -1,0 +1,31 @@
+# Set-up and the everyday commands. `make quickstart` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch pinned to the CPU build that installs from local disk; on a GPU machine install the CUDA build first.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup quickstart test bench clean
+
+$(BIN)/rnnkit: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+setup: $(BIN)/rnnkit
+
+quickstart: setup
+	rm -rf runs/quickstart
+	$(BIN)/rnnkit train configs/quickstart.yaml
+	$(BIN)/rnnkit generate runs/quickstart/best.pt --prime "The lamp" --length 300 --temperature 0.7 --seed 1
+
+test: setup
+	$(BIN)/python -m pytest tests
+
+bench: setup
+	$(BIN)/python bench/lm_throughput.py
+
+clean:
+	rm -rf runs .pytest_cache

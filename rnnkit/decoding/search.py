@@ -1,0 +1,134 @@
+"""Greedy and batched beam search over any step function.
+
+A decoder here is anything with ``step(tokens (N,), state) -> (logits (N, V), state,
+attention (N, S) or None)`` whose state has ``select(index)`` to reorder or expand rows.
+Beam search keeps the whole batch times beam on the device as fixed-shape tensors: no
+Python loop over sentences or hypotheses, only over time steps.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import torch
+
+StepFn = Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any, torch.Tensor | None]]
+
+
+class Hypothesis(NamedTuple):
+    tokens: list[int]                 # without <s> and </s>
+    score: float                      # log-probability (length-normalised for beam search)
+    attention: torch.Tensor | None    # (len(tokens) + 1, S) weights, the </s> step included
+
+
+def _limits(src_lengths: torch.Tensor, ratio: float, extra: int, cap: int) -> torch.Tensor:
+    return (src_lengths.float() * ratio + extra).long().clamp(min=1, max=cap)
+
+
+def length_penalty(lengths: torch.Tensor, alpha: float) -> torch.Tensor:
+    """GNMT's ((5 + |Y|) / 6) ** alpha; alpha 0 ranks by raw log-probability."""
+    return ((5.0 + lengths.float()) / 6.0) ** alpha
+
+
+@torch.no_grad()
+def greedy_search(step: StepFn, state: Any, batch_size: int, bos: int, eos: int, src_lengths: torch.Tensor,
+                  device: torch.device, max_len_ratio: float = 2.0, max_len_extra: int = 10,
+                  max_len_cap: int = 512) -> list[Hypothesis]:
+    limits = _limits(src_lengths, max_len_ratio, max_len_extra, max_len_cap).to(device)
+    tokens = torch.full((batch_size,), bos, dtype=torch.long, device=device)
+    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    score = torch.zeros(batch_size, device=device)
+    out, attn = [], []
+    for t in range(int(limits.max())):
+        logits, state, weights = step(tokens, state)
+        logp = torch.log_softmax(logits.float(), -1)
+        force_end = (t + 1 >= limits) & ~finished
+        logp[force_end] = float("-inf")
+        logp[force_end, eos] = 0.0
+        best, tokens = logp.max(-1)
+        score = score + torch.where(finished, torch.zeros_like(best), best)
+        tokens = tokens.masked_fill(finished, 0)
+        out.append(tokens)
+        attn.append(weights)
+        finished = finished | (tokens == eos)
+        if bool(finished.all()):
+            break
+    return _collect(torch.stack(out, 1), score, attn, eos)
+
+
+def _collect(seqs: torch.Tensor, scores: torch.Tensor, attn: list, eos: int) -> list[Hypothesis]:
+    seqs, scores = seqs.tolist(), scores.tolist()
+    weights = torch.stack(attn, 1).cpu() if attn and attn[0] is not None else None
+    hyps = []
+    for i, seq in enumerate(seqs):
+        n = seq.index(eos) if eos in seq else len(seq)
+        hyps.append(Hypothesis(seq[:n], scores[i], None if weights is None else weights[i, : n + 1]))
+    return hyps
+
+
+@torch.no_grad()
+def beam_search(step: StepFn, state: Any, batch_size: int, bos: int, eos: int, src_lengths: torch.Tensor,
+                device: torch.device, beam: int = 5, n_best: int = 1, alpha: float = 0.0,
+                max_len_ratio: float = 2.0, max_len_extra: int = 10,
+                max_len_cap: int = 512) -> list[list[Hypothesis]]:
+    """The ``n_best`` hypotheses per sentence, best first."""
+    B, K = batch_size, beam
+    N = B * K
+    rows = torch.arange(B, device=device).repeat_interleave(K)
+    state = state.select(rows)
+    limits = _limits(src_lengths, max_len_ratio, max_len_extra, max_len_cap).to(device)[rows]
+    scores = torch.full((B, K), float("-inf"), device=device)
+    scores[:, 0] = 0.0
+    tokens = torch.full((N,), bos, dtype=torch.long, device=device)
+    finished = torch.zeros(N, dtype=torch.bool, device=device)
+    lengths = torch.zeros(N, dtype=torch.long, device=device)
+    base = (torch.arange(B, device=device) * K).unsqueeze(1)
+    tok_hist, origin_hist, attn_hist = [], [], []
+    for t in range(int(limits.max())):
+        logits, state, weights = step(tokens, state)
+        logp = torch.log_softmax(logits.float(), -1)
+        V = logp.size(-1)
+        force_end = (t + 1 >= limits) & ~finished
+        logp[force_end] = float("-inf")
+        logp[force_end, eos] = 0.0
+        logp[finished] = float("-inf")      # a finished hypothesis only extends with padding, at no cost
+        logp[finished, 0] = 0.0
+        top, idx = (scores.unsqueeze(-1) + logp.view(B, K, V)).view(B, K * V).topk(K, dim=-1)
+        origin = idx // V
+        flat = (origin + base).view(-1)
+        new_tokens = (idx % V).view(-1)
+        state = state.select(flat)
+        was_finished = finished[flat]
+        lengths = lengths[flat] + (~was_finished).long()
+        finished = was_finished | (new_tokens == eos)
+        scores, tokens = top, new_tokens
+        tok_hist.append(new_tokens.view(B, K))
+        origin_hist.append(origin)
+        attn_hist.append(None if weights is None else weights[flat].view(B, K, -1))
+        if bool(finished.all()):
+            break
+    normalised = scores / length_penalty(lengths.view(B, K), alpha)
+    order = normalised.argsort(dim=-1, descending=True)[:, :n_best]
+    return _backtrack(order, normalised, tok_hist, origin_hist, attn_hist, eos)
+
+
+def _backtrack(order, normalised, tok_hist, origin_hist, attn_hist, eos) -> list[list[Hypothesis]]:
+    """Follow back-pointers from the chosen final slots to recover tokens and attention."""
+    idx = order
+    toks, attns = [], []
+    for t in range(len(tok_hist) - 1, -1, -1):
+        toks.append(tok_hist[t].gather(1, idx))
+        if attn_hist[t] is not None:
+            a = attn_hist[t]
+            attns.append(a.gather(1, idx.unsqueeze(-1).expand(-1, -1, a.size(-1))))
+        idx = origin_hist[t].gather(1, idx)
+    seqs = torch.stack(toks[::-1], -1).tolist()                      # (B, n, T)
+    weights = torch.stack(attns[::-1], 2).cpu() if attns else None   # (B, n, T, S)
+    scores = normalised.gather(1, order).tolist()
+    out = []
+    for b, per_sentence in enumerate(seqs):
+        hyps = []
+        for j, seq in enumerate(per_sentence):
+            n = seq.index(eos) if eos in seq else len(seq)
+            hyps.append(Hypothesis(seq[:n], scores[b][j], None if weights is None else weights[b, j, : n + 1]))
+        out.append(hyps)
+    return out

@@ -1,0 +1,169 @@
+"""Encoder-decoder: packed (bi)directional encoder, bridge, attentional or classic decoder."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from rnnkit.models.attention import Attention
+from rnnkit.models.rnn import State, make_rnn
+
+
+class Encoder(nn.Module):
+    def __init__(self, vocab_size: int, embedding_dim: int, cell: str, hidden_size: int,
+                 num_layers: int, bidirectional: bool, dropout: float):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=0)
+        self.dropout = nn.Dropout(dropout)
+        self.rnn = make_rnn(cell, embedding_dim, hidden_size, num_layers, dropout, bidirectional)
+        self.directions = 2 if bidirectional else 1
+        self.output_size = hidden_size * self.directions
+
+    def forward(self, src: torch.Tensor, lengths: torch.Tensor):
+        """-> states (B, S, D*H), top layer's final h (B, D*H), and final c for LSTMs (or None)."""
+        x = self.dropout(self.embedding(src))
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, final = self.rnn(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=src.size(1))
+        h, c = final if isinstance(final, tuple) else (final, None)
+        return out, self._top(h), None if c is None else self._top(c)
+
+    def _top(self, state: torch.Tensor) -> torch.Tensor:
+        layers = state.size(0) // self.directions
+        top = state.view(layers, self.directions, state.size(1), state.size(2))[-1]
+        return top.transpose(0, 1).reshape(state.size(1), -1)
+
+
+class Bridge(nn.Module):
+    """The decoder's initial state from the encoder: ``linear`` (final state), ``mean``, ``max`` or ``zeros``."""
+
+    def __init__(self, kind: str, encoder_size: int, hidden_size: int, num_layers: int, lstm: bool):
+        super().__init__()
+        self.kind, self.hidden_size, self.num_layers, self.lstm = kind, hidden_size, num_layers, lstm
+        if kind != "zeros":
+            self.to_h = nn.Linear(encoder_size, hidden_size * num_layers)
+            self.to_c = nn.Linear(encoder_size, hidden_size * num_layers) if lstm else None
+
+    def summary(self, memory: torch.Tensor, mask: torch.Tensor, final_h: torch.Tensor) -> torch.Tensor:
+        if self.kind == "mean":
+            m = mask.unsqueeze(-1).to(memory.dtype)
+            return (memory * m).sum(1) / m.sum(1).clamp(min=1)
+        if self.kind == "max":
+            return memory.masked_fill(~mask.unsqueeze(-1), float("-inf")).max(1).values
+        return final_h
+
+    def forward(self, memory, mask, final_h, final_c) -> State:
+        batch = memory.size(0)
+        if self.kind == "zeros":
+            h = memory.new_zeros(self.num_layers, batch, self.hidden_size)
+            return (h, torch.zeros_like(h)) if self.lstm else h
+        s = self.summary(memory, mask, final_h)
+        h = self._layers(torch.tanh(self.to_h(s)))
+        if not self.lstm:
+            return h
+        c_source = final_c if self.kind == "linear" and final_c is not None else s
+        return h, self._layers(self.to_c(c_source))
+
+    def _layers(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.size(0), self.num_layers, self.hidden_size).transpose(0, 1).contiguous()
+
+
+class DecoderState(NamedTuple):
+    rnn: State                   # (layers, N, H) or an LSTM (h, c) pair
+    feed: torch.Tensor | None    # previous attentional vector (N, H) when input feeding
+    memory: torch.Tensor         # encoder states (N, S, M)
+    keys: torch.Tensor           # precomputed attention keys (N, S, *)
+    mask: torch.Tensor           # (N, S), True on real source tokens
+    context: torch.Tensor        # fixed source summary (N, M), used without attention
+
+    def select(self, index: torch.Tensor) -> "DecoderState":
+        """Reorder/expand along the batch dimension (beam search)."""
+        rnn = tuple(s.index_select(1, index) for s in self.rnn) if isinstance(self.rnn, tuple) \
+            else self.rnn.index_select(1, index)
+        pick = lambda t: None if t is None else t.index_select(0, index)  # noqa: E731
+        return DecoderState(rnn, pick(self.feed), pick(self.memory), pick(self.keys), pick(self.mask),
+                            pick(self.context))
+
+
+class Decoder(nn.Module):
+    def __init__(self, vocab_size: int, embedding_dim: int, cell: str, hidden_size: int, num_layers: int,
+                 dropout: float, attention: str, memory_size: int, input_feeding: bool):
+        super().__init__()
+        self.attention = None if attention == "none" else Attention(attention, hidden_size, memory_size)
+        self.input_feeding = input_feeding and self.attention is not None
+        extra = hidden_size if self.input_feeding else (memory_size if self.attention is None else 0)
+        self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=0)
+        self.dropout = nn.Dropout(dropout)
+        self.rnn = make_rnn(cell, embedding_dim + extra, hidden_size, num_layers, dropout)
+        self.combine = nn.Linear(memory_size + hidden_size, hidden_size, bias=False) if self.attention else None
+        self.output = nn.Linear(hidden_size, vocab_size)
+
+    def start(self, memory, mask, init: State, context: torch.Tensor) -> DecoderState:
+        keys = self.attention.keys(memory) if self.attention is not None else memory
+        feed = memory.new_zeros(memory.size(0), self.output.in_features) if self.input_feeding else None
+        return DecoderState(init, feed, memory, keys, mask, context)
+
+    def _attend(self, h: torch.Tensor, st: DecoderState):
+        """RNN outputs (B, T, H) -> attentional vectors (B, T, H) and weights (B, T, S)."""
+        if self.attention is None:
+            return h, None
+        ctx, weights = self.attention(h, st.keys, st.memory, st.mask)
+        return torch.tanh(self.combine(torch.cat([ctx, h], -1))), weights
+
+    def forward(self, tgt_in: torch.Tensor, st: DecoderState):
+        """All steps at once, every input the gold token; needs no input feeding."""
+        assert not self.input_feeding
+        x = self.dropout(self.embedding(tgt_in))
+        if self.attention is None:
+            x = torch.cat([x, st.context.unsqueeze(1).expand(-1, x.size(1), -1)], -1)
+        h, _ = self.rnn(x, st.rnn)
+        out, weights = self._attend(h, st)
+        return self.output(self.dropout(out)), weights
+
+    def step(self, tokens: torch.Tensor, st: DecoderState):
+        """One step for (N,) previous tokens -> logits (N, V), next state, weights (N, S) or None."""
+        x = self.dropout(self.embedding(tokens))
+        if self.input_feeding:
+            x = torch.cat([x, st.feed], -1)
+        elif self.attention is None:
+            x = torch.cat([x, st.context], -1)
+        h, rnn = self.rnn(x.unsqueeze(1), st.rnn)
+        out, weights = self._attend(h, st)
+        out = out.squeeze(1)
+        logits = self.output(self.dropout(out))
+        st = st._replace(rnn=rnn, feed=out if self.input_feeding else None)
+        return logits, st, None if weights is None else weights.squeeze(1)
+
+
+class Seq2Seq(nn.Module):
+    def __init__(self, encoder: Encoder, bridge: Bridge, decoder: Decoder):
+        super().__init__()
+        self.encoder, self.bridge, self.decoder = encoder, bridge, decoder
+
+    def encode(self, src: torch.Tensor, lengths: torch.Tensor) -> DecoderState:
+        memory, final_h, final_c = self.encoder(src, lengths)
+        mask = torch.arange(src.size(1), device=src.device).unsqueeze(0) < lengths.to(src.device).unsqueeze(1)
+        init = self.bridge(memory, mask, final_h, final_c)
+        return self.decoder.start(memory, mask, init, self.bridge.summary(memory, mask, final_h))
+
+    def forward(self, src, lengths, tgt_in, teacher_forcing: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training logits (B, T, V); below ratio 1 each input is the model's own previous guess
+        with probability ``1 - teacher_forcing`` (scheduled sampling)."""
+        st = self.encode(src, lengths)
+        if teacher_forcing >= 1.0 and not self.decoder.input_feeding:
+            return self.decoder(tgt_in, st)[0]
+        steps = []
+        tokens = tgt_in[:, 0]
+        for t in range(tgt_in.size(1)):
+            logits, st, _ = self.decoder.step(tokens, st)
+            steps.append(logits)
+            if t + 1 < tgt_in.size(1):
+                tokens = tgt_in[:, t + 1]
+                if teacher_forcing < 1.0:
+                    own = logits.detach().argmax(-1)
+                    keep = torch.rand(tokens.shape, device=tokens.device, generator=generator) < teacher_forcing
+                    tokens = torch.where(keep, tokens, own)
+        return torch.stack(steps, 1)

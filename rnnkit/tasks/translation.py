@@ -1,0 +1,233 @@
+"""Sequence-to-sequence translation: aligned files in, BLEU out."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from rnnkit.config import Config, ConfigError, num, require_file
+from rnnkit.data.parallel import (Batch, build_tokenizer, length_batches, make_batch, read_parallel,
+                                  tokenizer_from_state)
+from rnnkit.data.vocab import BOS, EOS, UNK
+from rnnkit.decoding.search import Hypothesis, beam_search, greedy_search
+from rnnkit.metrics import bleu, chrf, perplexity
+from rnnkit.models.rnn import Cell
+from rnnkit.models.seq2seq import Bridge, Decoder, Encoder, Seq2Seq
+from rnnkit.training.teacher_forcing import TeacherForcingSchedule
+from rnnkit.training.trainer import StepResult
+
+METRICS = ("valid_loss", "valid_ppl", "valid_bleu", "valid_chrf")
+Tokenizer = Literal["word", "char", "bpe", "unigram"]
+
+
+@dataclass
+class DataConfig:
+    train_src: Optional[str] = None
+    train_tgt: Optional[str] = None
+    valid_src: Optional[str] = None
+    valid_tgt: Optional[str] = None
+    src_tokenizer: Tokenizer = "word"
+    tgt_tokenizer: Tokenizer = "word"
+    src_vocab_size: Optional[int] = num(None, 8)   # word/char: most frequent kept; bpe/unigram: pieces
+    tgt_vocab_size: Optional[int] = num(None, 8)
+    min_freq: int = num(1, 1)                       # word/char: rarer tokens become <unk>
+    max_len: int = num(100, 1)                      # training pairs longer than this (tokens) are dropped
+    batch_tokens: Optional[int] = num(None, 1)      # batch by padded tokens instead of train.batch_size sentences
+
+
+@dataclass
+class EncoderConfig:
+    cell: Cell = "lstm"
+    hidden_size: int = num(256, 1)       # per direction
+    num_layers: int = num(1, 1)
+    bidirectional: bool = True
+    dropout: float = num(0.3, 0, 1, hi_open=True)
+
+
+@dataclass
+class DecoderConfig:
+    cell: Cell = "lstm"
+    hidden_size: int = num(512, 1)
+    num_layers: int = num(1, 1)
+    dropout: float = num(0.3, 0, 1, hi_open=True)
+    attention: Literal["none", "dot", "general", "additive"] = "general"
+    input_feeding: bool = True
+
+
+@dataclass
+class ModelConfig:
+    embedding_dim: int = num(256, 1)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    bridge: Literal["linear", "zeros", "mean", "max"] = "linear"
+    max_len_ratio: float = num(2.0, 0, lo_open=True)   # decoding stops at ratio * source length + extra
+    max_len_extra: int = num(10, 0)
+
+
+def check_config(cfg: Config) -> None:
+    d, m = cfg.data, cfg.model
+    if cfg.train.metric not in METRICS:
+        raise ConfigError("train.metric", f"expected one of {', '.join(METRICS)} for task 'translation', "
+                                          f"got {cfg.train.metric!r}")
+    for key in ("train_src", "train_tgt", "valid_src", "valid_tgt"):
+        require_file(f"data.{key}", getattr(d, key))
+    memory = m.encoder.hidden_size * (2 if m.encoder.bidirectional else 1)
+    if m.decoder.attention == "dot" and memory != m.decoder.hidden_size:
+        raise ConfigError("model.decoder.hidden_size", f"dot attention needs it equal to the encoder's output size "
+                                                       f"({memory}), got {m.decoder.hidden_size}; or use 'general'")
+
+
+def build_model(cfg: Config, src_vocab: int, tgt_vocab: int) -> Seq2Seq:
+    m = cfg.model
+    e, d = m.encoder, m.decoder
+    encoder = Encoder(src_vocab, m.embedding_dim, e.cell, e.hidden_size, e.num_layers, e.bidirectional, e.dropout)
+    bridge = Bridge(m.bridge, encoder.output_size, d.hidden_size, d.num_layers, d.cell == "lstm")
+    decoder = Decoder(tgt_vocab, m.embedding_dim, d.cell, d.hidden_size, d.num_layers, d.dropout,
+                      d.attention, encoder.output_size, d.input_feeding)
+    return Seq2Seq(encoder, bridge, decoder)
+
+
+class Translation(NamedTuple):
+    text: str
+    score: float
+    src_tokens: list[str]
+    tgt_tokens: list[str]
+    attention: torch.Tensor | None   # (len(tgt_tokens) + 1, len(src_tokens))
+
+
+class TranslationTask:
+    def __init__(self, cfg: Config, device: torch.device, extras: dict[str, Any] | None = None,
+                 with_data: bool = True):
+        self.cfg, self.device = cfg, device
+        d = cfg.data
+        if with_data:
+            src, tgt = read_parallel(d.train_src, d.train_tgt)
+            self.valid_src, self.valid_tgt = read_parallel(d.valid_src, d.valid_tgt)
+        if extras is None:
+            self.src_tok = build_tokenizer(d.src_tokenizer, src, d.src_vocab_size, d.min_freq)
+            self.tgt_tok = build_tokenizer(d.tgt_tokenizer, tgt, d.tgt_vocab_size, d.min_freq)
+        else:
+            self.src_tok, self.tgt_tok = tokenizer_from_state(extras["src"]), tokenizer_from_state(extras["tgt"])
+        v = self.tgt_tok.vocab
+        self.bos, self.eos = v.stoi[BOS], v.stoi[EOS]
+        self.model = build_model(cfg, len(self.src_tok.vocab), len(v)).to(device)
+        self.teacher_forcing = TeacherForcingSchedule(cfg.train.teacher_forcing)
+        if with_data:
+            self.train_pairs = self._encode_pairs(src, tgt, limit=d.max_len)
+            self.valid_pairs = self._encode_pairs(self.valid_src, self.valid_tgt, limit=None)
+
+    def _encode_pairs(self, src: list[str], tgt: list[str], limit: int | None) -> list[tuple[list[int], list[int]]]:
+        pairs, empty, long = [], 0, 0
+        for s, t in zip(src, tgt):
+            a, b = self.src_tok.encode(s), self.tgt_tok.encode(t)
+            if not a or not b:
+                empty += 1
+            elif limit is not None and (len(a) > limit or len(b) > limit):
+                long += 1
+            else:
+                pairs.append((a, b))
+        if empty or long:
+            what = f"{long} over data.max_len={limit} tokens, " if limit is not None else ""
+            tqdm.write(f"dropped {empty + long} of {len(src)} sentence pairs ({what}{empty} with an empty side)")
+        return pairs
+
+    # ------------------------------------------------------------------ training interface
+    def train_batches(self, epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch)
+        lengths = [max(len(s), len(t) + 1) for s, t in self.train_pairs]
+        return length_batches(lengths, self.cfg.train.batch_size, self.cfg.data.batch_tokens, g)
+
+    def _batch(self, pairs, indices: Sequence[int]) -> Batch:
+        chosen = [pairs[i] for i in indices]
+        return make_batch([p[0] for p in chosen], [p[1] for p in chosen], indices,
+                          self.bos, self.eos).to(self.device)
+
+    def _loss(self, batch: Batch, ratio: float = 1.0) -> torch.Tensor:
+        logits = self.model(batch.src, batch.src_lengths, batch.tgt_in, ratio)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch.tgt_out.reshape(-1), ignore_index=0)
+
+    def train_step(self, indices: list[int], index: int, step: int) -> StepResult:
+        batch = self._batch(self.train_pairs, indices)
+        ratio = self.teacher_forcing(step)
+        return StepResult(self._loss(batch, ratio), batch.tokens, {"teacher_forcing": ratio})
+
+    def train_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_train_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def extras(self) -> dict[str, Any]:
+        return {"src": self.src_tok.state(), "tgt": self.tgt_tok.state()}
+
+    def evaluate(self) -> dict[str, float]:
+        """Teacher-forced loss over the validation pairs, then greedy BLEU/chrF on validation text."""
+        total, tokens = 0.0, 0
+        bs = self.cfg.train.eval_batch_size
+        for indices in length_batches([len(s) for s, _ in self.valid_pairs], bs, None):
+            batch = self._batch(self.valid_pairs, indices)
+            total += self._loss(batch).item() * batch.tokens
+            tokens += batch.tokens
+        loss = total / max(1, tokens)
+        hyps = [t.text for t in self.translate(self.valid_src, beam=1, batch_size=bs)]
+        return {"loss": loss, "ppl": perplexity(loss), "bleu": bleu(hyps, self.valid_tgt),
+                "chrf": chrf(hyps, self.valid_tgt)}
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def translate(self, lines: Sequence[str], beam: int = 1, n_best: int = 1, batch_size: int = 64,
+                  alpha: float = 0.0, replace_unk: bool = False) -> list[Translation] | list[list[Translation]]:
+        """Translate lines in order; an empty line gives an empty translation. With
+        ``n_best`` > 1 each entry is a list of the n best translations."""
+        was_training = self.model.training
+        self.model.eval()
+        src_tokens = [self.src_tok.split(line) for line in lines]
+        todo = [i for i, toks in enumerate(src_tokens) if toks]
+        results: list[list[Translation]] = [[Translation("", 0.0, [], [], None)] for _ in lines]
+        todo.sort(key=lambda i: len(src_tokens[i]))
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            ids = [self.src_tok.vocab.encode(src_tokens[i]) for i in chunk]
+            batch = make_batch(ids, None, chunk, self.bos, self.eos).to(self.device)
+            for i, hyps in zip(chunk, self._search(batch, beam, n_best, alpha)):
+                results[i] = [self._finish(h, src_tokens[i], replace_unk) for h in hyps]
+        self.model.train(was_training)
+        return results if n_best > 1 else [r[0] for r in results]
+
+    def _search(self, batch: Batch, beam: int, n_best: int, alpha: float) -> list[list[Hypothesis]]:
+        m = self.cfg.model
+        state = self.model.encode(batch.src, batch.src_lengths)
+        common = dict(step=self.model.decoder.step, state=state, batch_size=batch.src.size(0), bos=self.bos,
+                      eos=self.eos, src_lengths=batch.src_lengths, device=self.device,
+                      max_len_ratio=m.max_len_ratio, max_len_extra=m.max_len_extra)
+        if beam == 1 and n_best == 1:
+            return [[h] for h in greedy_search(**common)]
+        return beam_search(**common, beam=beam, n_best=n_best, alpha=alpha)
+
+    def _finish(self, hyp: Hypothesis, src_tokens: list[str], replace_unk: bool) -> Translation:
+        out = self.tgt_tok.vocab.decode(hyp.tokens)
+        attn = None if hyp.attention is None else hyp.attention[:, : len(src_tokens)]
+        if replace_unk and attn is not None:
+            out = [src_tokens[int(attn[j].argmax())] if tok == UNK else tok for j, tok in enumerate(out)]
+        return Translation(self.tgt_tok.join(out), hyp.score, src_tokens, out, attn)
+
+    def score_pairs(self, src: list[str], tgt: list[str], batch_size: int = 64) -> tuple[float, int]:
+        """Teacher-forced loss per target token over given pairs (for eval's perplexity)."""
+        self.model.eval()
+        pairs = [(self.src_tok.encode(s), self.tgt_tok.encode(t)) for s, t in zip(src, tgt)]
+        pairs = [(s, t) for s, t in pairs if s]
+        total, tokens = 0.0, 0
+        with torch.no_grad():
+            for indices in length_batches([len(s) for s, _ in pairs], batch_size, None):
+                batch = self._batch(pairs, indices)
+                total += self._loss(batch).item() * batch.tokens
+                tokens += batch.tokens
+        return total / max(1, tokens), tokens
+
+
+def build(cfg: Config, device: torch.device, extras: dict[str, Any] | None = None,
+          with_data: bool = True) -> TranslationTask:
+    return TranslationTask(cfg, device, extras, with_data)

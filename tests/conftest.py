@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+SAMPLE_TEXT = ROOT / "data" / "harbour.txt"
+
+
+def tiny_lm_config(tmp_path: Path, **sections) -> dict:
+    """A fast character-LM config on the bundled sample text, writing into ``tmp_path``."""
+    cfg = {
+        "task": "lm",
+        "run_dir": str(tmp_path / "run"),
+        "seed": 7,
+        "data": {"path": str(SAMPLE_TEXT), "split": [0.8, 0.2, 0.0], "tokenizer": "char", "bptt": 16},
+        "model": {"cell": "lstm", "embedding_dim": 16, "hidden_size": 32, "num_layers": 1},
+        "train": {"batch_size": 8, "eval_batch_size": 4, "max_steps": 20, "log_every": 5,
+                  "eval_every": 10, "lr": 0.01},
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            cfg.setdefault(name, {}).update(values)
+        else:
+            cfg[name] = values
+    return cfg
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def lm_config_file(tmp_path: Path) -> Path:
+    return write_yaml(tmp_path / "lm.yaml", tiny_lm_config(tmp_path))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread_per_test_process():
+    """Small models run faster single-threaded, and CI machines are small."""
+    import torch
+    torch.set_num_threads(1)

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from rnnkit.cli import app
+from tests.conftest import SAMPLE_TEXT, tiny_lm_config, write_yaml
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def trained(tmp_path, lm_config_file):
+    result = runner.invoke(app, ["train", str(lm_config_file), "--set", "train.max_steps=10"])
+    assert result.exit_code == 0, result.output
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "translate", "eval"])
+def test_every_command_has_help_with_an_example(command):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0
+    assert "Example:" in result.output and "rnnkit" in result.output
+
+
+def test_train_writes_run_directory(trained):
+    assert (trained / "last.pt").is_file() and (trained / "best.pt").is_file()
+    assert "max_steps: 10" in (trained / "config.yaml").read_text()
+    kinds = {json.loads(line)["kind"] for line in (trained / "metrics.jsonl").read_text().splitlines()}
+    assert kinds == {"train", "eval"}
+
+
+def test_train_resume_extends_a_run(trained, lm_config_file):
+    result = runner.invoke(app, ["train", str(lm_config_file), "--set", "train.max_steps=15", "--resume"])
+    assert result.exit_code == 0, result.output
+    steps = [json.loads(line)["step"] for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 15
+
+
+def test_train_bad_config_is_one_line_exit_2(tmp_path):
+    path = write_yaml(tmp_path / "bad.yaml", tiny_lm_config(tmp_path, model={"hidden": 3}))
+    result = runner.invoke(app, ["train", str(path)])
+    assert result.exit_code == 2
+    assert "model.hidden: unknown key (did you mean 'hidden_size'?)" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()   # nothing is created for a rejected config
+
+
+def test_generate_streams_text_and_is_seeded(trained):
+    args = ["generate", str(trained / "best.pt"), "--prime", "The", "--length", "40", "--seed", "3"]
+    first, second = runner.invoke(app, args), runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert first.stdout == second.stdout and first.stdout.startswith("The")
+    assert len(first.stdout) == len("The") + 40 + 1
+    two = runner.invoke(app, args + ["--num-samples", "2"])
+    assert two.stdout.count("\n") >= 2
+
+
+@pytest.mark.parametrize("bad", [["--temperature", "0"], ["--temperature", "-1"], ["--top-p", "0"]])
+def test_generate_rejects_bad_sampling_options(trained, bad):
+    result = runner.invoke(app, ["generate", str(trained / "best.pt"), *bad])
+    assert result.exit_code == 2
+    assert "must be > 0" in result.output or "(0, 1]" in result.output
+
+
+def test_eval_reports_json_metrics(trained):
+    result = runner.invoke(app, ["eval", str(trained / "best.pt"), "--data", str(SAMPLE_TEXT), "--json"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert set(metrics) == {"loss", "ppl", "bpc", "tokens"} and metrics["tokens"] > 8000
+
+
+def test_eval_table_and_missing_data(trained, tmp_path):
+    table = runner.invoke(app, ["eval", str(trained / "best.pt"), "--data", str(SAMPLE_TEXT)])
+    assert table.exit_code == 0 and "ppl" in table.stdout
+    missing = runner.invoke(app, ["eval", str(trained / "best.pt"), "--data", str(tmp_path / "nope.txt")])
+    assert missing.exit_code == 2 and "file not found" in missing.output
+
+
+def test_broken_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    result = runner.invoke(app, ["generate", str(bad)])
+    assert result.exit_code == 2 and "not a readable rnnkit checkpoint" in result.output
+    gone = runner.invoke(app, ["eval", str(tmp_path / "none.pt"), "--data", str(SAMPLE_TEXT)])
+    assert gone.exit_code == 2 and "checkpoint not found" in gone.output
+
+
+def test_translate_refuses_a_language_model(trained):
+    result = runner.invoke(app, ["translate", str(trained / "best.pt")], input="hello\n")
+    assert result.exit_code == 2 and "checkpoint cannot translate" in result.output

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rnnkit.config import TrainConfig
+from rnnkit.decoding.sampling import filter_logits, sample_next
+from rnnkit.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from rnnkit.training.schedules import LRSchedule
+
+
+def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+
+    def broken_save(obj, fh):
+        fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]   # no temporary files left
+
+
+def test_checkpoint_refuses_code_and_foreign_files(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"format": "rnnkit-checkpoint-1", "x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="not a readable rnnkit checkpoint"):
+        load_checkpoint(tmp_path / "evil.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not an rnnkit checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_lr_schedules():
+    def lrs(**kw):
+        s = LRSchedule(TrainConfig(lr=1.0, max_steps=100, **kw))
+        return [s.lr(i) for i in range(100)]
+
+    assert set(lrs()) == {1.0}
+    warm = lrs(warmup_steps=4)
+    assert warm[:5] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    step = lrs(lr_schedule="step", lr_step_size=10, lr_gamma=0.5)
+    assert step[9] == 1.0 and step[10] == 0.5 and step[25] == 0.25
+    cos = lrs(lr_schedule="cosine", min_lr=0.1)
+    assert cos[0] == 1.0 and cos[50] == pytest.approx(0.55) and cos[-1] == pytest.approx(0.1, abs=1e-3)
+    assert all(a >= b for a, b in zip(cos, cos[1:]))
+
+
+def test_plateau_decays_after_patience_and_resumes():
+    s = LRSchedule(TrainConfig(lr=1.0, lr_schedule="plateau", lr_patience=1, lr_gamma=0.1))
+    for v in [3.0, 2.0, 2.5]:
+        s.observe(v, "min")
+    assert s.lr(0) == 1.0
+    s.observe(2.2, "min")      # second evaluation without improvement: decay
+    assert s.lr(0) == pytest.approx(0.1)
+    t = LRSchedule(TrainConfig(lr=1.0, lr_schedule="plateau"))
+    t.load_state_dict(s.state_dict())
+    assert t.lr(5) == pytest.approx(0.1)
+
+
+def test_top_k_and_top_p_filtering():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, top_k=2)[0, 2:]).all()
+    kept = filter_logits(logits, top_p=0.7)
+    assert torch.isfinite(kept[0, :2]).all() and torch.isinf(kept[0, 2:]).all()
+    kept = filter_logits(logits, top_p=0.5)
+    assert torch.isfinite(kept[0, 0]) and torch.isinf(kept[0, 1:]).all()
+    g = torch.Generator().manual_seed(0)
+    draws = [int(sample_next(logits, 1.0, top_k=2, generator=g)) for _ in range(200)]
+    assert set(draws) == {0, 1}
+    cold = [int(sample_next(logits, 0.01, generator=g)) for _ in range(50)]
+    assert set(cold) == {0}
+    with pytest.raises(ValueError):
+        sample_next(logits, 0.0)
+
+
+def test_low_temperature_sharpens():
+    logits = torch.tensor([[2.0, 1.0, 0.0]])
+    g = torch.Generator().manual_seed(1)
+    hot = sum(int(sample_next(logits, 5.0, generator=g)) != 0 for _ in range(400))
+    cold = sum(int(sample_next(logits, 0.3, generator=g)) != 0 for _ in range(400))
+    assert cold < hot and math.isfinite(hot)

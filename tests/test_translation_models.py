@@ -1,0 +1,167 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rnnkit.config import TeacherForcingConfig
+from rnnkit.decoding.search import beam_search, greedy_search
+from rnnkit.models.seq2seq import Bridge, Decoder, Encoder, Seq2Seq
+from rnnkit.training.teacher_forcing import TeacherForcingSchedule
+
+V_SRC, V_TGT, BOS, EOS = 11, 13, 2, 3
+
+
+def make_model(attention="general", input_feeding=False, cell="lstm", bridge="linear", bidirectional=True):
+    torch.manual_seed(0)
+    enc = Encoder(V_SRC, 8, cell, 6, 2, bidirectional, 0.0)
+    dec_hidden = enc.output_size if attention == "dot" else 10
+    return Seq2Seq(enc, Bridge(bridge, enc.output_size, dec_hidden, 2, cell == "lstm"),
+                   Decoder(V_TGT, 8, cell, dec_hidden, 2, 0.0, attention, enc.output_size, input_feeding)).eval()
+
+
+def padded_batch(pad_fill: int):
+    src = torch.tensor([[4, 5, 6, 7, 8], [9, 4, 5, 0, 0], [6, 0, 0, 0, 0]])
+    lengths = torch.tensor([5, 3, 1])
+    src = src.masked_fill(src == 0, pad_fill)   # what sits in padded positions must not matter
+    return src, lengths
+
+
+@pytest.mark.parametrize("attention", ["none", "dot", "general", "additive"])
+@pytest.mark.parametrize("input_feeding", [False, True])
+def test_padded_source_positions_change_no_output(attention, input_feeding):
+    model = make_model(attention, input_feeding)
+    tgt = torch.randint(4, V_TGT, (3, 6))
+    with torch.no_grad():
+        a = model(*padded_batch(0), tgt)
+        b = model(*padded_batch(10), tgt)
+    assert torch.allclose(a, b, atol=1e-6)
+    state = model.encode(*padded_batch(10))
+    _, _, weights = model.decoder.step(tgt[:, 0], state)
+    if attention != "none":
+        assert torch.all(weights[1, 3:] == 0) and torch.all(weights[2, 1:] == 0)
+        assert torch.allclose(weights.sum(-1), torch.ones(3))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_packed_encoding_equals_each_sentence_alone(cell):
+    model = make_model(cell=cell)
+    src, lengths = padded_batch(0)
+    with torch.no_grad():
+        out, h, c = model.encoder(src, lengths)
+        for i in range(3):
+            n = int(lengths[i])
+            o1, h1, c1 = model.encoder(src[i:i + 1, :n], lengths[i:i + 1])
+            assert torch.allclose(out[i, :n], o1[0], atol=1e-6)
+            assert torch.all(out[i, n:] == 0)
+            assert torch.allclose(h[i], h1[0], atol=1e-6)
+            if c is not None:
+                assert torch.allclose(c[i], c1[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["none", "general", "additive"])
+def test_parallel_teacher_forced_decoder_equals_the_step_loop(attention):
+    model = make_model(attention)
+    src, lengths = padded_batch(0)
+    tgt = torch.randint(4, V_TGT, (3, 7))
+    with torch.no_grad():
+        fast = model(src, lengths, tgt)           # one recurrent call over the whole target
+        st = model.encode(src, lengths)
+        slow = []
+        for t in range(tgt.size(1)):
+            logits, st, _ = model.decoder.step(tgt[:, t], st)
+            slow.append(logits)
+    assert torch.allclose(fast, torch.stack(slow, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize("bridge", ["linear", "zeros", "mean", "max"])
+def test_bridges_give_decoder_states(bridge):
+    model = make_model(bridge=bridge)
+    st = model.encode(*padded_batch(0))
+    h, c = st.rnn
+    assert h.shape == (2, 3, 10) and c.shape == (2, 3, 10)
+    assert (h.abs().sum() == 0) == (bridge == "zeros")
+
+
+@pytest.mark.parametrize("attention,input_feeding", [("general", True), ("additive", False), ("none", False)])
+def test_beam_size_one_equals_greedy(attention, input_feeding):
+    model = make_model(attention, input_feeding)
+    src, lengths = padded_batch(0)
+    kw = dict(step=model.decoder.step, batch_size=3, bos=BOS, eos=EOS, src_lengths=lengths,
+              device=torch.device("cpu"), max_len_ratio=2.0, max_len_extra=3)
+    greedy = greedy_search(state=model.encode(src, lengths), **kw)
+    beam = beam_search(state=model.encode(src, lengths), beam=1, **kw)
+    for g, (b,) in zip(greedy, beam):
+        assert g.tokens == b.tokens
+        assert g.score == pytest.approx(b.score, abs=1e-5)
+        assert torch.allclose(g.attention, b.attention) if g.attention is not None else b.attention is None
+
+
+class MarkovState:
+    """A hand-built 'decoder': the next-token distribution depends on the previous token only."""
+
+    def __init__(self, prev: torch.Tensor):
+        self.prev = prev
+
+    def select(self, index):
+        return MarkovState(self.prev.index_select(0, index))
+
+
+# tokens: 0 pad, 1 A, 2 B, 3 </s>, 4 <s>
+TABLE = torch.tensor([
+    [1.0, 0.0, 0.0, 0.0, 0.0],   # after pad (unused)
+    [0.0, 0.3, 0.3, 0.4, 0.0],   # after A: nothing likely
+    [0.0, 0.05, 0.05, 0.9, 0.0],  # after B: almost surely the end
+    [1.0, 0.0, 0.0, 0.0, 0.0],   # after </s>
+    [0.0, 0.6, 0.4, 0.0, 0.0],   # first token: A looks better than B
+]).clamp(min=1e-9).log()
+
+
+def markov_step(tokens, state):
+    return TABLE[tokens], MarkovState(tokens), None
+
+
+def test_beam_search_finds_the_known_best_sequence_that_greedy_misses():
+    kw = dict(step=markov_step, batch_size=2, bos=4, eos=3, src_lengths=torch.tensor([3, 3]),
+              device=torch.device("cpu"), max_len_ratio=1.0, max_len_extra=2)
+    state = MarkovState(torch.full((2,), 4))
+    greedy = greedy_search(state=state, **kw)
+    assert greedy[0].tokens == [1]                       # A </s>: 0.6 * 0.4 = 0.24
+    nbest = beam_search(state=state, beam=3, n_best=2, **kw)
+    for hyps in nbest:
+        assert hyps[0].tokens == [2]                     # B </s>: 0.4 * 0.9 = 0.36
+        assert hyps[0].score == pytest.approx(math.log(0.36), abs=1e-5)
+        assert hyps[1].tokens == [1] and hyps[1].score == pytest.approx(math.log(0.24), abs=1e-5)
+
+
+def test_beam_search_respects_the_length_limit():
+    kw = dict(step=markov_step, batch_size=1, bos=4, eos=3, src_lengths=torch.tensor([1]),
+              device=torch.device("cpu"), max_len_ratio=1.0, max_len_extra=0)
+    (hyps,) = beam_search(state=MarkovState(torch.full((1,), 4)), beam=2, **kw)
+    assert hyps[0].tokens == []      # a limit of one step leaves room only for </s>
+
+
+@pytest.mark.parametrize("schedule,expected", [
+    ("constant", {0: 0.9, 500: 0.9, 2000: 0.9}),
+    ("linear", {0: 0.9, 500: 0.6, 1000: 0.3, 2000: 0.3}),
+    ("exponential", {0: 0.9, 500: 0.3 + 0.6 * 0.1, 1000: 0.3 + 0.6 * 0.01}),
+    ("inverse_sigmoid", {0: 0.3 + 0.6 / (1 + math.exp(-5)), 500: 0.6, 1000: 0.3 + 0.6 / (1 + math.exp(5))}),
+])
+def test_teacher_forcing_schedules_give_their_documented_values(schedule, expected):
+    s = TeacherForcingSchedule(TeacherForcingConfig(schedule=schedule, start=0.9, end=0.3, steps=1000))
+    for step, value in expected.items():
+        assert s(step) == pytest.approx(value, abs=1e-9), (schedule, step)
+    values = [s(i) for i in range(0, 3000, 50)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_scheduled_sampling_feeds_own_predictions():
+    model = make_model("general", input_feeding=False)
+    src, lengths = padded_batch(0)
+    tgt = torch.randint(4, V_TGT, (3, 6))
+    with torch.no_grad():
+        forced = model(src, lengths, tgt, teacher_forcing=1.0)
+        own = model(src, lengths, tgt, teacher_forcing=0.0)
+    assert torch.allclose(forced[:, 0], own[:, 0], atol=1e-6)   # the first input is <s> either way
+    assert not torch.allclose(forced, own)

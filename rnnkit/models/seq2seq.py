@@ -122,9 +122,8 @@ class Decoder(nn.Module):
         out, weights = self._attend(h, st)
         return self.output(self.dropout(out)), weights
 
-    def step(self, tokens: torch.Tensor, st: DecoderState):
-        """One step for (N,) previous tokens -> logits (N, V), next state, weights (N, S) or None."""
-        x = self.dropout(self.embedding(tokens))
+    def advance(self, x: torch.Tensor, st: DecoderState):
+        """One step from embedded inputs (N, E) -> attentional vector (N, H), next state, weights."""
         if self.input_feeding:
             x = torch.cat([x, st.feed], -1)
         elif self.attention is None:
@@ -132,9 +131,13 @@ class Decoder(nn.Module):
         h, rnn = self.rnn(x.unsqueeze(1), st.rnn)
         out, weights = self._attend(h, st)
         out = out.squeeze(1)
-        logits = self.output(self.dropout(out))
         st = st._replace(rnn=rnn, feed=out if self.input_feeding else None)
-        return logits, st, None if weights is None else weights.squeeze(1)
+        return out, st, None if weights is None else weights.squeeze(1)
+
+    def step(self, tokens: torch.Tensor, st: DecoderState):
+        """One step for (N,) previous tokens -> logits (N, V), next state, weights (N, S) or None."""
+        out, st, weights = self.advance(self.dropout(self.embedding(tokens)), st)
+        return self.output(self.dropout(out)), st, weights
 
 
 class Seq2Seq(nn.Module):
@@ -148,22 +151,29 @@ class Seq2Seq(nn.Module):
         init = self.bridge(memory, mask, final_h, final_c)
         return self.decoder.start(memory, mask, init, self.bridge.summary(memory, mask, final_h))
 
-    def forward(self, src, lengths, tgt_in, teacher_forcing: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, src, lengths, tgt_in, teacher_forcing: float = 1.0) -> torch.Tensor:
         """Training logits (B, T, V); below ratio 1 each input is the model's own previous guess
         with probability ``1 - teacher_forcing`` (scheduled sampling)."""
         st = self.encode(src, lengths)
-        if teacher_forcing >= 1.0 and not self.decoder.input_feeding:
-            return self.decoder(tgt_in, st)[0]
+        dec = self.decoder
+        if teacher_forcing >= 1.0:
+            if not dec.input_feeding:
+                return dec(tgt_in, st)[0]
+            # input feeding needs a loop over time, but only for the recurrence and attention:
+            # inputs are embedded at once before it, the output layer runs once after it
+            x = dec.dropout(dec.embedding(tgt_in))
+            outs = []
+            for t in range(tgt_in.size(1)):
+                out, st, _ = dec.advance(x[:, t], st)
+                outs.append(out)
+            return dec.output(dec.dropout(torch.stack(outs, 1)))
         steps = []
         tokens = tgt_in[:, 0]
         for t in range(tgt_in.size(1)):
-            logits, st, _ = self.decoder.step(tokens, st)
+            logits, st, _ = dec.step(tokens, st)
             steps.append(logits)
             if t + 1 < tgt_in.size(1):
-                tokens = tgt_in[:, t + 1]
-                if teacher_forcing < 1.0:
-                    own = logits.detach().argmax(-1)
-                    keep = torch.rand(tokens.shape, device=tokens.device, generator=generator) < teacher_forcing
-                    tokens = torch.where(keep, tokens, own)
+                own = logits.detach().argmax(-1)
+                keep = torch.rand(own.shape, device=own.device) < teacher_forcing
+                tokens = torch.where(keep, tgt_in[:, t + 1], own)
         return torch.stack(steps, 1)

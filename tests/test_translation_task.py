@@ -50,11 +50,11 @@ def test_tiny_reversal_task_reaches_exact_match(tmp_path):
     cfg = translation_config(tmp_path)
     cfg["data"] = {"train_src": str(tmp_path / "train.src"), "train_tgt": str(tmp_path / "train.tgt"),
                    "valid_src": str(tmp_path / "valid.src"), "valid_tgt": str(tmp_path / "valid.tgt")}
-    cfg["model"] = {"embedding_dim": 32, "encoder": {"cell": "gru", "hidden_size": 32, "dropout": 0.0},
-                    "decoder": {"cell": "gru", "hidden_size": 64, "dropout": 0.0, "attention": "dot",
+    cfg["model"] = {"embedding_dim": 32, "encoder": {"cell": "gru", "hidden_size": 64, "dropout": 0.0},
+                    "decoder": {"cell": "gru", "hidden_size": 64, "dropout": 0.0, "attention": "additive",
                                 "input_feeding": False}}
-    cfg["train"].update({"max_steps": 1500, "eval_every": 250, "lr": 0.005, "batch_size": 64,
-                         "early_stopping": None})
+    cfg["train"].update({"max_steps": 1000, "eval_every": 250, "lr": 0.005, "batch_size": 64,
+                         "metric": "valid_loss", "metric_mode": "min"})
     result = runner.invoke(app, ["train", str(write_yaml(tmp_path / "rev.yaml", cfg))])
     assert result.exit_code == 0, result.output
     out = runner.invoke(app, ["translate", str(tmp_path / "run" / "best.pt"), "-i", str(tmp_path / "valid.src")])

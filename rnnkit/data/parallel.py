@@ -136,12 +136,13 @@ class Batch:
     tgt_out: torch.Tensor      # (B, T) y_1 .. y_n </s>, padded
     tokens: int                # target tokens (for loss normalisation and throughput)
     index: torch.Tensor        # (B,) positions of these sentences in the dataset
+    positions: torch.Tensor    # (tokens,) flat positions of real (non-pad) targets in tgt_out
 
     def to(self, device: torch.device) -> "Batch":
         nb = device.type == "cuda"
         return Batch(self.src.to(device, non_blocking=nb), self.src_lengths,
                      self.tgt_in.to(device, non_blocking=nb), self.tgt_out.to(device, non_blocking=nb),
-                     self.tokens, self.index)
+                     self.tokens, self.index, self.positions.to(device, non_blocking=nb))
 
 
 def pad(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,10 +158,11 @@ def make_batch(src: Sequence[list[int]], tgt: Sequence[list[int]] | None, index:
     s, s_len = pad(src)
     if tgt is None:
         empty = torch.zeros(len(src), 0, dtype=torch.long)
-        return Batch(s, s_len, empty, empty, 0, torch.as_tensor(index))
+        return Batch(s, s_len, empty, empty, 0, torch.as_tensor(index), empty[0])
     t_in, _ = pad([[bos] + t for t in tgt])
     t_out, t_len = pad([t + [eos] for t in tgt])
-    return Batch(s, s_len, t_in, t_out, int(t_len.sum()), torch.as_tensor(index))
+    positions = (t_out.view(-1) != 0).nonzero().squeeze(1)   # found on the CPU: no device sync later
+    return Batch(s, s_len, t_in, t_out, int(t_len.sum()), torch.as_tensor(index), positions)
 
 
 def length_batches(lengths: Sequence[int], batch_size: int, batch_tokens: int | None,

@@ -113,14 +113,19 @@ class Decoder(nn.Module):
         return torch.tanh(self.combine(torch.cat([ctx, h], -1))), weights
 
     def forward(self, tgt_in: torch.Tensor, st: DecoderState):
-        """All steps at once, every input the gold token; needs no input feeding."""
+        """All steps at once, every input the gold token; needs no input feeding.
+
+        Returns the vectors the output layer reads (B, T, H) (see :meth:`project`) and the weights."""
         assert not self.input_feeding
         x = self.dropout(self.embedding(tgt_in))
         if self.attention is None:
             x = torch.cat([x, st.context.unsqueeze(1).expand(-1, x.size(1), -1)], -1)
         h, _ = self.rnn(x, st.rnn)
-        out, weights = self._attend(h, st)
-        return self.output(self.dropout(out)), weights
+        return self._attend(h, st)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Output-layer logits for decoder vectors of any leading shape."""
+        return self.output(self.dropout(features))
 
     def advance(self, x: torch.Tensor, st: DecoderState):
         """One step from embedded inputs (N, E) -> attentional vector (N, H), next state, weights."""
@@ -137,7 +142,7 @@ class Decoder(nn.Module):
     def step(self, tokens: torch.Tensor, st: DecoderState):
         """One step for (N,) previous tokens -> logits (N, V), next state, weights (N, S) or None."""
         out, st, weights = self.advance(self.dropout(self.embedding(tokens)), st)
-        return self.output(self.dropout(out)), st, weights
+        return self.project(out), st, weights
 
 
 class Seq2Seq(nn.Module):
@@ -152,28 +157,28 @@ class Seq2Seq(nn.Module):
         return self.decoder.start(memory, mask, init, self.bridge.summary(memory, mask, final_h))
 
     def forward(self, src, lengths, tgt_in, teacher_forcing: float = 1.0) -> torch.Tensor:
-        """Training logits (B, T, V); below ratio 1 each input is the model's own previous guess
-        with probability ``1 - teacher_forcing`` (scheduled sampling)."""
+        """Training logits (B, T, V); see :meth:`features`."""
+        return self.decoder.project(self.features(src, lengths, tgt_in, teacher_forcing))
+
+    def features(self, src, lengths, tgt_in, teacher_forcing: float = 1.0) -> torch.Tensor:
+        """Decoder vectors (B, T, H) for the output layer, which the caller applies (once,
+        and only where the target is not padding). Below ratio 1 each input is the model's
+        own previous guess with probability ``1 - teacher_forcing`` (scheduled sampling)."""
         st = self.encode(src, lengths)
         dec = self.decoder
-        if teacher_forcing >= 1.0:
-            if not dec.input_feeding:
-                return dec(tgt_in, st)[0]
-            # input feeding needs a loop over time, but only for the recurrence and attention:
-            # inputs are embedded at once before it, the output layer runs once after it
-            x = dec.dropout(dec.embedding(tgt_in))
-            outs = []
-            for t in range(tgt_in.size(1)):
-                out, st, _ = dec.advance(x[:, t], st)
-                outs.append(out)
-            return dec.output(dec.dropout(torch.stack(outs, 1)))
-        steps = []
+        if teacher_forcing >= 1.0 and not dec.input_feeding:
+            return dec(tgt_in, st)[0]          # no loop over time at all
+        # otherwise a loop over time, but only for the recurrence and attention
+        x = dec.dropout(dec.embedding(tgt_in)) if teacher_forcing >= 1.0 else None
         tokens = tgt_in[:, 0]
+        outs = []
         for t in range(tgt_in.size(1)):
-            logits, st, _ = dec.step(tokens, st)
-            steps.append(logits)
-            if t + 1 < tgt_in.size(1):
-                own = logits.detach().argmax(-1)
+            inp = x[:, t] if x is not None else dec.dropout(dec.embedding(tokens))
+            out, st, _ = dec.advance(inp, st)
+            outs.append(out)
+            if x is None and t + 1 < tgt_in.size(1):
+                with torch.no_grad():
+                    own = dec.output(out).argmax(-1)
                 keep = torch.rand(own.shape, device=own.device) < teacher_forcing
                 tokens = torch.where(keep, tgt_in[:, t + 1], own)
-        return torch.stack(steps, 1)
+        return torch.stack(outs, 1)

@@ -146,8 +146,11 @@ class TranslationTask:
                           self.bos, self.eos).to(self.device)
 
     def _loss(self, batch: Batch, ratio: float = 1.0) -> torch.Tensor:
-        logits = self.model(batch.src, batch.src_lengths, batch.tgt_in, ratio)
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch.tgt_out.reshape(-1), ignore_index=0)
+        """Mean cross-entropy per target token; the output layer runs on real tokens only."""
+        feats = self.model.features(batch.src, batch.src_lengths, batch.tgt_in, ratio)
+        feats = feats.reshape(-1, feats.size(-1)).index_select(0, batch.positions)
+        gold = batch.tgt_out.reshape(-1).index_select(0, batch.positions)
+        return F.cross_entropy(self.model.decoder.project(feats), gold)
 
     def train_step(self, indices: list[int], index: int, step: int) -> StepResult:
         batch = self._batch(self.train_pairs, indices)

@@ -17,15 +17,19 @@ $(BIN)/rnnkit: pyproject.toml
 setup: $(BIN)/rnnkit
 
 quickstart: setup
-	rm -rf runs/quickstart
+	rm -rf runs/quickstart runs/translate_sample
 	$(BIN)/rnnkit train configs/quickstart.yaml
 	$(BIN)/rnnkit generate runs/quickstart/best.pt --prime "The lamp" --length 300 --temperature 0.7 --seed 1
+	$(BIN)/rnnkit train configs/translate_sample.yaml
+	head -5 data/parallel/test.en | $(BIN)/rnnkit translate runs/translate_sample/best.pt --beam 5
+	$(BIN)/rnnkit eval runs/translate_sample/best.pt --src data/parallel/test.en --ref data/parallel/test.fr --beam 5
 
 test: setup
 	$(BIN)/python -m pytest tests
 
 bench: setup
 	$(BIN)/python bench/lm_throughput.py
+	$(BIN)/python bench/translate.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -5,7 +5,7 @@ import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -30,16 +30,10 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except (ConfigError, DataError, CheckpointError) as err:
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2)
-    except RuntimeError as err:
-        if "CUDA" in str(err) and "available" in str(err):
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2)
-        raise
+        _bad_option(str(err))
 
 
-def _bad_option(message: str) -> None:
+def _bad_option(message: str) -> NoReturn:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 

@@ -85,6 +85,7 @@ class TrainConfig:
     metric_mode: Literal["min", "max"] = "min"
     early_stopping: Optional[int] = num(None, 1)  # evaluations without improvement before stopping
     num_threads: Optional[int] = num(None, 1)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"   # bf16/fp16: autocast; fp16 adds loss scaling
     teacher_forcing: TeacherForcingConfig = field(default_factory=TeacherForcingConfig)
 
 

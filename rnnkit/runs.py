@@ -43,6 +43,9 @@ def prepare_trainer(cfg: Config, resume: bool = False) -> Trainer:
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = resolve_device(cfg.train.device)
+    if cfg.train.precision != "fp32" and device.type != "cuda":
+        raise ConfigError("train.precision", f"{cfg.train.precision!r} needs a CUDA device (this run is on "
+                                             f"{device.type}, where recurrent layers support only fp32); use fp32")
     torch.manual_seed(cfg.seed)
     task = task_module(cfg.task).build(cfg, device, extras=ckpt["task"] if ckpt else None)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -55,7 +58,7 @@ def prepare_trainer(cfg: Config, resume: bool = False) -> Trainer:
 
 def load_task(path: str | Path, device: str = "auto"):
     """Rebuild a task (model, vocabulary, tokenizer) from a checkpoint, for inference."""
-    dev = resolve_device(device)
+    dev = resolve_device(device, key="--device")
     ckpt = load_checkpoint(path, map_location=dev)
     try:
         cfg = load_config(None, base=ckpt["config"])

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -157,3 +158,34 @@ def test_truncated_bptt_carries_detached_state(tmp_path):
     task.state = None
     task.train_step(batches[0], 5, 3)
     assert torch.allclose(restart[0], task.state[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: mixed precision is GPU-only")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_training_learns_and_resumes(tmp_path, precision):
+    sections = {"train": {"max_steps": 40, "log_every": 10, "eval_every": 20, "precision": precision,
+                          "device": "cuda"}}
+    run = _train(tmp_path, precision, ["train.max_steps=20"], **sections)
+    _train(tmp_path, precision, resume=True, **sections)
+    losses = [loss for _, loss in _train_losses(run)]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0]
+    from rnnkit.training.checkpoint import load_checkpoint
+    scaler = load_checkpoint(run / "last.pt")["scaler"]
+    assert bool(scaler) == (precision == "fp16")
+
+
+def test_mixed_precision_on_cpu_is_a_clear_error(tmp_path):
+    from rnnkit.config import ConfigError
+    with pytest.raises(ConfigError, match="train.precision: 'bf16' needs a CUDA device"):
+        _train(tmp_path, "cpu16", ["train.precision=bf16", "train.device=cpu"])
+    assert not (tmp_path / "cpu16").exists()
+
+
+def test_early_stopping_ends_a_run_without_improvement(tmp_path):
+    # "max" on a falling loss: no evaluation after the first counts as an improvement
+    run = _train(tmp_path, "early", train={"max_steps": 100, "eval_every": 5, "early_stopping": 2,
+                                           "metric_mode": "max"})
+    evals = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["kind"] == "eval"]
+    assert evals == [5, 10, 15]

@@ -89,3 +89,28 @@ def test_low_temperature_sharpens():
     hot = sum(int(sample_next(logits, 5.0, generator=g)) != 0 for _ in range(400))
     cold = sum(int(sample_next(logits, 0.3, generator=g)) != 0 for _ in range(400))
     assert cold < hot and math.isfinite(hot)
+
+
+def test_length_batches_cover_every_sentence_once_within_budget():
+    from rnnkit.data.parallel import length_batches
+    lengths = [((i * 37) % 23) + 1 for i in range(500)]
+    by_sentences = length_batches(lengths, 16, None, torch.Generator().manual_seed(0))
+    assert sorted(i for b in by_sentences for i in b) == list(range(500))
+    assert all(len(b) <= 16 for b in by_sentences)
+    again = length_batches(lengths, 16, None, torch.Generator().manual_seed(0))
+    assert again == by_sentences                                  # reproducible for a seed
+    assert length_batches(lengths, 16, None, torch.Generator().manual_seed(1)) != by_sentences
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in by_sentences) / len(by_sentences)
+    assert spread <= 2                                            # similar lengths batched together
+    by_tokens = length_batches(lengths, 10_000, 120, torch.Generator().manual_seed(0))
+    assert sorted(i for b in by_tokens for i in b) == list(range(500))
+    assert all(max(lengths[i] for i in b) * len(b) <= 120 for b in by_tokens)
+
+
+def test_pad_and_batch_shapes():
+    from rnnkit.data.parallel import make_batch
+    b = make_batch([[5, 6, 7], [8]], [[9, 10], [11, 12, 13]], [0, 1], bos=2, eos=3)
+    assert b.src.tolist() == [[5, 6, 7], [8, 0, 0]] and b.src_lengths.tolist() == [3, 1]
+    assert b.tgt_in.tolist() == [[2, 9, 10, 0], [2, 11, 12, 13]]
+    assert b.tgt_out.tolist() == [[9, 10, 3, 0], [11, 12, 13, 3]]
+    assert b.tokens == 7 and b.positions.tolist() == [0, 1, 2, 4, 5, 6, 7]

@@ -70,45 +70,61 @@ def beam_search(step: StepFn, state: Any, batch_size: int, bos: int, eos: int, s
                 device: torch.device, beam: int = 5, n_best: int = 1, alpha: float = 0.0,
                 max_len_ratio: float = 2.0, max_len_extra: int = 10,
                 max_len_cap: int = 512) -> list[list[Hypothesis]]:
-    """The ``n_best`` hypotheses per sentence, best first."""
+    """The ``n_best`` hypotheses per sentence, best first.
+
+    A sentence is done once its ``n_best`` highest-scoring hypotheses have ended: with
+    ``alpha`` 0 no unfinished hypothesis can overtake them (log-probabilities only fall), so
+    the result is exact. Done sentences leave the active batch, so later steps compute only
+    for sentences still being decoded; decoding stops when none is left.
+    """
     B, K = batch_size, beam
-    N = B * K
-    rows = torch.arange(B, device=device).repeat_interleave(K)
-    state = state.select(rows)
-    limits = _limits(src_lengths, max_len_ratio, max_len_extra, max_len_cap).to(device)[rows]
+    state = state.select(torch.arange(B, device=device).repeat_interleave(K))
+    limits = _limits(src_lengths, max_len_ratio, max_len_extra, max_len_cap).to(device)
     scores = torch.full((B, K), float("-inf"), device=device)
     scores[:, 0] = 0.0
-    tokens = torch.full((N,), bos, dtype=torch.long, device=device)
-    finished = torch.zeros(N, dtype=torch.bool, device=device)
-    lengths = torch.zeros(N, dtype=torch.long, device=device)
-    base = (torch.arange(B, device=device) * K).unsqueeze(1)
+    ended = torch.zeros(B, K, dtype=torch.bool, device=device)    # emitted </s>
+    lengths = torch.zeros(B, K, dtype=torch.long, device=device)
+    active = torch.arange(B, device=device)                        # sentences still decoding
+    tokens = torch.full((B * K,), bos, dtype=torch.long, device=device)
+    slots = torch.arange(K, device=device)
     tok_hist, origin_hist, attn_hist = [], [], []
     for t in range(int(limits.max())):
         logits, state, weights = step(tokens, state)
         logp = torch.log_softmax(logits.float(), -1)
-        V = logp.size(-1)
-        force_end = (t + 1 >= limits) & ~finished
+        A, V = active.numel(), logp.size(-1)
+        fin = ended[active].view(-1)
+        force_end = (t + 1 >= limits[active]).repeat_interleave(K) & ~fin
         logp[force_end] = float("-inf")
         logp[force_end, eos] = 0.0
-        logp[finished] = float("-inf")      # a finished hypothesis only extends with padding, at no cost
-        logp[finished, 0] = 0.0
-        top, idx = (scores.unsqueeze(-1) + logp.view(B, K, V)).view(B, K * V).topk(K, dim=-1)
-        origin = idx // V
-        flat = (origin + base).view(-1)
-        new_tokens = (idx % V).view(-1)
-        state = state.select(flat)
-        was_finished = finished[flat]
-        lengths = lengths[flat] + (~was_finished).long()
-        finished = was_finished | (new_tokens == eos)
-        scores, tokens = top, new_tokens
-        tok_hist.append(new_tokens.view(B, K))
-        origin_hist.append(origin)
-        attn_hist.append(None if weights is None else weights[flat].view(B, K, -1))
-        if bool(finished.all()):
+        logp[fin] = float("-inf")          # an ended hypothesis only extends with padding, at no cost
+        logp[fin, 0] = 0.0
+        top, idx = (scores[active].unsqueeze(-1) + logp.view(A, K, V)).view(A, K * V).topk(K, dim=-1)
+        origin, new = idx // V, idx % V
+        was_ended = ended[active].gather(1, origin)
+        now_ended = was_ended | (new == eos)
+        lengths[active] = lengths[active].gather(1, origin) + (~was_ended).long()
+        scores[active], ended[active] = top, now_ended
+        # the full-batch history: finished sentences point to themselves and emit padding
+        tok_full = torch.zeros(B, K, dtype=torch.long, device=device)
+        tok_full[active] = new
+        origin_full = slots.expand(B, K).clone()
+        origin_full[active] = origin
+        tok_hist.append(tok_full)
+        origin_hist.append(origin_full)
+        if weights is not None:
+            w = torch.zeros(B, K, weights.size(-1), device=device)
+            w[active] = weights.view(A, K, -1).gather(1, origin.unsqueeze(-1).expand(-1, -1, weights.size(-1)))
+            attn_hist.append(w)
+        keep = ~now_ended[:, :n_best].all(1)   # topk keeps each sentence's slots sorted by score
+        if not bool(keep.any()):
             break
-    normalised = scores / length_penalty(lengths.view(B, K), alpha)
+        rows = (origin + torch.arange(A, device=device).unsqueeze(1) * K)[keep].view(-1)
+        state = state.select(rows)
+        tokens = new[keep].view(-1)
+        active = active[keep]
+    normalised = (scores / length_penalty(lengths, alpha)).masked_fill(~ended, float("-inf"))
     order = normalised.argsort(dim=-1, descending=True)[:, :n_best]
-    return _backtrack(order, normalised, tok_hist, origin_hist, attn_hist, eos)
+    return _backtrack(order, normalised, tok_hist, origin_hist, attn_hist or [None] * len(tok_hist), eos)
 
 
 def _backtrack(order, normalised, tok_hist, origin_hist, attn_hist, eos) -> list[list[Hypothesis]]:

@@ -65,6 +65,7 @@ class ModelConfig:
     bridge: Literal["linear", "zeros", "mean", "max"] = "linear"
     max_len_ratio: float = num(2.0, 0, lo_open=True)   # decoding stops at ratio * source length + extra
     max_len_extra: int = num(10, 0)
+    init_range: Optional[float] = num(None, 0, lo_open=True)   # uniform(-r, r) for every weight; null: PyTorch's defaults
 
 
 def check_config(cfg: Config) -> None:
@@ -87,7 +88,14 @@ def build_model(cfg: Config, src_vocab: int, tgt_vocab: int) -> Seq2Seq:
     bridge = Bridge(m.bridge, encoder.output_size, d.hidden_size, d.num_layers, d.cell == "lstm")
     decoder = Decoder(tgt_vocab, m.embedding_dim, d.cell, d.hidden_size, d.num_layers, d.dropout,
                       d.attention, encoder.output_size, d.input_feeding)
-    return Seq2Seq(encoder, bridge, decoder)
+    model = Seq2Seq(encoder, bridge, decoder)
+    if m.init_range is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.uniform_(-m.init_range, m.init_range)
+            encoder.embedding.weight[0].zero_()   # the padding rows stay zero
+            decoder.embedding.weight[0].zero_()
+    return model
 
 
 class Translation(NamedTuple):

@@ -1,6 +1,7 @@
 """The one training loop. It drives any task that offers the small interface below."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -14,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-from rnnkit.config import Config, config_to_dict
+from rnnkit.config import Config, ConfigError, config_to_dict
 from rnnkit.training.checkpoint import load_checkpoint, save_checkpoint
 from rnnkit.training.schedules import LRSchedule
 
@@ -38,12 +39,19 @@ class Task(Protocol):
     def load_train_state(self, state: dict[str, Any]) -> None: ...
 
 
-def resolve_device(spec: str) -> torch.device:
+def resolve_device(spec: str, key: str = "train.device") -> torch.device:
+    """``auto`` is CUDA when present, else CPU; asking for a missing device is a ConfigError."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device asks for CUDA, but no CUDA device is available")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(key, f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(key, f"{spec!r} asks for a CUDA device, but this machine has "
+                               f"{torch.cuda.device_count()}; use 'auto' or 'cpu'")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(key, "'mps' is not available on this machine; use 'auto' or 'cpu'")
     return dev
 
 
@@ -68,6 +76,30 @@ class Progress:
     last_eval: dict[str, float] = field(default_factory=dict)
 
 
+class LogWindow:
+    """Loss and tokens since the last log record, summed on the device (no sync per step)."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), device=device)
+        self.tokens, self.start = 0, time.perf_counter()
+
+    def add(self, out: StepResult) -> None:
+        self.loss += out.loss.detach().float() * out.tokens
+        self.tokens += out.tokens
+
+    def flush(self, step: int, elapsed: float, lr: float, norm, logs) -> dict[str, Any]:
+        now = time.perf_counter()
+        record = {"kind": "train", "step": step, "elapsed": round(elapsed, 4),
+                  "loss": self.loss.item() / max(1, self.tokens), "lr": lr, "tokens": self.tokens,
+                  "tokens_per_s": self.tokens / max(1e-9, now - self.start)}
+        if norm is not None:
+            record["grad_norm"] = float(norm)
+        record.update(logs or {})
+        self.loss.zero_()
+        self.tokens, self.start = 0, now
+        return record
+
+
 class Trainer:
     def __init__(self, cfg: Config, task: Task, run_dir: Path, device: torch.device,
                  console: Console | None = None):
@@ -75,6 +107,7 @@ class Trainer:
         self.console = console or Console(stderr=True)
         self.optimizer = build_optimizer(cfg, task.model.parameters())
         self.schedule = LRSchedule(cfg.train)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
         self.progress = Progress()
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self._stop_requested = False
@@ -90,6 +123,7 @@ class Trainer:
             "task": self.task.extras(),
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "progress": vars(self.progress).copy(),
             "train_state": self.task.train_state(),
             "rng": rng,
@@ -101,6 +135,8 @@ class Trainer:
         self.task.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.schedule.load_state_dict(ckpt["schedule"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
         self.progress = Progress(**ckpt["progress"])
         self.task.load_train_state(ckpt["train_state"])
         torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
@@ -161,22 +197,45 @@ class Trainer:
         self._stop_requested = True
         tqdm.write("interrupted: finishing this step, then saving last.pt (Ctrl-C again to abort)")
 
-    def fit(self) -> dict[str, Any]:
+    def _autocast(self):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.train.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _step(self, batch: Any, params: list[torch.Tensor]) -> tuple[StepResult, torch.Tensor | None, float]:
+        """One optimisation step: forward (under autocast), backward, clip, update."""
         t, p = self.cfg.train, self.progress
-        model = self.task.model
-        model.train()
-        params = [q for q in model.parameters() if q.requires_grad]
+        lr = self.schedule.lr(p.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with self._autocast():
+            out = self.task.train_step(batch, p.batch_index, p.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(out.loss).backward()
+        norm = None
+        if t.clip_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm, foreach=True)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        p.step += 1
+        p.batch_index += 1
+        return out, norm, lr
+
+    def fit(self) -> dict[str, Any]:
+        """Train until max_steps, max_time, early stopping or Ctrl-C; returns the summary."""
+        t, p = self.cfg.train, self.progress
+        self.task.model.train()
+        params = [q for q in self.task.model.parameters() if q.requires_grad]
         previous = None
         try:
             previous = signal.signal(signal.SIGINT, self._on_interrupt)
         except ValueError:  # not the main thread
             pass
-        bar = tqdm(total=t.max_steps, initial=p.step, desc="train", unit="step",
-                   dynamic_ncols=True, disable=None)
-        start = time.perf_counter()
-        session_start_elapsed = p.elapsed
-        window_loss = torch.zeros((), device=self.device)
-        window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
+        bar = tqdm(total=t.max_steps, initial=p.step, desc="train", unit="step", dynamic_ncols=True, disable=None)
+        window = LogWindow(self.device)
+        clock, elapsed_before = time.perf_counter(), p.elapsed
         stop = p.step >= t.max_steps
         try:
             while not stop:
@@ -184,37 +243,16 @@ class Trainer:
                 if len(batches) == 0:
                     raise RuntimeError("the training data yields no batches; check data and batch size")
                 while p.batch_index < len(batches) and not stop:
-                    lr = self.schedule.lr(p.step)
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = lr
-                    out = self.task.train_step(batches[p.batch_index], p.batch_index, p.step)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    out.loss.backward()
-                    norm = (torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm, foreach=True)
-                            if t.clip_grad_norm else None)
-                    self.optimizer.step()
-                    p.step += 1
-                    p.batch_index += 1
-                    window_loss += out.loss.detach() * out.tokens
-                    window_tokens += out.tokens
-                    window_steps += 1
-                    p.elapsed = session_start_elapsed + time.perf_counter() - start
-                    timed_out = t.max_time is not None and p.elapsed >= t.max_time
+                    out, norm, lr = self._step(batches[p.batch_index], params)
+                    window.add(out)
+                    p.elapsed = elapsed_before + time.perf_counter() - clock
                     if p.step % t.log_every == 0:
-                        now = time.perf_counter()
-                        loss = window_loss.item() / max(1, window_tokens)
-                        record = {"kind": "train", "step": p.step, "elapsed": round(p.elapsed, 4),
-                                  "loss": loss, "lr": lr,
-                                  "tokens_per_s": window_tokens / max(1e-9, now - window_start)}
-                        if norm is not None:
-                            record["grad_norm"] = float(norm)
-                        record.update(out.logs or {})
+                        record = window.flush(p.step, p.elapsed, lr, norm, out.logs)
                         self._log(record)
-                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
                                         tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
-                        window_loss.zero_()
-                        window_tokens, window_steps, window_start = 0, 0, now
                     bar.update(1)
+                    timed_out = t.max_time is not None and p.elapsed >= t.max_time
                     stop = p.step >= t.max_steps or timed_out or self._stop_requested
                     if p.step % t.eval_every == 0 or stop:
                         stop = self.evaluate_and_save() or stop

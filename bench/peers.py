@@ -1,0 +1,115 @@
+"""Training throughput of the peer toolkits (Joey NMT, OpenNMT-py) beside rnnkit's, same model.
+
+Uses ../shared/bench/peers: installs both peers into their own venv (bench/out/peers-venv)
+when missing, trains each for --steps updates on Multi30k en->fr with the shared model
+config, and reads steady-state target tokens/s from the logs with the shared
+throughput.py. Then trains rnnkit's configs/translate_attention.yaml (the same model)
+for the same steps. Peak memory is each process's maximum resident set size.
+
+    python bench/peers.py [--steps 220]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+PEERS = SHARED / "bench" / "peers"
+OUT = ROOT / "bench" / "out"
+
+
+def run(cmd: list[str] | str, log: Path, cwd: Path, env: dict | None = None) -> tuple[int, float | None]:
+    """Run under /usr/bin/time; returns the exit code and the peak RSS in GB."""
+    timing = log.with_suffix(".time")
+    shell = cmd if isinstance(cmd, str) else " ".join(cmd)
+    with log.open("w") as fh:
+        rc = subprocess.call(f"/usr/bin/time -v -o {timing} {shell}", shell=True, cwd=cwd, stdout=fh,
+                             stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "2", **(env or {})})
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", timing.read_text()) if timing.exists() else None
+    return rc, (int(m.group(1)) / 1e6 if m else None)
+
+
+def peer_config(name: str, work: Path, steps: int) -> Path:
+    text = (PEERS / f"{name}_m30k_enfr.yaml").read_text()
+    text = text.replace("PEERRUNS", str(work)).replace("DATA", str(SHARED / "data")).replace("MAXUPDATES", str(steps))
+    path = work / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+def throughput(kind: str, log: Path, a: int, b: int) -> dict:
+    py = OUT / "peers-venv" / "bin" / "python"
+    res = subprocess.run([str(py), str(PEERS / "throughput.py"), kind, str(log), str(a), str(b)],
+                         capture_output=True, text=True)
+    m = re.search(r"([\d.]+) s/step, (\d+) tgt tok/s", res.stdout)
+    if not m:
+        return {"error": (res.stdout + res.stderr).strip()[-200:]}
+    return {"s_per_step": float(m.group(1)), "tokens_per_s": float(m.group(2))}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=220)
+    args = ap.parse_args()
+    if not (SHARED / "data" / "multi30k").exists() or not PEERS.exists():
+        print("skipped: ../shared/data/multi30k or ../shared/bench/peers is absent")
+        return 0
+    OUT.mkdir(parents=True, exist_ok=True)
+    venv = OUT / "peers-venv"
+    if not (venv / "bin" / "onmt_train").exists():
+        rc = subprocess.call(["bash", str(PEERS / "install_peers.sh"), str(venv)])
+        if rc != 0:
+            print("skipped: installing the peers failed (see above)")
+            return 0
+    results = {}
+    work = OUT / "peer-runs"
+    (work / "onmt").mkdir(parents=True, exist_ok=True)
+    (work / "joey").mkdir(parents=True, exist_ok=True)
+    bin_ = venv / "bin"
+    cfg = peer_config("onmt", work, args.steps)
+    run([str(bin_ / "onmt_build_vocab"), "-config", str(cfg), "-n_sample", "-1"], work / "onmt" / "vocab.log", work)
+    for f in ("vocab.src", "vocab.tgt"):   # drop tokens its own reader rejects (see the peers' README)
+        p = work / "onmt" / f
+        p.write_text("".join(ln + "\n" for ln in p.read_text(encoding="utf-8").split("\n")[:-1]
+                             if len(ln.split(None, 1)) == 2), encoding="utf-8")
+    rc, rss = run([str(bin_ / "onmt_train"), "-config", str(cfg)], work / "onmt" / "train.log", work)
+    results["OpenNMT-py 3.5.1"] = {**throughput("onmt", work / "onmt" / "train.log", 20, args.steps), "peak_gb": rss}
+    cfg = peer_config("joey", work, args.steps)
+    rc, rss = run([str(bin_ / "python"), "-m", "joeynmt", "train", str(cfg), "--skip-test"],
+                  work / "joey" / "train.log", work)
+    results["Joey NMT 2.3.0"] = {**throughput("joey", work / "joey" / "train.log", 20, args.steps), "peak_gb": rss}
+
+    run_dir = work / "rnnkit"
+    subprocess.call(["rm", "-rf", str(run_dir)])
+    rc, rss = run([sys.executable, "-m", "rnnkit", "train", str(ROOT / "configs" / "translate_attention.yaml"),
+                   "--set", f"run_dir={run_dir}", "--set", f"train.max_steps={args.steps}", "--set", "train.log_every=20",
+                   "--set", "train.eval_every=100000", "--set", "train.max_time=null", "--set", "train.num_threads=2"],
+                  work / "rnnkit.log", ROOT)
+    rows = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"}
+    steps = [s for s in rows if 20 < s <= args.steps]
+    tokens = sum(rows[s]["tokens"] for s in steps)
+    dt = rows[args.steps]["elapsed"] - rows[20]["elapsed"]
+    results["rnnkit"] = {"s_per_step": dt / (args.steps - 20), "tokens_per_s": tokens / dt, "peak_gb": rss}
+
+    print(f"translation training, shared model, CPU (OMP_NUM_THREADS=2), steps 20->{args.steps}:")
+    print(f"{'toolkit':<18} {'s/step':>7} {'tgt tok/s':>10} {'peak RSS GB':>12}")
+    for name, r in results.items():
+        if "error" in r:
+            print(f"{name:<18} error: {r['error']}")
+            continue
+        print(f"{name:<18} {r['s_per_step']:>7.3f} {r['tokens_per_s']:>10.0f} {r['peak_gb'] or 0:>12.2f}")
+    fastest = max((r["tokens_per_s"] for n, r in results.items() if n != "rnnkit" and "tokens_per_s" in r), default=None)
+    if fastest:
+        print(f"ratio rnnkit / faster peer: {results['rnnkit']['tokens_per_s'] / fastest:.2f}  (target >= 1.5 on CPU)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -43,7 +43,28 @@ def peer_config(name: str, work: Path, steps: int) -> Path:
     return path
 
 
+def onmt_throughput(log: Path, a: int, b: int) -> dict:
+    """Like the shared throughput.py, but tolerant of OpenNMT-py's padded 'Step  20/ 220'."""
+    from datetime import datetime
+
+    pat = re.compile(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) INFO\] Step\s+(\d+)/\s*\d+;.*?bsz:\s*\d+/\s*(\d+)/")
+    rows = {}
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        m = pat.search(line)
+        if m:
+            t = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            rows[int(m.group(2))] = (t, int(m.group(3)))
+    if a not in rows or b not in rows:
+        return {"error": f"steps {a}/{b} not in {log}"}
+    steps = sorted(s for s in rows if a < s <= b)
+    tokens = sum(rows[s][1] * (s - prev) for prev, s in zip([a] + steps, steps))
+    dt = rows[b][0] - rows[a][0]
+    return {"s_per_step": dt / (b - a), "tokens_per_s": tokens / dt}
+
+
 def throughput(kind: str, log: Path, a: int, b: int) -> dict:
+    if kind == "onmt":
+        return onmt_throughput(log, a, b)
     py = OUT / "peers-venv" / "bin" / "python"
     res = subprocess.run([str(py), str(PEERS / "throughput.py"), kind, str(log), str(a), str(b)],
                          capture_output=True, text=True)

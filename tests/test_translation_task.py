@@ -163,3 +163,13 @@ def test_dot_attention_size_mismatch_is_a_config_error(tmp_path):
     result = runner.invoke(app, ["train", str(write_yaml(tmp_path / "t.yaml", cfg))])
     assert result.exit_code == 2
     assert "model.decoder.hidden_size: dot attention needs it equal to the encoder's output size (32)" in result.output
+
+
+def test_init_range_bounds_every_weight_and_keeps_padding_zero(tmp_path):
+    from rnnkit.config import load_config
+    from rnnkit.tasks.translation import build_model
+    cfg = load_config(write_yaml(tmp_path / "t.yaml", translation_config(tmp_path, model={"init_range": 0.05})))
+    model = build_model(cfg, 30, 40)
+    assert all(p.abs().max() <= 0.05 for p in model.parameters())
+    assert model.encoder.embedding.weight[0].abs().sum() == 0 and model.decoder.embedding.weight[0].abs().sum() == 0
+    assert model.decoder.output.weight.std() > 0.02   # really drawn from the range, not zeros

@@ -28,8 +28,7 @@ test: setup
 	$(BIN)/python -m pytest tests
 
 bench: setup
-	$(BIN)/python bench/lm_throughput.py
-	$(BIN)/python bench/translate.py
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf runs .pytest_cache

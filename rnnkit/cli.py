@@ -31,6 +31,9 @@ def user_errors() -> Iterator[None]:
         yield
     except (ConfigError, DataError, CheckpointError) as err:
         _bad_option(str(err))
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        raise typer.Exit(130)
 
 
 def _bad_option(message: str) -> NoReturn:

@@ -91,3 +91,10 @@ def test_broken_checkpoint_is_a_clear_error(tmp_path):
 def test_translate_refuses_a_language_model(trained):
     result = runner.invoke(app, ["translate", str(trained / "best.pt")], input="hello\n")
     assert result.exit_code == 2 and "checkpoint cannot translate" in result.output
+
+
+def test_too_little_text_is_a_clear_error(trained, tmp_path):
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("a")
+    result = runner.invoke(app, ["eval", str(trained / "best.pt"), "--data", str(tiny)])
+    assert result.exit_code == 2 and "too few" in result.output

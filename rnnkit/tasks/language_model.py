@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from rnnkit.config import Config, ConfigError, num, require_file
-from rnnkit.data.vocab import EOS, UNK, Vocab, make_tokenizer, read_text
+from rnnkit.data.vocab import EOS, UNK, DataError, Vocab, make_tokenizer, read_text
 from rnnkit.decoding.sampling import sample_next
 from rnnkit.metrics import perplexity
 from rnnkit.models.language_model import RNNLanguageModel
@@ -74,7 +74,8 @@ def batchify(ids: list[int], rows: int, device: torch.device) -> torch.Tensor:
     """Lay a token stream out as ``rows`` contiguous streams: (rows, length)."""
     length = len(ids) // rows
     if length < 2:
-        raise ValueError(f"{len(ids)} tokens are too few for {rows} rows")
+        raise DataError(f"{len(ids)} tokens are too few to lay out as {rows} streams; "
+                        f"give more text or a smaller batch size")
     return torch.tensor(ids[: rows * length], dtype=torch.long).view(rows, length).to(device)
 
 

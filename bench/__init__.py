@@ -1,0 +1,1 @@
+"""rnnkit's benchmarks; ``python -m bench`` runs the suite."""

@@ -1,0 +1,42 @@
+"""Run the benchmark suite and print one table of the ratios each part measured.
+
+    python -m bench            (or: make bench)
+
+Each part runs as its own process, rnnkit and its baseline one after the other inside it.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PARTS = [
+    ("LM training vs raw PyTorch loop", "lm_throughput.py", r"ratio rnnkit/raw: ([\d.]+)", ">= 0.95"),
+    ("translation training vs hand-written seq2seq", "translate.py", r"training.*ratio ([\d.]+)", "-"),
+    ("beam-5 decoding vs hand-written beam search", "translate.py", r"beam-5.*ratio ([\d.]+)", "-"),
+    ("translation training vs faster peer", "peers.py", r"ratio rnnkit / faster peer: ([\d.]+)", ">= 1.5 (CPU)"),
+]
+
+
+def main() -> int:
+    outputs: dict[str, str] = {}
+    for script in dict.fromkeys(p[1] for p in PARTS):
+        print(f"== {script}", flush=True)
+        res = subprocess.run([sys.executable, str(HERE / script)], capture_output=True, text=True, cwd=HERE.parent)
+        outputs[script] = res.stdout
+        print(res.stdout, end="", flush=True)
+        if res.returncode != 0:
+            print(f"{script} failed: {res.stderr.strip().splitlines()[-1:] }")
+    device = next((m.group(0) for out in outputs.values() for m in [re.search(r"device: .*", out)] if m), "device: ?")
+    print(f"\nrnnkit benchmark suite ({device})")
+    print(f"{'measure':<46} {'ratio':>7}  target")
+    for name, script, pattern, target in PARTS:
+        m = re.search(pattern, outputs.get(script, ""))
+        print(f"{name:<46} {m.group(1) if m else 'skipped':>7}  {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -139,10 +139,13 @@ class Batch:
     positions: torch.Tensor    # (tokens,) flat positions of real (non-pad) targets in tgt_out
 
     def to(self, device: torch.device) -> "Batch":
-        nb = device.type == "cuda"
-        return Batch(self.src.to(device, non_blocking=nb), self.src_lengths,
-                     self.tgt_in.to(device, non_blocking=nb), self.tgt_out.to(device, non_blocking=nb),
-                     self.tokens, self.index, self.positions.to(device, non_blocking=nb))
+        """Copy to ``device``; on CUDA through pinned memory, without waiting for the copy."""
+        if device.type == "cpu":
+            return self
+        cuda = device.type == "cuda"
+        move = lambda t: (t.pin_memory() if cuda else t).to(device, non_blocking=cuda)  # noqa: E731
+        return Batch(move(self.src), self.src_lengths, move(self.tgt_in), move(self.tgt_out),
+                     self.tokens, self.index, move(self.positions))
 
 
 def pad(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:

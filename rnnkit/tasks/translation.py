@@ -174,15 +174,20 @@ class TranslationTask:
     def extras(self) -> dict[str, Any]:
         return {"src": self.src_tok.state(), "tgt": self.tgt_tok.state()}
 
-    def evaluate(self) -> dict[str, float]:
-        """Teacher-forced loss over the validation pairs, then greedy BLEU/chrF on validation text."""
+    @torch.no_grad()
+    def _mean_loss(self, pairs: list[tuple[list[int], list[int]]], batch_size: int) -> tuple[float, int]:
+        """Teacher-forced loss per target token over encoded pairs, and the token count."""
         total, tokens = 0.0, 0
-        bs = self.cfg.train.eval_batch_size
-        for indices in length_batches([len(s) for s, _ in self.valid_pairs], bs, None):
-            batch = self._batch(self.valid_pairs, indices)
+        for indices in length_batches([len(s) for s, _ in pairs], batch_size, None):
+            batch = self._batch(pairs, indices)
             total += self._loss(batch).item() * batch.tokens
             tokens += batch.tokens
-        loss = total / max(1, tokens)
+        return total / max(1, tokens), tokens
+
+    def evaluate(self) -> dict[str, float]:
+        """Teacher-forced loss over the validation pairs, then greedy BLEU/chrF on validation text."""
+        bs = self.cfg.train.eval_batch_size
+        loss, _ = self._mean_loss(self.valid_pairs, bs)
         hyps = [t.text for t in self.translate(self.valid_src, beam=1, batch_size=bs)]
         return {"loss": loss, "ppl": perplexity(loss), "bleu": bleu(hyps, self.valid_tgt),
                 "chrf": chrf(hyps, self.valid_tgt)}
@@ -226,17 +231,13 @@ class TranslationTask:
         return Translation(self.tgt_tok.join(out), hyp.score, src_tokens, out, attn)
 
     def score_pairs(self, src: list[str], tgt: list[str], batch_size: int = 64) -> tuple[float, int]:
-        """Teacher-forced loss per target token over given pairs (for eval's perplexity)."""
+        """Teacher-forced loss per target token over raw sentence pairs (eval's perplexity)."""
+        was_training = self.model.training
         self.model.eval()
         pairs = [(self.src_tok.encode(s), self.tgt_tok.encode(t)) for s, t in zip(src, tgt)]
-        pairs = [(s, t) for s, t in pairs if s]
-        total, tokens = 0.0, 0
-        with torch.no_grad():
-            for indices in length_batches([len(s) for s, _ in pairs], batch_size, None):
-                batch = self._batch(pairs, indices)
-                total += self._loss(batch).item() * batch.tokens
-                tokens += batch.tokens
-        return total / max(1, tokens), tokens
+        result = self._mean_loss([(s, t) for s, t in pairs if s], batch_size)
+        self.model.train(was_training)
+        return result
 
 
 def build(cfg: Config, device: torch.device, extras: dict[str, Any] | None = None,

@@ -133,7 +133,6 @@ def main() -> int:
     from rnnkit.data.parallel import make_batch, read_lines
     from rnnkit.runs import load_task, prepare_trainer
 
-    torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
         def rnnkit_train(r: int) -> tuple[float, object]:
             run = Path(tmp) / f"r{r}"

@@ -55,14 +55,16 @@ def greedy_search(step: StepFn, state: Any, batch_size: int, bos: int, eos: int,
     return _collect(torch.stack(out, 1), score, attn, eos)
 
 
+def _hypothesis(seq: list[int], score: float, weights: torch.Tensor | None, eos: int) -> Hypothesis:
+    """Cut a decoded row at its first </s> (padding follows it); keep attention up to and with </s>."""
+    n = seq.index(eos) if eos in seq else len(seq)
+    return Hypothesis(seq[:n], score, None if weights is None else weights[: n + 1])
+
+
 def _collect(seqs: torch.Tensor, scores: torch.Tensor, attn: list, eos: int) -> list[Hypothesis]:
-    seqs, scores = seqs.tolist(), scores.tolist()
     weights = torch.stack(attn, 1).cpu() if attn and attn[0] is not None else None
-    hyps = []
-    for i, seq in enumerate(seqs):
-        n = seq.index(eos) if eos in seq else len(seq)
-        hyps.append(Hypothesis(seq[:n], scores[i], None if weights is None else weights[i, : n + 1]))
-    return hyps
+    return [_hypothesis(seq, score, None if weights is None else weights[i], eos)
+            for i, (seq, score) in enumerate(zip(seqs.tolist(), scores.tolist()))]
 
 
 @torch.no_grad()
@@ -140,11 +142,5 @@ def _backtrack(order, normalised, tok_hist, origin_hist, attn_hist, eos) -> list
     seqs = torch.stack(toks[::-1], -1).tolist()                      # (B, n, T)
     weights = torch.stack(attns[::-1], 2).cpu() if attns else None   # (B, n, T, S)
     scores = normalised.gather(1, order).tolist()
-    out = []
-    for b, per_sentence in enumerate(seqs):
-        hyps = []
-        for j, seq in enumerate(per_sentence):
-            n = seq.index(eos) if eos in seq else len(seq)
-            hyps.append(Hypothesis(seq[:n], scores[b][j], None if weights is None else weights[b, j, : n + 1]))
-        out.append(hyps)
-    return out
+    return [[_hypothesis(seq, scores[b][j], None if weights is None else weights[b, j], eos)
+             for j, seq in enumerate(per_sentence)] for b, per_sentence in enumerate(seqs)]

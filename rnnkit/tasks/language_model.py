@@ -124,9 +124,7 @@ class LanguageModelTask:
     def train_step(self, start: int, index: int, step: int) -> StepResult:
         if index == 0:
             self.state = None   # a new pass over the stream starts from a zero state
-        x = self.train_stream[:, start:start + self.cfg.data.bptt]
-        y = self.train_stream[:, start + 1:start + 1 + x.size(1)]
-        x = x[:, : y.size(1)]
+        x, y = self._window(self.train_stream, start)
         logits, state = self.model(x, self.state)
         self.state = detach_state(state)
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
@@ -143,15 +141,18 @@ class LanguageModelTask:
     def extras(self) -> dict[str, Any]:
         return {"vocab": self.vocab.itos, "tokenizer": self.cfg.data.tokenizer}
 
+    def _window(self, stream: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and next-token targets of the bptt window at ``start`` (the last may be shorter)."""
+        y = stream[:, start + 1:start + 1 + self.cfg.data.bptt]
+        return stream[:, start:start + y.size(1)], y
+
     @torch.no_grad()
     def stream_loss(self, stream: torch.Tensor) -> tuple[float, int]:
         """Mean loss per token over a batchified stream, carrying state across windows."""
         total, count, state = 0.0, 0, None
-        bptt = self.cfg.data.bptt
-        for start in range(0, stream.size(1) - 1, bptt):
-            x = stream[:, start:start + bptt]
-            y = stream[:, start + 1:start + 1 + x.size(1)]
-            logits, state = self.model(x[:, : y.size(1)], state)
+        for start in range(0, stream.size(1) - 1, self.cfg.data.bptt):
+            x, y = self._window(stream, start)
+            logits, state = self.model(x, state)
             total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1),
                                      reduction="sum").item()
             count += y.numel()

@@ -84,18 +84,80 @@ def test_bridges_give_decoder_states(bridge):
     assert (h.abs().sum() == 0) == (bridge == "zeros")
 
 
+def one_sentence_search(step, state, beam: int, limit: int, bos: int, eos: int):
+    """A textbook beam search for one sentence with Python lists (alpha 0): the reference
+    that the batched search, which compacts finished hypotheses and sentences, must match."""
+    hyps = [([], 0.0, state, False)]
+    for t in range(limit):
+        cands = []
+        for toks, score, st, done in hyps:
+            if done:
+                cands.append((toks, score, st, True))
+                continue
+            logits, nxt, _ = step(torch.tensor([toks[-1] if toks else bos]), st)
+            if t + 1 >= limit:   # out of length: </s> at no cost
+                cands.append((toks + [eos], score, nxt, True))
+                continue
+            logp = torch.log_softmax(logits[0], -1).tolist()
+            cands += [(toks + [v], score + logp[v], nxt, v == eos) for v in range(len(logp))]
+        hyps = sorted(cands, key=lambda c: -c[1])[:beam]
+        if hyps[0][3]:
+            break
+    toks, score, _, _ = max((h for h in hyps if h[3]), key=lambda h: h[1])
+    return toks[:-1], score
+
+
+class ChainState:
+    """A random 'decoder' whose next-token scores depend on the sentence, the previous token
+    and the time step, so that rows mixed up between sentences or hypotheses show."""
+
+    def __init__(self, sentence, prev, t):
+        self.sentence, self.prev, self.t = sentence, prev, t
+
+    def select(self, index):
+        return ChainState(self.sentence[index], self.prev[index], self.t[index])
+
+
+def chain_step(table, by_time):
+    def step(tokens, st):
+        logits = table[st.sentence, tokens] + by_time[st.sentence, st.t]
+        return logits, ChainState(st.sentence, tokens, st.t + 1), None
+    return step
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("beam", [1, 2, 4])
+def test_batched_search_equals_one_sentence_at_a_time(seed, beam):
+    g = torch.Generator().manual_seed(seed)
+    n, vocab, bos, eos = 6, 7, 6, 1
+    table, by_time = torch.randn(n, vocab, vocab, generator=g) * 2, torch.randn(n, 40, vocab, generator=g)
+    lengths = torch.randint(1, 8, (n,), generator=g)
+    step = chain_step(table, by_time)
+    start = ChainState(torch.arange(n), torch.full((n,), bos), torch.zeros(n, dtype=torch.long))
+    kw = dict(step=step, batch_size=n, bos=bos, eos=eos, src_lengths=lengths, device=torch.device("cpu"),
+              max_len_ratio=1.5, max_len_extra=2)
+    found = [[h] for h in greedy_search(state=start, **kw)] if beam == 1 else beam_search(state=start, beam=beam, **kw)
+    for i, (hyp,) in enumerate(found):
+        alone = start.select(torch.tensor([i]))
+        tokens, score = one_sentence_search(step, alone, beam, int(lengths[i] * 1.5 + 2), bos, eos)
+        assert hyp.tokens == tokens
+        assert hyp.score == pytest.approx(score, abs=1e-4)
+
+
 @pytest.mark.parametrize("attention,input_feeding", [("general", True), ("additive", False), ("none", False)])
-def test_beam_size_one_equals_greedy(attention, input_feeding):
+def test_search_attention_has_a_row_per_emitted_token(attention, input_feeding):
     model = make_model(attention, input_feeding)
     src, lengths = padded_batch(0)
     kw = dict(step=model.decoder.step, batch_size=3, bos=BOS, eos=EOS, src_lengths=lengths,
               device=torch.device("cpu"), max_len_ratio=2.0, max_len_extra=3)
-    greedy = greedy_search(state=model.encode(src, lengths), **kw)
-    beam = beam_search(state=model.encode(src, lengths), beam=1, **kw)
-    for g, (b,) in zip(greedy, beam):
-        assert g.tokens == b.tokens
-        assert g.score == pytest.approx(b.score, abs=1e-5)
-        assert torch.allclose(g.attention, b.attention) if g.attention is not None else b.attention is None
+    for hyps in [[h] for h in greedy_search(state=model.encode(src, lengths), **kw)] + \
+            beam_search(state=model.encode(src, lengths), beam=3, **kw):
+        a = hyps[0].attention
+        if attention == "none":
+            assert a is None
+        else:   # the </s> step included; padded source positions get no weight
+            assert a.shape == (len(hyps[0].tokens) + 1, src.size(1))
+            assert torch.allclose(a.sum(-1), torch.ones(a.size(0)))
 
 
 class MarkovState:
@@ -165,3 +227,22 @@ def test_scheduled_sampling_feeds_own_predictions():
         own = model(src, lengths, tgt, teacher_forcing=0.0)
     assert torch.allclose(forced[:, 0], own[:, 0], atol=1e-6)   # the first input is <s> either way
     assert not torch.allclose(forced, own)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+@pytest.mark.parametrize("layers", [1, 3])
+def test_rnn_step_equals_the_fused_layer_on_one_step(cell, layers):
+    from rnnkit.models.rnn import make_rnn, rnn_step
+    torch.manual_seed(0)
+    rnn = make_rnn(cell, 5, 7, layers, dropout=0.5).double().eval()
+    x = torch.randn(4, 5, dtype=torch.double, requires_grad=True)
+    h = torch.randn(layers, 4, 7, dtype=torch.double)
+    state = (h, torch.randn_like(h)) if cell == "lstm" else h
+    want_out, want_state = rnn(x.unsqueeze(1), state)
+    out, got_state = rnn_step(rnn, x, state)
+    assert torch.allclose(out, want_out[:, 0])
+    for a, b in zip(got_state if cell == "lstm" else [got_state], want_state if cell == "lstm" else [want_state]):
+        assert torch.allclose(a, b)
+    (grad_a,) = torch.autograd.grad(out.sum(), x)
+    (grad_b,) = torch.autograd.grad(want_out.sum(), x)
+    assert torch.allclose(grad_a, grad_b)

@@ -29,42 +29,19 @@ def length_penalty(lengths: torch.Tensor, alpha: float) -> torch.Tensor:
     return ((5.0 + lengths.float()) / 6.0) ** alpha
 
 
-@torch.no_grad()
 def greedy_search(step: StepFn, state: Any, batch_size: int, bos: int, eos: int, src_lengths: torch.Tensor,
                   device: torch.device, max_len_ratio: float = 2.0, max_len_extra: int = 10,
                   max_len_cap: int = 512) -> list[Hypothesis]:
-    limits = _limits(src_lengths, max_len_ratio, max_len_extra, max_len_cap).to(device)
-    tokens = torch.full((batch_size,), bos, dtype=torch.long, device=device)
-    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
-    score = torch.zeros(batch_size, device=device)
-    out, attn = [], []
-    for t in range(int(limits.max())):
-        logits, state, weights = step(tokens, state)
-        logp = torch.log_softmax(logits.float(), -1)
-        force_end = (t + 1 >= limits) & ~finished
-        logp[force_end] = float("-inf")
-        logp[force_end, eos] = 0.0
-        best, tokens = logp.max(-1)
-        score = score + torch.where(finished, torch.zeros_like(best), best)
-        tokens = tokens.masked_fill(finished, 0)
-        out.append(tokens)
-        attn.append(weights)
-        finished = finished | (tokens == eos)
-        if bool(finished.all()):
-            break
-    return _collect(torch.stack(out, 1), score, attn, eos)
+    """The most probable next token at every step: beam search with a beam of one."""
+    found = beam_search(step, state, batch_size, bos, eos, src_lengths, device, beam=1,
+                        max_len_ratio=max_len_ratio, max_len_extra=max_len_extra, max_len_cap=max_len_cap)
+    return [hyps[0] for hyps in found]
 
 
 def _hypothesis(seq: list[int], score: float, weights: torch.Tensor | None, eos: int) -> Hypothesis:
     """Cut a decoded row at its first </s> (padding follows it); keep attention up to and with </s>."""
     n = seq.index(eos) if eos in seq else len(seq)
     return Hypothesis(seq[:n], score, None if weights is None else weights[: n + 1])
-
-
-def _collect(seqs: torch.Tensor, scores: torch.Tensor, attn: list, eos: int) -> list[Hypothesis]:
-    weights = torch.stack(attn, 1).cpu() if attn and attn[0] is not None else None
-    return [_hypothesis(seq, score, None if weights is None else weights[i], eos)
-            for i, (seq, score) in enumerate(zip(seqs.tolist(), scores.tolist()))]
 
 
 @torch.no_grad()
@@ -74,37 +51,53 @@ def beam_search(step: StepFn, state: Any, batch_size: int, bos: int, eos: int, s
                 max_len_cap: int = 512) -> list[list[Hypothesis]]:
     """The ``n_best`` hypotheses per sentence, best first.
 
-    A sentence is done once its ``n_best`` highest-scoring hypotheses have ended: with
-    ``alpha`` 0 no unfinished hypothesis can overtake them (log-probabilities only fall), so
-    the result is exact. Done sentences leave the active batch, so later steps compute only
-    for sentences still being decoded; decoding stops when none is left.
+    Every sentence has ``beam`` slots. The model runs only on *live* hypotheses (one row
+    each, in any order): not on ended ones, which stay in their slots at a fixed score, nor
+    on sentences that are done, nor on the duplicate start slots. Of a row's continuations
+    only its ``beam`` best can enter the beam, so each step ranks the live rows' top tokens
+    together with the ended slots instead of whole vocabularies.
+
+    A sentence is done once its ``n_best`` highest-scoring slots have ended: with ``alpha`` 0
+    no live hypothesis can overtake them (log-probabilities only fall), so the result is
+    exact. Decoding stops when no sentence is left.
     """
     B, K = batch_size, beam
-    state = state.select(torch.arange(B, device=device).repeat_interleave(K))
+    inf = float("-inf")
     limits = _limits(src_lengths, max_len_ratio, max_len_extra, max_len_cap).to(device)
-    scores = torch.full((B, K), float("-inf"), device=device)
+    scores = torch.full((B, K), inf, device=device)
     scores[:, 0] = 0.0
-    ended = torch.zeros(B, K, dtype=torch.bool, device=device)    # emitted </s>
+    ended = torch.zeros(B, K, dtype=torch.bool, device=device)      # emitted </s>
     lengths = torch.zeros(B, K, dtype=torch.long, device=device)
-    active = torch.arange(B, device=device)                        # sentences still decoding
-    tokens = torch.full((B * K,), bos, dtype=torch.long, device=device)
+    active = torch.arange(B, device=device)                          # sentences still decoding
     slots = torch.arange(K, device=device)
+    # the live rows: which active sentence (position in `active`) and slot each belongs to
+    row_sent, row_slot = torch.arange(B, device=device), torch.zeros(B, dtype=torch.long, device=device)
+    tokens = torch.full((B,), bos, dtype=torch.long, device=device)
     tok_hist, origin_hist, attn_hist = [], [], []
     for t in range(int(limits.max())):
         logits, state, weights = step(tokens, state)
-        logp = torch.log_softmax(logits.float(), -1)
-        A, V = active.numel(), logp.size(-1)
-        fin = ended[active].view(-1)
-        force_end = (t + 1 >= limits[active]).repeat_interleave(K) & ~fin
-        logp[force_end] = float("-inf")
-        logp[force_end, eos] = 0.0
-        logp[fin] = float("-inf")          # an ended hypothesis only extends with padding, at no cost
-        logp[fin, 0] = 0.0
-        top, idx = (scores[active].unsqueeze(-1) + logp.view(A, K, V)).view(A, K * V).topk(K, dim=-1)
-        origin, new = idx // V, idx % V
-        was_ended = ended[active].gather(1, origin)
-        now_ended = was_ended | (new == eos)
-        lengths[active] = lengths[active].gather(1, origin) + (~was_ended).long()
+        logits = logits.float()
+        A, R = active.numel(), tokens.numel()
+        top_v, top_i = logits.topk(min(K, logits.size(-1)), dim=-1)
+        sent = active[row_sent]
+        cand = scores[sent, row_slot].unsqueeze(1) + top_v - torch.logsumexp(logits, -1, keepdim=True)
+        forced = t + 1 >= limits[sent]              # out of length: </s>, at no cost
+        cand[forced] = inf
+        cand[forced, 0] = scores[sent[forced], row_slot[forced]]
+        top_i[forced, 0] = eos
+        # candidates per sentence: each live slot's best tokens, then the ended slots as they are
+        table = torch.full((A, K, top_v.size(1)), inf, device=device)
+        table[row_sent, row_slot] = cand
+        table_tok = torch.zeros(A, K, top_v.size(1), dtype=torch.long, device=device)
+        table_tok[row_sent, row_slot] = top_i
+        carried = scores[active].masked_fill(~ended[active], inf)
+        top, idx = torch.cat([table.view(A, -1), carried], 1).topk(K, dim=-1)
+        n_live = table.size(1) * table.size(2)
+        from_live = idx < n_live
+        origin = torch.where(from_live, idx // table.size(2), idx - n_live)
+        new = torch.where(from_live, table_tok.view(A, -1).gather(1, idx.clamp(max=n_live - 1)), 0)
+        now_ended = ~from_live | (new == eos)
+        lengths[active] = lengths[active].gather(1, origin) + from_live.long()
         scores[active], ended[active] = top, now_ended
         # the full-batch history: finished sentences point to themselves and emit padding
         tok_full = torch.zeros(B, K, dtype=torch.long, device=device)
@@ -113,18 +106,24 @@ def beam_search(step: StepFn, state: Any, batch_size: int, bos: int, eos: int, s
         origin_full[active] = origin
         tok_hist.append(tok_full)
         origin_hist.append(origin_full)
+        row_of = torch.zeros(A, K, dtype=torch.long, device=device)    # live (sentence, slot) -> row
+        row_of[row_sent, row_slot] = torch.arange(R, device=device)
+        parent = row_of.gather(1, origin)
         if weights is not None:
             w = torch.zeros(B, K, weights.size(-1), device=device)
-            w[active] = weights.view(A, K, -1).gather(1, origin.unsqueeze(-1).expand(-1, -1, weights.size(-1)))
+            w[active] = weights[parent] * from_live.unsqueeze(-1)
             attn_hist.append(w)
-        keep = ~now_ended[:, :n_best].all(1)   # topk keeps each sentence's slots sorted by score
-        if not bool(keep.any()):
+        dead = now_ended | (top == inf)
+        keep = ~dead[:, :n_best].all(1)            # topk keeps each sentence's slots sorted by score
+        live = ~dead & keep.unsqueeze(1)
+        if not bool(live.any()):
             break
-        rows = (origin + torch.arange(A, device=device).unsqueeze(1) * K)[keep].view(-1)
-        state = state.select(rows)
-        tokens = new[keep].view(-1)
+        sent_pos, slot = live.nonzero(as_tuple=True)
+        state = state.select(parent[sent_pos, slot])
+        tokens = new[sent_pos, slot]
+        row_sent, row_slot = (keep.long().cumsum(0) - 1)[sent_pos], slot
         active = active[keep]
-    normalised = (scores / length_penalty(lengths, alpha)).masked_fill(~ended, float("-inf"))
+    normalised = (scores / length_penalty(lengths, alpha)).masked_fill(~ended, inf)
     order = normalised.argsort(dim=-1, descending=True)[:, :n_best]
     return _backtrack(order, normalised, tok_hist, origin_hist, attn_hist or [None] * len(tok_hist), eos)
 

@@ -1,4 +1,10 @@
-"""Recurrent layers built on ``torch.nn``'s fused implementations (cuDNN on GPU)."""
+"""Recurrent layers built on ``torch.nn``'s fused implementations (cuDNN on GPU).
+
+Whole sequences go through the fused layer in one call. Loops over time (input feeding,
+scheduled sampling, search) advance one step with :func:`rnn_step`, which runs the same
+weights through the single-step cell kernels: a fused layer called on one time step pays
+its set-up (on CPU, oneDNN re-lays the weights out) at every step.
+"""
 from __future__ import annotations
 
 from typing import Literal
@@ -26,6 +32,31 @@ def make_rnn(cell: str, input_size: int, hidden_size: int, num_layers: int = 1,
 
 
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+_CELL_FNS = {"LSTM": torch.lstm_cell, "GRU": torch.gru_cell, "RNN_TANH": torch.rnn_tanh_cell,
+             "RNN_RELU": torch.rnn_relu_cell}
+
+
+def rnn_step(rnn: nn.RNNBase, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    """One time step of a unidirectional ``rnn`` made by :func:`make_rnn`, exactly as
+    ``rnn(x.unsqueeze(1), state)`` computes it: ``x`` (N, input) and ``state`` (layers, N, H)
+    (an (h, c) pair for LSTMs) -> top layer's output (N, H) and the new state."""
+    cell = _CELL_FNS[rnn.mode]
+    lstm = rnn.mode == "LSTM"
+    hs, cs = [], []
+    for layer in range(rnn.num_layers):
+        weights = [getattr(rnn, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        if lstm:
+            h, c = cell(x, (state[0][layer], state[1][layer]), *weights)
+            cs.append(c)
+        else:
+            h = cell(x, state[layer], *weights)
+        hs.append(h)
+        x = h
+        if rnn.dropout and rnn.training and layer + 1 < rnn.num_layers:
+            x = nn.functional.dropout(x, rnn.dropout, training=True)
+    new = (torch.stack(hs), torch.stack(cs)) if lstm else torch.stack(hs)
+    return hs[-1], new
 
 
 def detach_state(state: State | None) -> State | None:

@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from rnnkit.models.attention import Attention
-from rnnkit.models.rnn import State, make_rnn
+from rnnkit.models.rnn import State, make_rnn, rnn_step
 
 
 class Encoder(nn.Module):
@@ -133,8 +133,8 @@ class Decoder(nn.Module):
             x = torch.cat([x, st.feed], -1)
         elif self.attention is None:
             x = torch.cat([x, st.context], -1)
-        h, rnn = self.rnn(x.unsqueeze(1), st.rnn)
-        out, weights = self._attend(h, st)
+        h, rnn = rnn_step(self.rnn, x, st.rnn)
+        out, weights = self._attend(h.unsqueeze(1), st)
         out = out.squeeze(1)
         st = st._replace(rnn=rnn, feed=out if self.input_feeding else None)
         return out, st, None if weights is None else weights.squeeze(1)

@@ -61,7 +61,11 @@ def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     cls = torch.optim.Adam if t.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    kwargs = dict(lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    try:   # one fused kernel over all parameters (CPU and CUDA, torch >= 2.4): a few times faster
+        return cls(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return cls(params, **kwargs)
 
 
 @dataclass

@@ -1,12 +1,20 @@
-"""Training throughput of the peer toolkits (Joey NMT, OpenNMT-py) beside rnnkit's, same model.
+"""Training and decoding speed of the peer toolkits (Joey NMT, OpenNMT-py) beside rnnkit's, same model.
 
 Uses ../shared/bench/peers: installs both peers into their own venv (bench/out/peers-venv)
 when missing, trains each for --steps updates on Multi30k en->fr with the shared model
-config, and reads steady-state target tokens/s from the logs with the shared
-throughput.py. Then trains rnnkit's configs/translate_attention.yaml (the same model)
-for the same steps. Peak memory is each process's maximum resident set size.
+config, and reads steady-state target tokens/s from the logs (Joey NMT's with the shared
+throughput.py). Then trains rnnkit's configs/translate_attention.yaml (the same model)
+for the same steps. Then each decodes test_2016_flickr with beam 5 (batch 64 sentences,
+length penalty alpha 1.0, at most 100 target tokens) with the model it trained, timed as a
+whole process (start-up and model loading included) and scored with sacreBLEU. Peak
+memory is each process's maximum resident set size.
 
     python bench/peers.py [--steps 220]
+    python bench/peers.py --decode-only --onmt-model M.pt --joey-config J.yaml --rnnkit-checkpoint C.pt
+
+A model trained for a few hundred steps decodes differently from a converged one (more
+repetition, other lengths); ``--decode-only`` times decoding with models trained longer,
+for instance by ../shared/bench/peers/run_quality.sh and ``rnnkit train``.
 """
 from __future__ import annotations
 
@@ -24,15 +32,41 @@ PEERS = SHARED / "bench" / "peers"
 OUT = ROOT / "bench" / "out"
 
 
-def run(cmd: list[str] | str, log: Path, cwd: Path, env: dict | None = None) -> tuple[int, float | None]:
-    """Run under /usr/bin/time; returns the exit code and the peak RSS in GB."""
+def timed(cmd: list[str] | str, log: Path, cwd: Path, env: dict | None = None) -> tuple[int, float | None, float | None]:
+    """Run under /usr/bin/time; returns the exit code, the peak RSS in GB and the wall time in s."""
     timing = log.with_suffix(".time")
     shell = cmd if isinstance(cmd, str) else " ".join(cmd)
     with log.open("w") as fh:
         rc = subprocess.call(f"/usr/bin/time -v -o {timing} {shell}", shell=True, cwd=cwd, stdout=fh,
                              stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "2", **(env or {})})
-    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", timing.read_text()) if timing.exists() else None
-    return rc, (int(m.group(1)) / 1e6 if m else None)
+    text = timing.read_text() if timing.exists() else ""
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", text)
+    seconds = None if not wall else int(wall.group(1) or 0) * 3600 + int(wall.group(2)) * 60 + float(wall.group(3))
+    return rc, (int(rss.group(1)) / 1e6 if rss else None), seconds
+
+
+def run(cmd: list[str] | str, log: Path, cwd: Path, env: dict | None = None) -> tuple[int, float | None]:
+    rc, rss, _ = timed(cmd, log, cwd, env)
+    return rc, rss
+
+
+def decode(name: str, shell: str, hyp: Path, log: Path, cwd: Path) -> dict:
+    """Time one beam-5 decoding of test_2016_flickr and score it."""
+    import sacrebleu
+
+    test = SHARED / "data" / "multi30k" / "test_2016_flickr"
+    # OpenNMT-py 3.5.1 and Joey NMT 2.3.0 checkpoints hold Python objects that torch >= 2.6
+    # refuses by default; they were written here, so the full unpickler is allowed for them
+    rc, rss, wall = timed(shell, log, cwd, env={"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"})
+    if rc != 0 or not hyp.exists():
+        return {"error": f"{name} decoding failed (exit {rc}); see {log}"}
+    hyps = hyp.read_text(encoding="utf-8").splitlines()
+    refs = (test.with_suffix(".fr")).read_text(encoding="utf-8").splitlines()
+    if len(hyps) != len(refs):
+        return {"error": f"{name} wrote {len(hyps)} lines for {len(refs)} sentences; see {log}"}
+    return {"seconds": wall, "sentences_per_s": len(refs) / wall, "peak_gb": rss,
+            "bleu": sacrebleu.corpus_bleu(hyps, [refs]).score}
 
 
 def peer_config(name: str, work: Path, steps: int) -> Path:
@@ -77,6 +111,10 @@ def throughput(kind: str, log: Path, a: int, b: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=220)
+    ap.add_argument("--decode-only", action="store_true", help="skip training; decode with the models named below")
+    ap.add_argument("--onmt-model", help="OpenNMT-py checkpoint to decode with (default: the one trained here)")
+    ap.add_argument("--joey-config", help="Joey NMT config whose model_dir holds the model to decode with")
+    ap.add_argument("--rnnkit-checkpoint", help="rnnkit checkpoint to decode with")
     args = ap.parse_args()
     if not (SHARED / "data" / "multi30k").exists() or not PEERS.exists():
         print("skipped: ../shared/data/multi30k or ../shared/bench/peers is absent")
@@ -88,11 +126,59 @@ def main() -> int:
         if rc != 0:
             print("skipped: installing the peers failed (see above)")
             return 0
-    results = {}
     work = OUT / "peer-runs"
     (work / "onmt").mkdir(parents=True, exist_ok=True)
     (work / "joey").mkdir(parents=True, exist_ok=True)
     bin_ = venv / "bin"
+    results = {} if args.decode_only else train_all(args, work, bin_)
+    if results:
+        print_training(results, args.steps)
+    models = {"onmt": args.onmt_model or last_onmt_checkpoint(work / "onmt"),
+              "joey": args.joey_config or str(peer_config("joey", work, args.steps)),
+              "rnnkit": args.rnnkit_checkpoint or str(work / "rnnkit" / "last.pt")}
+    print_decoding(decode_all(models, work, bin_))
+    return 0
+
+
+def last_onmt_checkpoint(folder: Path) -> str:
+    found = sorted(folder.glob("model_step_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    return str(found[-1]) if found else str(folder / "model_step_0.pt")
+
+
+def decode_all(models: dict[str, str], work: Path, bin_: Path) -> dict:
+    src = SHARED / "data" / "multi30k" / "test_2016_flickr.en"
+    out = work / "decode"
+    out.mkdir(exist_ok=True)
+    return {
+        "OpenNMT-py 3.5.1": decode("OpenNMT-py", f"{bin_ / 'onmt_translate'} -model {models['onmt']} -src {src} "
+                                   f"-output {out / 'onmt.fr'} -beam_size 5 -batch_size 64 -batch_type sents "
+                                   f"-max_length 100 -length_penalty wu -alpha 1.0",
+                                   out / "onmt.fr", out / "onmt.log", work),
+        "Joey NMT 2.3.0": decode("Joey NMT", f"{bin_ / 'python'} -m joeynmt translate {models['joey']} "
+                                 f"< {src} > {out / 'joey.fr'}", out / "joey.fr", out / "joey.log", work),
+        "rnnkit": decode("rnnkit", f"{sys.executable} -m rnnkit translate {models['rnnkit']} --beam 5 "
+                         f"--batch-size 64 --length-penalty 1.0 -i {src} -o {out / 'rnnkit.fr'}",
+                         out / "rnnkit.fr", out / "rnnkit.log", ROOT),
+    }
+
+
+def print_decoding(results: dict) -> None:
+    print("beam-5 decoding of test_2016_flickr (1,000 sentences), whole process, CPU (OMP_NUM_THREADS=2):")
+    print(f"{'toolkit':<18} {'seconds':>8} {'sent/s':>7} {'BLEU':>6} {'peak RSS GB':>12}")
+    for name, r in results.items():
+        if "error" in r:
+            print(f"{name:<18} error: {r['error']}")
+            continue
+        print(f"{name:<18} {r['seconds']:>8.1f} {r['sentences_per_s']:>7.1f} {r['bleu']:>6.1f} {r['peak_gb'] or 0:>12.2f}")
+    fastest = max((r["sentences_per_s"] for n, r in results.items() if n != "rnnkit" and "sentences_per_s" in r),
+                  default=None)
+    if fastest and "sentences_per_s" in results["rnnkit"]:
+        print(f"decoding ratio rnnkit / faster peer: {results['rnnkit']['sentences_per_s'] / fastest:.2f}  "
+              "(target >= 2 on CPU)")
+
+
+def train_all(args, work: Path, bin_: Path) -> dict:
+    results = {}
     cfg = peer_config("onmt", work, args.steps)
     run([str(bin_ / "onmt_build_vocab"), "-config", str(cfg), "-n_sample", "-1"], work / "onmt" / "vocab.log", work)
     for f in ("vocab.src", "vocab.tgt"):   # drop tokens its own reader rejects (see the peers' README)
@@ -118,8 +204,11 @@ def main() -> int:
     tokens = sum(rows[s]["tokens"] for s in steps)
     dt = rows[args.steps]["elapsed"] - rows[20]["elapsed"]
     results["rnnkit"] = {"s_per_step": dt / (args.steps - 20), "tokens_per_s": tokens / dt, "peak_gb": rss}
+    return results
 
-    print(f"translation training, shared model, CPU (OMP_NUM_THREADS=2), steps 20->{args.steps}:")
+
+def print_training(results: dict, steps: int) -> None:
+    print(f"translation training, shared model, CPU (OMP_NUM_THREADS=2), steps 20->{steps}:")
     print(f"{'toolkit':<18} {'s/step':>7} {'tgt tok/s':>10} {'peak RSS GB':>12}")
     for name, r in results.items():
         if "error" in r:
@@ -128,8 +217,8 @@ def main() -> int:
         print(f"{name:<18} {r['s_per_step']:>7.3f} {r['tokens_per_s']:>10.0f} {r['peak_gb'] or 0:>12.2f}")
     fastest = max((r["tokens_per_s"] for n, r in results.items() if n != "rnnkit" and "tokens_per_s" in r), default=None)
     if fastest:
-        print(f"ratio rnnkit / faster peer: {results['rnnkit']['tokens_per_s'] / fastest:.2f}  (target >= 1.5 on CPU)")
-    return 0
+        print(f"training ratio rnnkit / faster peer: {results['rnnkit']['tokens_per_s'] / fastest:.2f}  "
+              "(target >= 1.5 on CPU)")
 
 
 if __name__ == "__main__":

@@ -44,3 +44,9 @@ def _one_thread_per_test_process():
     """Small models run faster single-threaded, and CI machines are small."""
     import torch
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _private_data_cache(tmp_path: Path, monkeypatch):
+    """Each test gets an empty data cache of its own, never the user's."""
+    monkeypatch.setenv("RNNKIT_CACHE", str(tmp_path / "data-cache"))

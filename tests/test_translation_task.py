@@ -173,3 +173,53 @@ def test_init_range_bounds_every_weight_and_keeps_padding_zero(tmp_path):
     assert all(p.abs().max() <= 0.05 for p in model.parameters())
     assert model.encoder.embedding.weight[0].abs().sum() == 0 and model.decoder.embedding.weight[0].abs().sum() == 0
     assert model.decoder.output.weight.std() > 0.02   # really drawn from the range, not zeros
+
+
+def build_task(tmp_path, **data):
+    from rnnkit.config import load_config
+    from rnnkit.tasks.translation import TranslationTask
+
+    import torch
+    path = write_yaml(tmp_path / "c.yaml", translation_config(tmp_path, data=data))
+    return TranslationTask(load_config(path), torch.device("cpu"))
+
+
+def test_prepared_data_comes_back_from_the_cache_unchanged(tmp_path, monkeypatch):
+    import rnnkit.tasks.translation as translation
+
+    first = build_task(tmp_path, max_len=9)       # fits the tokenizers, encodes, stores
+    entries = list((tmp_path / "data-cache").glob("translation-*.pt"))
+    assert len(entries) == 1
+
+    def no_fitting(*args, **kwargs):
+        raise AssertionError("the tokenizers were fitted again")
+    monkeypatch.setattr(translation, "build_tokenizer", no_fitting)
+    again = build_task(tmp_path, max_len=9)
+    assert again.train_pairs == first.train_pairs and again.valid_pairs == first.valid_pairs
+    assert again.src_tok.vocab.itos == first.src_tok.vocab.itos
+    assert again.tgt_tok.vocab.itos == first.tgt_tok.vocab.itos
+
+    with pytest.raises(AssertionError, match="fitted again"):   # another setting misses
+        build_task(tmp_path, max_len=10)
+
+
+def test_a_changed_file_or_a_broken_entry_is_rebuilt(tmp_path):
+    train_src = tmp_path / "train.en"
+    train_src.write_bytes((SAMPLE / "train.en").read_bytes())
+    first = build_task(tmp_path, train_src=str(train_src))
+    (entry,) = (tmp_path / "data-cache").glob("translation-*.pt")
+
+    entry.write_bytes(entry.read_bytes()[:100])             # a truncated entry: rebuilt, no error
+    assert build_task(tmp_path, train_src=str(train_src)).train_pairs == first.train_pairs
+
+    lines = train_src.read_text().splitlines()
+    lines[0] = "zebra " + lines[0]                           # new content, same name: a new entry
+    train_src.write_text("".join(ln + "\n" for ln in lines))
+    changed = build_task(tmp_path, train_src=str(train_src))
+    assert "zebra" not in first.src_tok.vocab.stoi or changed.train_pairs[0] != first.train_pairs[0]
+    assert len(list((tmp_path / "data-cache").glob("translation-*.pt"))) == 2
+
+
+def test_the_cache_can_be_turned_off(tmp_path):
+    build_task(tmp_path, cache=False)
+    assert not (tmp_path / "data-cache").exists()

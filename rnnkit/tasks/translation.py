@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from rnnkit.config import Config, ConfigError, num, require_file
+from rnnkit.data import cache as data_cache
 from rnnkit.data.parallel import (Batch, build_tokenizer, length_batches, make_batch, read_parallel,
                                   tokenizer_from_state)
 from rnnkit.data.vocab import BOS, EOS, UNK
@@ -36,6 +37,7 @@ class DataConfig:
     min_freq: int = num(1, 1)                       # word/char: rarer tokens become <unk>
     max_len: int = num(100, 1)                      # training pairs longer than this (tokens) are dropped
     batch_tokens: Optional[int] = num(None, 1)      # batch by padded tokens instead of train.batch_size sentences
+    cache: bool = True                              # keep fitted tokenizers and encoded pairs in the data cache
 
 
 @dataclass
@@ -110,24 +112,56 @@ class TranslationTask:
     def __init__(self, cfg: Config, device: torch.device, extras: dict[str, Any] | None = None,
                  with_data: bool = True):
         self.cfg, self.device = cfg, device
-        d = cfg.data
         if with_data:
-            src, tgt = read_parallel(d.train_src, d.train_tgt)
-            self.valid_src, self.valid_tgt = read_parallel(d.valid_src, d.valid_tgt)
-        if extras is None:
-            self.src_tok = build_tokenizer(d.src_tokenizer, src, d.src_vocab_size, d.min_freq)
-            self.tgt_tok = build_tokenizer(d.tgt_tokenizer, tgt, d.tgt_vocab_size, d.min_freq)
+            self.valid_src, self.valid_tgt = read_parallel(cfg.data.valid_src, cfg.data.valid_tgt)
+            self._prepare_data(extras)
         else:
             self.src_tok, self.tgt_tok = tokenizer_from_state(extras["src"]), tokenizer_from_state(extras["tgt"])
         v = self.tgt_tok.vocab
         self.bos, self.eos = v.stoi[BOS], v.stoi[EOS]
         self.model = build_model(cfg, len(self.src_tok.vocab), len(v)).to(device)
         self.teacher_forcing = TeacherForcingSchedule(cfg.train.teacher_forcing)
-        if with_data:
-            self.train_pairs = self._encode_pairs(src, tgt, limit=d.max_len)
-            self.valid_pairs = self._encode_pairs(self.valid_src, self.valid_tgt, limit=None)
 
-    def _encode_pairs(self, src: list[str], tgt: list[str], limit: int | None) -> list[tuple[list[int], list[int]]]:
+    def _prepare_data(self, extras: dict[str, Any] | None) -> None:
+        """Tokenizers (fitted on the training side, or a checkpoint's) and the encoded training
+        and validation pairs: from the data cache when the same files and settings were
+        prepared before, otherwise built and stored there."""
+        d = self.cfg.data
+        given = None if extras is None else (extras["src"], extras["tgt"])
+        key = None
+        if d.cache:
+            settings = (d.src_tokenizer, d.tgt_tokenizer, d.src_vocab_size, d.tgt_vocab_size, d.min_freq,
+                        d.max_len, given)
+            try:
+                key = data_cache.fingerprint("translation", [d.train_src, d.train_tgt, d.valid_src, d.valid_tgt],
+                                             settings)
+            except OSError:   # unreadable: reading the files below says so clearly
+                key = None
+            entry = None if key is None else data_cache.load(key)
+            if entry is not None:
+                self.src_tok, self.tgt_tok = tokenizer_from_state(entry["src"]), tokenizer_from_state(entry["tgt"])
+                self.train_pairs, self.valid_pairs = data_cache.unpack(entry["train"]), data_cache.unpack(entry["valid"])
+                for note in entry["notes"]:
+                    tqdm.write(note)
+                return
+        src, tgt = read_parallel(d.train_src, d.train_tgt)
+        if given is None:
+            self.src_tok = build_tokenizer(d.src_tokenizer, src, d.src_vocab_size, d.min_freq)
+            self.tgt_tok = build_tokenizer(d.tgt_tokenizer, tgt, d.tgt_vocab_size, d.min_freq)
+        else:
+            self.src_tok, self.tgt_tok = tokenizer_from_state(given[0]), tokenizer_from_state(given[1])
+        notes = []
+        self.train_pairs = self._encode_pairs(src, tgt, d.max_len, notes)
+        self.valid_pairs = self._encode_pairs(self.valid_src, self.valid_tgt, None, notes)
+        for note in notes:
+            tqdm.write(note)
+        if key is not None:
+            data_cache.save(key, {"src": self.src_tok.state(), "tgt": self.tgt_tok.state(), "notes": notes,
+                                  "train": data_cache.pack(self.train_pairs),
+                                  "valid": data_cache.pack(self.valid_pairs)})
+
+    def _encode_pairs(self, src: list[str], tgt: list[str], limit: int | None,
+                      notes: list[str]) -> list[tuple[list[int], list[int]]]:
         pairs, empty, long = [], 0, 0
         for s, t in zip(src, tgt):
             a, b = self.src_tok.encode(s), self.tgt_tok.encode(t)
@@ -139,7 +173,7 @@ class TranslationTask:
                 pairs.append((a, b))
         if empty or long:
             what = f"{long} over data.max_len={limit} tokens, " if limit is not None else ""
-            tqdm.write(f"dropped {empty + long} of {len(src)} sentence pairs ({what}{empty} with an empty side)")
+            notes.append(f"dropped {empty + long} of {len(src)} sentence pairs ({what}{empty} with an empty side)")
         return pairs
 
     # ------------------------------------------------------------------ training interface

@@ -32,7 +32,8 @@ PEERS = SHARED / "bench" / "peers"
 OUT = ROOT / "bench" / "out"
 
 
-def timed(cmd: list[str] | str, log: Path, cwd: Path, env: dict | None = None) -> tuple[int, float | None, float | None]:
+def timed(cmd: list[str] | str, log: Path, cwd: Path,
+          env: dict | None = None) -> tuple[int, float | None, float | None]:
     """Run under /usr/bin/time; returns the exit code, the peak RSS in GB and the wall time in s."""
     timing = log.with_suffix(".time")
     shell = cmd if isinstance(cmd, str) else " ".join(cmd)
@@ -169,7 +170,8 @@ def print_decoding(results: dict) -> None:
         if "error" in r:
             print(f"{name:<18} error: {r['error']}")
             continue
-        print(f"{name:<18} {r['seconds']:>8.1f} {r['sentences_per_s']:>7.1f} {r['bleu']:>6.1f} {r['peak_gb'] or 0:>12.2f}")
+        print(f"{name:<18} {r['seconds']:>8.1f} {r['sentences_per_s']:>7.1f} {r['bleu']:>6.1f} "
+              f"{r['peak_gb'] or 0:>12.2f}")
     fastest = max((r["sentences_per_s"] for n, r in results.items() if n != "rnnkit" and "sentences_per_s" in r),
                   default=None)
     if fastest and "sentences_per_s" in results["rnnkit"]:
@@ -195,7 +197,8 @@ def train_all(args, work: Path, bin_: Path) -> dict:
     run_dir = work / "rnnkit"
     subprocess.call(["rm", "-rf", str(run_dir)])
     rc, rss = run([sys.executable, "-m", "rnnkit", "train", str(ROOT / "configs" / "translate_attention.yaml"),
-                   "--set", f"run_dir={run_dir}", "--set", f"train.max_steps={args.steps}", "--set", "train.log_every=20",
+                   "--set", f"run_dir={run_dir}", "--set", f"train.max_steps={args.steps}",
+                   "--set", "train.log_every=20",
                    "--set", "train.eval_every=100000", "--set", "train.max_time=null", "--set", "train.num_threads=2"],
                   work / "rnnkit.log", ROOT)
     rows = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
@@ -215,7 +218,8 @@ def print_training(results: dict, steps: int) -> None:
             print(f"{name:<18} error: {r['error']}")
             continue
         print(f"{name:<18} {r['s_per_step']:>7.3f} {r['tokens_per_s']:>10.0f} {r['peak_gb'] or 0:>12.2f}")
-    fastest = max((r["tokens_per_s"] for n, r in results.items() if n != "rnnkit" and "tokens_per_s" in r), default=None)
+    fastest = max((r["tokens_per_s"] for n, r in results.items() if n != "rnnkit" and "tokens_per_s" in r),
+                  default=None)
     if fastest:
         print(f"training ratio rnnkit / faster peer: {results['rnnkit']['tokens_per_s'] / fastest:.2f}  "
               "(target >= 1.5 on CPU)")

@@ -169,7 +169,8 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
-    """Score a checkpoint: LMs on --data (loss, perplexity, bits/char); translation on --src/--ref (BLEU, chrF, perplexity).
+    """Score a checkpoint: LMs on --data (loss, perplexity, bits/char); translation on --src/--ref
+    (BLEU, chrF, perplexity).
 
     Example:  rnnkit eval runs/en_fr/best.pt --src test.en --ref test.fr --beam 5 --json
     """

@@ -45,7 +45,8 @@ class ModelConfig:
 def check_config(cfg: Config) -> None:
     d = cfg.data
     if cfg.train.metric not in METRICS:
-        raise ConfigError("train.metric", f"expected one of {', '.join(METRICS)} for task 'lm', got {cfg.train.metric!r}")
+        raise ConfigError("train.metric",
+                          f"expected one of {', '.join(METRICS)} for task 'lm', got {cfg.train.metric!r}")
     if d.path is not None and d.train is not None:
         raise ConfigError("data.train", "set either data.path (one file, split) or data.train/valid/test, not both")
     if d.path is None:

@@ -67,7 +67,7 @@ class ModelConfig:
     bridge: Literal["linear", "zeros", "mean", "max"] = "linear"
     max_len_ratio: float = num(2.0, 0, lo_open=True)   # decoding stops at ratio * source length + extra
     max_len_extra: int = num(10, 0)
-    init_range: Optional[float] = num(None, 0, lo_open=True)   # uniform(-r, r) for every weight; null: PyTorch's defaults
+    init_range: Optional[float] = num(None, 0, lo_open=True)   # uniform(-r, r) for every weight; null: torch's
 
 
 def check_config(cfg: Config) -> None:
@@ -140,7 +140,8 @@ class TranslationTask:
             entry = None if key is None else data_cache.load(key)
             if entry is not None:
                 self.src_tok, self.tgt_tok = tokenizer_from_state(entry["src"]), tokenizer_from_state(entry["tgt"])
-                self.train_pairs, self.valid_pairs = data_cache.unpack(entry["train"]), data_cache.unpack(entry["valid"])
+                self.train_pairs = data_cache.unpack(entry["train"])
+                self.valid_pairs = data_cache.unpack(entry["valid"])
                 for note in entry["notes"]:
                     tqdm.write(note)
                 return

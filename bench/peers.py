@@ -47,11 +47,6 @@ def timed(cmd: list[str] | str, log: Path, cwd: Path,
     return rc, (int(rss.group(1)) / 1e6 if rss else None), seconds
 
 
-def run(cmd: list[str] | str, log: Path, cwd: Path, env: dict | None = None) -> tuple[int, float | None]:
-    rc, rss, _ = timed(cmd, log, cwd, env)
-    return rc, rss
-
-
 def decode(name: str, shell: str, hyp: Path, log: Path, cwd: Path) -> dict:
     """Time one beam-5 decoding of test_2016_flickr and score it."""
     import sacrebleu
@@ -182,21 +177,21 @@ def print_decoding(results: dict) -> None:
 def train_all(args, work: Path, bin_: Path) -> dict:
     results = {}
     cfg = peer_config("onmt", work, args.steps)
-    run([str(bin_ / "onmt_build_vocab"), "-config", str(cfg), "-n_sample", "-1"], work / "onmt" / "vocab.log", work)
+    timed([str(bin_ / "onmt_build_vocab"), "-config", str(cfg), "-n_sample", "-1"], work / "onmt" / "vocab.log", work)
     for f in ("vocab.src", "vocab.tgt"):   # drop tokens its own reader rejects (see the peers' README)
         p = work / "onmt" / f
         p.write_text("".join(ln + "\n" for ln in p.read_text(encoding="utf-8").split("\n")[:-1]
                              if len(ln.split(None, 1)) == 2), encoding="utf-8")
-    rc, rss = run([str(bin_ / "onmt_train"), "-config", str(cfg)], work / "onmt" / "train.log", work)
+    rc, rss, _ = timed([str(bin_ / "onmt_train"), "-config", str(cfg)], work / "onmt" / "train.log", work)
     results["OpenNMT-py 3.5.1"] = {**throughput("onmt", work / "onmt" / "train.log", 20, args.steps), "peak_gb": rss}
     cfg = peer_config("joey", work, args.steps)
-    rc, rss = run([str(bin_ / "python"), "-m", "joeynmt", "train", str(cfg), "--skip-test"],
+    rc, rss, _ = timed([str(bin_ / "python"), "-m", "joeynmt", "train", str(cfg), "--skip-test"],
                   work / "joey" / "train.log", work)
     results["Joey NMT 2.3.0"] = {**throughput("joey", work / "joey" / "train.log", 20, args.steps), "peak_gb": rss}
 
     run_dir = work / "rnnkit"
     subprocess.call(["rm", "-rf", str(run_dir)])
-    rc, rss = run([sys.executable, "-m", "rnnkit", "train", str(ROOT / "configs" / "translate_attention.yaml"),
+    rc, rss, _ = timed([sys.executable, "-m", "rnnkit", "train", str(ROOT / "configs" / "translate_attention.yaml"),
                    "--set", f"run_dir={run_dir}", "--set", f"train.max_steps={args.steps}",
                    "--set", "train.log_every=20",
                    "--set", "train.eval_every=100000", "--set", "train.max_time=null", "--set", "train.num_threads=2"],

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+
+from rnnkit.training.checkpoint import atomic_save
 
 FORMAT = 1   # bump when what an entry holds changes
 
@@ -51,22 +52,12 @@ def load(key: str) -> dict | None:
     return entry if isinstance(entry, dict) and entry.get("format") == FORMAT else None
 
 
-def save(key: str, entry: dict) -> Path | None:
-    """Store ``entry`` atomically; returns its path, or None when the folder is not writable."""
-    folder = cache_dir()
+def save(key: str, entry: dict) -> None:
+    """Store ``entry`` atomically; a folder that cannot be written is skipped."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{key}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save({**entry, "format": FORMAT}, fh)
-            os.replace(tmp, folder / f"{key}.pt")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_save({**entry, "format": FORMAT}, cache_dir() / f"{key}.pt")
     except OSError:
-        return None
-    return folder / f"{key}.pt"
+        pass
 
 
 def pack(pairs: Pairs) -> dict[str, torch.Tensor]:

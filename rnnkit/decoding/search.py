@@ -80,10 +80,11 @@ def beam_search(step: StepFn, state: Any, batch_size: int, bos: int, eos: int, s
         A, R = active.numel(), tokens.numel()
         top_v, top_i = logits.topk(min(K, logits.size(-1)), dim=-1)
         sent = active[row_sent]
-        cand = scores[sent, row_slot].unsqueeze(1) + top_v - torch.logsumexp(logits, -1, keepdim=True)
+        base = scores[sent, row_slot]
+        cand = base.unsqueeze(1) + top_v - torch.logsumexp(logits, -1, keepdim=True)
         forced = t + 1 >= limits[sent]              # out of length: </s>, at no cost
         cand[forced] = inf
-        cand[forced, 0] = scores[sent[forced], row_slot[forced]]
+        cand[forced, 0] = base[forced]
         top_i[forced, 0] = eos
         # candidates per sentence: each live slot's best tokens, then the ended slots as they are
         table = torch.full((A, K, top_v.size(1)), inf, device=device)

@@ -15,14 +15,15 @@ class CheckpointError(ValueError):
     """An unreadable or foreign checkpoint; shown as one line, exit code 2."""
 
 
-def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file beside ``path`` and rename it into place."""
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename it into place: a
+    crash leaves the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save({"format": FORMAT, **payload}, fh)
+            torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -30,6 +31,10 @@ def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
+    atomic_save({"format": FORMAT, **payload}, path)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -166,26 +166,41 @@ def evaluate(
     ref: Optional[Path] = typer.Option(None, "--ref", help="Translation: reference translations, line-aligned."),
     beam: int = typer.Option(1, "--beam", "-b", min=1, help="Translation: beam size (1 is greedy)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Translation: sentences decoded together."),
+    gradient_flow: bool = typer.Option(
+        False, "--gradient-flow",
+        help="Instead: the norm of the loss's gradient with respect to the hidden state at every time step, "
+             "on validation data (lm, adding, copy, translation encoder), and its decay rate per step."),
+    plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png",
+                                        help="With --gradient-flow: draw the curve (log scale) here."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Score a checkpoint: LMs on --data (loss, perplexity, bits/char); translation on --src/--ref
-    (BLEU, chrF, perplexity).
+    (BLEU, chrF, perplexity); adding and copy on their test set, beside the baseline.
 
     Example:  rnnkit eval runs/en_fr/best.pt --src test.en --ref test.fr --beam 5 --json
+    Example:  rnnkit eval runs/adding/best.pt --gradient-flow --plot flow.png
     """
     from rnnkit.data.vocab import read_text
     from rnnkit.runs import load_task
 
+    if plot is not None and not gradient_flow:
+        _bad_option("--plot draws the gradient-flow curve; add --gradient-flow")
     with user_errors():
-        task = load_task(checkpoint, device)
-        if task.cfg.task == "lm":
+        task = load_task(checkpoint, device, with_data=gradient_flow)
+        kind = task.cfg.task
+        if gradient_flow:
+            if not hasattr(task, "gradient_flow"):
+                raise CheckpointError(f"{checkpoint}: task '{kind}' does not measure gradient flow")
+            _print_gradient_flow(task.gradient_flow(), plot, f"{kind}, {checkpoint}", as_json)
+            return
+        if kind == "lm":
             if data is None:
                 _bad_option("--data FILE is required to evaluate a language model")
             if not data.is_file():
                 raise DataError(f"--data: file not found: {data}")
             results = task.evaluate_text(read_text(str(data)))
-        else:
+        elif kind == "translation":
             if src is None or ref is None:
                 _bad_option("--src FILE and --ref FILE are required to evaluate a translation model")
             from rnnkit.data.parallel import read_parallel
@@ -196,7 +211,24 @@ def evaluate(
             loss, tokens = task.score_pairs(sources, refs, batch_size)
             results = {"bleu": bleu(hyps, refs), "chrf": chrf(hyps, refs), "loss": loss,
                        "ppl": perplexity(loss), "sentences": len(sources), "beam": beam}
+        else:   # generated tasks: the test set their seed fixes
+            results = task.evaluate_split("test")
     _print_results(results, as_json)
+
+
+def _print_gradient_flow(flow, plot: Optional[Path], title: str, as_json: bool) -> None:
+    if plot is not None:
+        from rnnkit.plots import save_gradient_flow_plot
+
+        save_gradient_flow_plot({title: flow}, plot)
+        err_console.print(f"wrote {plot}")
+    if as_json:
+        print(json.dumps(flow._asdict()))
+        return
+    print("distance\tgrad_norm")
+    for d, n in zip(flow.distances, flow.norms):
+        print(f"{d}\t{n:.6g}")
+    print(f"decay per step: {flow.decay:.4f}")
 
 
 def _print_results(results: dict, as_json: bool) -> None:

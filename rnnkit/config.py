@@ -49,6 +49,36 @@ def _describe_range(lo, hi, lo_open, hi_open) -> str:
 
 # --------------------------------------------------------------------------- sections
 @dataclass
+class RecurrentConfig:
+    """A recurrent layer's cell and implementation; every task's recurrent sections extend it."""
+
+    cell: Literal["rnn_tanh", "rnn_relu", "lstm", "gru"] = "lstm"
+    impl: Literal["fused", "explicit"] = "fused"   # torch.nn's kernels, or cells from their equations
+    layer_norm: bool = False                        # explicit only: layer-normalised cells
+    recurrent_dropout: float = num(0.0, 0, 1, hi_open=True)   # explicit only: one mask per sequence
+    residual: bool = False                          # explicit only: layers above the first add their input
+
+
+RECURRENT_EXTRAS = {"layer_norm": False, "recurrent_dropout": 0.0, "residual": False}
+
+
+def check_recurrent(section: RecurrentConfig, prefix: str) -> None:
+    """The extras need the explicit implementation; residual connections need a stack."""
+    if section.impl == "fused":
+        for key, off in RECURRENT_EXTRAS.items():
+            if getattr(section, key) != off:
+                raise ConfigError(f"{prefix}.{key}", f"needs {prefix}.impl: explicit "
+                                                     f"(torch.nn's fused kernels cannot do it)")
+    if section.residual and getattr(section, "num_layers", 1) < 2:
+        raise ConfigError(f"{prefix}.residual", f"connects stacked layers; needs {prefix}.num_layers >= 2")
+
+
+def recurrent_options(section: RecurrentConfig) -> dict[str, Any]:
+    """The keyword arguments ``make_rnn`` takes besides sizes (all but ``cell``)."""
+    return {"impl": section.impl, **{k: getattr(section, k) for k in RECURRENT_EXTRAS}}
+
+
+@dataclass
 class TeacherForcingConfig:
     """The probability of feeding the gold previous token (sequence-to-sequence tasks)."""
 
@@ -86,6 +116,7 @@ class TrainConfig:
     early_stopping: Optional[int] = num(None, 1)  # evaluations without improvement before stopping
     num_threads: Optional[int] = num(None, 1)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"   # bf16/fp16: autocast; fp16 adds loss scaling
+    gradient_flow_every: Optional[int] = num(None, 1)   # steps between gradient-flow records in metrics.jsonl
     teacher_forcing: TeacherForcingConfig = field(default_factory=TeacherForcingConfig)
 
 

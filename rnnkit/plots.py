@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 
 def save_attention_plots(translations: Sequence, directory: Path) -> int:
@@ -28,3 +28,26 @@ def save_attention_plots(translations: Sequence, directory: Path) -> int:
         plt.close(fig)
         written += 1
     return written
+
+
+def save_gradient_flow_plot(curves: Mapping[str, object], path: Path, title: str = "gradient flow") -> None:
+    """Gradient-flow curves (``rnnkit.gradient_flow.GradientFlow``) on one log-scale figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for name, flow in curves.items():
+        points = [(d, n) for d, n in zip(flow.distances, flow.norms) if n > 0]
+        if points:
+            ax.semilogy([d for d, _ in points], [n for _, n in points], label=f"{name} (decay {flow.decay:.3f}/step)")
+    ax.set_xlabel("time steps back from the loss")
+    ax.set_ylabel("||dL/dh_t|| (mean over the batch)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

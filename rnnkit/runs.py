@@ -13,8 +13,10 @@ from rnnkit.training.trainer import Trainer, resolve_device
 
 
 def _first_difference(a: Any, b: Any, prefix: str) -> str | None:
+    """The first dotted key whose values differ; a recurrent layer's ``impl`` may change
+    (both implementations share their weights)."""
     if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
+        for k in sorted((set(a) | set(b)) - {"impl"}):
             d = _first_difference(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
             if d:
                 return d
@@ -36,7 +38,8 @@ def prepare_trainer(cfg: Config, resume: bool = False) -> Trainer:
         for section in ("task", "data", "model", "seed"):
             diff = _first_difference(old.get(section), new.get(section), section)
             if diff:
-                raise ConfigError(diff, f"differs from the checkpoint being resumed ({last}); only train.* may change")
+                raise ConfigError(diff, f"differs from the checkpoint being resumed ({last}); only train.* "
+                                      f"(and a recurrent layer's impl) may change")
     elif last.exists():
         raise ConfigError("run_dir", f"{run_dir} already holds a run; pass --resume to continue it, "
                                      f"or choose another directory with --set run_dir=...")
@@ -48,23 +51,24 @@ def prepare_trainer(cfg: Config, resume: bool = False) -> Trainer:
                                              f"{device.type}, where recurrent layers support only fp32); use fp32")
     torch.manual_seed(cfg.seed)
     task = task_module(cfg.task).build(cfg, device, extras=ckpt["task"] if ckpt else None)
+    trainer = Trainer(cfg, task, run_dir, device)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
-    trainer = Trainer(cfg, task, run_dir, device)
     if ckpt is not None:
         trainer.resume(last)
     return trainer
 
 
-def load_task(path: str | Path, device: str = "auto"):
-    """Rebuild a task (model, vocabulary, tokenizer) from a checkpoint, for inference."""
+def load_task(path: str | Path, device: str = "auto", with_data: bool = False):
+    """Rebuild a task (model, vocabulary, tokenizer) from a checkpoint, for inference
+    (``with_data``: with the validation data its config names, e.g. for gradient flow)."""
     dev = resolve_device(device, key="--device")
     ckpt = load_checkpoint(path, map_location=dev)
     try:
         cfg = load_config(None, base=ckpt["config"])
     except ConfigError as err:
         raise CheckpointError(f"{path}: its stored config is invalid ({err})") from None
-    task = task_module(cfg.task).build(cfg, dev, extras=ckpt["task"], with_data=False)
+    task = task_module(cfg.task).build(cfg, dev, extras=ckpt["task"], with_data=with_data)
     task.model.load_state_dict(ckpt["model"])
     task.model.eval()
     return task

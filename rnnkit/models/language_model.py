@@ -9,10 +9,10 @@ from rnnkit.models.rnn import State, make_rnn
 
 class RNNLanguageModel(nn.Module):
     def __init__(self, vocab_size: int, cell: str, embedding_dim: int, hidden_size: int,
-                 num_layers: int, dropout: float, tie_weights: bool):
+                 num_layers: int, dropout: float, tie_weights: bool, rnn_options: dict | None = None):
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, embedding_dim)
-        self.rnn = make_rnn(cell, embedding_dim, hidden_size, num_layers, dropout)
+        self.rnn = make_rnn(cell, embedding_dim, hidden_size, num_layers, dropout, **(rnn_options or {}))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.proj = nn.Linear(hidden_size, embedding_dim) if tie_weights and embedding_dim != hidden_size else None
         self.output = nn.Linear(embedding_dim if tie_weights else hidden_size, vocab_size)

@@ -8,16 +8,17 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from rnnkit.models.attention import Attention
-from rnnkit.models.rnn import State, make_rnn, rnn_step
+from rnnkit.models.rnn import State, make_rnn, rnn_step, step_masks
 
 
 class Encoder(nn.Module):
     def __init__(self, vocab_size: int, embedding_dim: int, cell: str, hidden_size: int,
-                 num_layers: int, bidirectional: bool, dropout: float):
+                 num_layers: int, bidirectional: bool, dropout: float, rnn_options: dict | None = None):
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=0)
         self.dropout = nn.Dropout(dropout)
-        self.rnn = make_rnn(cell, embedding_dim, hidden_size, num_layers, dropout, bidirectional)
+        self.rnn = make_rnn(cell, embedding_dim, hidden_size, num_layers, dropout, bidirectional,
+                            **(rnn_options or {}))
         self.directions = 2 if bidirectional else 1
         self.output_size = hidden_size * self.directions
 
@@ -77,33 +78,37 @@ class DecoderState(NamedTuple):
     keys: torch.Tensor           # precomputed attention keys (N, S, *)
     mask: torch.Tensor           # (N, S), True on real source tokens
     context: torch.Tensor        # fixed source summary (N, M), used without attention
+    masks: list | None = None    # an explicit decoder's recurrent-dropout masks (training only)
 
     def select(self, index: torch.Tensor) -> "DecoderState":
         """Reorder/expand along the batch dimension (beam search)."""
         rnn = tuple(s.index_select(1, index) for s in self.rnn) if isinstance(self.rnn, tuple) \
             else self.rnn.index_select(1, index)
         pick = lambda t: None if t is None else t.index_select(0, index)  # noqa: E731
+        masks = None if self.masks is None else [m.index_select(0, index) for m in self.masks]
         return DecoderState(rnn, pick(self.feed), pick(self.memory), pick(self.keys), pick(self.mask),
-                            pick(self.context))
+                            pick(self.context), masks)
 
 
 class Decoder(nn.Module):
     def __init__(self, vocab_size: int, embedding_dim: int, cell: str, hidden_size: int, num_layers: int,
-                 dropout: float, attention: str, memory_size: int, input_feeding: bool):
+                 dropout: float, attention: str, memory_size: int, input_feeding: bool,
+                 rnn_options: dict | None = None):
         super().__init__()
         self.attention = None if attention == "none" else Attention(attention, hidden_size, memory_size)
         self.input_feeding = input_feeding and self.attention is not None
         extra = hidden_size if self.input_feeding else (memory_size if self.attention is None else 0)
         self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=0)
         self.dropout = nn.Dropout(dropout)
-        self.rnn = make_rnn(cell, embedding_dim + extra, hidden_size, num_layers, dropout)
+        self.rnn = make_rnn(cell, embedding_dim + extra, hidden_size, num_layers, dropout, **(rnn_options or {}))
         self.combine = nn.Linear(memory_size + hidden_size, hidden_size, bias=False) if self.attention else None
         self.output = nn.Linear(hidden_size, vocab_size)
 
     def start(self, memory, mask, init: State, context: torch.Tensor) -> DecoderState:
         keys = self.attention.keys(memory) if self.attention is not None else memory
         feed = memory.new_zeros(memory.size(0), self.output.in_features) if self.input_feeding else None
-        return DecoderState(init, feed, memory, keys, mask, context)
+        masks = step_masks(self.rnn, memory.size(0), memory)
+        return DecoderState(init, feed, memory, keys, mask, context, masks)
 
     def _attend(self, h: torch.Tensor, st: DecoderState):
         """RNN outputs (B, T, H) -> attentional vectors (B, T, H) and weights (B, T, S)."""
@@ -133,7 +138,7 @@ class Decoder(nn.Module):
             x = torch.cat([x, st.feed], -1)
         elif self.attention is None:
             x = torch.cat([x, st.context], -1)
-        h, rnn = rnn_step(self.rnn, x, st.rnn)
+        h, rnn = rnn_step(self.rnn, x, st.rnn, st.masks)
         out, weights = self._attend(h.unsqueeze(1), st)
         out = out.squeeze(1)
         st = st._replace(rnn=rnn, feed=out if self.input_feeding else None)

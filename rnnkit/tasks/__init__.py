@@ -11,6 +11,8 @@ from types import ModuleType
 _MODULES = {
     "lm": "rnnkit.tasks.language_model",
     "translation": "rnnkit.tasks.translation",
+    "adding": "rnnkit.tasks.adding",
+    "copy": "rnnkit.tasks.copying",
 }
 
 

@@ -8,12 +8,13 @@ from typing import Any, Iterator, Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from rnnkit.config import Config, ConfigError, num, require_file
+from rnnkit.config import Config, ConfigError, RecurrentConfig, check_recurrent, num, recurrent_options, require_file
 from rnnkit.data.vocab import EOS, UNK, DataError, Vocab, make_tokenizer, read_text
 from rnnkit.decoding.sampling import sample_next
+from rnnkit.gradient_flow import GradientFlow, measure
 from rnnkit.metrics import perplexity
 from rnnkit.models.language_model import RNNLanguageModel
-from rnnkit.models.rnn import Cell, detach_state
+from rnnkit.models.rnn import detach_state
 from rnnkit.training.trainer import StepResult
 
 METRICS = ("valid_loss", "valid_ppl", "valid_bpc")
@@ -33,8 +34,7 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
-    cell: Cell = "lstm"
+class ModelConfig(RecurrentConfig):
     embedding_dim: int = num(128, 1)
     hidden_size: int = num(256, 1)
     num_layers: int = num(2, 1)
@@ -44,6 +44,7 @@ class ModelConfig:
 
 def check_config(cfg: Config) -> None:
     d = cfg.data
+    check_recurrent(cfg.model, "model")
     if cfg.train.metric not in METRICS:
         raise ConfigError("train.metric",
                           f"expected one of {', '.join(METRICS)} for task 'lm', got {cfg.train.metric!r}")
@@ -94,7 +95,7 @@ class LanguageModelTask:
             self.vocab = Vocab(extras["vocab"])
         m = cfg.model
         self.model = RNNLanguageModel(len(self.vocab), m.cell, m.embedding_dim, m.hidden_size,
-                                      m.num_layers, m.dropout, m.tie_weights).to(device)
+                                      m.num_layers, m.dropout, m.tie_weights, recurrent_options(m)).to(device)
         self.state = None
         self.train_stream: torch.Tensor | None = None
         self.valid_stream: torch.Tensor | None = None
@@ -168,6 +169,16 @@ class LanguageModelTask:
     def evaluate(self) -> dict[str, float]:
         loss, tokens = self.stream_loss(self.valid_stream)
         return self.metrics(loss, tokens)
+
+    def gradient_flow(self) -> GradientFlow:
+        """dL/dh_t for the loss of a validation window's last prediction, from a zero state."""
+        x, y = self._window(self.valid_stream, 0)
+
+        def last_loss() -> torch.Tensor:
+            logits, _ = self.model(x)
+            return F.cross_entropy(logits[:, -1].float(), y[:, -1])
+
+        return measure(self.model, "rnn", last_loss, x.size(1) - 1)
 
     # ------------------------------------------------------------------ inference
     def evaluate_text(self, text: str, rows: int = 16) -> dict[str, float]:

@@ -8,14 +8,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from rnnkit.config import Config, ConfigError, num, require_file
+from rnnkit.config import Config, ConfigError, RecurrentConfig, check_recurrent, num, recurrent_options, require_file
 from rnnkit.data import cache as data_cache
 from rnnkit.data.parallel import (Batch, build_tokenizer, length_batches, make_batch, read_parallel,
                                   tokenizer_from_state)
 from rnnkit.data.vocab import BOS, EOS, UNK
 from rnnkit.decoding.search import Hypothesis, beam_search, greedy_search
+from rnnkit.gradient_flow import GradientFlow, measure
 from rnnkit.metrics import bleu, chrf, perplexity
-from rnnkit.models.rnn import Cell
 from rnnkit.models.seq2seq import Bridge, Decoder, Encoder, Seq2Seq
 from rnnkit.training.teacher_forcing import TeacherForcingSchedule
 from rnnkit.training.trainer import StepResult
@@ -41,8 +41,7 @@ class DataConfig:
 
 
 @dataclass
-class EncoderConfig:
-    cell: Cell = "lstm"
+class EncoderConfig(RecurrentConfig):
     hidden_size: int = num(256, 1)       # per direction
     num_layers: int = num(1, 1)
     bidirectional: bool = True
@@ -50,8 +49,7 @@ class EncoderConfig:
 
 
 @dataclass
-class DecoderConfig:
-    cell: Cell = "lstm"
+class DecoderConfig(RecurrentConfig):
     hidden_size: int = num(512, 1)
     num_layers: int = num(1, 1)
     dropout: float = num(0.3, 0, 1, hi_open=True)
@@ -72,6 +70,8 @@ class ModelConfig:
 
 def check_config(cfg: Config) -> None:
     d, m = cfg.data, cfg.model
+    check_recurrent(m.encoder, "model.encoder")
+    check_recurrent(m.decoder, "model.decoder")
     if cfg.train.metric not in METRICS:
         raise ConfigError("train.metric", f"expected one of {', '.join(METRICS)} for task 'translation', "
                                           f"got {cfg.train.metric!r}")
@@ -86,10 +86,11 @@ def check_config(cfg: Config) -> None:
 def build_model(cfg: Config, src_vocab: int, tgt_vocab: int) -> Seq2Seq:
     m = cfg.model
     e, d = m.encoder, m.decoder
-    encoder = Encoder(src_vocab, m.embedding_dim, e.cell, e.hidden_size, e.num_layers, e.bidirectional, e.dropout)
+    encoder = Encoder(src_vocab, m.embedding_dim, e.cell, e.hidden_size, e.num_layers, e.bidirectional, e.dropout,
+                      recurrent_options(e))
     bridge = Bridge(m.bridge, encoder.output_size, d.hidden_size, d.num_layers, d.cell == "lstm")
     decoder = Decoder(tgt_vocab, m.embedding_dim, d.cell, d.hidden_size, d.num_layers, d.dropout,
-                      d.attention, encoder.output_size, d.input_feeding)
+                      d.attention, encoder.output_size, d.input_feeding, recurrent_options(d))
     model = Seq2Seq(encoder, bridge, decoder)
     if m.init_range is not None:
         with torch.no_grad():
@@ -226,6 +227,19 @@ class TranslationTask:
         hyps = [t.text for t in self.translate(self.valid_src, beam=1, batch_size=bs)]
         return {"loss": loss, "ppl": perplexity(loss), "bleu": bleu(hyps, self.valid_tgt),
                 "chrf": chrf(hyps, self.valid_tgt)}
+
+    def gradient_flow(self) -> GradientFlow:
+        """dL/dh_t of the encoder (forward direction) for the teacher-forced loss of validation
+        pairs whose sources share one length (the longest length that at least 4 share),
+        measured back from the last source token."""
+        by_length: dict[int, list[int]] = {}
+        for i, (s, _) in enumerate(self.valid_pairs):
+            by_length.setdefault(len(s), []).append(i)
+        length = max((n for n, ids in by_length.items() if len(ids) >= 4), default=None)
+        if length is None:
+            length = max(by_length, key=lambda n: len(by_length[n]))
+        batch = self._batch(self.valid_pairs, by_length[length][: self.cfg.train.eval_batch_size])
+        return measure(self.model, "encoder.rnn", lambda: self._loss(batch), length - 1)
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()

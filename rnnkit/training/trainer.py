@@ -37,6 +37,7 @@ class Task(Protocol):
     def extras(self) -> dict[str, Any]: ...
     def train_state(self) -> dict[str, Any]: ...
     def load_train_state(self, state: dict[str, Any]) -> None: ...
+    # optional: def gradient_flow(self) -> rnnkit.gradient_flow.GradientFlow (train.gradient_flow_every)
 
 
 def resolve_device(spec: str, key: str = "train.device") -> torch.device:
@@ -115,6 +116,8 @@ class Trainer:
         self.progress = Progress()
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self._stop_requested = False
+        if cfg.train.gradient_flow_every and not hasattr(task, "gradient_flow"):
+            raise ConfigError("train.gradient_flow_every", f"task '{cfg.task}' does not measure gradient flow")
 
     # ------------------------------------------------------------------ checkpoints
     def _payload(self) -> dict[str, Any]:
@@ -255,6 +258,9 @@ class Trainer:
                         self._log(record)
                         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
                                         tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+                    if t.gradient_flow_every and p.step % t.gradient_flow_every == 0:
+                        flow = self.task.gradient_flow()
+                        self._log({"kind": "gradient_flow", "step": p.step, **flow.summary()})
                     bar.update(1)
                     timed_out = t.max_time is not None and p.elapsed >= t.max_time
                     stop = p.step >= t.max_steps or timed_out or self._stop_requested

@@ -1,0 +1,199 @@
+"""Explicit recurrent cells against torch.nn, and what only they can do."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from rnnkit.config import ConfigError, load_config
+from rnnkit.models.cells import ExplicitRNN
+from rnnkit.models.language_model import RNNLanguageModel
+from rnnkit.models.rnn import make_rnn, rnn_step, step_masks
+from rnnkit.models.seq2seq import Bridge, Decoder, Encoder, Seq2Seq
+from rnnkit.runs import load_task, prepare_trainer
+from tests.conftest import tiny_lm_config, write_yaml
+
+CELLS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
+
+
+def _pair(cell, layers, bidirectional, input_size=5, hidden=7):
+    torch.manual_seed(0)
+    fused = make_rnn(cell, input_size, hidden, layers, 0.0, bidirectional).double()
+    explicit = make_rnn(cell, input_size, hidden, layers, 0.0, bidirectional, impl="explicit").double()
+    explicit.load_state_dict(fused.state_dict())   # the same names and shapes
+    return fused, explicit
+
+
+def _outputs_and_grads(rnn, x, state, lengths):
+    inp = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False) if lengths is not None else x
+    out, final = rnn(inp, state)
+    if lengths is not None:
+        out = pad_packed_sequence(out, batch_first=True)[0]
+    final = final if isinstance(final, tuple) else (final,)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    loss = (out * weights).sum() + sum((f ** 2).sum() for f in final)
+    leaves = [x, *(state if isinstance(state, tuple) else (state,))]
+    grads = torch.autograd.grad(loss, leaves + list(rnn.parameters()))
+    return [out, *final], grads
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("layers", [1, 3])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_explicit_layer_equals_torch_nn_in_values_and_gradients(cell, layers, bidirectional, packed):
+    fused, explicit = _pair(cell, layers, bidirectional)
+    x = torch.randn(4, 6, 5, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(layers * (2 if bidirectional else 1), 4, 7, dtype=torch.float64, requires_grad=True)
+    state = (h0, torch.randn_like(h0).requires_grad_()) if cell == "lstm" else h0
+    lengths = torch.tensor([6, 2, 4, 1]) if packed else None
+    values_f, grads_f = _outputs_and_grads(fused, x, state, lengths)
+    values_e, grads_e = _outputs_and_grads(explicit, x, state, lengths)
+    for a, b in zip(values_f, values_e):
+        assert torch.allclose(a, b, atol=1e-12)
+    assert len(grads_f) == len(grads_e)
+    for a, b in zip(grads_f, grads_e):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_one_step_at_a_time_equals_torch_nn(cell):
+    fused, explicit = _pair(cell, 2, False)
+    x = torch.randn(3, 5, 5, dtype=torch.float64)
+    results = []
+    for rnn in (fused, explicit):
+        state = torch.zeros(2, 3, 7, dtype=torch.float64)
+        state = (state, state.clone()) if cell == "lstm" else state
+        outs = []
+        for t in range(x.size(1)):
+            out, state = rnn_step(rnn, x[:, t], state)
+            outs.append(out)
+        loss = torch.stack(outs, 1).pow(2).sum()
+        results.append((torch.stack(outs, 1), torch.autograd.grad(loss, list(rnn.parameters()))))
+    whole, _ = fused(x)
+    assert torch.allclose(results[0][0], whole, atol=1e-12)
+    assert torch.allclose(results[1][0], whole, atol=1e-12)
+    for a, b in zip(results[0][1], results[1][1]):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_encoder_decoder_with_explicit_layers_equals_fused_weights():
+    def model(impl):
+        torch.manual_seed(0)
+        opts = {"impl": impl}
+        enc = Encoder(11, 8, "lstm", 6, 2, True, 0.0, opts)
+        return Seq2Seq(enc, Bridge("linear", 12, 10, 2, True),
+                       Decoder(13, 8, "lstm", 10, 2, 0.0, "general", 12, True, opts)).eval()
+
+    fused, explicit = model("fused"), model("explicit")
+    explicit.load_state_dict(fused.state_dict())
+    src = torch.tensor([[4, 5, 6, 7, 8], [9, 4, 5, 0, 0], [6, 0, 0, 0, 0]])
+    lengths, tgt = torch.tensor([5, 3, 1]), torch.randint(4, 13, (3, 6))
+    with torch.no_grad():   # packed encoder, then the input-feeding loop of decoder steps
+        assert torch.allclose(fused(src, lengths, tgt), explicit(src, lengths, tgt), atol=1e-5)
+
+
+def _identity_relu(p: float, layers: int = 1) -> ExplicitRNN:
+    """h' = relu(mask * h): the state shows which units the recurrent mask dropped."""
+    rnn = ExplicitRNN("rnn_relu", 3, 50, layers, recurrent_dropout=p)
+    with torch.no_grad():
+        for name, param in rnn.named_parameters():
+            param.copy_(torch.eye(50) if name.startswith("weight_hh") else torch.zeros_like(param))
+    return rnn
+
+
+def test_recurrent_dropout_uses_one_mask_per_sequence_and_none_in_eval():
+    torch.manual_seed(0)
+    rnn = _identity_relu(0.5)
+    h0 = torch.ones(1, 4, 50)
+    out, _ = rnn(torch.zeros(4, 6, 3), h0)
+    dropped = out == 0
+    assert torch.equal(dropped[:, 0], dropped[:, -1])          # the same units at every step
+    assert 0.25 < dropped[:, 0].float().mean() < 0.75
+    assert not torch.equal(dropped[0, 0], dropped[1, 0])        # a mask per sequence
+    kept = out[:, -1][~dropped[:, -1]]
+    assert torch.allclose(kept, torch.full_like(kept, 2.0 ** 6))  # scaled by 1/(1-p) at each step
+    rnn.eval()
+    assert torch.equal(rnn(torch.zeros(4, 6, 3), h0)[0], torch.ones(4, 6, 50))
+    # a loop of single steps holds its masks fixed too
+    rnn.train()
+    masks = step_masks(rnn, 4, h0)
+    state, seen = h0, []
+    for _ in range(5):
+        out, state = rnn_step(rnn, torch.zeros(4, 3), state, masks)
+        seen.append(out == 0)
+    assert all(torch.equal(seen[0], s) for s in seen)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_layer_normalised_cells_learn_a_tiny_task(cell):
+    torch.manual_seed(0)
+    model = RNNLanguageModel(12, cell, 16, 48, 2, 0.0, False,
+                             {"impl": "explicit", "layer_norm": True, "residual": True})
+    assert any("ln_hh" in name for name, _ in model.named_parameters())
+    x, y = torch.randint(0, 12, (4, 12)), torch.randint(0, 12, (4, 12))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(200):
+        logits, _ = model(x)
+        loss = F.cross_entropy(logits.reshape(-1, 12), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1, f"layer-normalised {cell} did not learn: loss {loss.item():.3f}"
+
+
+def test_residual_adds_each_upper_layers_input():
+    torch.manual_seed(0)
+    plain = ExplicitRNN("gru", 4, 6, 3)
+    residual = ExplicitRNN("gru", 4, 6, 3, residual=True)
+    residual.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 5, 4)
+    assert not torch.allclose(plain(x)[0], residual(x)[0])
+    bottom = ExplicitRNN("gru", 4, 6, 1)
+    bottom.load_state_dict({k: v for k, v in plain.state_dict().items() if k.endswith("_l0")})
+    with torch.no_grad():   # zero upper layers: z = 0.5 and n = 0, so from a zero state they output 0
+        for rnn in (plain, residual):
+            for name, p in rnn.named_parameters():
+                if not name.endswith("_l0"):
+                    p.zero_()
+        assert torch.equal(plain(x)[0], torch.zeros(2, 5, 6))
+        assert torch.allclose(residual(x)[0], bottom(x)[0], atol=1e-6)   # layer 0's output passed up
+
+
+def _lm(tmp_path, name, overrides=(), resume=False):
+    cfg = load_config(write_yaml(tmp_path / f"{name}.yaml", tiny_lm_config(tmp_path, run_dir=str(tmp_path / name))),
+                      list(overrides))
+    trainer = prepare_trainer(cfg, resume=resume)
+    trainer.fit()
+    return tmp_path / name
+
+
+def test_checkpoint_moves_between_implementations(tmp_path):
+    run = _lm(tmp_path, "fused", ["train.max_steps=10", "model.num_layers=2"])
+    fused = load_task(run / "last.pt", "cpu")
+    cfg = load_config(run / "config.yaml", ["model.impl=explicit"])
+    from rnnkit.tasks.language_model import build
+    from rnnkit.training.checkpoint import load_checkpoint
+    explicit = build(cfg, torch.device("cpu"), extras=load_checkpoint(run / "last.pt")["task"], with_data=False)
+    explicit.model.load_state_dict(load_checkpoint(run / "last.pt")["model"])
+    explicit.model.eval()
+    assert isinstance(explicit.model.rnn, ExplicitRNN)
+    x = torch.randint(0, len(fused.vocab), (3, 20))
+    with torch.no_grad():
+        assert torch.allclose(fused.model(x)[0], explicit.model(x)[0], atol=1e-5)
+    # a run trained fused continues explicit (and back): only impl may change on resume
+    _lm(tmp_path, "fused", ["train.max_steps=14", "model.num_layers=2", "model.impl=explicit"], resume=True)
+    assert load_checkpoint(run / "last.pt")["progress"]["step"] == 14
+    assert isinstance(load_task(run / "last.pt", "cpu").model.rnn, ExplicitRNN)
+
+
+@pytest.mark.parametrize("key", ["layer_norm=true", "recurrent_dropout=0.2", "residual=true"])
+def test_extras_need_the_explicit_implementation(tmp_path, key):
+    path = write_yaml(tmp_path / "c.yaml", tiny_lm_config(tmp_path))
+    name = key.split("=")[0]
+    with pytest.raises(ConfigError, match=f"model.{name}: needs model.impl: explicit"):
+        load_config(path, [f"model.{key}", "model.num_layers=2"])
+    load_config(path, [f"model.{key}", "model.num_layers=2", "model.impl=explicit"])
+    with pytest.raises(ConfigError, match="model.residual: connects stacked layers"):
+        load_config(path, ["model.residual=true", "model.impl=explicit", "model.num_layers=1"])

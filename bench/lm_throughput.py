@@ -51,15 +51,16 @@ def raw_loop(stream: torch.Tensor, vocab: int, device: torch.device, warmup: int
     return steps * BATCH * BPTT / (time.perf_counter() - start)
 
 
-def rnnkit_loop(device: torch.device, warmup: int, steps: int, run_dir: Path) -> float:
-    """rnnkit's Trainer on the same shapes; tokens/s between logged steps ``warmup`` and the end."""
+def rnnkit_loop(device: torch.device, warmup: int, steps: int, run_dir: Path, extra: list[str] = ()) -> float:
+    """rnnkit's Trainer on the same shapes (``extra``: more --set overrides); tokens/s between
+    logged steps ``warmup`` and the end."""
     from rnnkit.config import load_config
     from rnnkit.runs import prepare_trainer
 
     overrides = [f"run_dir={run_dir}", f"train.max_steps={warmup + steps}", "train.log_every=1",
                  "train.eval_every=100000", "train.max_time=null", "train.lr_schedule=constant",
                  "train.warmup_steps=0", "model.dropout=0.0", f"train.device={device}",
-                 f"data.path={CORPUS}"]
+                 f"data.path={CORPUS}", *extra]
     cfg = load_config(ROOT / "configs" / "char_lm.yaml", overrides)
     trainer = prepare_trainer(cfg)
     trainer.task.evaluate = lambda: {"loss": 0.0}   # evaluation is not training throughput

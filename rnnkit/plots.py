@@ -30,14 +30,7 @@ def save_attention_plots(translations: Sequence, directory: Path) -> int:
     return written
 
 
-def save_gradient_flow_plot(curves: Mapping[str, object], path: Path, title: str = "gradient flow") -> None:
-    """Gradient-flow curves (``rnnkit.gradient_flow.GradientFlow``) on one log-scale figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+def _draw_gradient_flow(ax, curves: Mapping[str, object], title: str) -> None:
     for name, flow in curves.items():
         points = [(d, n) for d, n in zip(flow.distances, flow.norms) if n > 0]
         if points:
@@ -46,8 +39,26 @@ def save_gradient_flow_plot(curves: Mapping[str, object], path: Path, title: str
     ax.set_ylabel("||dL/dh_t|| (mean over the batch)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
+
+
+def save_gradient_flow_panels(panels: Mapping[str, Mapping[str, object]], path: Path) -> None:
+    """One log-scale panel per title, each overlaying its gradient-flow curves
+    (``rnnkit.gradient_flow.GradientFlow``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
+    for ax, (title, curves) in zip(axes[0], panels.items()):
+        _draw_gradient_flow(ax, curves, title)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def save_gradient_flow_plot(curves: Mapping[str, object], path: Path, title: str = "gradient flow") -> None:
+    """Gradient-flow curves on one log-scale figure."""
+    save_gradient_flow_panels({title: curves}, path)

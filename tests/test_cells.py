@@ -197,3 +197,24 @@ def test_extras_need_the_explicit_implementation(tmp_path, key):
     load_config(path, [f"model.{key}", "model.num_layers=2", "model.impl=explicit"])
     with pytest.raises(ConfigError, match="model.residual: connects stacked layers"):
         load_config(path, ["model.residual=true", "model.impl=explicit", "model.num_layers=1"])
+
+
+def test_translation_with_explicit_layer_norm_and_recurrent_dropout_trains(tmp_path):
+    import json
+
+    from rnnkit.tasks.translation import build_model
+    from tests.test_translation_task import train as train_translation
+    extras = {"impl": "explicit", "layer_norm": True, "recurrent_dropout": 0.2}
+    ckpt = train_translation(tmp_path, model={"init_range": 0.1,
+                                              "encoder": {"cell": "lstm", "hidden_size": 16, **extras},
+                                              "decoder": {"cell": "gru", "hidden_size": 32, **extras}},
+                             train={"max_steps": 30, "log_every": 5, "eval_every": 30, "lr": 0.01})
+    losses = [json.loads(x)["loss"] for x in (ckpt.parent / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["kind"] == "train"]
+    assert losses[-1] < losses[0] - 0.5
+    cfg = load_config(ckpt.parent / "config.yaml")
+    model = build_model(cfg, 50, 60)
+    gains = [p for name, p in model.named_parameters() if ".ln_" in name and "bias" not in name]
+    assert gains and all(torch.all(g == 1) for g in gains)   # init_range leaves layer norm alone
+    translated = load_task(ckpt, "cpu").translate(["the cat sees the dog", ""], beam=3)
+    assert len(translated) == 2 and translated[1].text == ""

@@ -16,9 +16,10 @@ between the two implementations with its weights. For input x_t and previous sta
 
 On top:
 
-- ``layer_norm`` (Ba et al. 2016): W_ih x_t and W_hh h are normalised per gate (each
-  gate's H units, a learned gain per unit, ``ln_ih_l0``/``ln_hh_l0``) before the biases
-  are added; an LSTM also normalises c' before its tanh (``ln_c_weight_l0``, ``ln_c_bias_l0``).
+- ``layer_norm`` (Ba et al. 2016, as in their LSTM equations): W_ih x_t and W_hh h are
+  each layer-normalised over all their gate units, with a learned gain per unit
+  (``ln_ih_l0``, ``ln_hh_l0``), before the biases are added; an LSTM also normalises c'
+  before its tanh (``ln_c_weight_l0``, ``ln_c_bias_l0``).
 - ``recurrent_dropout`` (Gal and Ghahramani 2016): in training, the state entering W_hh h
   is multiplied by one dropout mask per sequence, the same at every time step.
 - ``residual``: layers above the first add their input to their output (equal widths).
@@ -75,11 +76,9 @@ class _DeferredWeightGrad(torch.autograd.Function):
         return grad.t().mm(states.to(grad.dtype)), None, None
 
 
-def _gate_norm(x: torch.Tensor, gain: torch.Tensor, gates: int) -> torch.Tensor:
-    """Layer-normalise each gate's block of ``x`` (..., gates * H), then scale by ``gain``."""
-    shape = x.shape
-    x = x.reshape(*shape[:-1], gates, shape[-1] // gates)
-    return F.layer_norm(x, x.shape[-1:]).reshape(shape) * gain
+def _norm(x: torch.Tensor, gain: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Layer norm over the last dimension, with a learned gain (and a bias) per unit."""
+    return F.layer_norm(x, x.shape[-1:], gain, bias)
 
 
 class ExplicitRNN(nn.Module):
@@ -152,7 +151,7 @@ class ExplicitRNN(nn.Module):
         bias = p.b_ih if self.cell == "gru" else p.b_ih + p.b_hh
         if p.ln is None:
             return F.linear(x, p.w_ih, bias)
-        return _gate_norm(F.linear(x, p.w_ih), p.ln[0], GATES[self.cell]) + bias
+        return _norm(F.linear(x, p.w_ih), p.ln[0], bias)
 
     def _cell(self, gi: torch.Tensor, state: State, p: _Layer, mask: torch.Tensor | None,
               zeros: torch.Tensor | None) -> State:
@@ -164,7 +163,7 @@ class ExplicitRNN(nn.Module):
             p.inputs.append(hr.detach())
         if self.cell == "gru":
             gh = F.linear(hr, p.w_hh) if zeros is None else torch.addmm(zeros, hr, p.w_hh.t())
-            gh = (gh if p.ln is None else _gate_norm(gh, p.ln[1], 3)) + p.b_hh
+            gh = gh + p.b_hh if p.ln is None else _norm(gh, p.ln[1], p.b_hh)
             r_x, z_x, n_x = gi.chunk(3, 1)
             r_h, z_h, n_h = gh.chunk(3, 1)
             r = torch.sigmoid(r_x + r_h)
@@ -175,7 +174,7 @@ class ExplicitRNN(nn.Module):
             gates = torch.addmm(gi, hr, p.w_hh.t())
         else:
             gh = F.linear(hr, p.w_hh) if zeros is None else torch.addmm(zeros, hr, p.w_hh.t())
-            gates = gi + _gate_norm(gh, p.ln[1], GATES[self.cell])
+            gates = gi + _norm(gh, p.ln[1])
         if self.cell == "rnn_tanh":
             return torch.tanh(gates)
         if self.cell == "rnn_relu":

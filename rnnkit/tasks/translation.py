@@ -94,8 +94,9 @@ def build_model(cfg: Config, src_vocab: int, tgt_vocab: int) -> Seq2Seq:
     model = Seq2Seq(encoder, bridge, decoder)
     if m.init_range is not None:
         with torch.no_grad():
-            for p in model.parameters():
-                p.uniform_(-m.init_range, m.init_range)
+            for name, p in model.named_parameters():
+                if ".ln_" not in name:   # layer-norm gains and biases keep their 1 and 0
+                    p.uniform_(-m.init_range, m.init_range)
             encoder.embedding.weight[0].zero_()   # the padding rows stay zero
             decoder.embedding.weight[0].zero_()
     return model

@@ -237,9 +237,11 @@ def _print_results(results: dict, as_json: bool) -> None:
         return
     from rich.table import Table
 
+    from rnnkit.training.trainer import format_number
+
     table = Table(show_header=False)
     for k, v in results.items():
-        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+        table.add_row(k, format_number(v) if isinstance(v, float) else str(v))
     Console().print(table)
 
 

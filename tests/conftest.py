@@ -29,6 +29,23 @@ def tiny_lm_config(tmp_path: Path, **sections) -> dict:
     return cfg
 
 
+def overfit_tiny_batch(model, vocab: int = 12, steps: int = 300) -> float:
+    """Train a language model on one fixed random batch; returns the final loss."""
+    import torch
+    import torch.nn.functional as F
+
+    x, y = torch.randint(0, vocab, (4, 12)), torch.randint(0, vocab, (4, 12))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(steps):
+        logits, _ = model(x)
+        loss = F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+    return loss.item()
+
+
 def write_yaml(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path

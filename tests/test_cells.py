@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from rnnkit.config import ConfigError, load_config
@@ -12,7 +11,7 @@ from rnnkit.models.language_model import RNNLanguageModel
 from rnnkit.models.rnn import make_rnn, rnn_step, step_masks
 from rnnkit.models.seq2seq import Bridge, Decoder, Encoder, Seq2Seq
 from rnnkit.runs import load_task, prepare_trainer
-from tests.conftest import tiny_lm_config, write_yaml
+from tests.conftest import overfit_tiny_batch, tiny_lm_config, write_yaml
 
 CELLS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
 
@@ -132,15 +131,8 @@ def test_layer_normalised_cells_learn_a_tiny_task(cell):
     model = RNNLanguageModel(12, cell, 16, 48, 2, 0.0, False,
                              {"impl": "explicit", "layer_norm": True, "residual": True})
     assert any("ln_hh" in name for name, _ in model.named_parameters())
-    x, y = torch.randint(0, 12, (4, 12)), torch.randint(0, 12, (4, 12))
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    for _ in range(200):
-        logits, _ = model(x)
-        loss = F.cross_entropy(logits.reshape(-1, 12), y.reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.1, f"layer-normalised {cell} did not learn: loss {loss.item():.3f}"
+    loss = overfit_tiny_batch(model, steps=200)
+    assert loss < 0.1, f"layer-normalised {cell} did not learn: loss {loss:.3f}"
 
 
 def test_residual_adds_each_upper_layers_input():

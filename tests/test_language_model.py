@@ -5,29 +5,18 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from rnnkit.config import load_config
 from rnnkit.models.language_model import RNNLanguageModel
 from rnnkit.runs import load_task, prepare_trainer
-from tests.conftest import tiny_lm_config, write_yaml
+from tests.conftest import overfit_tiny_batch, tiny_lm_config, write_yaml
 
 
 @pytest.mark.parametrize("cell", ["rnn_tanh", "rnn_relu", "lstm", "gru"])
 def test_every_cell_overfits_a_tiny_batch(cell):
     torch.manual_seed(0)
-    model = RNNLanguageModel(12, cell, 16, 48, 2, 0.0, tie_weights=False)
-    x = torch.randint(0, 12, (4, 12))
-    y = torch.randint(0, 12, (4, 12))
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    for _ in range(300):
-        logits, _ = model(x)
-        loss = F.cross_entropy(logits.reshape(-1, 12), y.reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        opt.step()
-    assert loss.item() < 0.05, f"{cell} did not overfit: loss {loss.item():.3f}"
+    loss = overfit_tiny_batch(RNNLanguageModel(12, cell, 16, 48, 2, 0.0, tie_weights=False))
+    assert loss < 0.05, f"{cell} did not overfit: loss {loss:.3f}"
 
 
 def test_tied_weights_share_one_matrix():

@@ -20,6 +20,11 @@ from rnnkit.training.checkpoint import load_checkpoint, save_checkpoint
 from rnnkit.training.schedules import LRSchedule
 
 
+def format_number(v: float) -> str:
+    """Four decimals, or four significant digits for values too small to show that way."""
+    return f"{v:.4f}" if not math.isfinite(v) or v == 0 or abs(v) >= 0.01 else f"{v:.4g}"
+
+
 class StepResult(NamedTuple):
     loss: torch.Tensor           # mean loss over the step's tokens, with a graph
     tokens: int                  # how many tokens the loss covers (for throughput)
@@ -284,7 +289,7 @@ class Trainer:
         table.add_column("value")
         for k, v in summary.items():
             if isinstance(v, float):
-                v = f"{v:.4f}" if math.isfinite(v) else str(v)
+                v = format_number(v)
             table.add_row(k, str(v))
         table.add_row("checkpoints", f"{self.run_dir / 'last.pt'}, {self.run_dir / 'best.pt'}")
         self.console.print(table)

@@ -158,14 +158,72 @@ def translate(
         err_console.print(f"wrote {written} attention plots to {attention_plots}")
 
 
+@app.command()
+def predict(
+    checkpoint: Path = typer.Argument(..., help="A tagging or classification checkpoint."),
+    input: Optional[Path] = typer.Option(None, "--input", "-i", help="One whitespace-tokenised sentence per line; "
+                                                                      "default stdin."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file; default stdout."),
+    probs: bool = typer.Option(False, "--probs", help="Classifiers: the label's probability after a tab."),
+    attention: bool = typer.Option(False, "--attention",
+                                   help="Classifiers with attention pooling: each word's weight, word:weight."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Sentences processed together."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Tag or classify sentences: exactly one output line per input line, in order (an empty line
+    gives an empty line): the tags separated by spaces, or the label. Streams batch by batch.
+
+    Example:  rnnkit predict runs/tagger_upos/best.pt < sentences.txt > tags.txt
+    """
+    from rnnkit.runs import load_task
+
+    with user_errors():
+        task = load_task(checkpoint, device)
+        if task.cfg.task not in ("tagging", "classification"):
+            raise CheckpointError(f"{checkpoint}: a '{task.cfg.task}' checkpoint cannot predict; "
+                                  f"predict takes tagging and classification models")
+        if attention and getattr(task.cfg.model, "pooling", None) != "attention":
+            _bad_option("--attention needs a classifier with model.pooling: attention")
+        extra = {"attention": attention} if task.cfg.task == "classification" else {}
+        if input is not None and not input.is_file():
+            raise DataError(f"--input: file not found: {input}")
+        source = open(input, encoding="utf-8") if input is not None else sys.stdin
+        sink = open(output, "w", encoding="utf-8") if output is not None else sys.stdout
+        try:
+            for lines in _chunks(source, batch_size * 16):
+                sink.write("".join(line + "\n" for line in task.predict(lines, batch_size, probs, **extra)))
+                sink.flush()
+        except UnicodeDecodeError:
+            raise DataError(f"{input or 'stdin'}: input is not valid UTF-8") from None
+        finally:
+            if input is not None:
+                source.close()
+            if output is not None:
+                sink.close()
+
+
+def _chunks(stream, size: int) -> Iterator[list[str]]:
+    """Lines without their line ends, ``size`` at a time."""
+    chunk: list[str] = []
+    for line in stream:
+        chunk.append(line.rstrip("\n").rstrip("\r"))
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 @app.command("eval")
 def evaluate(
     checkpoint: Path = typer.Argument(..., help="A checkpoint (last.pt or best.pt)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Language models: a text file to score."),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="A file to score: text for language models, tagged sentences (the config's format) "
+                             "for taggers, label<TAB>text lines for classifiers."),
     src: Optional[Path] = typer.Option(None, "--src", help="Translation: source sentences."),
     ref: Optional[Path] = typer.Option(None, "--ref", help="Translation: reference translations, line-aligned."),
     beam: int = typer.Option(1, "--beam", "-b", min=1, help="Translation: beam size (1 is greedy)."),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Translation: sentences decoded together."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Sentences processed together."),
     gradient_flow: bool = typer.Option(
         False, "--gradient-flow",
         help="Instead: the norm of the loss's gradient with respect to the hidden state at every time step, "
@@ -175,8 +233,10 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
-    """Score a checkpoint: LMs on --data (loss, perplexity, bits/char); translation on --src/--ref
-    (BLEU, chrF, perplexity); adding and copy on their test set, beside the baseline.
+    """Score a checkpoint: LMs on --data (loss, perplexity, bits/char); taggers on --data (token
+    accuracy; span precision, recall and F1 per type for BIO/BIOES tags); classifiers on --data
+    (accuracy, macro-F1, confusion matrix); translation on --src/--ref (BLEU, chrF, perplexity);
+    adding and copy on their test set, beside the baseline.
 
     Example:  rnnkit eval runs/en_fr/best.pt --src test.en --ref test.fr --beam 5 --json
     Example:  rnnkit eval runs/adding/best.pt --gradient-flow --plot flow.png
@@ -194,12 +254,13 @@ def evaluate(
                 raise CheckpointError(f"{checkpoint}: task '{kind}' does not measure gradient flow")
             _print_gradient_flow(task.gradient_flow(), plot, f"{kind}, {checkpoint}", as_json)
             return
-        if kind == "lm":
+        if kind in ("lm", "tagging", "classification"):
             if data is None:
-                _bad_option("--data FILE is required to evaluate a language model")
+                _bad_option(f"--data FILE is required to evaluate a '{kind}' model")
             if not data.is_file():
                 raise DataError(f"--data: file not found: {data}")
-            results = task.evaluate_text(read_text(str(data)))
+            results = task.evaluate_text(read_text(str(data))) if kind == "lm" \
+                else task.evaluate_file(str(data), batch_size)
         elif kind == "translation":
             if src is None or ref is None:
                 _bad_option("--src FILE and --ref FILE are required to evaluate a translation model")
@@ -241,7 +302,15 @@ def _print_results(results: dict, as_json: bool) -> None:
 
     table = Table(show_header=False)
     for k, v in results.items():
-        table.add_row(k, format_number(v) if isinstance(v, float) else str(v))
+        if isinstance(v, dict):     # per-type scores: one row each
+            for name, scores in v.items():
+                shown = "  ".join(f"{m}={format_number(x) if isinstance(x, float) else x}" for m, x in scores.items())
+                table.add_row(f"{k}: {name}", shown)
+        elif k == "confusion":
+            table.add_row("confusion (rows: gold, columns: predicted)",
+                          "\n".join(" ".join(f"{n:>6}" for n in row) for row in v))
+        else:
+            table.add_row(k, format_number(v) if isinstance(v, float) else str(v))
     Console().print(table)
 
 

@@ -13,6 +13,8 @@ _MODULES = {
     "translation": "rnnkit.tasks.translation",
     "adding": "rnnkit.tasks.adding",
     "copy": "rnnkit.tasks.copying",
+    "tagging": "rnnkit.tasks.tagging",
+    "classification": "rnnkit.tasks.classification",
 }
 
 

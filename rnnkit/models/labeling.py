@@ -1,0 +1,134 @@
+"""Bidirectional recurrent encoders that label: a tag per word, a label per sentence.
+
+Sentences arrive padded (id 0) with their lengths and are packed before the recurrent
+layer, so padding never reaches a state. A word may also be read letter by letter: a
+character-level bidirectional LSTM turns its spelling into a vector, which gives unseen
+and rare words a representation of their own.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from rnnkit.models.crf import CRF
+from rnnkit.models.rnn import make_rnn
+
+
+def length_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, width) True on each row's first ``length`` positions."""
+    return torch.arange(width, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
+
+
+class SentenceEncoder(nn.Module):
+    """Word vectors (B, L, D) -> packed bidirectional recurrent layer -> states (B, L, 2H)."""
+
+    def __init__(self, input_size: int, cell: str, hidden_size: int, num_layers: int, dropout: float,
+                 rnn_options: dict | None = None):
+        super().__init__()
+        self.rnn = make_rnn(cell, input_size, hidden_size, num_layers, dropout, True, **(rnn_options or {}))
+        self.output_size = 2 * hidden_size
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor):
+        """-> states (B, L, 2H) (zero on padding) and the top layer's final states (B, 2H)."""
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, final = self.rnn(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.size(1))
+        h = final[0] if isinstance(final, tuple) else final
+        return out, torch.cat([h[-2], h[-1]], -1)     # forward's last token, backward's first
+
+
+class CharEncoder(nn.Module):
+    """Each word's characters -> a bidirectional LSTM -> its two final states, concatenated."""
+
+    def __init__(self, num_chars: int, embedding_dim: int, hidden_size: int):
+        super().__init__()
+        self.embedding = nn.Embedding(num_chars, embedding_dim, padding_idx=0)
+        self.rnn = nn.LSTM(embedding_dim, hidden_size, batch_first=True, bidirectional=True)
+        self.output_size = 2 * hidden_size
+
+    def forward(self, chars: torch.Tensor, char_lengths: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``chars`` (B, L, C), ``char_lengths`` (B, L) -> (B, L, 2H); only real words are read."""
+        words, lengths = chars[mask], char_lengths[mask]
+        packed = pack_padded_sequence(self.embedding(words), lengths.cpu(), batch_first=True, enforce_sorted=False)
+        _, (h, _) = self.rnn(packed)
+        out = chars.new_zeros(*mask.shape, self.output_size, dtype=h.dtype)
+        out[mask] = torch.cat([h[0], h[1]], -1)
+        return out
+
+
+class Tagger(nn.Module):
+    """Word embeddings (+ character vectors) -> bidirectional RNN -> a score per tag per word,
+    read by a softmax per word or by a linear-chain CRF."""
+
+    def __init__(self, num_words: int, num_tags: int, embedding_dim: int, cell: str, hidden_size: int,
+                 num_layers: int, dropout: float, chars: tuple[int, int, int] | None, crf: bool,
+                 rnn_options: dict | None = None):
+        super().__init__()
+        self.embedding = nn.Embedding(num_words, embedding_dim, padding_idx=0)
+        self.chars = CharEncoder(*chars) if chars else None
+        width = embedding_dim + (self.chars.output_size if self.chars else 0)
+        self.encoder = SentenceEncoder(width, cell, hidden_size, num_layers, dropout, rnn_options)
+        self.dropout = nn.Dropout(dropout)
+        self.output = nn.Linear(self.encoder.output_size, num_tags)
+        self.crf = CRF(num_tags) if crf else None
+
+    def forward(self, words, lengths, chars=None, char_lengths=None) -> torch.Tensor:
+        """Tag scores (B, L, T)."""
+        mask = length_mask(lengths, words.size(1))
+        x = self.embedding(words)
+        if self.chars is not None:
+            x = torch.cat([x, self.chars(chars, char_lengths, mask)], -1)
+        states, _ = self.encoder(self.dropout(x), lengths)
+        return self.output(self.dropout(states))
+
+    def loss(self, scores: torch.Tensor, tags: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Mean loss per word: cross-entropy, or the CRF's negative log-likelihood."""
+        mask = length_mask(lengths, tags.size(1))
+        if self.crf is not None:
+            return self.crf.nll(scores, tags, mask).sum() / mask.sum()
+        return F.cross_entropy(scores[mask].float(), tags[mask])
+
+    def decode(self, scores: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
+        if self.crf is not None:
+            return self.crf.decode(scores, length_mask(lengths, scores.size(1)))
+        best = scores.argmax(-1).tolist()
+        return [row[:n] for row, n in zip(best, lengths.tolist())]
+
+
+class SentenceClassifier(nn.Module):
+    """Word embeddings -> bidirectional RNN -> pooled over words -> a score per label.
+
+    Pooling: ``final`` (the forward direction's last state and the backward's first),
+    ``mean`` or ``max`` over the words, or ``attention`` (a learned weighted mean whose
+    weights can be shown per word)."""
+
+    def __init__(self, num_words: int, num_labels: int, embedding_dim: int, cell: str, hidden_size: int,
+                 num_layers: int, dropout: float, pooling: str, rnn_options: dict | None = None):
+        super().__init__()
+        self.embedding = nn.Embedding(num_words, embedding_dim, padding_idx=0)
+        self.encoder = SentenceEncoder(embedding_dim, cell, hidden_size, num_layers, dropout, rnn_options)
+        self.dropout = nn.Dropout(dropout)
+        self.pooling = pooling
+        size = self.encoder.output_size
+        self.attention = nn.Sequential(nn.Linear(size, size), nn.Tanh(), nn.Linear(size, 1, bias=False)) \
+            if pooling == "attention" else None
+        self.output = nn.Linear(size, num_labels)
+
+    def forward(self, words: torch.Tensor, lengths: torch.Tensor):
+        """-> label scores (B, C) and, with attention pooling, the weights (B, L) (else None)."""
+        mask = length_mask(lengths, words.size(1))
+        states, final = self.encoder(self.dropout(self.embedding(words)), lengths)
+        weights = None
+        if self.pooling == "final":
+            pooled = final
+        elif self.pooling == "mean":
+            pooled = states.sum(1) / lengths.unsqueeze(1).to(states.dtype)
+        elif self.pooling == "max":
+            pooled = states.masked_fill(~mask.unsqueeze(-1), float("-inf")).max(1).values
+        else:
+            scores = self.attention(states).squeeze(-1).masked_fill(~mask, float("-inf"))
+            weights = torch.softmax(scores.float(), -1)
+            pooled = torch.bmm(weights.unsqueeze(1).to(states.dtype), states).squeeze(1)
+        return self.output(self.dropout(pooled)), weights

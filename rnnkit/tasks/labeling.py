@@ -1,0 +1,76 @@
+"""What the tagging and classification tasks share: vocabularies built from the training
+split, length-bucketed batches, word dropout, and batched prediction over raw lines."""
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from rnnkit.config import Config, ConfigError, require_file
+from rnnkit.data.parallel import length_batches, pad
+from rnnkit.data.vocab import PAD, UNK, Vocab
+
+SPECIALS = [PAD, UNK]    # padding is id 0, unknown id 1
+
+
+def check_files(cfg: Config, metrics: tuple[str, ...]) -> None:
+    if cfg.train.metric not in metrics:
+        raise ConfigError("train.metric", f"expected one of {', '.join(metrics)} for task '{cfg.task}', "
+                                          f"got {cfg.train.metric!r}")
+    require_file("data.train", cfg.data.train)
+    require_file("data.valid", cfg.data.valid)
+    for key in ("train_range", "valid_range"):
+        span = getattr(cfg.data, key, None)
+        if span is not None and (len(span) != 2 or span[0] < 0 or span[1] <= span[0]):
+            raise ConfigError(f"data.{key}", f"expected [first, last) with 0 <= first < last, got {span!r}")
+
+
+def word_vocab(sentences: Iterable[Sequence[str]], min_freq: int, max_size: int | None) -> Vocab:
+    return Vocab.build((w for s in sentences for w in s), list(SPECIALS), min_freq, max_size)
+
+
+def label_list(labels: Iterable[str]) -> list[str]:
+    """The label set in first-seen order."""
+    return list(dict.fromkeys(labels))
+
+
+def drop_words(words: torch.Tensor, p: float) -> torch.Tensor:
+    """Word dropout: each real word becomes <unk> with probability ``p`` (training only), so
+    the model learns what to do with words it has never seen."""
+    if p <= 0:
+        return words
+    drop = (torch.rand(words.shape, device=words.device) < p) & (words != 0)
+    return words.masked_fill(drop, 1)
+
+
+class LabelingTask:
+    """Batches of encoded sentences; subclasses give ``encode``, ``collate``, ``loss``,
+    ``predict_batch`` and ``score``."""
+
+    def __init__(self, cfg: Config, device: torch.device):
+        self.cfg, self.device = cfg, device
+
+    def train_batches(self, epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch)
+        return length_batches([len(x[0]) for x in self.train_set], self.cfg.train.batch_size, None, g)
+
+    def train_step(self, indices: list[int], index: int, step: int):
+        from rnnkit.training.trainer import StepResult
+        batch = self.collate([self.train_set[i] for i in indices])
+        loss = self.loss(batch, training=True)
+        return StepResult(loss, int(batch["lengths"].sum()))
+
+    def train_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_train_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def batches_in_order(self, items: list, batch_size: int):
+        """Batches of similar length; yields (positions in ``items``, collated batch)."""
+        for indices in length_batches([len(x[0]) for x in items], batch_size, None):
+            yield indices, self.collate([items[i] for i in indices])
+
+    @staticmethod
+    def pad_words(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        return pad(seqs)

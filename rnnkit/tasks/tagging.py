@@ -1,0 +1,172 @@
+"""Sequence labeling: a tag for every word (part of speech, named entities) with a
+bidirectional RNN, an optional character-level word encoder and a softmax or CRF output."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Sequence
+
+import torch
+
+from rnnkit.config import Config, RecurrentConfig, check_recurrent, num, recurrent_options
+from rnnkit.data.labeled import read_tagged, select
+from rnnkit.data.vocab import PAD, UNK, Vocab
+from rnnkit.models.labeling import Tagger
+from rnnkit.spans import is_span_scheme, span_scores
+from rnnkit.tasks.labeling import LabelingTask, check_files, drop_words, label_list, word_vocab
+
+METRICS = ("valid_loss", "valid_accuracy", "valid_f1")
+
+
+@dataclass
+class DataConfig:
+    format: Literal["conllu", "columns"] = "conllu"   # columns: tab/space separated, '#' comments
+    train: Optional[str] = None
+    valid: Optional[str] = None
+    train_range: Optional[list[int]] = None           # [first, last) sentences of the file; null: all
+    valid_range: Optional[list[int]] = None
+    token_column: int = num(2, 1)                     # columns count from 1 (CoNLL-U: 2 is FORM)
+    tag_column: int = num(4, 1)                       # CoNLL-U: 4 is UPOS, 5 XPOS
+    min_freq: int = num(1, 1)                         # rarer training words become <unk>
+    max_vocab: Optional[int] = num(None, 3)
+    max_word_length: int = num(30, 1)                 # characters the character encoder reads per word
+
+
+@dataclass
+class ModelConfig(RecurrentConfig):
+    embedding_dim: int = num(100, 1)
+    hidden_size: int = num(200, 1)                    # per direction
+    num_layers: int = num(2, 1)
+    dropout: float = num(0.33, 0, 1, hi_open=True)    # on inputs, between layers, before the output
+    word_dropout: float = num(0.0, 0, 1, hi_open=True)   # training words replaced by <unk>
+    char_encoder: bool = True                         # build a vector from each word's letters
+    char_embedding_dim: int = num(30, 1)
+    char_hidden_size: int = num(50, 1)                # per direction
+    output: Literal["softmax", "crf"] = "softmax"
+
+
+def check_config(cfg: Config) -> None:
+    check_recurrent(cfg.model, "model")
+    check_files(cfg, METRICS)
+
+
+Encoded = tuple[list[int], list[list[int]], list[int]]   # word ids, character ids per word, tag ids
+
+
+class TaggingTask(LabelingTask):
+    def __init__(self, cfg: Config, device: torch.device, extras: dict[str, Any] | None = None,
+                 with_data: bool = True):
+        super().__init__(cfg, device)
+        d, m = cfg.data, cfg.model
+        train = self.read(d.train, d.train_range, "data.train_range") if with_data else []
+        if extras is None:
+            self.words = word_vocab((s.tokens for s in train), d.min_freq, d.max_vocab)
+            self.chars = Vocab([PAD, UNK] + label_list(c for s in train for w in s.tokens for c in w))
+            self.tags = label_list(t for s in train for t in s.tags)
+        else:
+            self.words, self.chars, self.tags = Vocab(extras["words"]), Vocab(extras["chars"]), list(extras["tags"])
+        self.tag_index = {t: i for i, t in enumerate(self.tags)}
+        self.spans = is_span_scheme(self.tags)
+        chars = (len(self.chars), m.char_embedding_dim, m.char_hidden_size) if m.char_encoder else None
+        self.model = Tagger(len(self.words), len(self.tags), m.embedding_dim, m.cell, m.hidden_size, m.num_layers,
+                            m.dropout, chars, m.output == "crf", recurrent_options(m)).to(device)
+        if with_data:
+            self.train_set = [self.encode(s.tokens, s.tags) for s in train]
+            self.valid = self.read(d.valid, d.valid_range, "data.valid_range")
+
+    def read(self, path: str, span: list[int] | None = None, key: str = "") -> list:
+        d = self.cfg.data
+        return select(read_tagged(path, d.format, d.token_column, d.tag_column), span, key, path)
+
+    def extras(self) -> dict[str, Any]:
+        return {"words": self.words.itos, "chars": self.chars.itos, "tags": self.tags}
+
+    def encode(self, tokens: Sequence[str], tags: Sequence[str] | None = None) -> Encoded:
+        """Ids; a tag the training data never showed gets -1 (it counts as wrong, not in the loss)."""
+        limit = self.cfg.data.max_word_length
+        chars = [self.chars.encode(w[:limit]) for w in tokens]
+        tag_ids = [self.tag_index.get(t, -1) for t in tags] if tags is not None else [0] * len(tokens)
+        return self.words.encode(tokens), chars, tag_ids
+
+    def collate(self, items: list[Encoded]) -> dict[str, torch.Tensor]:
+        words, lengths = self.pad_words([x[0] for x in items])
+        width = max(len(c) for x in items for c in x[1])
+        chars = torch.zeros(len(items), words.size(1), width, dtype=torch.long)
+        char_lengths = torch.ones(len(items), words.size(1), dtype=torch.long)
+        tags = torch.zeros_like(words)
+        for i, (_, cs, ts) in enumerate(items):
+            for j, c in enumerate(cs):
+                chars[i, j, : len(c)] = torch.as_tensor(c)
+                char_lengths[i, j] = len(c)
+            tags[i, : len(ts)] = torch.as_tensor(ts)
+        batch = {"words": words, "lengths": lengths, "chars": chars, "char_lengths": char_lengths, "tags": tags}
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def scores(self, batch: dict[str, torch.Tensor], training: bool = False) -> torch.Tensor:
+        words = drop_words(batch["words"], self.cfg.model.word_dropout) if training else batch["words"]
+        return self.model(words, batch["lengths"], batch["chars"], batch["char_lengths"])
+
+    def loss(self, batch: dict[str, torch.Tensor], training: bool = False) -> torch.Tensor:
+        return self.model.loss(self.scores(batch, training), batch["tags"].clamp(min=0), batch["lengths"])
+
+    # ------------------------------------------------------------------ evaluation and inference
+    @torch.no_grad()
+    def predict_encoded(self, items: list[Encoded], batch_size: int) -> tuple[list[list[str]], float, int]:
+        """Tags for encoded sentences, in order, and the loss over those whose tags are all known."""
+        was_training = self.model.training
+        self.model.eval()
+        out: list[list[str]] = [[] for _ in items]
+        total, counted = 0.0, 0
+        for indices, batch in self.batches_in_order(items, batch_size):
+            scores = self.scores(batch)
+            for i, path in zip(indices, self.model.decode(scores, batch["lengths"])):
+                out[i] = [self.tags[t] for t in path]
+            known = [k for k, i in enumerate(indices) if min(items[i][2], default=0) >= 0]
+            if known:
+                sel = torch.as_tensor(known, device=self.device)
+                n = int(batch["lengths"][sel].sum())
+                total += self.model.loss(scores[sel], batch["tags"][sel], batch["lengths"][sel]).item() * n
+                counted += n
+        self.model.train(was_training)
+        return out, total, counted
+
+    def score(self, sentences: list, batch_size: int) -> dict[str, Any]:
+        """Loss, token accuracy and, for BIO/BIOES tag sets, span precision/recall/F1."""
+        items = [self.encode(s.tokens, s.tags) for s in sentences]
+        pred, total, counted = self.predict_encoded(items, batch_size)
+        gold = [s.tags for s in sentences]
+        tokens = sum(len(g) for g in gold)
+        correct = sum(p == g for ps, gs in zip(pred, gold) for p, g in zip(ps, gs))
+        out: dict[str, Any] = {"loss": total / max(1, counted), "accuracy": correct / tokens}
+        if self.spans:
+            scores = span_scores(gold, pred)
+            overall = scores.pop("overall")
+            out.update(precision=overall["precision"], recall=overall["recall"], f1=overall["f1"])
+            out["per_type"] = scores
+        return out
+
+    def evaluate(self) -> dict[str, float]:
+        results = self.score(self.valid, self.cfg.train.eval_batch_size)
+        results.pop("per_type", None)
+        if "f1" not in results:
+            results["f1"] = results["accuracy"]    # one number to select on for any tag set
+        return results
+
+    def evaluate_file(self, path: str, batch_size: int) -> dict[str, Any]:
+        sentences = self.read(path)
+        return {**self.score(sentences, batch_size), "sentences": len(sentences),
+                "tokens": sum(len(s.tokens) for s in sentences)}
+
+    def predict(self, lines: list[str], batch_size: int, probs: bool = False) -> list[str]:
+        """One line of space-separated tags per line of space-separated words."""
+        items = [self.encode(line.split()) for line in lines]
+        todo = [i for i, x in enumerate(items) if x[0]]
+        tags, _, _ = self.predict_encoded([items[i] for i in todo], batch_size)
+        out = [""] * len(lines)
+        for i, t in zip(todo, tags):
+            out[i] = " ".join(t)
+        return out
+
+
+def build(cfg: Config, device: torch.device, extras: dict[str, Any] | None = None,
+          with_data: bool = True) -> TaggingTask:
+    return TaggingTask(cfg, device, extras, with_data)

@@ -18,7 +18,7 @@ def trained(tmp_path, lm_config_file):
     return tmp_path / "run"
 
 
-@pytest.mark.parametrize("command", ["train", "generate", "translate", "eval"])
+@pytest.mark.parametrize("command", ["train", "generate", "translate", "eval", "predict"])
 def test_every_command_has_help_with_an_example(command):
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0

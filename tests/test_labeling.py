@@ -100,11 +100,14 @@ def test_column_file_reports_short_lines(tmp_path):
 def test_char_encoder_gives_unseen_words_vectors_of_their_own():
     torch.manual_seed(0)
     enc = CharEncoder(10, 4, 5)
-    chars = torch.tensor([[[2, 3, 4], [5, 6, 0], [5, 6, 0]]])
-    lengths = torch.tensor([[3, 2, 2]])
-    out = enc(chars, lengths, torch.tensor([[True, True, True]]))
+    chars = torch.tensor([[[2, 3, 4], [5, 6, 0], [5, 6, 0]]])   # 3 words, none in any word vocabulary
+    out = enc(chars, torch.tensor([[True, True, True]]))
     assert out.shape == (1, 3, 10)
     assert not torch.allclose(out[0, 0], out[0, 1]) and torch.allclose(out[0, 1], out[0, 2])
+    with torch.no_grad():   # each final state is read at the word's own last character
+        x = enc.embedding(torch.tensor([[5, 6]]))
+        expected = torch.cat([enc.forward_rnn(x)[0][0, -1], enc.backward_rnn(x.flip(1))[0][0, -1]])
+    assert torch.allclose(out[0, 1], expected, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------- tasks end to end

@@ -40,21 +40,33 @@ class SentenceEncoder(nn.Module):
 
 
 class CharEncoder(nn.Module):
-    """Each word's characters -> a bidirectional LSTM -> its two final states, concatenated."""
+    """Each distinct word's characters -> a forward and a backward LSTM -> their final states.
+
+    The backward LSTM reads each word reversed within its own length, so both run on plain
+    padded batches (the fused kernels' fast path, no packing) and each final state is read
+    at the word's own last character."""
 
     def __init__(self, num_chars: int, embedding_dim: int, hidden_size: int):
         super().__init__()
         self.embedding = nn.Embedding(num_chars, embedding_dim, padding_idx=0)
-        self.rnn = nn.LSTM(embedding_dim, hidden_size, batch_first=True, bidirectional=True)
+        self.forward_rnn = nn.LSTM(embedding_dim, hidden_size, batch_first=True)
+        self.backward_rnn = nn.LSTM(embedding_dim, hidden_size, batch_first=True)
         self.output_size = 2 * hidden_size
 
-    def forward(self, chars: torch.Tensor, char_lengths: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``chars`` (B, L, C), ``char_lengths`` (B, L) -> (B, L, 2H); only real words are read."""
-        words, lengths = chars[mask], char_lengths[mask]
-        packed = pack_padded_sequence(self.embedding(words), lengths.cpu(), batch_first=True, enforce_sorted=False)
-        _, (h, _) = self.rnn(packed)
-        out = chars.new_zeros(*mask.shape, self.output_size, dtype=h.dtype)
-        out[mask] = torch.cat([h[0], h[1]], -1)
+    def forward(self, chars: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``chars`` (B, L, C) character ids, 0 after each word's end -> (B, L, 2H); only real
+        words (``mask``) are read, each distinct spelling once."""
+        spellings, which = torch.unique(chars[mask], dim=0, return_inverse=True)
+        lengths = (spellings != 0).sum(1).clamp(min=1)
+        steps = torch.arange(spellings.size(1), device=chars.device).unsqueeze(0)
+        reverse = torch.where(steps < lengths.unsqueeze(1), lengths.unsqueeze(1) - 1 - steps, steps)
+        rows, last = torch.arange(spellings.size(0), device=chars.device), lengths - 1
+        x = self.embedding(spellings)
+        ahead = self.forward_rnn(x)[0][rows, last]
+        back = self.backward_rnn(x.gather(1, reverse.unsqueeze(-1).expand_as(x)))[0][rows, last]
+        vectors = torch.cat([ahead, back], -1)
+        out = vectors.new_zeros(*mask.shape, self.output_size)
+        out[mask] = vectors[which]
         return out
 
 
@@ -74,12 +86,12 @@ class Tagger(nn.Module):
         self.output = nn.Linear(self.encoder.output_size, num_tags)
         self.crf = CRF(num_tags) if crf else None
 
-    def forward(self, words, lengths, chars=None, char_lengths=None) -> torch.Tensor:
+    def forward(self, words: torch.Tensor, lengths: torch.Tensor, chars: torch.Tensor | None = None) -> torch.Tensor:
         """Tag scores (B, L, T)."""
         mask = length_mask(lengths, words.size(1))
         x = self.embedding(words)
         if self.chars is not None:
-            x = torch.cat([x, self.chars(chars, char_lengths, mask)], -1)
+            x = torch.cat([x, self.chars(chars, mask)], -1)
         states, _ = self.encoder(self.dropout(x), lengths)
         return self.output(self.dropout(states))
 

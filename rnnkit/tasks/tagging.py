@@ -91,19 +91,17 @@ class TaggingTask(LabelingTask):
         words, lengths = self.pad_words([x[0] for x in items])
         width = max(len(c) for x in items for c in x[1])
         chars = torch.zeros(len(items), words.size(1), width, dtype=torch.long)
-        char_lengths = torch.ones(len(items), words.size(1), dtype=torch.long)
         tags = torch.zeros_like(words)
         for i, (_, cs, ts) in enumerate(items):
             for j, c in enumerate(cs):
                 chars[i, j, : len(c)] = torch.as_tensor(c)
-                char_lengths[i, j] = len(c)
             tags[i, : len(ts)] = torch.as_tensor(ts)
-        batch = {"words": words, "lengths": lengths, "chars": chars, "char_lengths": char_lengths, "tags": tags}
+        batch = {"words": words, "lengths": lengths, "chars": chars, "tags": tags}
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def scores(self, batch: dict[str, torch.Tensor], training: bool = False) -> torch.Tensor:
         words = drop_words(batch["words"], self.cfg.model.word_dropout) if training else batch["words"]
-        return self.model(words, batch["lengths"], batch["chars"], batch["char_lengths"])
+        return self.model(words, batch["lengths"], batch["chars"])
 
     def loss(self, batch: dict[str, torch.Tensor], training: bool = False) -> torch.Tensor:
         return self.model.loss(self.scores(batch, training), batch["tags"].clamp(min=0), batch["lengths"])

@@ -192,3 +192,27 @@ def test_malformed_data_is_one_line_with_its_line_number(tmp_path):
     result = runner.invoke(app, ["train", str(cfg)])
     assert result.exit_code == 2 and "bad.tsv: line 2: expected 'label<TAB>text'" in result.output
     assert "Traceback" not in result.output
+
+
+def test_tagger_resume_continues_the_same_loss_curve(tmp_path):
+    data = _tagging_files(tmp_path)
+
+    def config(name, steps):
+        return write_yaml(tmp_path / f"{name}.yaml", {
+            "task": "tagging", "run_dir": str(tmp_path / name), "seed": 3,
+            "data": {"format": "columns", "train": str(data), "valid": str(data), "token_column": 2,
+                     "tag_column": 3},
+            "model": {"embedding_dim": 8, "hidden_size": 8, "num_layers": 1, "dropout": 0.2, "word_dropout": 0.2,
+                      "char_embedding_dim": 4, "char_hidden_size": 4, "output": "crf"},
+            "train": {"max_steps": steps, "eval_every": 4, "log_every": 1, "batch_size": 8}})
+
+    assert runner.invoke(app, ["train", str(config("full", 12))]).exit_code == 0
+    assert runner.invoke(app, ["train", str(config("part", 8))]).exit_code == 0
+    assert runner.invoke(app, ["train", str(config("part", 12)), "--resume"]).exit_code == 0
+
+    def losses(name):
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if r["kind"] == "train"]
+
+    assert len(losses("part")) == 12   # 5 batches an epoch: both runs cross into new epochs
+    assert losses("full") == pytest.approx(losses("part"), rel=1e-5)

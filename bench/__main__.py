@@ -20,6 +20,10 @@ PARTS = [
      ">= 1.5 (CPU)"),
     ("beam-5 decoding vs faster peer", "peers.py", r"decoding ratio rnnkit / faster peer: ([\d.]+)", ">= 2 (CPU)"),
     ("training: ceiling with matrix products alone", "gemm_share.py", r"training.*products ([\d.]+)x", "-"),
+    ("explicit LSTM step / fused (lower is better)", "explicit_cells.py",
+     r"\nexplicit +[\d.]+ s/step +ratio to fused ([\d.]+)", "<= 1.5"),
+    ("layer-norm LSTM step / fused (lower is better)", "explicit_cells.py",
+     r"layer norm +[\d.]+ s/step +ratio to fused ([\d.]+)", "<= 2.0"),
 ]
 
 

@@ -26,6 +26,7 @@ class DataConfig:
     valid_range: Optional[list[int]] = None
     token_column: int = num(2, 1)                     # columns count from 1 (CoNLL-U: 2 is FORM)
     tag_column: int = num(4, 1)                       # CoNLL-U: 4 is UPOS, 5 XPOS
+    lowercase: bool = False                           # word embeddings of lowercased words (characters keep case)
     min_freq: int = num(1, 1)                         # rarer training words become <unk>
     max_vocab: Optional[int] = num(None, 3)
     max_word_length: int = num(30, 1)                 # characters the character encoder reads per word
@@ -59,7 +60,7 @@ class TaggingTask(LabelingTask):
         d, m = cfg.data, cfg.model
         train = self.read(d.train, d.train_range, "data.train_range") if with_data else []
         if extras is None:
-            self.words = word_vocab((s.tokens for s in train), d.min_freq, d.max_vocab)
+            self.words = word_vocab((self.word_forms(s.tokens) for s in train), d.min_freq, d.max_vocab)
             self.chars = Vocab([PAD, UNK] + label_list(c for s in train for w in s.tokens for c in w))
             self.tags = label_list(t for s in train for t in s.tags)
         else:
@@ -80,12 +81,15 @@ class TaggingTask(LabelingTask):
     def extras(self) -> dict[str, Any]:
         return {"words": self.words.itos, "chars": self.chars.itos, "tags": self.tags}
 
+    def word_forms(self, tokens: Sequence[str]) -> list[str]:
+        return [w.lower() for w in tokens] if self.cfg.data.lowercase else list(tokens)
+
     def encode(self, tokens: Sequence[str], tags: Sequence[str] | None = None) -> Encoded:
         """Ids; a tag the training data never showed gets -1 (it counts as wrong, not in the loss)."""
         limit = self.cfg.data.max_word_length
         chars = [self.chars.encode(w[:limit]) for w in tokens]
         tag_ids = [self.tag_index.get(t, -1) for t in tags] if tags is not None else [0] * len(tokens)
-        return self.words.encode(tokens), chars, tag_ids
+        return self.words.encode(self.word_forms(tokens)), chars, tag_ids
 
     def collate(self, items: list[Encoded]) -> dict[str, torch.Tensor]:
         words, lengths = self.pad_words([x[0] for x in items])

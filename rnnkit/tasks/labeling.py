@@ -9,6 +9,7 @@ import torch
 from rnnkit.config import Config, ConfigError, require_file
 from rnnkit.data.parallel import length_batches, pad
 from rnnkit.data.vocab import PAD, UNK, Vocab
+from rnnkit.training.trainer import StepResult
 
 SPECIALS = [PAD, UNK]    # padding is id 0, unknown id 1
 
@@ -54,11 +55,13 @@ class LabelingTask:
         g = torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch)
         return length_batches([len(x[0]) for x in self.train_set], self.cfg.train.batch_size, None, g)
 
-    def train_step(self, indices: list[int], index: int, step: int):
-        from rnnkit.training.trainer import StepResult
+    def train_step(self, indices: list[int], index: int, step: int) -> StepResult:
         batch = self.collate([self.train_set[i] for i in indices])
-        loss = self.loss(batch, training=True)
-        return StepResult(loss, int(batch["lengths"].sum()))
+        return StepResult(self.loss(batch, training=True), self.units(batch, indices))
+
+    def units(self, batch: dict[str, torch.Tensor], indices: list[int]) -> int:
+        """What throughput counts: words (classifiers override: sentences)."""
+        return sum(len(self.train_set[i][0]) for i in indices)
 
     def train_state(self) -> dict[str, Any]:
         return {}

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from rnnkit.config import Config, RecurrentConfig, check_recurrent, num, recurrent_options
 from rnnkit.data.labeled import read_labeled
+from rnnkit.data.parallel import pad
 from rnnkit.models.labeling import SentenceClassifier
 from rnnkit.data.vocab import Vocab
 from rnnkit.tasks.labeling import LabelingTask, check_files, drop_words, label_list, word_vocab
@@ -92,7 +93,7 @@ class ClassificationTask(LabelingTask):
         return self.words.encode(tokens), self.label_index.get(label, -1) if label is not None else 0
 
     def collate(self, items: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
-        words, lengths = self.pad_words([x[0] for x in items])
+        words, lengths = pad([x[0] for x in items])
         labels = torch.as_tensor([x[1] for x in items])
         return {k: v.to(self.device, non_blocking=True) for k, v in
                 {"words": words, "lengths": lengths, "labels": labels}.items()}

@@ -7,7 +7,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from rnnkit.config import Config, ConfigError, require_file
-from rnnkit.data.parallel import length_batches, pad
+from rnnkit.data.parallel import length_batches
 from rnnkit.data.vocab import PAD, UNK, Vocab
 from rnnkit.training.trainer import StepResult
 
@@ -73,7 +73,3 @@ class LabelingTask:
         """Batches of similar length; yields (positions in ``items``, collated batch)."""
         for indices in length_batches([len(x[0]) for x in items], batch_size, None):
             yield indices, self.collate([items[i] for i in indices])
-
-    @staticmethod
-    def pad_words(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        return pad(seqs)

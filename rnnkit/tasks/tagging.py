@@ -9,6 +9,7 @@ import torch
 
 from rnnkit.config import Config, RecurrentConfig, check_recurrent, num, recurrent_options
 from rnnkit.data.labeled import read_tagged, select
+from rnnkit.data.parallel import pad
 from rnnkit.data.vocab import PAD, UNK, Vocab
 from rnnkit.models.labeling import Tagger
 from rnnkit.spans import is_span_scheme, span_scores
@@ -92,7 +93,7 @@ class TaggingTask(LabelingTask):
         return self.words.encode(self.word_forms(tokens)), chars, tag_ids
 
     def collate(self, items: list[Encoded]) -> dict[str, torch.Tensor]:
-        words, lengths = self.pad_words([x[0] for x in items])
+        words, lengths = pad([x[0] for x in items])
         width = max(len(c) for x in items for c in x[1])
         chars = torch.zeros(len(items), words.size(1), width, dtype=torch.long)
         tags = torch.zeros_like(words)

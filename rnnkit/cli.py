@@ -160,28 +160,48 @@ def translate(
 
 @app.command()
 def predict(
-    checkpoint: Path = typer.Argument(..., help="A tagging or classification checkpoint."),
+    checkpoint: Path = typer.Argument(..., help="A tagging, classification or forecast checkpoint."),
     input: Optional[Path] = typer.Option(None, "--input", "-i", help="One whitespace-tokenised sentence per line; "
                                                                       "default stdin."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file; default stdout."),
     probs: bool = typer.Option(False, "--probs", help="Classifiers: the label's probability after a tab."),
     attention: bool = typer.Option(False, "--attention",
                                    help="Classifiers with attention pooling: each word's weight, word:weight."),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Sentences processed together."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Forecasts: the CSV file whose rows the model reads."),
+    at: Optional[int] = typer.Option(
+        None, "--at", metavar="ROW",
+        help="Forecasts: forecast rows ROW onwards from the rows before it (rows count from 0 after the header); "
+             "default: the rows after the file's end."),
+    every: bool = typer.Option(False, "--every", help="Forecasts: one forecast for every window the file holds."),
+    plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png",
+                                        help="Forecasts: draw history, forecast and truth of one column here."),
+    column: Optional[str] = typer.Option(None, "--column", help="Forecasts: the column --plot draws "
+                                                                "(default: the last target)."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Sentences (windows) processed together."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
-    """Tag or classify sentences: exactly one output line per input line, in order (an empty line
+    """Tag or classify sentences, or forecast a time series.
+
+    Taggers and classifiers: exactly one output line per input line, in order (an empty line
     gives an empty line): the tags separated by spaces, or the label. Streams batch by batch.
+    Forecasters: CSV rows origin,timestamp,step,column,value,truth in original units (truth is
+    empty past the file's end), for the window at --at, or at the file's end, or --every window.
 
     Example:  rnnkit predict runs/tagger_upos/best.pt < sentences.txt > tags.txt
+    Example:  rnnkit predict runs/forecast_etth1/best.pt --data ETTh1.csv --at 14304 -o f.csv --plot ot.png
     """
     from rnnkit.runs import load_task
 
     with user_errors():
         task = load_task(checkpoint, device)
+        if task.cfg.task == "forecast":
+            _predict_forecast(task, data, output, at, every, plot, column, batch_size)
+            return
+        if data is not None or at is not None or every or plot is not None or column is not None:
+            _bad_option("--data, --at, --every, --plot and --column are for forecast checkpoints")
         if task.cfg.task not in ("tagging", "classification"):
             raise CheckpointError(f"{checkpoint}: a '{task.cfg.task}' checkpoint cannot predict; "
-                                  f"predict takes tagging and classification models")
+                                  f"predict takes tagging, classification and forecast models")
         if attention and getattr(task.cfg.model, "pooling", None) != "attention":
             _bad_option("--attention needs a classifier with model.pooling: attention")
         extra = {"attention": attention} if task.cfg.task == "classification" else {}
@@ -202,6 +222,47 @@ def predict(
                 sink.close()
 
 
+def _predict_forecast(task, data: Optional[Path], output: Optional[Path], at: Optional[int], every: bool,
+                      plot: Optional[Path], column: Optional[str], batch_size: int) -> None:
+    import csv
+
+    import torch
+
+    if data is None:
+        _bad_option("--data FILE.csv is required to forecast")
+    if every and at is not None:
+        _bad_option("--at and --every choose the windows two ways; give one")
+    if column is not None and column not in task.target_names:
+        _bad_option(f"--column {column!r} is not a forecast column ({', '.join(task.target_names)})")
+    series = task.read(str(data), task.columns)
+    length, n = task.cfg.data.input_length, len(series)
+    if every:
+        starts = torch.arange(length, n + 1)
+    else:
+        at = n if at is None else at
+        if not length <= at <= n:
+            _bad_option(f"--at {at}: needs {length} rows before it (input_length) and at most the file's {n} rows")
+        starts = torch.tensor([at])
+    sink = open(output, "w", newline="", encoding="utf-8") if output is not None else sys.stdout
+    try:
+        writer = csv.writer(sink, lineterminator="\n")
+        writer.writerow(["origin", "timestamp", "step", "column", "value", "truth"])
+        name, last = column or task.target_names[-1], series.times[int(starts[-1]) - 1]
+        drawn = []     # the last window's forecast of the plotted column
+        for row in task.predict_rows(series, starts, batch_size):
+            writer.writerow(row)
+            if plot is not None and row[0] == last and row[3] == name:
+                drawn.append((row[1], float(row[4])))
+    finally:
+        if output is not None:
+            sink.close()
+    if plot is not None:
+        from rnnkit.plots import save_forecast_plot
+
+        save_forecast_plot(series, name, int(starts[-1]), length, drawn, plot)
+        err_console.print(f"wrote {plot}")
+
+
 def _chunks(stream, size: int) -> Iterator[list[str]]:
     """Lines without their line ends, ``size`` at a time."""
     chunk: list[str] = []
@@ -219,7 +280,10 @@ def evaluate(
     checkpoint: Path = typer.Argument(..., help="A checkpoint (last.pt or best.pt)."),
     data: Optional[Path] = typer.Option(
         None, "--data", help="A file to score: text for language models, tagged sentences (the config's format) "
-                             "for taggers, label<TAB>text lines for classifiers."),
+                             "for taggers, label<TAB>text lines for classifiers, CSV for forecasters."),
+    split: Optional[str] = typer.Option(
+        None, "--split", help="Forecasts: score only the windows whose targets lie in this part (train, valid "
+                              "or test) of the config's data.split, applied to --data; default: every window."),
     src: Optional[Path] = typer.Option(None, "--src", help="Translation: source sentences."),
     ref: Optional[Path] = typer.Option(None, "--ref", help="Translation: reference translations, line-aligned."),
     beam: int = typer.Option(1, "--beam", "-b", min=1, help="Translation: beam size (1 is greedy)."),
@@ -236,14 +300,18 @@ def evaluate(
     """Score a checkpoint: LMs on --data (loss, perplexity, bits/char); taggers on --data (token
     accuracy; span precision, recall and F1 per type for BIO/BIOES tags); classifiers on --data
     (accuracy, macro-F1, confusion matrix); translation on --src/--ref (BLEU, chrF, perplexity);
-    adding and copy on their test set, beside the baseline.
+    forecasters on --data [--split test] (MSE and MAE, standardised and in original units, beside
+    the last-value and seasonal baselines); adding and copy on their test set, beside the baseline.
 
     Example:  rnnkit eval runs/en_fr/best.pt --src test.en --ref test.fr --beam 5 --json
     Example:  rnnkit eval runs/adding/best.pt --gradient-flow --plot flow.png
+    Example:  rnnkit eval runs/forecast_etth1/best.pt --data ETTh1.csv --split test
     """
     from rnnkit.data.vocab import read_text
     from rnnkit.runs import load_task
 
+    if split is not None and split not in ("train", "valid", "test"):
+        _bad_option(f"--split must be train, valid or test, got {split!r}")
     if plot is not None and not gradient_flow:
         _bad_option("--plot draws the gradient-flow curve; add --gradient-flow")
     with user_errors():
@@ -254,13 +322,19 @@ def evaluate(
                 raise CheckpointError(f"{checkpoint}: task '{kind}' does not measure gradient flow")
             _print_gradient_flow(task.gradient_flow(), plot, f"{kind}, {checkpoint}", as_json)
             return
-        if kind in ("lm", "tagging", "classification"):
+        if split is not None and kind != "forecast":
+            _bad_option("--split is for forecast checkpoints")
+        if kind in ("lm", "tagging", "classification", "forecast"):
             if data is None:
                 _bad_option(f"--data FILE is required to evaluate a '{kind}' model")
             if not data.is_file():
                 raise DataError(f"--data: file not found: {data}")
-            results = task.evaluate_text(read_text(str(data))) if kind == "lm" \
-                else task.evaluate_file(str(data), batch_size)
+            if kind == "lm":
+                results = task.evaluate_text(read_text(str(data)))
+            elif kind == "forecast":
+                results = task.evaluate_file(str(data), batch_size, split)
+            else:
+                results = task.evaluate_file(str(data), batch_size)
         elif kind == "translation":
             if src is None or ref is None:
                 _bad_option("--src FILE and --ref FILE are required to evaluate a translation model")

@@ -1,4 +1,4 @@
-"""Attention heatmaps (matplotlib, no display needed)."""
+"""Plots (matplotlib, no display needed): attention heatmaps, gradient flow, forecasts."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -62,3 +62,29 @@ def save_gradient_flow_panels(panels: Mapping[str, Mapping[str, object]], path: 
 def save_gradient_flow_plot(curves: Mapping[str, object], path: Path, title: str = "gradient flow") -> None:
     """Gradient-flow curves on one log-scale figure."""
     save_gradient_flow_panels({title: curves}, path)
+
+
+def save_forecast_plot(series, column: str, start: int, history: int, forecast: Sequence, path: Path) -> None:
+    """One column of ``series``: the ``history`` rows before row ``start``, the truth after it
+    (where the file has it) and ``forecast``, (timestamp, value) pairs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    j = series.columns.index(column)
+    n = len(series)
+    end = min(n, start + len(forecast))
+    fig, ax = plt.subplots(figsize=(10, 3.6))
+    ax.plot(series.times[start - history:start], series.values[start - history:start, j].tolist(),
+            color="0.35", lw=1, label="history")
+    if end > start:
+        ax.plot(series.times[start:end], series.values[start:end, j].tolist(), color="tab:blue", lw=1, label="truth")
+    ax.plot([t for t, _ in forecast], [v for _, v in forecast], color="tab:red", lw=1.4, label="forecast")
+    ax.axvline(series.times[start - 1], color="0.6", ls=":", lw=1)
+    ax.set_ylabel(column)
+    ax.legend(loc="upper left", fontsize=8, frameon=False)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

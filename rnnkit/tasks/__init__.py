@@ -15,6 +15,7 @@ _MODULES = {
     "copy": "rnnkit.tasks.copying",
     "tagging": "rnnkit.tasks.tagging",
     "classification": "rnnkit.tasks.classification",
+    "forecast": "rnnkit.tasks.forecast",
 }
 
 

@@ -1,0 +1,255 @@
+"""Time-series forecasting: a CSV file in, MSE and MAE on the next ``horizon`` rows out,
+beside the two baselines every forecast must beat (repeat the last value; repeat the value
+one season back).
+
+The protocol is the long-horizon forecasting literature's (Informer, Autoformer, DLinear,
+PatchTST): splits in time order, each column standardised with the training rows' mean and
+standard deviation, metrics on the standardised values averaged over every window (stride 1),
+horizon step and target column. No validation or test row reaches a training window or the
+statistics.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Iterator, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+from rnnkit.config import Config, ConfigError, RecurrentConfig, check_recurrent, num, require_file
+from rnnkit.data.series import Scaler, Series, gather_windows, read_series, split_rows, window_starts
+from rnnkit.data.vocab import DataError
+from rnnkit.models.forecast import Forecaster
+from rnnkit.training.teacher_forcing import TeacherForcingSchedule
+from rnnkit.training.trainer import StepResult
+
+METRICS = ("valid_loss", "valid_mse", "valid_mae")
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None                 # CSV: a time column and numeric columns
+    time_column: str = "date"
+    inputs: Optional[list[str]] = None         # columns the model reads; null: all but the time column
+    targets: Optional[list[str]] = None        # columns it forecasts (among the inputs); null: all inputs
+    split: list[float] = field(default_factory=lambda: [0.7, 0.8, 1.0])  # ends of train, valid, test:
+    #                                            rows, or fractions of the file when all are <= 1
+    input_length: int = num(96, 1)             # L: rows the model sees
+    horizon: int = num(96, 1)                  # H: rows it forecasts
+    season: int = num(24, 1)                   # the seasonal baseline's period (24 for hourly data)
+
+
+@dataclass
+class ModelConfig(RecurrentConfig):
+    cell: Literal["rnn_tanh", "rnn_relu", "lstm", "gru"] = "gru"
+    hidden_size: int = num(256, 1)
+    num_layers: int = num(1, 1)
+    dropout: float = num(0.0, 0, 1, hi_open=True)      # between layers and before the head
+    segment: int = num(1, 1)                           # rows per recurrent step (divides input_length)
+    channels: Literal["independent", "joint"] = "independent"
+    instance_norm: Literal["none", "last", "mean_std"] = "last"
+    decoder: Literal["direct", "recurrent"] = "direct"  # recurrent: train.teacher_forcing applies
+    loss: Literal["mse", "mae"] = "mse"
+
+
+def check_config(cfg: Config) -> None:
+    d, m = cfg.data, cfg.model
+    check_recurrent(m, "model")
+    if cfg.train.metric not in METRICS:
+        raise ConfigError("train.metric", f"expected one of {', '.join(METRICS)} for task 'forecast', "
+                                          f"got {cfg.train.metric!r}")
+    require_file("data.path", d.path)
+    s = d.split
+    fractions = max(s, default=0) <= 1
+    if len(s) != 3 or s[0] <= 0 or not s[0] < s[1] < s[2] \
+            or (not fractions and any(b != int(b) for b in s)):
+        raise ConfigError("data.split", f"expected the ends of train, validation and test, increasing: row "
+                                        f"numbers [8640, 11520, 14400] or fractions [0.7, 0.8, 1.0]; got {s!r}")
+    if d.input_length % m.segment:
+        raise ConfigError("model.segment", f"{m.segment} must divide data.input_length ({d.input_length})")
+    if d.season > d.input_length:
+        raise ConfigError("data.season", f"the seasonal baseline looks {d.season} rows back; "
+                                         f"needs data.input_length >= {d.season}")
+    if d.inputs is not None and d.targets is not None:
+        outside = [t for t in d.targets if t not in d.inputs]
+        if outside:
+            raise ConfigError("data.targets", f"{outside[0]!r} is not among data.inputs; the model forecasts "
+                                              f"columns it reads")
+    for key in ("inputs", "targets"):
+        names = getattr(d, key)
+        if names is not None and (not names or len(set(names)) != len(names)):
+            raise ConfigError(f"data.{key}", f"expected a non-empty list of distinct column names, got {names!r}")
+
+
+def seasonal_positions(input_length: int, horizon: int, season: int) -> torch.Tensor:
+    """Where in the input window the seasonal baseline finds each horizon step's value: step k
+    repeats the row one season (or as many whole seasons as it takes) before it."""
+    k = torch.arange(horizon)
+    return input_length + k - season * (k // season + 1)
+
+
+class ForecastTask:
+    def __init__(self, cfg: Config, device: torch.device, extras: dict[str, Any] | None = None,
+                 with_data: bool = True):
+        self.cfg, self.device = cfg, device
+        d, m = cfg.data, cfg.model
+        self.series: Series | None = None
+        if extras is None:
+            self.series = self.read(d.path, d.inputs)
+            self.columns = self.series.columns
+            self.target_names = list(d.targets or self.columns)
+            self.bounds = split_rows(d.split, len(self.series), d.path)
+            self.scaler = Scaler.fit(self.series.values[: self.bounds[0][1]])
+        else:
+            self.columns, self.target_names = list(extras["columns"]), list(extras["targets"])
+            self.scaler = Scaler.from_state(extras["scaler"])
+            if with_data:
+                self.series = self.read(d.path, self.columns)
+                self.bounds = split_rows(d.split, len(self.series), d.path)
+        missing = [t for t in self.target_names if t not in self.columns]
+        if missing:
+            raise ConfigError("data.targets", f"{missing[0]!r} is not among the input columns "
+                                              f"({', '.join(self.columns)})")
+        self.targets = [self.columns.index(t) for t in self.target_names]
+        self.model = Forecaster(len(self.columns), self.targets, m, d.input_length, d.horizon).to(device)
+        self.teacher_forcing = TeacherForcingSchedule(cfg.train.teacher_forcing)
+        self.season_at = seasonal_positions(d.input_length, d.horizon, d.season).to(device)
+        if self.series is not None:
+            self.values = self.standardised(self.series)
+            self.windows = {}
+            for name, (first, end) in zip(SPLITS, self.bounds):
+                self.windows[name] = window_starts(first, end, d.input_length, d.horizon).to(device)
+            for name in ("train", "valid"):
+                if len(self.windows[name]) == 0:
+                    first, end = self.bounds[SPLITS.index(name)]
+                    raise DataError(f"{d.path}: the {name} rows [{first}, {end}) hold no whole window of "
+                                    f"{d.input_length} input and {d.horizon} target rows; change data.split, "
+                                    f"data.input_length or data.horizon")
+
+    def read(self, path: str, columns: list[str] | None) -> Series:
+        series = read_series(path, self.cfg.data.time_column, columns)
+        need = self.cfg.data.input_length + 1
+        if len(series) < need:
+            raise DataError(f"{path}: has {len(series)} rows; a window needs at least {need}")
+        return series
+
+    def standardised(self, series: Series) -> torch.Tensor:
+        return self.scaler.transform(series.values).float().to(self.device)
+
+    def extras(self) -> dict[str, Any]:
+        return {"columns": self.columns, "targets": self.target_names, "scaler": self.scaler.state()}
+
+    def train_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_train_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # ------------------------------------------------------------------ training
+    def windows_at(self, values: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs (N, L, C) and targets (N, H, len(targets)) of the windows starting at ``starts``."""
+        d = self.cfg.data
+        w = gather_windows(values, starts, d.input_length, d.horizon)
+        return w[:, : d.input_length], w[:, d.input_length:, self.targets]
+
+    def train_batches(self, epoch: int) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch)
+        starts = self.windows["train"]
+        order = starts[torch.randperm(len(starts), generator=g).to(starts.device)]
+        return list(order.split(self.cfg.train.batch_size))
+
+    def train_step(self, starts: torch.Tensor, index: int, step: int) -> StepResult:
+        x, y = self.windows_at(self.values, starts)
+        recurrent = self.cfg.model.decoder == "recurrent"
+        ratio = self.teacher_forcing(step) if recurrent else 0.0
+        pred = self.model(x, y, ratio).float()
+        loss = F.mse_loss(pred, y) if self.cfg.model.loss == "mse" else F.l1_loss(pred, y)
+        return StepResult(loss, len(starts), {"teacher_forcing": ratio} if recurrent else None)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def score(self, values: torch.Tensor, starts: torch.Tensor, batch_size: int,
+              baselines_in_original: bool = False) -> dict[str, float]:
+        """MSE and MAE of the model and of both baselines over the windows at ``starts``:
+        standardised (the literature's figures) and, for the model, in original units."""
+        was_training = self.model.training
+        self.model.eval()
+        sums: dict[str, float] = {}
+        for chunk in starts.split(batch_size):
+            x, y = self.windows_at(values, chunk)
+            guesses = {"": self.model(x).float(),
+                       "last_value_": x[:, -1:, self.targets].expand_as(y),
+                       "seasonal_": x[:, self.season_at][..., self.targets]}
+            for name, pred in guesses.items():
+                units = ("", "original") if name == "" or baselines_in_original else ("",)
+                for unit in units:
+                    p, t = (self.scaler.inverse(pred, self.targets), self.scaler.inverse(y, self.targets)) \
+                        if unit else (pred, y)
+                    suffix = "_" + unit if unit else ""
+                    sums[f"{name}mse{suffix}"] = sums.get(f"{name}mse{suffix}", 0.0) + float((p - t).pow(2).sum())
+                    sums[f"{name}mae{suffix}"] = sums.get(f"{name}mae{suffix}", 0.0) + float((p - t).abs().sum())
+        self.model.train(was_training)
+        count = max(1, len(starts) * self.cfg.data.horizon * len(self.targets))
+        results = {k: v / count for k, v in sums.items()}
+        return {"loss": results[self.cfg.model.loss], **results, "windows": len(starts)}
+
+    def evaluate(self) -> dict[str, float]:
+        results = self.score(self.values, self.windows["valid"], self.cfg.train.eval_batch_size)
+        results.pop("windows")
+        return results
+
+    def file_windows(self, path: str, split: str | None) -> tuple[Series, torch.Tensor]:
+        """A file's rows and the windows to score: all of them, or those of one split of the
+        config's ``data.split`` applied to this file."""
+        series = self.read(path, self.columns)
+        d = self.cfg.data
+        first, end = 0, len(series)
+        if split is not None:
+            first, end = split_rows(d.split, len(series), path)[SPLITS.index(split)]
+        starts = window_starts(first, end, d.input_length, d.horizon)
+        if len(starts) == 0:
+            raise DataError(f"{path}: rows [{first}, {end}) hold no whole window of {d.input_length} input "
+                            f"and {d.horizon} target rows")
+        return series, starts.to(self.device)
+
+    def evaluate_file(self, path: str, batch_size: int, split: str | None = None) -> dict[str, Any]:
+        series, starts = self.file_windows(path, split)
+        results = self.score(self.standardised(series), starts, batch_size, baselines_in_original=True)
+        return {**results, "rows": f"[{int(starts[0])}, {int(starts[-1]) + self.cfg.data.horizon})"}
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def forecast(self, series: Series, starts: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+        """Forecasts in original units, (n, H, len(targets)) per chunk of ``starts`` (a start may be
+        the file's end: a forecast of the rows after it)."""
+        values = self.standardised(series)
+        for chunk in starts.split(batch_size):
+            x = gather_windows(values, chunk.to(self.device), self.cfg.data.input_length, 0)
+            yield self.scaler.inverse(self.model(x).double(), self.targets).cpu()
+
+    def predict_rows(self, series: Series, starts: torch.Tensor, batch_size: int) -> Iterator[list[Any]]:
+        """CSV rows (origin, timestamp, step, column, value, truth) for the windows at ``starts``;
+        truth is empty past the file's last row, whose timestamps continue the last time step."""
+        times, n, step = series.times, len(series), series.step()
+        truth = series.values
+
+        def when(row: int) -> datetime:
+            return times[row] if row < n else times[-1] + step * (row - n + 1)
+
+        done = 0
+        for block in self.forecast(series, starts, batch_size):
+            for w in range(block.size(0)):
+                t = int(starts[done + w])
+                origin = times[t - 1]
+                for k in range(block.size(1)):
+                    for j, col in enumerate(self.target_names):
+                        real = format(float(truth[t + k, self.targets[j]]), ".10g") if t + k < n else ""
+                        yield [origin, when(t + k), k + 1, col, format(float(block[w, k, j]), ".10g"), real]
+            done += block.size(0)
+
+
+def build(cfg: Config, device: torch.device, extras: dict[str, Any] | None = None,
+          with_data: bool = True) -> ForecastTask:
+    return ForecastTask(cfg, device, extras, with_data)

@@ -259,7 +259,7 @@ def _predict_forecast(task, data: Optional[Path], output: Optional[Path], at: Op
     if plot is not None:
         from rnnkit.plots import save_forecast_plot
 
-        save_forecast_plot(series, name, int(starts[-1]), length, drawn, plot)
+        save_forecast_plot(series, name, int(starts[-1]), min(length, 3 * len(drawn)), drawn, plot)
         err_console.print(f"wrote {plot}")
 
 

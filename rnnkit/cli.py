@@ -27,10 +27,16 @@ err_console = Console(stderr=True)
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn a user's mistake into one line on stderr and exit code 2, not a traceback."""
+    from rnnkit.training.run_lock import RunLockError
+    from rnnkit.training.trainer import TrainingError
+
     try:
         yield
-    except (ConfigError, DataError, CheckpointError) as err:
+    except (ConfigError, DataError, CheckpointError, RunLockError) as err:
         _bad_option(str(err))
+    except TrainingError as err:
+        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
     except KeyboardInterrupt:
         err_console.print("interrupted")
         raise typer.Exit(130)
@@ -48,8 +54,16 @@ def train(
         [], "--set", "-s", metavar="KEY=VALUE",
         help="Override a config key, e.g. --set model.cell=gru --set train.lr=1e-3 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in run_dir from its last.pt."),
+    auto_resume: bool = typer.Option(
+        False, "--auto-resume",
+        help="Continue the run in run_dir if it holds one, else start it: a requeued batch job can repeat "
+             "its command line."),
 ) -> None:
     """Train a model from a YAML config; checkpoints go to the config's run_dir.
+
+    Ctrl-C or SIGTERM (a scheduler's preemption) finishes the current step, saves last.pt and
+    exits with 130 or 143; the same command with --resume (or --auto-resume) continues exactly
+    where it stopped. A run directory has one writer at a time.
 
     Example:  rnnkit train configs/char_lm.yaml --set model.cell=gru --set train.max_steps=2000
     """
@@ -57,8 +71,14 @@ def train(
 
     with user_errors():
         cfg = load_config(config, overrides)
+        if auto_resume:
+            resume = (Path(cfg.run_dir) / "last.pt").exists()
         trainer = prepare_trainer(cfg, resume=resume)
         trainer.fit()
+    if trainer.stop_signal is not None:
+        again = " ".join([str(config), *(f"--set {o}" for o in overrides)])
+        err_console.print(f"continue with: rnnkit train {again} --resume", highlight=False, soft_wrap=True)
+        raise typer.Exit(trainer.exit_code)
 
 
 @app.command()
@@ -388,8 +408,29 @@ def _print_results(results: dict, as_json: bool) -> None:
     Console().print(table)
 
 
-def main() -> None:
-    app(prog_name="rnnkit")
+def main(argv: Optional[List[str]] = None) -> None:
+    """The ``rnnkit`` entry point: Typer's own usage errors (a bad option value, a missing
+    argument) become one line and exit code 2, like every other mistake."""
+    try:
+        from typer._click import exceptions as click_exceptions
+    except ImportError:     # typer versions that use click itself
+        from click import exceptions as click_exceptions
+
+    try:
+        code = app(args=argv, prog_name="rnnkit", standalone_mode=False)
+    except click_exceptions.ClickException as err:
+        no_args = getattr(click_exceptions, "NoArgsIsHelpError", ())
+        if isinstance(err, no_args):
+            print(err.format_message())
+            sys.exit(2)
+        ctx = getattr(err, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        message = " ".join(err.format_message().split())
+        err_console.print(f"[bold red]error:[/] {message}{hint}", highlight=False, soft_wrap=True, markup=True)
+        sys.exit(2)
+    except (typer.Abort, getattr(click_exceptions, "Abort", typer.Abort)):
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import torch
 from rnnkit.config import Config, ConfigError, config_to_dict, load_config, save_config
 from rnnkit.tasks import task_module
 from rnnkit.training.checkpoint import CheckpointError, load_checkpoint
+from rnnkit.training.run_lock import RunLock
 from rnnkit.training.trainer import Trainer, resolve_device
 
 
@@ -25,8 +26,26 @@ def _first_difference(a: Any, b: Any, prefix: str) -> str | None:
 
 
 def prepare_trainer(cfg: Config, resume: bool = False) -> Trainer:
-    """Check the run directory, build the task and a Trainer (restored when ``resume``)."""
+    """Check the run directory, build the task and a Trainer (restored when ``resume``).
+    Nothing in the run directory changes until all of that has succeeded."""
     run_dir = Path(cfg.run_dir)
+    lock = RunLock(run_dir)
+    if run_dir.is_dir():
+        lock.acquire()      # another live process training here is refused before anything else
+    try:
+        trainer = _build_trainer(cfg, run_dir, resume)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        trainer.lock = lock.claim()
+        save_config(cfg, run_dir / "config.yaml")
+        if resume:
+            trainer.resume(run_dir / "last.pt")
+    except BaseException:
+        lock.release()
+        raise
+    return trainer
+
+
+def _build_trainer(cfg: Config, run_dir: Path, resume: bool) -> Trainer:
     last = run_dir / "last.pt"
     ckpt = None
     if resume:
@@ -51,12 +70,7 @@ def prepare_trainer(cfg: Config, resume: bool = False) -> Trainer:
                                              f"{device.type}, where recurrent layers support only fp32); use fp32")
     torch.manual_seed(cfg.seed)
     task = task_module(cfg.task).build(cfg, device, extras=ckpt["task"] if ckpt else None)
-    trainer = Trainer(cfg, task, run_dir, device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    if ckpt is not None:
-        trainer.resume(last)
-    return trainer
+    return Trainer(cfg, task, run_dir, device)
 
 
 def load_task(path: str | Path, device: str = "auto", with_data: bool = False):

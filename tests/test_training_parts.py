@@ -11,20 +11,36 @@ from rnnkit.training.checkpoint import CheckpointError, load_checkpoint, save_ch
 from rnnkit.training.schedules import LRSchedule
 
 
+def minimal_payload(**extra):
+    return {"config": {"task": "lm"}, "model": {}, "task": {}, **extra}
+
+
 def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    save_checkpoint(minimal_payload(step=1, w=torch.ones(3)), path)
 
     def broken_save(obj, fh):
         fh.write(b"partial")
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
-        save_checkpoint({"step": 2}, path)
+    with pytest.raises(CheckpointError, match=r"cannot write .*last\.pt: No space left on device; "
+                                              r"the previous last\.pt is unchanged"):
+        save_checkpoint(minimal_payload(step=2), path)
     monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]   # no temporary files left
+
+
+def test_checkpoint_versions_and_unknown_tasks_are_named(tmp_path):
+    path = tmp_path / "c.pt"
+    torch.save({"format": "rnnkit-checkpoint-7", "rnnkit_version": "9.0", **minimal_payload()}, path)
+    with pytest.raises(CheckpointError, match=r"format version '7', written by rnnkit 9.0; this rnnkit "
+                                              r"\(0.1.0\) reads version 1"):
+        load_checkpoint(path)
+    save_checkpoint({**minimal_payload(), "config": {"task": "speech"}}, path)
+    with pytest.raises(CheckpointError, match="a checkpoint of task 'speech', which this rnnkit"):
+        load_checkpoint(path)
 
 
 def test_checkpoint_refuses_code_and_foreign_files(tmp_path):

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from rnnkit.training.checkpoint import atomic_save
+from rnnkit.training.checkpoint import CheckpointError, atomic_save
 
 FORMAT = 1   # bump when what an entry holds changes
 
@@ -56,7 +56,7 @@ def save(key: str, entry: dict) -> None:
     """Store ``entry`` atomically; a folder that cannot be written is skipped."""
     try:
         atomic_save({**entry, "format": FORMAT}, cache_dir() / f"{key}.pt")
-    except OSError:
+    except (OSError, CheckpointError):
         pass
 
 

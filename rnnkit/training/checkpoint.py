@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-FORMAT = "rnnkit-checkpoint-1"
+FORMAT_NAME, FORMAT_VERSION = "rnnkit-checkpoint", 1
+FORMAT = f"{FORMAT_NAME}-{FORMAT_VERSION}"
 
 
 class CheckpointError(ValueError):
@@ -19,22 +20,28 @@ def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename it into place: a
     crash leaves the old file or the new one, never half of one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as err:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError):   # a full disk, a read-only or vanished directory
+            kept = f"; the previous {path.name} is unchanged" if path.exists() else ""
+            raise CheckpointError(f"cannot write {path}: {err.strerror or err}{kept}") from None
         raise
 
 
 def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
-    atomic_save({"format": FORMAT, **payload}, path)
+    from rnnkit import __version__
+
+    atomic_save({"format": FORMAT, "rnnkit_version": __version__, **payload}, path)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -46,6 +53,24 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as err:  # a truncated file, not a torch file, or unsafe content
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: not a readable rnnkit checkpoint ({first[:160]})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+    fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if not isinstance(fmt, str) or not fmt.startswith(FORMAT_NAME + "-"):
         raise CheckpointError(f"{path}: not an rnnkit checkpoint (expected format {FORMAT})")
+    if fmt != FORMAT:
+        from rnnkit import __version__
+
+        raise CheckpointError(f"{path}: checkpoint format version {fmt[len(FORMAT_NAME) + 1:]!r}, written by "
+                              f"rnnkit {ckpt.get('rnnkit_version', '?')}; this rnnkit ({__version__}) reads "
+                              f"version {FORMAT_VERSION}")
+    missing = [k for k in ("config", "model", "task") if k not in ckpt]
+    if missing or not isinstance(ckpt["config"], dict):
+        raise CheckpointError(f"{path}: an incomplete rnnkit checkpoint (no {missing[0] if missing else 'config'})")
+    task = ckpt["config"].get("task")
+    from rnnkit.tasks import task_names
+
+    if task not in task_names():
+        from rnnkit import __version__
+
+        raise CheckpointError(f"{path}: a checkpoint of task {task!r}, which this rnnkit ({__version__}) does not "
+                              f"know (it knows {', '.join(task_names())})")
     return ckpt

@@ -4,7 +4,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +19,14 @@ from tqdm import tqdm
 
 from rnnkit.config import Config, ConfigError, config_to_dict
 from rnnkit.training.checkpoint import load_checkpoint, save_checkpoint
+from rnnkit.training.run_lock import RunLock
 from rnnkit.training.schedules import LRSchedule
+
+STOP_SIGNALS = {signal.SIGINT: ("Ctrl-C", 130), signal.SIGTERM: ("SIGTERM", 143)}   # name, exit code
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stays non-finite); shown as one line, exit code 1."""
 
 
 def format_number(v: float) -> str:
@@ -84,14 +93,18 @@ class Progress:
     best_step: int | None = None
     bad_evals: int = 0
     last_eval: dict[str, float] = field(default_factory=dict)
+    nonfinite: int = 0             # updates skipped for a non-finite loss or gradient, in all
+    nonfinite_run: int = 0         # ... in a row, up to now
+    window_loss: float = 0.0       # the log window's running sums, so a resumed run logs the
+    window_tokens: int = 0         # very records an uninterrupted one does
 
 
 class LogWindow:
     """Loss and tokens since the last log record, summed on the device (no sync per step)."""
 
-    def __init__(self, device: torch.device):
-        self.loss = torch.zeros((), device=device)
-        self.tokens, self.start = 0, time.perf_counter()
+    def __init__(self, device: torch.device, loss: float = 0.0, tokens: int = 0):
+        self.loss = torch.tensor(loss, device=device)
+        self.tokens, self.start = tokens, time.perf_counter()
 
     def add(self, out: StepResult) -> None:
         self.loss += out.loss.detach().float() * out.tokens
@@ -120,7 +133,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
         self.progress = Progress()
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        self._stop_requested = False
+        self.stop_signal: str | None = None     # the signal that asked training to stop
+        self.exit_code = 0
+        self.lock: RunLock | None = None
+        self.window: LogWindow | None = None
         if cfg.train.gradient_flow_every and not hasattr(task, "gradient_flow"):
             raise ConfigError("train.gradient_flow_every", f"task '{cfg.task}' does not measure gradient flow")
 
@@ -136,10 +152,26 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "progress": vars(self.progress).copy(),
+            "progress": self._progress_state(),
             "train_state": self.task.train_state(),
             "rng": rng,
         }
+
+    def _progress_state(self) -> dict[str, Any]:
+        if self.window is not None:
+            self.progress.window_loss, self.progress.window_tokens = self.window.loss.item(), self.window.tokens
+        return vars(self.progress).copy()
+
+    def _check_weights(self) -> None:
+        """Non-finite weights are never saved."""
+        if not all(bool(torch.isfinite(q).all()) for q in self.task.model.parameters()):
+            raise TrainingError(f"the weights became non-finite at step {self.progress.step}; not saving them "
+                                f"(the checkpoints in {self.run_dir} are from earlier steps); lower train.lr "
+                                f"or train.clip_grad_norm and --resume")
+
+    def save_last(self) -> None:
+        self._check_weights()
+        save_checkpoint(self._payload(), self.run_dir / "last.pt")
 
     def resume(self, path: Path) -> None:
         """Restore model, optimizer, schedule, data position, carried state and RNG."""
@@ -165,8 +197,11 @@ class Trainer:
         self.metrics_path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
 
     def _log(self, record: dict[str, Any]) -> None:
-        with self.metrics_path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+        try:
+            with self.metrics_path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+        except OSError as err:
+            raise TrainingError(f"cannot write {self.metrics_path}: {err.strerror or err}") from None
 
     # ------------------------------------------------------------------ evaluation
     def _improved(self, value: float) -> bool:
@@ -196,18 +231,34 @@ class Trainer:
         self._log({"kind": "eval", "step": p.step, **results})
         shown = "  ".join(f"{k}={v:.4g}" for k, v in results.items())
         tqdm.write(f"step {p.step}: {shown}{'  (best)' if improved else ''}")
+        self._check_weights()
         payload = self._payload()
-        save_checkpoint(payload, self.run_dir / "last.pt")
-        if improved:
+        if improved:   # best first: a crash between the two leaves a last.pt that redoes this evaluation
             save_checkpoint(payload, self.run_dir / "best.pt")
+        save_checkpoint(payload, self.run_dir / "last.pt")
         return t.early_stopping is not None and p.bad_evals >= t.early_stopping
 
     # ------------------------------------------------------------------ the loop
-    def _on_interrupt(self, signum, frame) -> None:
-        if self._stop_requested:
-            raise KeyboardInterrupt
-        self._stop_requested = True
-        tqdm.write("interrupted: finishing this step, then saving last.pt (Ctrl-C again to abort)")
+    def _on_signal(self, signum, frame) -> None:
+        name, code = STOP_SIGNALS[signum]
+        if self.stop_signal is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.stop_signal, self.exit_code = name, code
+        grace = self.cfg.train.stop_grace
+        tqdm.write(f"{name}: finishing this step, then saving last.pt (within {grace:g} s"
+                   + ("; Ctrl-C again to abort)" if signum == signal.SIGINT else ")"))
+        timer = threading.Timer(grace, self._grace_over)
+        timer.daemon = True
+        timer.start()
+
+    def _grace_over(self) -> None:
+        """The grace period ran out before last.pt was saved: leave now (the previous last.pt,
+        written atomically, stays as it was)."""
+        os.write(2, f"stop_grace ({self.cfg.train.stop_grace:g} s) ran out; exiting without saving "
+                    f"(last.pt holds the previous save)\n".encode())
+        os._exit(self.exit_code)
 
     def _autocast(self):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.train.precision)
@@ -216,7 +267,8 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def _step(self, batch: Any, params: list[torch.Tensor]) -> tuple[StepResult, torch.Tensor | None, float]:
-        """One optimisation step: forward (under autocast), backward, clip, update."""
+        """One optimisation step: forward (under autocast), backward, clip, update. A non-finite
+        loss or gradient skips the update (fp16's loss scaler handles its own overflows)."""
         t, p = self.cfg.train, self.progress
         lr = self.schedule.lr(p.step)
         for group in self.optimizer.param_groups:
@@ -225,38 +277,63 @@ class Trainer:
             out = self.task.train_step(batch, p.batch_index, p.step)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out.loss).backward()
-        norm = None
+        self.scaler.unscale_(self.optimizer)
         if t.clip_grad_norm:
-            self.scaler.unscale_(self.optimizer)
             norm = torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm, foreach=True)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        else:
+            grads = [q.grad for q in params if q.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) \
+                if grads else torch.zeros(())
+        loss_ok = bool(torch.isfinite(out.loss.detach()))
+        if loss_ok and (bool(torch.isfinite(norm)) or self.scaler.is_enabled()):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            p.nonfinite_run = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.update()
+            self._skip_nonfinite(float(out.loss.detach()), float(norm))
         p.step += 1
         p.batch_index += 1
         return out, norm, lr
 
+    def _skip_nonfinite(self, loss: float, norm: float) -> None:
+        p, limit = self.progress, self.cfg.train.max_nonfinite
+        p.nonfinite += 1
+        p.nonfinite_run += 1
+        self._log({"kind": "nonfinite", "step": p.step + 1, "loss": str(loss), "grad_norm": str(norm),
+                   "in_a_row": p.nonfinite_run})
+        tqdm.write(f"step {p.step + 1}: non-finite loss ({loss}) or gradient norm ({norm}); update skipped "
+                   f"({p.nonfinite_run} in a row, train.max_nonfinite {limit})")
+        if p.nonfinite_run >= limit:
+            raise TrainingError(f"{limit} non-finite updates in a row (train.max_nonfinite) up to step "
+                                f"{p.step + 1}; stopped. Lower train.lr, set train.clip_grad_norm, check the data")
+
     def fit(self) -> dict[str, Any]:
-        """Train until max_steps, max_time, early stopping or Ctrl-C; returns the summary."""
+        """Train until max_steps, max_time, early stopping, Ctrl-C or SIGTERM; returns the summary.
+        After a signal, last.pt holds the step training stopped at (no extra evaluation)."""
         t, p = self.cfg.train, self.progress
         self.task.model.train()
         params = [q for q in self.task.model.parameters() if q.requires_grad]
-        previous = None
-        try:
-            previous = signal.signal(signal.SIGINT, self._on_interrupt)
-        except ValueError:  # not the main thread
-            pass
+        previous = {}
+        for signum in STOP_SIGNALS:
+            try:
+                previous[signum] = signal.signal(signum, self._on_signal)
+            except ValueError:  # not the main thread
+                pass
         bar = tqdm(total=t.max_steps, initial=p.step, desc="train", unit="step", dynamic_ncols=True, disable=None)
-        window = LogWindow(self.device)
+        self.window = window = LogWindow(self.device, p.window_loss, p.window_tokens)
         clock, elapsed_before = time.perf_counter(), p.elapsed
         stop = p.step >= t.max_steps
         try:
             while not stop:
                 batches = self.task.train_batches(p.epoch)
                 if len(batches) == 0:
-                    raise RuntimeError("the training data yields no batches; check data and batch size")
+                    raise TrainingError("the training data yields no batches; check data and batch size")
                 while p.batch_index < len(batches) and not stop:
                     out, norm, lr = self._step(batches[p.batch_index], params)
-                    window.add(out)
+                    if p.nonfinite_run == 0:
+                        window.add(out)
                     p.elapsed = elapsed_before + time.perf_counter() - clock
                     if p.step % t.log_every == 0:
                         record = window.flush(p.step, p.elapsed, lr, norm, out.logs)
@@ -268,18 +345,30 @@ class Trainer:
                         self._log({"kind": "gradient_flow", "step": p.step, **flow.summary()})
                     bar.update(1)
                     timed_out = t.max_time is not None and p.elapsed >= t.max_time
-                    stop = p.step >= t.max_steps or timed_out or self._stop_requested
-                    if p.step % t.eval_every == 0 or stop:
-                        stop = self.evaluate_and_save() or stop
+                    if self.stop_signal is not None:
+                        stop = True
+                    else:
+                        stop = p.step >= t.max_steps or timed_out
+                        if p.step % t.eval_every == 0 or stop:
+                            stop = self.evaluate_and_save() or stop
                 if p.batch_index >= len(batches):
                     p.epoch, p.batch_index = p.epoch + 1, 0
+            if self.stop_signal is not None:
+                self.save_last()
+                tqdm.write(f"stopped by {self.stop_signal} at step {p.step}; saved {self.run_dir / 'last.pt'}")
+        except TrainingError:
+            with contextlib.suppress(TrainingError, OSError):
+                self.save_last()     # the weights are still the last finite ones
+            raise
         finally:
             bar.close()
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            if self.lock is not None:
+                self.lock.release()
         summary = {"steps": p.step, "epochs": p.epoch, "seconds": round(p.elapsed, 1),
                    "best_" + t.metric: p.best, "best_step": p.best_step, **p.last_eval,
-                   "interrupted": self._stop_requested}
+                   "nonfinite_skipped": p.nonfinite, "stopped_by": self.stop_signal or "-"}
         self._print_summary(summary)
         return summary
 

@@ -22,6 +22,18 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err_console = Console(stderr=True)
+MAX_GENERATE = 1_000_000
+
+
+def _output_file(path: Optional[Path], option: str) -> None:
+    """An output path must be writable before any work starts (not after an hour of it)."""
+    if path is None:
+        return
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise DataError(f"{option}: directory {parent} does not exist")
+    if path.is_dir():
+        raise DataError(f"{option}: {path} is a directory")
 
 
 @contextmanager
@@ -40,6 +52,17 @@ def user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         raise typer.Exit(130)
+    except MemoryError:
+        _bad_option("out of memory; use smaller model sizes, batches or inputs")
+    except RuntimeError as err:   # torch's allocator failing on sizes the config or input asked for
+        if "can't allocate memory" in str(err) or "out of memory" in str(err).lower():
+            _bad_option(f"out of memory ({str(err).splitlines()[0][:120]}); use smaller model sizes, batches "
+                        f"or inputs")
+        raise
+    except OSError as err:      # writing an output the user named
+        if err.filename is None:
+            raise
+        _bad_option(f"cannot write {err.filename}: {err.strerror}")
 
 
 def _bad_option(message: str) -> NoReturn:
@@ -85,7 +108,8 @@ def train(
 def generate(
     checkpoint: Path = typer.Argument(..., help="A language-model checkpoint (last.pt or best.pt)."),
     prime: str = typer.Option("", "--prime", "-p", help="Text the sample starts from (echoed first)."),
-    length: int = typer.Option(500, "--length", "-n", min=1, help="Tokens to sample after the prime."),
+    length: int = typer.Option(500, "--length", "-n", min=1, max=MAX_GENERATE,
+                               help=f"Tokens to sample after the prime (at most {MAX_GENERATE:,})."),
     temperature: float = typer.Option(1.0, "--temperature", "-t",
                                       help="Softmax temperature (> 0); lower is more conservative."),
     top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="Sample only from the k likeliest tokens."),
@@ -153,6 +177,7 @@ def translate(
     if n_best > beam:
         _bad_option(f"--n-best ({n_best}) cannot exceed --beam ({beam})")
     with user_errors():
+        _output_file(output, "--output")
         task = load_task(checkpoint, device)
         if task.cfg.task != "translation":
             raise CheckpointError(f"{checkpoint}: a '{task.cfg.task}' checkpoint cannot translate; "
@@ -170,7 +195,8 @@ def translate(
         sys.stdout.write(text)
         sys.stdout.flush()
     else:
-        output.write_text(text, encoding="utf-8")
+        with user_errors():
+            output.write_text(text, encoding="utf-8")
     if attention_plots is not None:
         from rnnkit.plots import save_attention_plots
 
@@ -213,6 +239,8 @@ def predict(
     from rnnkit.runs import load_task
 
     with user_errors():
+        _output_file(output, "--output")
+        _output_file(plot, "--plot")
         task = load_task(checkpoint, device)
         if task.cfg.task == "forecast":
             _predict_forecast(task, data, output, at, every, plot, column, batch_size)
@@ -335,6 +363,7 @@ def evaluate(
     if plot is not None and not gradient_flow:
         _bad_option("--plot draws the gradient-flow curve; add --gradient-flow")
     with user_errors():
+        _output_file(plot, "--plot")
         task = load_task(checkpoint, device, with_data=gradient_flow)
         kind = task.cfg.task
         if gradient_flow:

@@ -32,6 +32,11 @@ class ConfigError(ValueError):
         return f"{where}{self.key}: {self.message}" if self.key else f"{where}{self.message}"
 
 
+MAX_DIM = 65_536          # upper bounds on sizes: a typo such as hidden_size: 5120000 is an error,
+MAX_LAYERS = 64           # not an allocation that takes the machine down
+MAX_VOCAB = 10_000_000
+
+
 def num(default: Any, lo: float | None = None, hi: float | None = None,
         lo_open: bool = False, hi_open: bool = False) -> Any:
     """A numeric field with bounds; ``lo_open``/``hi_open`` exclude the bound itself."""

@@ -36,6 +36,8 @@ def prepare_trainer(cfg: Config, resume: bool = False) -> Trainer:
         trainer = _build_trainer(cfg, run_dir, resume)
         run_dir.mkdir(parents=True, exist_ok=True)
         trainer.lock = lock.claim()
+        for stale in run_dir.glob(".*.pt.*.tmp"):   # half-written by a killed process; ours now
+            stale.unlink(missing_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         if resume:
             trainer.resume(run_dir / "last.pt")

@@ -7,9 +7,10 @@ from typing import Iterable, Sequence
 
 import torch
 
-from rnnkit.data.vocab import BOS, EOS, PAD, UNK, DataError, Vocab
+from rnnkit.data.vocab import BOS, EOS, PAD, UNK, DataError, Vocab, check_not_binary
 
 SPECIALS = [PAD, UNK, BOS, EOS]   # pad is id 0 on both sides
+MAX_LINE_CHARS = 100_000           # a longer "sentence" is a broken file, not a sentence
 
 
 def read_lines(path: str) -> list[str]:
@@ -20,12 +21,24 @@ def read_lines(path: str) -> list[str]:
         raise DataError(f"{path}: cannot read ({err.strerror})") from None
     if not raw.strip():
         raise DataError(f"{path}: file is empty")
+    check_not_binary(raw, path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
         raise DataError(f"{path}: line {line}: bytes are not valid UTF-8") from None
-    return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
+    lines = text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
+    check_line_lengths(lines, path)
+    return lines
+
+
+def check_line_lengths(lines: Sequence[str], path: str, first: int = 1) -> None:
+    """One line beyond :data:`MAX_LINE_CHARS` (e.g. a file without line breaks) is an error,
+    not hours of tokenising and an out-of-memory crash."""
+    for number, line in enumerate(lines, start=first):
+        if len(line) > MAX_LINE_CHARS:
+            raise DataError(f"{path}: line {number} has {len(line):,} characters; lines longer than "
+                            f"{MAX_LINE_CHARS:,} are not sentences (is this the right file?)")
 
 
 def read_parallel(src_path: str, tgt_path: str) -> tuple[list[str], list[str]]:

@@ -76,9 +76,21 @@ def make_tokenizer(kind: str) -> CharTokenizer | WordTokenizer:
     return {"char": CharTokenizer, "word": WordTokenizer}[kind]()
 
 
+def check_not_binary(raw: bytes, path: str) -> None:
+    """Text never holds a NUL byte; a file that does is binary (a checkpoint, an archive)."""
+    at = raw.find(b"\0")
+    if at >= 0:
+        line = raw[:at].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: a NUL byte; this looks like a binary file, not text")
+
+
 def read_text(path: str) -> str:
     """Read a UTF-8 text file; a decoding error names the file and line."""
-    raw = open(path, "rb").read()
+    try:
+        raw = open(path, "rb").read()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror})") from None
+    check_not_binary(raw, path)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:

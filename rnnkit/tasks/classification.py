@@ -8,7 +8,8 @@ from typing import Any, Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from rnnkit.config import Config, RecurrentConfig, check_recurrent, num, recurrent_options
+from rnnkit.config import (MAX_DIM, MAX_LAYERS, MAX_VOCAB, Config, RecurrentConfig, check_recurrent, num,
+                           recurrent_options)
 from rnnkit.data.labeled import read_labeled
 from rnnkit.data.parallel import pad
 from rnnkit.models.labeling import SentenceClassifier
@@ -24,14 +25,14 @@ class DataConfig:
     valid: Optional[str] = None
     lowercase: bool = False
     min_freq: int = num(1, 1)
-    max_vocab: Optional[int] = num(None, 3)
+    max_vocab: Optional[int] = num(None, 3, MAX_VOCAB)
 
 
 @dataclass
 class ModelConfig(RecurrentConfig):
-    embedding_dim: int = num(300, 1)
-    hidden_size: int = num(150, 1)        # per direction
-    num_layers: int = num(1, 1)
+    embedding_dim: int = num(300, 1, MAX_DIM)
+    hidden_size: int = num(150, 1, MAX_DIM)        # per direction
+    num_layers: int = num(1, 1, MAX_LAYERS)
     dropout: float = num(0.5, 0, 1, hi_open=True)
     word_dropout: float = num(0.0, 0, 1, hi_open=True)
     pooling: Literal["final", "mean", "max", "attention"] = "max"

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rnnkit.config import Config, num
+from rnnkit.config import Config, num, MAX_DIM
 from rnnkit.tasks.memory import MemoryTask, SequenceModel, check_metric
 from rnnkit.tasks.memory import ModelConfig as _RecurrentModel
 
@@ -36,7 +36,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig(_RecurrentModel):
-    embedding_dim: int = num(16, 1)
+    embedding_dim: int = num(16, 1, MAX_DIM)
 
 
 def check_config(cfg: Config) -> None:

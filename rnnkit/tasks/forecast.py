@@ -17,7 +17,7 @@ from typing import Any, Iterator, Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from rnnkit.config import Config, ConfigError, RecurrentConfig, check_recurrent, num, require_file
+from rnnkit.config import Config, ConfigError, RecurrentConfig, check_recurrent, num, require_file, MAX_DIM, MAX_LAYERS
 from rnnkit.data.series import Scaler, Series, gather_windows, read_series, split_rows, window_starts
 from rnnkit.data.vocab import DataError
 from rnnkit.models.forecast import Forecaster
@@ -44,8 +44,8 @@ class DataConfig:
 @dataclass
 class ModelConfig(RecurrentConfig):
     cell: Literal["rnn_tanh", "rnn_relu", "lstm", "gru"] = "gru"
-    hidden_size: int = num(256, 1)
-    num_layers: int = num(1, 1)
+    hidden_size: int = num(256, 1, MAX_DIM)
+    num_layers: int = num(1, 1, MAX_LAYERS)
     dropout: float = num(0.0, 0, 1, hi_open=True)      # between layers and before the head
     segment: int = num(1, 1)                           # rows per recurrent step (divides input_length)
     channels: Literal["independent", "joint"] = "independent"

@@ -8,7 +8,8 @@ from typing import Any, Iterator, Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from rnnkit.config import Config, ConfigError, RecurrentConfig, check_recurrent, num, recurrent_options, require_file
+from rnnkit.config import (MAX_DIM, MAX_LAYERS, MAX_VOCAB, Config, ConfigError, RecurrentConfig, check_recurrent, num,
+                           recurrent_options, require_file)
 from rnnkit.data.vocab import EOS, UNK, DataError, Vocab, make_tokenizer, read_text
 from rnnkit.decoding.sampling import sample_next
 from rnnkit.gradient_flow import GradientFlow, measure
@@ -29,15 +30,15 @@ class DataConfig:
     test: Optional[str] = None
     tokenizer: Literal["char", "word"] = "char"
     min_freq: int = num(1, 1)
-    max_vocab: Optional[int] = num(None, 2)
+    max_vocab: Optional[int] = num(None, 2, MAX_VOCAB)
     bptt: int = num(64, 1)               # tokens per truncated-BPTT window
 
 
 @dataclass
 class ModelConfig(RecurrentConfig):
-    embedding_dim: int = num(128, 1)
-    hidden_size: int = num(256, 1)
-    num_layers: int = num(2, 1)
+    embedding_dim: int = num(128, 1, MAX_DIM)
+    hidden_size: int = num(256, 1, MAX_DIM)
+    num_layers: int = num(2, 1, MAX_LAYERS)
     dropout: float = num(0.0, 0, 1, hi_open=True)
     tie_weights: bool = False
 

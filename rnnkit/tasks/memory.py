@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from rnnkit.config import Config, ConfigError, RecurrentConfig, check_recurrent, num, recurrent_options
+from rnnkit.config import (MAX_DIM, MAX_LAYERS, Config, ConfigError, RecurrentConfig, check_recurrent, num,
+                           recurrent_options)
 from rnnkit.gradient_flow import GradientFlow, measure
 from rnnkit.models.rnn import make_rnn
 from rnnkit.training.trainer import StepResult
@@ -23,8 +24,8 @@ SPLITS = {"valid": 1, "test": 2}
 
 @dataclass
 class ModelConfig(RecurrentConfig):
-    hidden_size: int = num(128, 1)
-    num_layers: int = num(1, 1)
+    hidden_size: int = num(128, 1, MAX_DIM)
+    num_layers: int = num(1, 1, MAX_LAYERS)
     dropout: float = num(0.0, 0, 1, hi_open=True)   # between stacked layers
 
 

@@ -7,7 +7,8 @@ from typing import Any, Literal, Optional, Sequence
 
 import torch
 
-from rnnkit.config import Config, RecurrentConfig, check_recurrent, num, recurrent_options
+from rnnkit.config import (MAX_DIM, MAX_LAYERS, MAX_VOCAB, Config, RecurrentConfig, check_recurrent, num,
+                           recurrent_options)
 from rnnkit.data.labeled import read_tagged, select
 from rnnkit.data.parallel import pad
 from rnnkit.data.vocab import PAD, UNK, Vocab
@@ -29,20 +30,20 @@ class DataConfig:
     tag_column: int = num(4, 1)                       # CoNLL-U: 4 is UPOS, 5 XPOS
     lowercase: bool = False                           # word embeddings of lowercased words (characters keep case)
     min_freq: int = num(1, 1)                         # rarer training words become <unk>
-    max_vocab: Optional[int] = num(None, 3)
+    max_vocab: Optional[int] = num(None, 3, MAX_VOCAB)
     max_word_length: int = num(30, 1)                 # characters the character encoder reads per word
 
 
 @dataclass
 class ModelConfig(RecurrentConfig):
-    embedding_dim: int = num(100, 1)
-    hidden_size: int = num(200, 1)                    # per direction
-    num_layers: int = num(2, 1)
+    embedding_dim: int = num(100, 1, MAX_DIM)
+    hidden_size: int = num(200, 1, MAX_DIM)                    # per direction
+    num_layers: int = num(2, 1, MAX_LAYERS)
     dropout: float = num(0.33, 0, 1, hi_open=True)    # on inputs, between layers, before the output
     word_dropout: float = num(0.0, 0, 1, hi_open=True)   # training words replaced by <unk>
     char_encoder: bool = True                         # build a vector from each word's letters
-    char_embedding_dim: int = num(30, 1)
-    char_hidden_size: int = num(50, 1)                # per direction
+    char_embedding_dim: int = num(30, 1, MAX_DIM)
+    char_hidden_size: int = num(50, 1, MAX_DIM)                # per direction
     output: Literal["softmax", "crf"] = "softmax"
 
 

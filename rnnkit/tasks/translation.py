@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from rnnkit.config import Config, ConfigError, RecurrentConfig, check_recurrent, num, recurrent_options, require_file
+from rnnkit.config import (MAX_DIM, MAX_LAYERS, MAX_VOCAB, Config, ConfigError, RecurrentConfig, check_recurrent, num,
+                           recurrent_options, require_file)
 from rnnkit.data import cache as data_cache
 from rnnkit.data.parallel import (Batch, build_tokenizer, length_batches, make_batch, read_parallel,
                                   tokenizer_from_state)
@@ -32,8 +33,8 @@ class DataConfig:
     valid_tgt: Optional[str] = None
     src_tokenizer: Tokenizer = "word"
     tgt_tokenizer: Tokenizer = "word"
-    src_vocab_size: Optional[int] = num(None, 8)   # word/char: most frequent kept; bpe/unigram: pieces
-    tgt_vocab_size: Optional[int] = num(None, 8)
+    src_vocab_size: Optional[int] = num(None, 8, MAX_VOCAB)   # word/char: most frequent kept; bpe/unigram: pieces
+    tgt_vocab_size: Optional[int] = num(None, 8, MAX_VOCAB)
     min_freq: int = num(1, 1)                       # word/char: rarer tokens become <unk>
     max_len: int = num(100, 1)                      # training pairs longer than this (tokens) are dropped
     batch_tokens: Optional[int] = num(None, 1)      # batch by padded tokens instead of train.batch_size sentences
@@ -42,16 +43,16 @@ class DataConfig:
 
 @dataclass
 class EncoderConfig(RecurrentConfig):
-    hidden_size: int = num(256, 1)       # per direction
-    num_layers: int = num(1, 1)
+    hidden_size: int = num(256, 1, MAX_DIM)       # per direction
+    num_layers: int = num(1, 1, MAX_LAYERS)
     bidirectional: bool = True
     dropout: float = num(0.3, 0, 1, hi_open=True)
 
 
 @dataclass
 class DecoderConfig(RecurrentConfig):
-    hidden_size: int = num(512, 1)
-    num_layers: int = num(1, 1)
+    hidden_size: int = num(512, 1, MAX_DIM)
+    num_layers: int = num(1, 1, MAX_LAYERS)
     dropout: float = num(0.3, 0, 1, hi_open=True)
     attention: Literal["none", "dot", "general", "additive"] = "general"
     input_feeding: bool = True
@@ -59,7 +60,7 @@ class DecoderConfig(RecurrentConfig):
 
 @dataclass
 class ModelConfig:
-    embedding_dim: int = num(256, 1)
+    embedding_dim: int = num(256, 1, MAX_DIM)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     bridge: Literal["linear", "zeros", "mean", "max"] = "linear"

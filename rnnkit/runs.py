@@ -38,6 +38,8 @@ def prepare_trainer(cfg: Config, resume: bool = False) -> Trainer:
         trainer.lock = lock.claim()
         for stale in run_dir.glob(".*.pt.*.tmp"):   # half-written by a killed process; ours now
             stale.unlink(missing_ok=True)
+        if not resume:      # records of a run killed before its first checkpoint: it starts over
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         if resume:
             trainer.resume(run_dir / "last.pt")

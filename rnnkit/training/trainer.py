@@ -136,6 +136,7 @@ class Trainer:
         self.stop_signal: str | None = None     # the signal that asked training to stop
         self.exit_code = 0
         self.lock: RunLock | None = None
+        self._grace_timer: threading.Timer | None = None
         self.window: LogWindow | None = None
         if cfg.train.gradient_flow_every and not hasattr(task, "gradient_flow"):
             raise ConfigError("train.gradient_flow_every", f"task '{cfg.task}' does not measure gradient flow")
@@ -182,6 +183,7 @@ class Trainer:
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.progress = Progress(**ckpt["progress"])
+        self.progress.nonfinite_run = 0     # a resumed run (say, with a lower lr) starts a fresh streak
         self.task.load_train_state(ckpt["train_state"])
         torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
         if "cuda" in ckpt["rng"] and torch.cuda.is_available():
@@ -249,9 +251,9 @@ class Trainer:
         grace = self.cfg.train.stop_grace
         tqdm.write(f"{name}: finishing this step, then saving last.pt (within {grace:g} s"
                    + ("; Ctrl-C again to abort)" if signum == signal.SIGINT else ")"))
-        timer = threading.Timer(grace, self._grace_over)
-        timer.daemon = True
-        timer.start()
+        self._grace_timer = threading.Timer(grace, self._grace_over)
+        self._grace_timer.daemon = True
+        self._grace_timer.start()
 
     def _grace_over(self) -> None:
         """The grace period ran out before last.pt was saved: leave now (the previous last.pt,
@@ -361,6 +363,8 @@ class Trainer:
                 self.save_last()     # the weights are still the last finite ones
             raise
         finally:
+            if self._grace_timer is not None:
+                self._grace_timer.cancel()
             bar.close()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)

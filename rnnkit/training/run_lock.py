@@ -39,6 +39,7 @@ class RunLock:
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / ".lock"
         self.key = str(self.path.resolve())
+        self.created = self.claimed = False    # a lock file this process made for a run that never started goes
 
     def _holder(self) -> str:
         try:
@@ -49,6 +50,7 @@ class RunLock:
     def acquire(self) -> "RunLock":
         if self.key in _HELD:          # this process holds it already (e.g. a second Trainer)
             return self
+        self.created = not self.path.exists()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             if fcntl is not None:
@@ -69,6 +71,7 @@ class RunLock:
     def claim(self) -> "RunLock":
         """Hold the lock and write this process into it (once the run is sure to start)."""
         self.acquire()
+        self.claimed = True
         fd = _HELD[self.key]
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} since "
@@ -89,4 +92,6 @@ class RunLock:
     def release(self) -> None:
         fd = _HELD.pop(self.key, None)
         if fd is not None:
+            if self.created and not self.claimed:
+                self.path.unlink(missing_ok=True)
             os.close(fd)    # closing drops the flock; the file stays, naming the last holder

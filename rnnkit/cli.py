@@ -91,8 +91,10 @@ def train(
     Example:  rnnkit train configs/char_lm.yaml --set model.cell=gru --set train.max_steps=2000
     """
     from rnnkit.runs import prepare_trainer
+    from rnnkit.training import distributed
 
     with user_errors():
+        distributed.init()      # under torchrun: join the process group (gloo on CPU, NCCL on GPU)
         cfg = load_config(config, overrides)
         if auto_resume:
             resume = (Path(cfg.run_dir) / "last.pt").exists()

@@ -9,6 +9,7 @@ import torch
 from rnnkit.config import Config, ConfigError, config_to_dict, load_config, save_config
 from rnnkit.tasks import task_module
 from rnnkit.training.checkpoint import CheckpointError, load_checkpoint
+from rnnkit.training import distributed
 from rnnkit.training.run_lock import RunLock
 from rnnkit.training.trainer import Trainer, resolve_device
 
@@ -27,20 +28,40 @@ def _first_difference(a: Any, b: Any, prefix: str) -> str | None:
 
 def prepare_trainer(cfg: Config, resume: bool = False) -> Trainer:
     """Check the run directory, build the task and a Trainer (restored when ``resume``).
-    Nothing in the run directory changes until all of that has succeeded."""
+    Nothing in the run directory changes until all of that has succeeded. Under torchrun
+    every rank builds the same, rank 0 alone touches the run directory, and an error on
+    any rank stops them all."""
+    rank = distributed.current()
+    if rank.world == 1:
+        return _prepare(cfg, resume, rank)
+    failed = None
+    try:
+        trainer = _prepare(cfg, resume, rank)
+    except Exception as err:
+        failed = err
+    if distributed.any_rank(failed is not None, distributed.device_of(rank)):
+        if failed is None:
+            raise ConfigError("", "another rank could not start (its error is above)")
+        raise failed
+    trainer.broadcast_from_main()
+    return trainer
+
+
+def _prepare(cfg: Config, resume: bool, rank: distributed.Rank) -> Trainer:
     run_dir = Path(cfg.run_dir)
     lock = RunLock(run_dir)
-    if run_dir.is_dir():
+    if rank.main and run_dir.is_dir():
         lock.acquire()      # another live process training here is refused before anything else
     try:
-        trainer = _build_trainer(cfg, run_dir, resume)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        trainer.lock = lock.claim()
-        for stale in run_dir.glob(".*.pt.*.tmp"):   # half-written by a killed process; ours now
-            stale.unlink(missing_ok=True)
-        if not resume:      # records of a run killed before its first checkpoint: it starts over
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        trainer = _build_trainer(cfg, run_dir, resume, rank)
+        if rank.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            trainer.lock = lock.claim()
+            for stale in run_dir.glob(".*.pt.*.tmp"):   # half-written by a killed process; ours now
+                stale.unlink(missing_ok=True)
+            if not resume:      # records of a run killed before its first checkpoint: it starts over
+                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            save_config(cfg, run_dir / "config.yaml")
         if resume:
             trainer.resume(run_dir / "last.pt")
     except BaseException:
@@ -49,7 +70,7 @@ def prepare_trainer(cfg: Config, resume: bool = False) -> Trainer:
     return trainer
 
 
-def _build_trainer(cfg: Config, run_dir: Path, resume: bool) -> Trainer:
+def _build_trainer(cfg: Config, run_dir: Path, resume: bool, rank: distributed.Rank) -> Trainer:
     last = run_dir / "last.pt"
     ckpt = None
     if resume:
@@ -69,11 +90,15 @@ def _build_trainer(cfg: Config, run_dir: Path, resume: bool) -> Trainer:
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = resolve_device(cfg.train.device)
+    if device.type == "cuda" and rank.world > 1:
+        device = torch.device("cuda", rank.local_rank)
     if cfg.train.precision != "fp32" and device.type != "cuda":
         raise ConfigError("train.precision", f"{cfg.train.precision!r} needs a CUDA device (this run is on "
                                              f"{device.type}, where recurrent layers support only fp32); use fp32")
     torch.manual_seed(cfg.seed)
     task = task_module(cfg.task).build(cfg, device, extras=ckpt["task"] if ckpt else None)
+    if rank.world > 1:     # the same initial weights on every rank, then dropout of their own
+        torch.manual_seed(cfg.seed + 7919 * (rank.rank + 1))
     return Trainer(cfg, task, run_dir, device)
 
 

@@ -16,6 +16,7 @@ from rnnkit.gradient_flow import GradientFlow, measure
 from rnnkit.metrics import perplexity
 from rnnkit.models.language_model import RNNLanguageModel
 from rnnkit.models.rnn import detach_state
+from rnnkit.training import distributed
 from rnnkit.training.trainer import StepResult
 
 METRICS = ("valid_loss", "valid_ppl", "valid_bpc")
@@ -124,18 +125,34 @@ class LanguageModelTask:
         """Window start offsets over the batchified training stream."""
         return range(0, self.train_stream.size(1) - 1, self.cfg.data.bptt)
 
-    def train_step(self, start: int, index: int, step: int) -> StepResult:
+    def shard(self, start: int, rank: distributed.Rank) -> tuple[int, int, int] | list:
+        """Under torchrun each rank reads its own block of the batch's streams (rows)."""
+        lo, hi = distributed.share(self.train_stream.size(0), rank)
+        return (start, lo, hi) if hi > lo else []
+
+    def train_step(self, batch: int | tuple[int, int, int], index: int, step: int) -> StepResult:
+        start, lo, hi = batch if isinstance(batch, tuple) else (batch, 0, self.train_stream.size(0))
         if index == 0:
             self.state = None   # a new pass over the stream starts from a zero state
-        x, y = self._window(self.train_stream, start)
+        if self.state is not None and _rows(self.state) != hi - lo:   # all streams' state, from a checkpoint
+            self.state = tuple(s[:, lo:hi] for s in self.state) if isinstance(self.state, tuple) \
+                else self.state[:, lo:hi]
+        x, y = self._window(self.train_stream[lo:hi], start)
         logits, state = self.model(x, self.state)
         self.state = detach_state(state)
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
         return StepResult(loss, y.numel())
 
     def train_state(self) -> dict[str, Any]:
+        """The carried hidden state of every stream (gathered from all ranks under torchrun)."""
         s = self.state
-        return {"hidden": None if s is None else (list(s) if isinstance(s, tuple) else [s])}
+        if s is None:
+            return {"hidden": None}
+        parts = list(s) if isinstance(s, tuple) else [s]
+        rank = distributed.current()
+        if rank.world > 1:
+            parts = [distributed.gather_rows(p, 1, rank) for p in parts]
+        return {"hidden": parts}
 
     def load_train_state(self, state: dict[str, Any]) -> None:
         h = state.get("hidden")
@@ -214,3 +231,7 @@ def build(cfg: Config, device: torch.device, extras: dict[str, Any] | None = Non
           with_data: bool = True) -> LanguageModelTask:
     """A task for training (``with_data``) or, from a checkpoint's ``extras``, for inference."""
     return LanguageModelTask(cfg, device, extras, with_data)
+
+
+def _rows(state) -> int:
+    return (state[0] if isinstance(state, tuple) else state).size(1)

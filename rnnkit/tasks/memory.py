@@ -17,6 +17,7 @@ from rnnkit.config import (MAX_DIM, MAX_LAYERS, Config, ConfigError, RecurrentCo
                            recurrent_options)
 from rnnkit.gradient_flow import GradientFlow, measure
 from rnnkit.models.rnn import make_rnn
+from rnnkit.training import distributed
 from rnnkit.training.trainer import StepResult
 
 SPLITS = {"valid": 1, "test": 2}
@@ -78,8 +79,15 @@ class MemoryTask:
     def train_batches(self, epoch: int) -> list[tuple[int, int]]:
         return [(epoch, i) for i in range(self.cfg.data.epoch_batches)]
 
-    def train_step(self, batch: tuple[int, int], index: int, step: int) -> StepResult:
-        x, y = self.generate(self.cfg.train.batch_size, self.generator(0, *batch))
+    def shard(self, batch: tuple[int, int], rank: distributed.Rank) -> tuple[int, int, int, int] | list:
+        """Under torchrun each rank generates the whole batch and keeps its rows."""
+        lo, hi = distributed.share(self.cfg.train.batch_size, rank)
+        return (*batch, lo, hi) if hi > lo else []
+
+    def train_step(self, batch: tuple[int, ...], index: int, step: int) -> StepResult:
+        epoch, i, lo, hi = batch if len(batch) == 4 else (*batch, 0, self.cfg.train.batch_size)
+        x, y = self.generate(self.cfg.train.batch_size, self.generator(0, epoch, i))
+        x, y = x[lo:hi], y[lo:hi]
         loss, _ = self.loss_and_stats(x.to(self.device), y.to(self.device))
         return StepResult(loss, y.size(0))
 

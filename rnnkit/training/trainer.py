@@ -18,6 +18,7 @@ from rich.table import Table
 from tqdm import tqdm
 
 from rnnkit.config import Config, ConfigError, config_to_dict
+from rnnkit.training import distributed
 from rnnkit.training.checkpoint import load_checkpoint, save_checkpoint
 from rnnkit.training.run_lock import RunLock
 from rnnkit.training.schedules import LRSchedule
@@ -110,11 +111,17 @@ class LogWindow:
         self.loss += out.loss.detach().float() * out.tokens
         self.tokens += out.tokens
 
-    def flush(self, step: int, elapsed: float, lr: float, norm, logs) -> dict[str, Any]:
+    def flush(self, step: int, elapsed: float, lr: float, norm, logs,
+              rank: distributed.Rank = distributed.SINGLE) -> dict[str, Any]:
+        """The record of the window (every rank's tokens together); resets the sums."""
         now = time.perf_counter()
+        loss, tokens = self.loss.item(), self.tokens
+        if rank.world > 1:
+            loss, tokens = distributed.all_sum([loss, float(tokens)], self.loss.device)
+            tokens = int(tokens)
         record = {"kind": "train", "step": step, "elapsed": round(elapsed, 4),
-                  "loss": self.loss.item() / max(1, self.tokens), "lr": lr, "tokens": self.tokens,
-                  "tokens_per_s": self.tokens / max(1e-9, now - self.start)}
+                  "loss": loss / max(1, tokens), "lr": lr, "tokens": tokens,
+                  "tokens_per_s": tokens / max(1e-9, now - self.start)}
         if norm is not None:
             record["grad_norm"] = float(norm)
         record.update(logs or {})
@@ -127,6 +134,7 @@ class Trainer:
     def __init__(self, cfg: Config, task: Task, run_dir: Path, device: torch.device,
                  console: Console | None = None):
         self.cfg, self.task, self.run_dir, self.device = cfg, task, Path(run_dir), device
+        self.rank = distributed.current()     # under torchrun: rank 0 alone writes files and prints
         self.console = console or Console(stderr=True)
         self.optimizer = build_optimizer(cfg, task.model.parameters())
         self.schedule = LRSchedule(cfg.train)
@@ -154,13 +162,25 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
             "progress": self._progress_state(),
-            "train_state": self.task.train_state(),
+            "train_state": self.task.train_state(),   # called on every rank: it may gather
             "rng": rng,
         }
 
+    def broadcast_from_main(self) -> None:
+        """Every rank starts from rank 0's weights (they are equal already; this makes sure)."""
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for t in self.task.model.state_dict().values():
+                dist.broadcast(t, 0)
+
     def _progress_state(self) -> dict[str, Any]:
+        """Progress with the log window's sums over every rank (called on every rank)."""
         if self.window is not None:
-            self.progress.window_loss, self.progress.window_tokens = self.window.loss.item(), self.window.tokens
+            loss, tokens = self.window.loss.item(), self.window.tokens
+            if self.rank.world > 1:
+                loss, tokens = distributed.all_sum([loss, float(tokens)], self.device)
+            self.progress.window_loss, self.progress.window_tokens = loss, int(tokens)
         return vars(self.progress).copy()
 
     def _check_weights(self) -> None:
@@ -172,7 +192,9 @@ class Trainer:
 
     def save_last(self) -> None:
         self._check_weights()
-        save_checkpoint(self._payload(), self.run_dir / "last.pt")
+        payload = self._payload()
+        if self.rank.main:
+            save_checkpoint(payload, self.run_dir / "last.pt")
 
     def resume(self, path: Path) -> None:
         """Restore model, optimizer, schedule, data position, carried state and RNG."""
@@ -188,17 +210,23 @@ class Trainer:
         torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
         if "cuda" in ckpt["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
+        if self.rank.world > 1:   # the window's sums are global: rank 0 carries them; dropout of each rank's own
+            if not self.rank.main:
+                self.progress.window_loss, self.progress.window_tokens = 0.0, 0
+            torch.manual_seed(self.cfg.seed + 7919 * (self.rank.rank + 1) + self.progress.step)
         self._truncate_metrics(self.progress.step)
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop records a crashed session wrote after the checkpoint we resume from."""
-        if not self.metrics_path.exists():
+        if not self.rank.main or not self.metrics_path.exists():
             return
         lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
         kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
         self.metrics_path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
 
     def _log(self, record: dict[str, Any]) -> None:
+        if not self.rank.main:
+            return
         try:
             with self.metrics_path.open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
@@ -232,12 +260,14 @@ class Trainer:
             p.bad_evals += 1
         self._log({"kind": "eval", "step": p.step, **results})
         shown = "  ".join(f"{k}={v:.4g}" for k, v in results.items())
-        tqdm.write(f"step {p.step}: {shown}{'  (best)' if improved else ''}")
+        if self.rank.main:
+            tqdm.write(f"step {p.step}: {shown}{'  (best)' if improved else ''}")
         self._check_weights()
         payload = self._payload()
-        if improved:   # best first: a crash between the two leaves a last.pt that redoes this evaluation
-            save_checkpoint(payload, self.run_dir / "best.pt")
-        save_checkpoint(payload, self.run_dir / "last.pt")
+        if self.rank.main:   # best first: a crash between the two leaves a last.pt that redoes this evaluation
+            if improved:
+                save_checkpoint(payload, self.run_dir / "best.pt")
+            save_checkpoint(payload, self.run_dir / "last.pt")
         return t.early_stopping is not None and p.bad_evals >= t.early_stopping
 
     # ------------------------------------------------------------------ the loop
@@ -249,8 +279,9 @@ class Trainer:
             return
         self.stop_signal, self.exit_code = name, code
         grace = self.cfg.train.stop_grace
-        tqdm.write(f"{name}: finishing this step, then saving last.pt (within {grace:g} s"
-                   + ("; Ctrl-C again to abort)" if signum == signal.SIGINT else ")"))
+        if self.rank.main:
+            tqdm.write(f"{name}: finishing this step, then saving last.pt (within {grace:g} s"
+                       + ("; Ctrl-C again to abort)" if signum == signal.SIGINT else ")"))
         self._grace_timer = threading.Timer(grace, self._grace_over)
         self._grace_timer.daemon = True
         self._grace_timer.start()
@@ -275,10 +306,13 @@ class Trainer:
         lr = self.schedule.lr(p.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with self._autocast():
-            out = self.task.train_step(batch, p.batch_index, p.step)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(out.loss).backward()
+        if self.rank.world == 1:
+            with self._autocast():
+                out = self.task.train_step(batch, p.batch_index, p.step)
+            self.scaler.scale(out.loss).backward()
+        else:
+            out = self._distributed_backward(batch, params)
         self.scaler.unscale_(self.optimizer)
         if t.clip_grad_norm:
             norm = torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm, foreach=True)
@@ -298,6 +332,23 @@ class Trainer:
         p.step += 1
         p.batch_index += 1
         return out, norm, lr
+
+    def _distributed_backward(self, batch: Any, params: list[torch.Tensor]) -> StepResult:
+        """This rank's share of the global batch, its loss weighted by its share of the global
+        tokens, gradients averaged over ranks: the gradient of the global batch's mean loss."""
+        p, rank = self.progress, self.rank
+        shard = getattr(self.task, "shard", None)
+        local = shard(batch, rank) if shard is not None else distributed.shard(batch, rank)
+        empty = hasattr(local, "__len__") and len(local) == 0
+        out = StepResult(torch.zeros((), device=self.device), 0)
+        if not empty:
+            with self._autocast():
+                out = self.task.train_step(local, p.batch_index, p.step)
+        (total,) = distributed.all_sum([float(out.tokens)], self.device)
+        if not empty:
+            self.scaler.scale(out.loss * (out.tokens * rank.world / max(1.0, total))).backward()
+        distributed.average_gradients(params, rank.world)
+        return out
 
     def _skip_nonfinite(self, loss: float, norm: float) -> None:
         p, limit = self.progress, self.cfg.train.max_nonfinite
@@ -323,7 +374,8 @@ class Trainer:
                 previous[signum] = signal.signal(signum, self._on_signal)
             except ValueError:  # not the main thread
                 pass
-        bar = tqdm(total=t.max_steps, initial=p.step, desc="train", unit="step", dynamic_ncols=True, disable=None)
+        bar = tqdm(total=t.max_steps, initial=p.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=None if self.rank.main else True)
         self.window = window = LogWindow(self.device, p.window_loss, p.window_tokens)
         clock, elapsed_before = time.perf_counter(), p.elapsed
         stop = p.step >= t.max_steps
@@ -338,7 +390,7 @@ class Trainer:
                         window.add(out)
                     p.elapsed = elapsed_before + time.perf_counter() - clock
                     if p.step % t.log_every == 0:
-                        record = window.flush(p.step, p.elapsed, lr, norm, out.logs)
+                        record = window.flush(p.step, p.elapsed, lr, norm, out.logs, self.rank)
                         self._log(record)
                         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
                                         tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
@@ -347,6 +399,11 @@ class Trainer:
                         self._log({"kind": "gradient_flow", "step": p.step, **flow.summary()})
                     bar.update(1)
                     timed_out = t.max_time is not None and p.elapsed >= t.max_time
+                    if self.rank.world > 1:    # every rank stops at the same step
+                        signalled = distributed.any_rank(self.stop_signal is not None, self.device)
+                        if signalled and self.stop_signal is None:
+                            self.stop_signal, self.exit_code = "SIGTERM", 143   # another rank was told
+                        timed_out = distributed.from_main(timed_out, self.device)
                     if self.stop_signal is not None:
                         stop = True
                     else:
@@ -357,7 +414,8 @@ class Trainer:
                     p.epoch, p.batch_index = p.epoch + 1, 0
             if self.stop_signal is not None:
                 self.save_last()
-                tqdm.write(f"stopped by {self.stop_signal} at step {p.step}; saved {self.run_dir / 'last.pt'}")
+                if self.rank.main:
+                    tqdm.write(f"stopped by {self.stop_signal} at step {p.step}; saved {self.run_dir / 'last.pt'}")
         except TrainingError:
             with contextlib.suppress(TrainingError, OSError):
                 self.save_last()     # the weights are still the last finite ones
@@ -373,7 +431,8 @@ class Trainer:
         summary = {"steps": p.step, "epochs": p.epoch, "seconds": round(p.elapsed, 1),
                    "best_" + t.metric: p.best, "best_step": p.best_step, **p.last_eval,
                    "nonfinite_skipped": p.nonfinite, "stopped_by": self.stop_signal or "-"}
-        self._print_summary(summary)
+        if self.rank.main:
+            self._print_summary(summary)
         return summary
 
     def _print_summary(self, summary: dict[str, Any]) -> None:

@@ -95,11 +95,16 @@ def train(
 
     with user_errors():
         distributed.init()      # under torchrun: join the process group (gloo on CPU, NCCL on GPU)
-        cfg = load_config(config, overrides)
-        if auto_resume:
-            resume = (Path(cfg.run_dir) / "last.pt").exists()
-        trainer = prepare_trainer(cfg, resume=resume)
-        trainer.fit()
+        ok = False
+        try:
+            cfg = load_config(config, overrides)
+            if auto_resume:
+                resume = (Path(cfg.run_dir) / "last.pt").exists()
+            trainer = prepare_trainer(cfg, resume=resume)
+            trainer.fit()
+            ok = True
+        finally:
+            distributed.finish(ok)
     if trainer.stop_signal is not None:
         again = " ".join([str(config), *(f"--set {o}" for o in overrides)])
         err_console.print(f"continue with: rnnkit train {again} --resume", highlight=False, soft_wrap=True)
@@ -175,6 +180,7 @@ def translate(
     """
     from rnnkit.data.parallel import read_lines
     from rnnkit.runs import load_task
+    from rnnkit.training import distributed
 
     if n_best > beam:
         _bad_option(f"--n-best ({n_best}) cannot exceed --beam ({beam})")
@@ -189,8 +195,12 @@ def translate(
         if input is not None and not input.is_file():
             raise DataError(f"--input: file not found: {input}")
         lines = read_lines(str(input)) if input is not None else sys.stdin.read().splitlines()
-        results = task.translate(lines, beam=beam, n_best=n_best, batch_size=batch_size,
-                                 alpha=length_penalty, replace_unk=replace_unk)
+        rank = distributed.init()    # under torchrun: each rank translates a contiguous share
+        results = _split_across_ranks(lines, rank, lambda part: task.translate(
+            part, beam=beam, n_best=n_best, batch_size=batch_size, alpha=length_penalty, replace_unk=replace_unk))
+        distributed.finish()
+        if not rank.main:
+            return
     nbest = results if n_best > 1 else [[r] for r in results]
     text = "".join(" ||| ".join(t.text for t in hyps) + "\n" for hyps in nbest)
     if output is None:
@@ -313,6 +323,21 @@ def _predict_forecast(task, data: Optional[Path], output: Optional[Path], at: Op
         err_console.print(f"wrote {plot}")
 
 
+def _split_across_ranks(items: list, rank, work) -> list:
+    """``work(items)``, or under torchrun each rank's ``work`` on a contiguous share of the
+    items, gathered in input order (every rank gets the whole list)."""
+    if rank.world == 1:
+        return work(items)
+    import torch.distributed as dist
+
+    from rnnkit.training import distributed
+
+    lo, hi = distributed.share(len(items), rank)
+    parts: list = [None] * rank.world
+    dist.all_gather_object(parts, work(items[lo:hi]))
+    return [x for part in parts for x in part]
+
+
 def _chunks(stream, size: int) -> Iterator[list[str]]:
     """Lines without their line ends, ``size`` at a time."""
     chunk: list[str] = []
@@ -359,6 +384,7 @@ def evaluate(
     """
     from rnnkit.data.vocab import read_text
     from rnnkit.runs import load_task
+    from rnnkit.training import distributed
 
     if split is not None and split not in ("train", "valid", "test"):
         _bad_option(f"--split must be train, valid or test, got {split!r}")
@@ -393,8 +419,16 @@ def evaluate(
             from rnnkit.metrics import bleu, chrf, perplexity
 
             sources, refs = read_parallel(str(src), str(ref))
-            hyps = [t.text for t in task.translate(sources, beam=beam, batch_size=batch_size)]
-            loss, tokens = task.score_pairs(sources, refs, batch_size)
+            rank = distributed.init()    # under torchrun: each rank decodes and scores a share
+            hyps = _split_across_ranks(sources, rank, lambda part: [
+                t.text for t in task.translate(part, beam=beam, batch_size=batch_size)])
+            scored = _split_across_ranks(list(zip(sources, refs)), rank, lambda part: [
+                task.score_pairs([s for s, _ in part], [r for _, r in part], batch_size)] if part else [])
+            tokens = sum(n for _, n in scored)
+            loss = sum(v * n for v, n in scored) / max(1, tokens)
+            distributed.finish()
+            if not rank.main:
+                return
             results = {"bleu": bleu(hyps, refs), "chrf": chrf(hyps, refs), "loss": loss,
                        "ppl": perplexity(loss), "sentences": len(sources), "beam": beam}
         else:   # generated tasks: the test set their seed fixes

@@ -1,6 +1,7 @@
 """Starting and resuming runs, and rebuilding a task from a checkpoint alone."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,8 @@ def load_task(path: str | Path, device: str = "auto", with_data: bool = False):
     """Rebuild a task (model, vocabulary, tokenizer) from a checkpoint, for inference
     (``with_data``: with the validation data its config names, e.g. for gradient flow)."""
     dev = resolve_device(device, key="--device")
+    if dev.type == "cuda" and dev.index is None and distributed.launched():   # one GPU per rank
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     ckpt = load_checkpoint(path, map_location=dev)
     try:
         cfg = load_config(None, base=ckpt["config"])

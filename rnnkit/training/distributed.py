@@ -54,6 +54,18 @@ def device_of(rank: Rank) -> torch.device:
     return torch.device("cpu")
 
 
+def finish(ok: bool = True) -> None:
+    """Leave the process group: together after a run that ended well (a rank that exits
+    alone aborts the others' gloo threads); at once after an error, which torchrun then
+    answers by stopping the other ranks."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            if ok:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
 def current() -> Rank:
     if dist.is_available() and dist.is_initialized():
         return Rank(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))

@@ -145,6 +145,13 @@ class Trainer:
         self.exit_code = 0
         self.lock: RunLock | None = None
         self._grace_timer: threading.Timer | None = None
+        self.tensorboard = None
+        if cfg.train.tensorboard:
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                raise ConfigError("train.tensorboard", "needs the tensorboard package: "
+                                                       "pip install tensorboard (or rnnkit[tensorboard])") from None
         self.window: LogWindow | None = None
         if cfg.train.gradient_flow_every and not hasattr(task, "gradient_flow"):
             raise ConfigError("train.gradient_flow_every", f"task '{cfg.task}' does not measure gradient flow")
@@ -227,6 +234,10 @@ class Trainer:
     def _log(self, record: dict[str, Any]) -> None:
         if not self.rank.main:
             return
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key not in ("kind", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(f"{record['kind']}/{key}", value, record["step"])
         try:
             with self.metrics_path.open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
@@ -263,6 +274,8 @@ class Trainer:
         if self.rank.main:
             tqdm.write(f"step {p.step}: {shown}{'  (best)' if improved else ''}")
         self._check_weights()
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
         payload = self._payload()
         if self.rank.main:   # best first: a crash between the two leaves a last.pt that redoes this evaluation
             if improved:
@@ -377,6 +390,12 @@ class Trainer:
         bar = tqdm(total=t.max_steps, initial=p.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=None if self.rank.main else True)
         self.window = window = LogWindow(self.device, p.window_loss, p.window_tokens)
+        if self.cfg.train.tensorboard and self.rank.main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # a resumed run first drops the events a crashed session wrote after its checkpoint
+            self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"),
+                                             purge_step=p.step + 1 if p.step else None)
         clock, elapsed_before = time.perf_counter(), p.elapsed
         stop = p.step >= t.max_steps
         try:
@@ -421,6 +440,9 @@ class Trainer:
                 self.save_last()     # the weights are still the last finite ones
             raise
         finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+                self.tensorboard = None
             if self._grace_timer is not None:
                 self._grace_timer.cancel()
             bar.close()

@@ -23,6 +23,8 @@ app = typer.Typer(
 )
 err_console = Console(stderr=True)
 MAX_GENERATE = 1_000_000
+data_app = typer.Typer(help="The corpora the configs use: list them, fetch and verify them.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
 
 def _output_file(path: Optional[Path], option: str) -> None:
@@ -408,6 +410,58 @@ def info(
     with user_errors():
         card = model_card(checkpoint)
     _print_results(card, as_json)
+
+
+@data_app.command("list")
+def data_list(
+    to: Path = typer.Option(Path("../shared/data"), "--to", help="Where the configs expect the corpora."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON list instead of a table."),
+) -> None:
+    """List the corpora: files, sizes, SHA-256, licence, source, and whether they are present.
+
+    Example:  rnnkit data list
+    """
+    from rich.table import Table
+
+    from rnnkit.data.corpora import CORPORA
+    from rnnkit.data.fetch import status
+
+    rows = [{"name": c.name, "status": status(c, to), "licence": c.licence, "source": c.source,
+             "description": c.description,
+             "files": [{"path": r, "bytes": n, "sha256": h} for r, n, h in c.files]} for c in CORPORA.values()]
+    if as_json:
+        print(json.dumps(rows))
+        return
+    table = Table(title=f"corpora (status under {to})")
+    for col in ("name", "status", "file", "bytes", "sha256", "licence", "source"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        for i, f in enumerate(r["files"]):
+            first = i == 0
+            table.add_row(r["name"] if first else "", r["status"] if first else "", f["path"], f"{f['bytes']:,}",
+                          f["sha256"][:16], r["licence"] if first else "", r["source"] if first else "")
+    Console().print(table)
+
+
+@data_app.command("get")
+def data_get(
+    name: str = typer.Argument(..., help="A corpus from 'rnnkit data list', e.g. multi30k."),
+    source: Optional[str] = typer.Option(None, "--from", help="A folder laid out like ../shared/data, or a mirror "
+                                                             "URL; default: the corpus's upstream address."),
+    to: Path = typer.Option(Path("../shared/data"), "--to", help="Where to put it (the corpus gets its folder)."),
+) -> None:
+    """Fetch a corpus, verify every file's size and SHA-256, then move it into place.
+
+    A corrupted or partial copy is refused and nothing is left where the configs read.
+
+    Example:  rnnkit data get multi30k --from /mnt/corpora --to ../shared/data
+    """
+    from rnnkit.data.fetch import get
+
+    with user_errors():
+        for line in get(name, source, to):
+            err_console.print(line, highlight=False)
+    err_console.print(f"{name}: ready in {to / name}")
 
 
 def _split_across_ranks(items: list, rank, work) -> list:

@@ -122,6 +122,7 @@ class TrainConfig:
     num_threads: Optional[int] = num(None, 1)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"   # bf16/fp16: autocast; fp16 adds loss scaling
     gradient_flow_every: Optional[int] = num(None, 1)   # steps between gradient-flow records in metrics.jsonl
+    keep_checkpoints: int = num(0, 0)      # also keep step{N}.pt of the last this many evaluations (averaging)
     tensorboard: bool = False              # also write every logged value as TensorBoard scalars
     max_nonfinite: int = num(10, 1)        # non-finite losses or gradients in a row before training stops
     stop_grace: float = num(60.0, 0, lo_open=True)   # seconds from Ctrl-C/SIGTERM to exit, last.pt saved if in time

@@ -280,8 +280,17 @@ class Trainer:
         if self.rank.main:   # best first: a crash between the two leaves a last.pt that redoes this evaluation
             if improved:
                 save_checkpoint(payload, self.run_dir / "best.pt")
+            if t.keep_checkpoints:
+                self._keep(payload)
             save_checkpoint(payload, self.run_dir / "last.pt")
         return t.early_stopping is not None and p.bad_evals >= t.early_stopping
+
+    def _keep(self, payload: dict[str, Any]) -> None:
+        """``step{N}.pt`` for this evaluation; only the newest ``train.keep_checkpoints`` stay."""
+        save_checkpoint(payload, self.run_dir / f"step{self.progress.step}.pt")
+        kept = sorted(self.run_dir.glob("step*.pt"), key=lambda f: int(f.stem[4:]) if f.stem[4:].isdigit() else -1)
+        for old in kept[: -self.cfg.train.keep_checkpoints]:
+            old.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ the loop
     def _on_signal(self, signum, frame) -> None:

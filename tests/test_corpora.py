@@ -40,7 +40,8 @@ def test_registered_checksums_match_the_shared_copies():
 def test_get_from_a_folder_verifies_and_lays_out(tmp_path):
     result = runner.invoke(app, ["data", "get", "rt-polarity", "--from", str(SHARED_DATA), "--to", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "rt-polarity" / "train.tsv").read_bytes() == (SHARED_DATA / "rt-polarity" / "train.tsv").read_bytes()
+    copied, original = tmp_path / "rt-polarity" / "train.tsv", SHARED_DATA / "rt-polarity" / "train.tsv"
+    assert copied.read_bytes() == original.read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rt-polarity"]
 
 

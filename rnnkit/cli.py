@@ -196,6 +196,9 @@ def translate(
             _bad_option("--replace-unk and --attention-plots need a model with attention")
         if input is not None and not input.is_file():
             raise DataError(f"--input: file not found: {input}")
+        if input is None and sys.stdin.isatty() and output is None and not distributed.launched():
+            _interactive(task, beam, n_best, length_penalty, replace_unk)
+            return
         lines = read_lines(str(input)) if input is not None else sys.stdin.read().splitlines()
         rank = distributed.init()    # under torchrun: each rank translates a contiguous share
         results = _split_across_ranks(lines, rank, lambda part: task.translate(
@@ -462,6 +465,24 @@ def data_get(
         for line in get(name, source, to):
             err_console.print(line, highlight=False)
     err_console.print(f"{name}: ready in {to / name}")
+
+
+def _interactive(task, beam: int, n_best: int, alpha: float, replace_unk: bool) -> None:
+    """A terminal on stdin: translate each line as it is typed (Ctrl-D or an empty line at the
+    start ends it)."""
+    err_console.print(f"rnnkit translate: type a sentence and press Enter (Ctrl-D to quit); beam {beam}",
+                      highlight=False)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return
+        if not line.strip():
+            continue
+        result = task.translate([line], beam=beam, n_best=n_best, alpha=alpha, replace_unk=replace_unk)[0]
+        hyps = result if n_best > 1 else [result]
+        print(" ||| ".join(h.text for h in hyps), flush=True)
 
 
 def _split_across_ranks(items: list, rank, work) -> list:

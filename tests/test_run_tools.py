@@ -103,3 +103,46 @@ def test_info_matches_the_checkpoint(tmp_path):
 def test_shell_completion_script():
     result = runner.invoke(app, ["--show-completion", "bash"])
     assert result.exit_code == 0 and "_rnnkit_completion" in result.stdout.replace("-", "_")
+
+
+def test_translate_with_a_terminal_answers_each_line_as_it_is_typed(tmp_path):
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+    from tests.test_translation_task import translation_config
+
+    cfg = write_yaml(tmp_path / "t.yaml", translation_config(tmp_path))
+    assert runner.invoke(app, ["train", str(cfg)]).exit_code == 0
+    ckpt = tmp_path / "run" / "best.pt"
+    expected = runner.invoke(app, ["translate", str(ckpt)], input="the cat sleeps\n").stdout.strip()
+    assert expected
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "rnnkit", "translate", str(ckpt)], cwd=ROOT,
+                            stdin=follower, stdout=follower, stderr=follower, close_fds=True)
+    os.close(follower)
+
+    def read_until(text: str, timeout: float = 60.0) -> str:
+        seen, end = "", time.time() + timeout
+        while text not in seen and time.time() < end:
+            if select.select([leader], [], [], 0.2)[0]:
+                try:
+                    seen += os.read(leader, 4096).decode(errors="replace")
+                except OSError:
+                    break
+        return seen
+
+    try:
+        assert "> " in read_until("> ")                   # a prompt, before any input
+        os.write(leader, b"the cat sleeps\n")
+        answer = read_until(expected + "\r\n> ")          # the translation, then the next prompt
+        assert expected in answer
+        os.write(leader, b"\x04")                         # Ctrl-D
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        os.close(leader)

@@ -1,6 +1,7 @@
 """Sequence-to-sequence translation: aligned files in, BLEU out."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, Optional, Sequence
 
@@ -255,12 +256,16 @@ class TranslationTask:
         todo = [i for i, toks in enumerate(src_tokens) if toks]
         results: list[list[Translation]] = [[Translation("", 0.0, [], [], None)] for _ in lines]
         todo.sort(key=lambda i: len(src_tokens[i]))
+        bar = tqdm(total=len(todo), desc="translate", unit="sent", disable=None if len(todo) > batch_size else True,
+                   file=sys.stderr, leave=False)    # shown only on a terminal, and only for long inputs
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             ids = [self.src_tok.vocab.encode(src_tokens[i]) for i in chunk]
             batch = make_batch(ids, None, chunk, self.bos, self.eos).to(self.device)
             for i, hyps in zip(chunk, self._search(batch, beam, n_best, alpha)):
                 results[i] = [self._finish(h, src_tokens[i], replace_unk) for h in hyps]
+            bar.update(len(chunk))
+        bar.close()
         self.model.train(was_training)
         return results if n_best > 1 else [r[0] for r in results]
 

@@ -1,6 +1,7 @@
 """The ``rnnkit`` command: thin commands that parse, load, call and print."""
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from contextlib import contextmanager
@@ -126,6 +127,9 @@ def generate(
                                           help="Sample from the smallest set of tokens with this total probability."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed; the same seed gives the same text."),
     num_samples: int = typer.Option(1, "--num-samples", min=1, help="How many independent samples."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 (exact) or bf16 (autocast: faster on CPUs "
+                                                               "with AVX512-BF16/AMX and on GPUs)."),
+    int8: bool = typer.Option(False, "--int8", help="CPU: dynamic int8 quantisation of the linear layers."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Sample text from a language model, streaming it to stdout.
@@ -140,8 +144,9 @@ def generate(
         _bad_option(f"--temperature must be > 0, got {temperature}")
     if top_p is not None and top_p <= 0:
         _bad_option(f"--top-p must be in (0, 1], got {top_p}")
-    with user_errors():
+    with user_errors(), contextlib.ExitStack() as stack:
         task = load_task(checkpoint, device)
+        stack.enter_context(_arithmetic(task, precision, int8))
         if not hasattr(task, "generate"):
             raise CheckpointError(f"{checkpoint}: a '{task.cfg.task}' checkpoint cannot generate text; "
                                   f"use 'rnnkit translate' for translation models")
@@ -174,6 +179,9 @@ def translate(
                                      help="Replace each <unk> with the source token it attends to most."),
     attention_plots: Optional[Path] = typer.Option(None, "--attention-plots", metavar="DIR",
                                                    help="Write one attention heatmap PNG per sentence here."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 (exact) or bf16 (autocast: faster on CPUs "
+                                                               "with AVX512-BF16/AMX and on GPUs)."),
+    int8: bool = typer.Option(False, "--int8", help="CPU: dynamic int8 quantisation of the linear layers."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Translate text, one output line per input line, in order (empty lines stay empty).
@@ -186,9 +194,10 @@ def translate(
 
     if n_best > beam:
         _bad_option(f"--n-best ({n_best}) cannot exceed --beam ({beam})")
-    with user_errors():
+    with user_errors(), contextlib.ExitStack() as stack:
         _output_file(output, "--output")
         task = load_task(checkpoint, device)
+        stack.enter_context(_arithmetic(task, precision, int8))
         if task.cfg.task != "translation":
             raise CheckpointError(f"{checkpoint}: a '{task.cfg.task}' checkpoint cannot translate; "
                                   f"use 'rnnkit generate' for language models")
@@ -241,6 +250,9 @@ def predict(
     column: Optional[str] = typer.Option(None, "--column", help="Forecasts: the column --plot draws "
                                                                 "(default: the last target)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Sentences (windows) processed together."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 (exact) or bf16 (autocast: faster on CPUs "
+                                                               "with AVX512-BF16/AMX and on GPUs)."),
+    int8: bool = typer.Option(False, "--int8", help="CPU: dynamic int8 quantisation of the linear layers."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Tag or classify sentences, or forecast a time series.
@@ -255,10 +267,11 @@ def predict(
     """
     from rnnkit.runs import load_task
 
-    with user_errors():
+    with user_errors(), contextlib.ExitStack() as stack:
         _output_file(output, "--output")
         _output_file(plot, "--plot")
         task = load_task(checkpoint, device)
+        stack.enter_context(_arithmetic(task, precision, int8))
         if task.cfg.task == "forecast":
             _predict_forecast(task, data, output, at, every, plot, column, batch_size)
             return
@@ -485,6 +498,31 @@ def _interactive(task, beam: int, n_best: int, alpha: float, replace_unk: bool) 
         print(" ||| ".join(h.text for h in hyps), flush=True)
 
 
+def _arithmetic(task, precision: str, int8: bool):
+    """Inference arithmetic: fp32 as trained, bf16 under autocast, and/or int8 linear layers."""
+    import torch
+
+    if precision not in ("fp32", "bf16"):
+        _bad_option(f"--precision must be fp32 or bf16, got {precision!r}")
+    if int8:
+        if task.device.type != "cpu":
+            _bad_option("--int8 is for CPU decoding (dynamic quantisation has no GPU kernels)")
+        import warnings
+
+        with warnings.catch_warnings():    # torch's notice that its quantised tensors are deprecated
+            warnings.simplefilter("ignore")
+            task.model = torch.ao.quantization.quantize_dynamic(task.model, {torch.nn.Linear}, dtype=torch.qint8)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if task.device.type == "cpu":
+        from rnnkit.hardware import bf16_note
+
+        note = bf16_note()
+        if note:
+            err_console.print(note, highlight=False)
+    return torch.autocast(task.device.type, dtype=torch.bfloat16)
+
+
 def _split_across_ranks(items: list, rank, work) -> list:
     """``work(items)``, or under torchrun each rank's ``work`` on a contiguous share of the
     items, gathered in input order (every rank gets the whole list)."""
@@ -532,6 +570,9 @@ def evaluate(
     plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png",
                                         help="With --gradient-flow: draw the curve (log scale) here."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 (exact) or bf16 (autocast: faster on CPUs "
+                                                               "with AVX512-BF16/AMX and on GPUs)."),
+    int8: bool = typer.Option(False, "--int8", help="CPU: dynamic int8 quantisation of the linear layers."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Score a checkpoint: LMs on --data (loss, perplexity, bits/char); taggers on --data (token
@@ -552,9 +593,10 @@ def evaluate(
         _bad_option(f"--split must be train, valid or test, got {split!r}")
     if plot is not None and not gradient_flow:
         _bad_option("--plot draws the gradient-flow curve; add --gradient-flow")
-    with user_errors():
+    with user_errors(), contextlib.ExitStack() as stack:
         _output_file(plot, "--plot")
         task = load_task(checkpoint, device, with_data=gradient_flow)
+        stack.enter_context(_arithmetic(task, precision, int8))
         kind = task.cfg.task
         if gradient_flow:
             if not hasattr(task, "gradient_flow"):

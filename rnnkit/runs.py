@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from rnnkit.config import Config, ConfigError, config_to_dict, load_config, save_config
 from rnnkit.tasks import task_module
@@ -93,9 +94,15 @@ def _build_trainer(cfg: Config, run_dir: Path, resume: bool, rank: distributed.R
     device = resolve_device(cfg.train.device)
     if device.type == "cuda" and rank.world > 1:
         device = torch.device("cuda", rank.local_rank)
-    if cfg.train.precision != "fp32" and device.type != "cuda":
-        raise ConfigError("train.precision", f"{cfg.train.precision!r} needs a CUDA device (this run is on "
-                                             f"{device.type}, where recurrent layers support only fp32); use fp32")
+    if cfg.train.precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision", f"'fp16' needs a CUDA device (this run is on {device.type}); "
+                                             f"use bf16 or fp32")
+    if cfg.train.precision == "bf16" and device.type == "cpu" and rank.main:
+        from rnnkit.hardware import bf16_note
+
+        note = bf16_note()
+        if note:
+            tqdm.write(note)
     torch.manual_seed(cfg.seed)
     task = task_module(cfg.task).build(cfg, device, extras=ckpt["task"] if ckpt else None)
     if rank.world > 1:     # the same initial weights on every rank, then dropout of their own

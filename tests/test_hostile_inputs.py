@@ -160,7 +160,7 @@ CASES = [
     ("cosine warmup beyond steps", config("c.yaml", lambda c, d: c["train"].update(
         lr_schedule="cosine", warmup_steps=100, max_steps=10)), ["train", "{d}/c.yaml"]),
     ("cuda on a cpu machine", config("c.yaml", put("train.device", "cuda:7")), ["train", "{d}/c.yaml"]),
-    ("bf16 on cpu", config("c.yaml", lambda c, d: c["train"].update(precision="bf16", device="cpu")),
+    ("fp16 on cpu", config("c.yaml", lambda c, d: c["train"].update(precision="fp16", device="cpu")),
      ["train", "{d}/c.yaml"]),
     ("missing data file", config("c.yaml", put("data.path", "{d}/absent.txt")), ["train", "{d}/c.yaml"]),
     ("missing parallel file", config("c.yaml", put("data.train_src", "{d}/absent.en"), task="translation"),

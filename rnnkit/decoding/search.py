@@ -112,7 +112,7 @@ def beam_search(step: StepFn, state: Any, batch_size: int, bos: int, eos: int, s
         parent = row_of.gather(1, origin)
         if weights is not None:
             w = torch.zeros(B, K, weights.size(-1), device=device)
-            w[active] = weights[parent] * from_live.unsqueeze(-1)
+            w[active] = weights[parent].float() * from_live.unsqueeze(-1)   # fp32 history under autocast too
             attn_hist.append(w)
         dead = now_ended | (top == inf)
         keep = ~dead[:, :n_best].all(1)            # topk keeps each sentence's slots sorted by score

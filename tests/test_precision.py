@@ -1,0 +1,69 @@
+"""bf16 on CPU (training and inference) and int8 decoding: every task trains and resumes under
+bf16; decoding keeps one output line per input line and stays close to fp32."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from rnnkit.cli import app
+from rnnkit.config import load_config
+from rnnkit.runs import prepare_trainer
+from tests.conftest import ROOT, write_yaml
+from tests.test_crash_safety import task_config
+from tests.test_translation_task import translation_config
+
+runner = CliRunner()
+SAMPLE = ROOT / "data" / "parallel"
+
+
+@pytest.mark.parametrize("task", ["lm", "translation", "tagging", "classification", "forecast", "adding", "copy"])
+def test_bf16_training_on_cpu_learns_and_resumes(tmp_path, task):
+    cfg = task_config(task, tmp_path, "run")
+    cfg["train"].update(precision="bf16", device="cpu")
+    path = write_yaml(tmp_path / "c.yaml", cfg)
+    prepare_trainer(load_config(path, ["train.max_steps=12"])).fit()
+    prepare_trainer(load_config(path), resume=True).fit()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(3, 25, 3))
+    assert all(torch.isfinite(torch.tensor(losses)))
+    if task != "copy":            # the copy task needs far more than 24 steps to move
+        assert losses[-1] < losses[0]
+    weights = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
+    assert all(w.dtype == torch.float32 for w in weights.values() if w.is_floating_point())   # fp32 master weights
+
+
+@pytest.fixture(scope="module")
+def translator(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tr")
+    cfg = translation_config(tmp)
+    cfg["train"].update(max_steps=60, eval_every=60)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RNNKIT_CACHE", str(tmp / "cache"))
+        result = runner.invoke(app, ["train", str(write_yaml(tmp / "t.yaml", cfg))])
+    assert result.exit_code == 0, result.output
+    return tmp / "run" / "best.pt"
+
+
+@pytest.mark.parametrize("options", [["--precision", "bf16"], ["--int8"], ["--precision", "bf16", "--int8"]])
+def test_bf16_and_int8_decoding_keep_lines_and_stay_close_to_fp32(translator, options):
+    src = (SAMPLE / "test.en").read_text().splitlines()[:60]
+    text = "\n".join(src[:20] + [""] + src[20:]) + "\n"
+    exact = runner.invoke(app, ["translate", str(translator), "--beam", "3"], input=text).stdout.split("\n")
+    other = runner.invoke(app, ["translate", str(translator), "--beam", "3", *options], input=text).stdout.split("\n")
+    assert len(other) == len(exact) == 62 and other[20] == "" and all(other[:20] + other[21:61])
+    same = sum(a == b for a, b in zip(exact, other)) / len(exact)
+    assert same >= 0.8, f"only {same:.0%} of lines agree with fp32"
+    args = ["eval", str(translator), "--src", str(SAMPLE / "test.en"), "--ref", str(SAMPLE / "test.fr"), "--json"]
+    fp32 = json.loads(runner.invoke(app, args).stdout)
+    low = json.loads(runner.invoke(app, [*args, *options]).stdout)
+    assert low["loss"] == pytest.approx(fp32["loss"], abs=0.05)     # nats per target token
+    assert abs(low["bleu"] - fp32["bleu"]) <= 2.0
+
+
+def test_int8_needs_a_cpu_and_precision_is_checked(translator):
+    result = runner.invoke(app, ["translate", str(translator), "--precision", "fp16"], input="a cat\n")
+    assert result.exit_code == 2 and "--precision must be fp32 or bf16" in result.output

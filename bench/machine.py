@@ -1,26 +1,16 @@
 """One line naming the machine a benchmark ran on: our machines differ from session to session."""
 from __future__ import annotations
 
-import platform
-from pathlib import Path
-
 import torch
+
+from rnnkit.hardware import cpu_model_and_flags
 
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 
 def cpu_description() -> str:
     """The CPU's model and which of the flags that matter for matrix products it has."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
+    model, flags = cpu_model_and_flags()
     have = [f for f in FLAGS if f in flags]
     return f"{model} ({', '.join(have) if have else 'none of ' + '/'.join(FLAGS)})"
 

@@ -69,7 +69,7 @@ def main() -> int:
         fp32 = train("fp32", args.steps, Path(tmp) / "fp32")
         bf16 = train("bf16", args.steps, Path(tmp) / "bf16")
     rows = {name: decode(args.checkpoint, opts) for name, opts in
-            (("fp32", []), ("bf16", ["bf16"]), ("int8", ["int8"]), ("bf16+int8", ["bf16", "int8"]))}
+            (("fp32", []), ("bf16", ["bf16"]), ("int8", ["int8"]))}
     print(describe(torch.device("cpu")), f"; native bf16: {native_bf16()}")
     print(f"training, {args.steps} steps each: fp32 {fp32[0]:,.0f} tgt tok/s (valid loss {fp32[1]:.4f}), "
           f"bf16 {bf16[0]:,.0f} tgt tok/s (valid loss {bf16[1]:.4f}); ratio bf16/fp32 {bf16[0] / fp32[0]:.2f}")

@@ -505,6 +505,8 @@ def _arithmetic(task, precision: str, int8: bool):
     if precision not in ("fp32", "bf16"):
         _bad_option(f"--precision must be fp32 or bf16, got {precision!r}")
     if int8:
+        if precision == "bf16":
+            _bad_option("--int8 and --precision bf16 do not combine (int8 layers take fp32 inputs); choose one")
         if task.device.type != "cpu":
             _bad_option("--int8 is for CPU decoding (dynamic quantisation has no GPU kernels)")
         import warnings

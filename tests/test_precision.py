@@ -48,7 +48,7 @@ def translator(tmp_path_factory):
     return tmp / "run" / "best.pt"
 
 
-@pytest.mark.parametrize("options", [["--precision", "bf16"], ["--int8"], ["--precision", "bf16", "--int8"]])
+@pytest.mark.parametrize("options", [["--precision", "bf16"], ["--int8"]])
 def test_bf16_and_int8_decoding_keep_lines_and_stay_close_to_fp32(translator, options):
     src = (SAMPLE / "test.en").read_text().splitlines()[:60]
     text = "\n".join(src[:20] + [""] + src[20:]) + "\n"
@@ -67,3 +67,5 @@ def test_bf16_and_int8_decoding_keep_lines_and_stay_close_to_fp32(translator, op
 def test_int8_needs_a_cpu_and_precision_is_checked(translator):
     result = runner.invoke(app, ["translate", str(translator), "--precision", "fp16"], input="a cat\n")
     assert result.exit_code == 2 and "--precision must be fp32 or bf16" in result.output
+    result = runner.invoke(app, ["translate", str(translator), "--precision", "bf16", "--int8"], input="a cat\n")
+    assert result.exit_code == 2 and "do not combine" in result.output

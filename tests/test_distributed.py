@@ -27,6 +27,32 @@ def torchrun(*args: str, procs: int = 2, **kwargs) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
+def kill_all(marker: str) -> None:
+    """SIGKILL every process whose command line names ``marker``, and wait until they are gone."""
+    def running() -> list[int]:
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                try:
+                    if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                        pids.append(int(entry.name))
+                except OSError:
+                    pass
+        return pids
+
+    for _ in range(100):
+        pids = running()
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+    raise AssertionError(f"processes still running: {running()}")
+
+
 def single(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "rnnkit", *args], cwd=ROOT, capture_output=True, text=True)
 
@@ -69,13 +95,13 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, task):
 
 def test_a_killed_distributed_run_resumes_in_one_process_and_back(tmp_path):
     cfg = config("lm", tmp_path, "run", max_steps=400, eval_every=20, log_every=10)
-    proc = torchrun("train", str(cfg), start_new_session=True)
+    proc = torchrun("train", str(cfg))
     run = tmp_path / "run"
     deadline = time.time() + 120
     while not (run / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     time.sleep(0.3)
-    os.killpg(proc.pid, signal.SIGKILL)         # the launcher and both ranks, at once
+    kill_all(str(cfg))                          # the launcher and both ranks, at once
     proc.wait()
     step = torch.load(run / "last.pt", weights_only=True)["progress"]["step"]
     assert 0 < step < 400

@@ -164,10 +164,10 @@ def test_mixed_precision_training_learns_and_resumes(tmp_path, precision):
     assert bool(scaler) == (precision == "fp16")
 
 
-def test_mixed_precision_on_cpu_is_a_clear_error(tmp_path):
+def test_fp16_on_cpu_is_a_clear_error(tmp_path):
     from rnnkit.config import ConfigError
-    with pytest.raises(ConfigError, match="train.precision: 'bf16' needs a CUDA device"):
-        _train(tmp_path, "cpu16", ["train.precision=bf16", "train.device=cpu"])
+    with pytest.raises(ConfigError, match="train.precision: 'fp16' needs a CUDA device"):
+        _train(tmp_path, "cpu16", ["train.precision=fp16", "train.device=cpu"])
     assert not (tmp_path / "cpu16").exists()
 
 

@@ -288,9 +288,15 @@ def predict(
         source = open(input, encoding="utf-8") if input is not None else sys.stdin
         sink = open(output, "w", encoding="utf-8") if output is not None else sys.stdout
         try:
+            from tqdm import tqdm
+
+            bar = tqdm(desc="predict", unit="line", file=sys.stderr, leave=False,
+                       disable=None if input is not None else True)   # a file read, stderr a terminal
             for lines in _chunks(source, batch_size * 16):
                 sink.write("".join(line + "\n" for line in task.predict(lines, batch_size, probs, **extra)))
                 sink.flush()
+                bar.update(len(lines))
+            bar.close()
         except UnicodeDecodeError:
             raise DataError(f"{input or 'stdin'}: input is not valid UTF-8") from None
         finally:

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Optional
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from rnnkit.config import (MAX_DIM, MAX_LAYERS, MAX_VOCAB, Config, ConfigError, RecurrentConfig, check_recurrent, num,
                            recurrent_options, require_file)
@@ -167,10 +169,13 @@ class LanguageModelTask:
         return stream[:, start:start + y.size(1)], y
 
     @torch.no_grad()
-    def stream_loss(self, stream: torch.Tensor) -> tuple[float, int]:
-        """Mean loss per token over a batchified stream, carrying state across windows."""
+    def stream_loss(self, stream: torch.Tensor, progress: bool = False) -> tuple[float, int]:
+        """Mean loss per token over a batchified stream, carrying state across windows (with
+        ``progress``, a bar on stderr when it is a terminal)."""
         total, count, state = 0.0, 0, None
-        for start in range(0, stream.size(1) - 1, self.cfg.data.bptt):
+        starts = range(0, stream.size(1) - 1, self.cfg.data.bptt)
+        for start in tqdm(starts, desc="eval", unit="window", file=sys.stderr, leave=False,
+                          disable=None if progress and len(starts) > 20 else True):
             x, y = self._window(stream, start)
             logits, state = self.model(x, state)
             total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1),
@@ -203,7 +208,7 @@ class LanguageModelTask:
         ids = self.encode(text)
         rows = max(1, min(rows, len(ids) // (2 * self.cfg.data.bptt)))
         self.model.eval()
-        loss, tokens = self.stream_loss(batchify(ids, rows, self.device))
+        loss, tokens = self.stream_loss(batchify(ids, rows, self.device), progress=True)
         return {**self.metrics(loss, tokens), "tokens": tokens}
 
     @torch.no_grad()

@@ -41,7 +41,7 @@ def prepare_trainer(cfg: Config, resume: bool = False) -> Trainer:
         trainer = _prepare(cfg, resume, rank)
     except Exception as err:
         failed = err
-    if distributed.any_rank(failed is not None, distributed.device_of(rank)):
+    if distributed.any_rank([failed is not None], distributed.device_of(rank))[0]:
         if failed is None:
             raise ConfigError("", "another rank could not start (its error is above)")
         raise failed

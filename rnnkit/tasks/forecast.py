@@ -182,14 +182,15 @@ class ForecastTask:
             guesses = {"": self.model(x).float(),
                        "last_value_": x[:, -1:, self.targets].expand_as(y),
                        "seasonal_": x[:, self.season_at][..., self.targets]}
+            y_original = self.scaler.inverse(y, self.targets)
             for name, pred in guesses.items():
-                units = ("", "original") if name == "" or baselines_in_original else ("",)
-                for unit in units:
-                    p, t = (self.scaler.inverse(pred, self.targets), self.scaler.inverse(y, self.targets)) \
-                        if unit else (pred, y)
-                    suffix = "_" + unit if unit else ""
-                    sums[f"{name}mse{suffix}"] = sums.get(f"{name}mse{suffix}", 0.0) + float((p - t).pow(2).sum())
-                    sums[f"{name}mae{suffix}"] = sums.get(f"{name}mae{suffix}", 0.0) + float((p - t).abs().sum())
+                errors = {"": pred - y}
+                if name == "" or baselines_in_original:
+                    errors["_original"] = self.scaler.inverse(pred, self.targets) - y_original
+                for suffix, err in errors.items():
+                    for metric, value in (("mse", err.pow(2).sum()), ("mae", err.abs().sum())):
+                        key = f"{name}{metric}{suffix}"
+                        sums[key] = sums.get(key, 0.0) + float(value)
         self.model.train(was_training)
         count = max(1, len(starts) * self.cfg.data.horizon * len(self.targets))
         results = {k: v / count for k, v in sums.items()}

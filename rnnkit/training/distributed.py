@@ -41,10 +41,9 @@ def init() -> Rank:
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-    return Rank(dist.get_rank(), dist.get_world_size(), local)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return current()
 
 
 def device_of(rank: Rank) -> torch.device:
@@ -94,17 +93,11 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when it is true on any (stop together)."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag true on every rank when it is true on any (stop together), in one all-reduce."""
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def from_main(flag: bool, device: torch.device) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.broadcast(t, 0)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 def average_gradients(params: list[torch.Tensor], world: int) -> None:

@@ -111,14 +111,18 @@ class LogWindow:
         self.loss += out.loss.detach().float() * out.tokens
         self.tokens += out.tokens
 
+    def totals(self, rank: distributed.Rank = distributed.SINGLE) -> tuple[float, int]:
+        """The summed loss and tokens of the window, over every rank (a collective when several)."""
+        loss, tokens = self.loss.item(), self.tokens
+        if rank.world > 1:
+            loss, tokens = distributed.all_sum([loss, float(tokens)], self.loss.device)
+        return loss, int(tokens)
+
     def flush(self, step: int, elapsed: float, lr: float, norm, logs,
               rank: distributed.Rank = distributed.SINGLE) -> dict[str, Any]:
         """The record of the window (every rank's tokens together); resets the sums."""
         now = time.perf_counter()
-        loss, tokens = self.loss.item(), self.tokens
-        if rank.world > 1:
-            loss, tokens = distributed.all_sum([loss, float(tokens)], self.loss.device)
-            tokens = int(tokens)
+        loss, tokens = self.totals(rank)
         record = {"kind": "train", "step": step, "elapsed": round(elapsed, 4),
                   "loss": loss / max(1, tokens), "lr": lr, "tokens": tokens,
                   "tokens_per_s": tokens / max(1e-9, now - self.start)}
@@ -184,10 +188,7 @@ class Trainer:
     def _progress_state(self) -> dict[str, Any]:
         """Progress with the log window's sums over every rank (called on every rank)."""
         if self.window is not None:
-            loss, tokens = self.window.loss.item(), self.window.tokens
-            if self.rank.world > 1:
-                loss, tokens = distributed.all_sum([loss, float(tokens)], self.device)
-            self.progress.window_loss, self.progress.window_tokens = loss, int(tokens)
+            self.progress.window_loss, self.progress.window_tokens = self.window.totals(self.rank)
         return vars(self.progress).copy()
 
     def _check_weights(self) -> None:
@@ -329,12 +330,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        if self.rank.world == 1:
-            with self._autocast():
-                out = self.task.train_step(batch, p.batch_index, p.step)
-            self.scaler.scale(out.loss).backward()
-        else:
-            out = self._distributed_backward(batch, params)
+        out = self._forward_backward(batch, params)
         self.scaler.unscale_(self.optimizer)
         if t.clip_grad_norm:
             norm = torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm, foreach=True)
@@ -342,8 +338,10 @@ class Trainer:
             grads = [q.grad for q in params if q.grad is not None]
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) \
                 if grads else torch.zeros(())
-        loss_ok = bool(torch.isfinite(out.loss.detach()))
-        if loss_ok and (bool(torch.isfinite(norm)) or self.scaler.is_enabled()):
+        finite = torch.isfinite(out.loss.detach())
+        if not self.scaler.is_enabled():     # fp16's scaler skips its own overflowing steps
+            finite &= torch.isfinite(norm)
+        if bool(finite):                     # the one host sync of the check
             self.scaler.step(self.optimizer)
             self.scaler.update()
             p.nonfinite_run = 0
@@ -355,21 +353,26 @@ class Trainer:
         p.batch_index += 1
         return out, norm, lr
 
-    def _distributed_backward(self, batch: Any, params: list[torch.Tensor]) -> StepResult:
-        """This rank's share of the global batch, its loss weighted by its share of the global
-        tokens, gradients averaged over ranks: the gradient of the global batch's mean loss."""
+    def _forward_backward(self, batch: Any, params: list[torch.Tensor]) -> StepResult:
+        """Forward (under autocast) and backward. Under torchrun: this rank's share of the global
+        batch, its loss weighted by its share of the global tokens, gradients averaged over
+        ranks, which is the gradient of the global batch's mean loss."""
         p, rank = self.progress, self.rank
-        shard = getattr(self.task, "shard", None)
-        local = shard(batch, rank) if shard is not None else distributed.shard(batch, rank)
-        empty = hasattr(local, "__len__") and len(local) == 0
+        if rank.world > 1:
+            batch = getattr(self.task, "shard", distributed.shard)(batch, rank)
+        empty = rank.world > 1 and hasattr(batch, "__len__") and len(batch) == 0
         out = StepResult(torch.zeros((), device=self.device), 0)
         if not empty:
             with self._autocast():
-                out = self.task.train_step(local, p.batch_index, p.step)
-        (total,) = distributed.all_sum([float(out.tokens)], self.device)
+                out = self.task.train_step(batch, p.batch_index, p.step)
+        loss = out.loss
+        if rank.world > 1:
+            (total,) = distributed.all_sum([float(out.tokens)], self.device)
+            loss = loss * (out.tokens * rank.world / max(1.0, total))
         if not empty:
-            self.scaler.scale(out.loss * (out.tokens * rank.world / max(1.0, total))).backward()
-        distributed.average_gradients(params, rank.world)
+            self.scaler.scale(loss).backward()
+        if rank.world > 1:
+            distributed.average_gradients(params, rank.world)
         return out
 
     def _skip_nonfinite(self, loss: float, norm: float) -> None:
@@ -427,11 +430,11 @@ class Trainer:
                         self._log({"kind": "gradient_flow", "step": p.step, **flow.summary()})
                     bar.update(1)
                     timed_out = t.max_time is not None and p.elapsed >= t.max_time
-                    if self.rank.world > 1:    # every rank stops at the same step
-                        signalled = distributed.any_rank(self.stop_signal is not None, self.device)
+                    if self.rank.world > 1:    # every rank stops at the same step: one collective
+                        signalled, timed_out = distributed.any_rank([self.stop_signal is not None, timed_out],
+                                                                    self.device)
                         if signalled and self.stop_signal is None:
                             self.stop_signal, self.exit_code = "SIGTERM", 143   # another rank was told
-                        timed_out = distributed.from_main(timed_out, self.device)
                     if self.stop_signal is not None:
                         stop = True
                     else:

@@ -9,7 +9,12 @@ length penalty alpha 1.0, at most 100 target tokens) with the model it trained, 
 whole process (start-up and model loading included) and scored with sacreBLEU. Peak
 memory is each process's maximum resident set size.
 
-    python bench/peers.py [--steps 220]
+rnnkit trains once per ``--precision`` (fp32, and bf16 where the CPU multiplies bf16 natively)
+and decodes its fp32-trained model once per arithmetic (fp32, ``--precision bf16``, ``--int8``);
+each training reports its validation loss at the last step. ``--peers onmt`` leaves Joey NMT
+out (it has been the slower peer by a factor of two in every run so far).
+
+    python bench/peers.py [--steps 220] [--peers onmt,joey] [--precision fp32,bf16]
     python bench/peers.py --decode-only --onmt-model M.pt --joey-config J.yaml --rnnkit-checkpoint C.pt
 
 A model trained for a few hundred steps decodes differently from a converged one (more
@@ -27,6 +32,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
 PEERS = SHARED / "bench" / "peers"
 OUT = ROOT / "bench" / "out"
@@ -104,14 +110,30 @@ def throughput(kind: str, log: Path, a: int, b: int) -> dict:
     return {"s_per_step": float(m.group(1)), "tokens_per_s": float(m.group(2))}
 
 
+PEER_NAMES = {"onmt": "OpenNMT-py 3.5.1", "joey": "Joey NMT 2.3.0"}
+
+
 def main() -> int:
+    from rnnkit.hardware import native_bf16
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=220)
+    ap.add_argument("--peers", default="onmt,joey", help="which peers to run: onmt, joey or both")
+    ap.add_argument("--precision", default="fp32,bf16" if native_bf16() else "fp32",
+                    help="rnnkit training precisions (default: fp32, and bf16 on a CPU with native bf16)")
     ap.add_argument("--decode-only", action="store_true", help="skip training; decode with the models named below")
     ap.add_argument("--onmt-model", help="OpenNMT-py checkpoint to decode with (default: the one trained here)")
     ap.add_argument("--joey-config", help="Joey NMT config whose model_dir holds the model to decode with")
     ap.add_argument("--rnnkit-checkpoint", help="rnnkit checkpoint to decode with")
     args = ap.parse_args()
+    args.peers = [p for p in args.peers.split(",") if p]
+    args.precision = [p for p in args.precision.split(",") if p]
+    if not set(args.peers) <= set(PEER_NAMES) or not set(args.precision) <= {"fp32", "bf16"}:
+        ap.error("--peers takes onmt and/or joey; --precision fp32 and/or bf16")
+    import torch
+
+    from bench.machine import describe
+    print(describe(torch.device("cpu")).replace(f"{torch.get_num_threads()} threads", "2 threads"))
     if not (SHARED / "data" / "multi30k").exists() or not PEERS.exists():
         print("skipped: ../shared/data/multi30k or ../shared/bench/peers is absent")
         return 0
@@ -131,8 +153,8 @@ def main() -> int:
         print_training(results, args.steps)
     models = {"onmt": args.onmt_model or last_onmt_checkpoint(work / "onmt"),
               "joey": args.joey_config or str(peer_config("joey", work, args.steps)),
-              "rnnkit": args.rnnkit_checkpoint or str(work / "rnnkit" / "last.pt")}
-    print_decoding(decode_all(models, work, bin_))
+              "rnnkit": args.rnnkit_checkpoint or str(work / f"rnnkit-{args.precision[0]}" / "last.pt")}
+    print_decoding(decode_all(models, args.peers, work, bin_))
     return 0
 
 
@@ -141,21 +163,23 @@ def last_onmt_checkpoint(folder: Path) -> str:
     return str(found[-1]) if found else str(folder / "model_step_0.pt")
 
 
-def decode_all(models: dict[str, str], work: Path, bin_: Path) -> dict:
+def decode_all(models: dict[str, str], peers: list[str], work: Path, bin_: Path) -> dict:
     src = SHARED / "data" / "multi30k" / "test_2016_flickr.en"
     out = work / "decode"
     out.mkdir(exist_ok=True)
-    return {
-        "OpenNMT-py 3.5.1": decode("OpenNMT-py", f"{bin_ / 'onmt_translate'} -model {models['onmt']} -src {src} "
-                                   f"-output {out / 'onmt.fr'} -beam_size 5 -batch_size 64 -batch_type sents "
-                                   f"-max_length 100 -length_penalty wu -alpha 1.0",
-                                   out / "onmt.fr", out / "onmt.log", work),
-        "Joey NMT 2.3.0": decode("Joey NMT", f"{bin_ / 'python'} -m joeynmt translate {models['joey']} "
-                                 f"< {src} > {out / 'joey.fr'}", out / "joey.fr", out / "joey.log", work),
-        "rnnkit": decode("rnnkit", f"{sys.executable} -m rnnkit translate {models['rnnkit']} --beam 5 "
-                         f"--batch-size 64 --length-penalty 1.0 -i {src} -o {out / 'rnnkit.fr'}",
-                         out / "rnnkit.fr", out / "rnnkit.log", ROOT),
+    commands = {
+        "onmt": f"{bin_ / 'onmt_translate'} -model {models['onmt']} -src {src} -output {out / 'onmt.fr'} "
+                f"-beam_size 5 -batch_size 64 -batch_type sents -max_length 100 -length_penalty wu -alpha 1.0",
+        "joey": f"{bin_ / 'python'} -m joeynmt translate {models['joey']} < {src} > {out / 'joey.fr'}",
     }
+    results = {PEER_NAMES[p]: decode(PEER_NAMES[p], commands[p], out / f"{p}.fr", out / f"{p}.log", work)
+               for p in peers}
+    for name, option in (("fp32", ""), ("bf16", " --precision bf16"), ("int8", " --int8")):
+        hyp = out / f"rnnkit-{name}.fr"
+        results[f"rnnkit {name}"] = decode(
+            f"rnnkit {name}", f"{sys.executable} -m rnnkit translate {models['rnnkit']} --beam 5 --batch-size 64 "
+            f"--length-penalty 1.0{option} -i {src} -o {hyp}", hyp, out / f"rnnkit-{name}.log", ROOT)
+    return results
 
 
 def print_decoding(results: dict) -> None:
@@ -167,57 +191,71 @@ def print_decoding(results: dict) -> None:
             continue
         print(f"{name:<18} {r['seconds']:>8.1f} {r['sentences_per_s']:>7.1f} {r['bleu']:>6.1f} "
               f"{r['peak_gb'] or 0:>12.2f}")
-    fastest = max((r["sentences_per_s"] for n, r in results.items() if n != "rnnkit" and "sentences_per_s" in r),
-                  default=None)
-    if fastest and "sentences_per_s" in results["rnnkit"]:
-        print(f"decoding ratio rnnkit / faster peer: {results['rnnkit']['sentences_per_s'] / fastest:.2f}  "
-              "(target >= 2 on CPU)")
+    print_ratios(results, "sentences_per_s", "decoding")
 
 
 def train_all(args, work: Path, bin_: Path) -> dict:
     results = {}
-    cfg = peer_config("onmt", work, args.steps)
-    timed([str(bin_ / "onmt_build_vocab"), "-config", str(cfg), "-n_sample", "-1"], work / "onmt" / "vocab.log", work)
-    for f in ("vocab.src", "vocab.tgt"):   # drop tokens its own reader rejects (see the peers' README)
-        p = work / "onmt" / f
-        p.write_text("".join(ln + "\n" for ln in p.read_text(encoding="utf-8").split("\n")[:-1]
-                             if len(ln.split(None, 1)) == 2), encoding="utf-8")
-    rc, rss, _ = timed([str(bin_ / "onmt_train"), "-config", str(cfg)], work / "onmt" / "train.log", work)
-    results["OpenNMT-py 3.5.1"] = {**throughput("onmt", work / "onmt" / "train.log", 20, args.steps), "peak_gb": rss}
-    cfg = peer_config("joey", work, args.steps)
-    rc, rss, _ = timed([str(bin_ / "python"), "-m", "joeynmt", "train", str(cfg), "--skip-test"],
-                  work / "joey" / "train.log", work)
-    results["Joey NMT 2.3.0"] = {**throughput("joey", work / "joey" / "train.log", 20, args.steps), "peak_gb": rss}
-
-    run_dir = work / "rnnkit"
-    subprocess.call(["rm", "-rf", str(run_dir)])
-    rc, rss, _ = timed([sys.executable, "-m", "rnnkit", "train", str(ROOT / "configs" / "translate_attention.yaml"),
-                   "--set", f"run_dir={run_dir}", "--set", f"train.max_steps={args.steps}",
-                   "--set", "train.log_every=20",
-                   "--set", "train.eval_every=100000", "--set", "train.max_time=null", "--set", "train.num_threads=2"],
-                  work / "rnnkit.log", ROOT)
-    rows = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-            if r["kind"] == "train"}
-    steps = [s for s in rows if 20 < s <= args.steps]
-    tokens = sum(rows[s]["tokens"] for s in steps)
-    dt = rows[args.steps]["elapsed"] - rows[20]["elapsed"]
-    results["rnnkit"] = {"s_per_step": dt / (args.steps - 20), "tokens_per_s": tokens / dt, "peak_gb": rss}
+    if "onmt" in args.peers:
+        cfg = peer_config("onmt", work, args.steps)
+        timed([str(bin_ / "onmt_build_vocab"), "-config", str(cfg), "-n_sample", "-1"], work / "onmt" / "vocab.log",
+              work)
+        for f in ("vocab.src", "vocab.tgt"):   # drop tokens its own reader rejects (see the peers' README)
+            p = work / "onmt" / f
+            p.write_text("".join(ln + "\n" for ln in p.read_text(encoding="utf-8").split("\n")[:-1]
+                                 if len(ln.split(None, 1)) == 2), encoding="utf-8")
+        rc, rss, _ = timed([str(bin_ / "onmt_train"), "-config", str(cfg)], work / "onmt" / "train.log", work)
+        results[PEER_NAMES["onmt"]] = {**throughput("onmt", work / "onmt" / "train.log", 20, args.steps),
+                                       "peak_gb": rss}
+    if "joey" in args.peers:
+        cfg = peer_config("joey", work, args.steps)
+        rc, rss, _ = timed([str(bin_ / "python"), "-m", "joeynmt", "train", str(cfg), "--skip-test"],
+                           work / "joey" / "train.log", work)
+        results[PEER_NAMES["joey"]] = {**throughput("joey", work / "joey" / "train.log", 20, args.steps),
+                                       "peak_gb": rss}
+    for precision in args.precision:
+        results[f"rnnkit {precision}"] = train_rnnkit(work / f"rnnkit-{precision}", args.steps, precision)
     return results
+
+
+def train_rnnkit(run_dir: Path, steps: int, precision: str) -> dict:
+    """configs/translate_attention.yaml for ``steps`` steps; one validation at the end (outside the timing)."""
+    subprocess.call(["rm", "-rf", str(run_dir)])
+    sets = [f"run_dir={run_dir}", f"train.max_steps={steps}", "train.log_every=20", f"train.eval_every={steps}",
+            "train.max_time=null", "train.num_threads=2", "train.device=cpu", f"train.precision={precision}"]
+    rc, rss, _ = timed([sys.executable, "-m", "rnnkit", "train", str(ROOT / "configs" / "translate_attention.yaml"),
+                        *[x for s in sets for x in ("--set", s)]], run_dir.with_suffix(".log"), ROOT)
+    if rc != 0:
+        return {"error": f"rnnkit training failed (exit {rc}); see {run_dir.with_suffix('.log')}"}
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = {r["step"]: r for r in records if r["kind"] == "train"}
+    chosen = [s for s in rows if 20 < s <= steps]
+    tokens = sum(rows[s]["tokens"] for s in chosen)
+    dt = rows[steps]["elapsed"] - rows[20]["elapsed"]
+    valid = [r for r in records if r["kind"] == "eval"][-1]["valid_loss"]
+    return {"s_per_step": dt / (steps - 20), "tokens_per_s": tokens / dt, "peak_gb": rss, "valid_loss": valid}
 
 
 def print_training(results: dict, steps: int) -> None:
     print(f"translation training, shared model, CPU (OMP_NUM_THREADS=2), steps 20->{steps}:")
-    print(f"{'toolkit':<18} {'s/step':>7} {'tgt tok/s':>10} {'peak RSS GB':>12}")
+    print(f"{'toolkit':<18} {'s/step':>7} {'tgt tok/s':>10} {'peak RSS GB':>12} {'valid loss':>11}")
     for name, r in results.items():
         if "error" in r:
             print(f"{name:<18} error: {r['error']}")
             continue
-        print(f"{name:<18} {r['s_per_step']:>7.3f} {r['tokens_per_s']:>10.0f} {r['peak_gb'] or 0:>12.2f}")
-    fastest = max((r["tokens_per_s"] for n, r in results.items() if n != "rnnkit" and "tokens_per_s" in r),
-                  default=None)
-    if fastest:
-        print(f"training ratio rnnkit / faster peer: {results['rnnkit']['tokens_per_s'] / fastest:.2f}  "
-              "(target >= 1.5 on CPU)")
+        loss = f"{r['valid_loss']:>11.4f}" if "valid_loss" in r else f"{'-':>11}"
+        print(f"{name:<18} {r['s_per_step']:>7.3f} {r['tokens_per_s']:>10.0f} {r['peak_gb'] or 0:>12.2f} {loss}")
+    print_ratios(results, "tokens_per_s", "training")
+
+
+def print_ratios(results: dict, key: str, what: str) -> None:
+    """Each rnnkit row's speed over the faster peer's, measured in this run."""
+    fastest = max((r[key] for n, r in results.items() if not n.startswith("rnnkit") and key in r), default=None)
+    if not fastest:
+        return
+    for name, r in results.items():
+        if name.startswith("rnnkit") and key in r:
+            print(f"{what} ratio {name} / faster peer: {r[key] / fastest:.2f}")
 
 
 if __name__ == "__main__":

@@ -129,4 +129,24 @@ def test_pad_and_batch_shapes():
     assert b.src.tolist() == [[5, 6, 7], [8, 0, 0]] and b.src_lengths.tolist() == [3, 1]
     assert b.tgt_in.tolist() == [[2, 9, 10, 0], [2, 11, 12, 13]]
     assert b.tgt_out.tolist() == [[9, 10, 3, 0], [11, 12, 13, 3]]
-    assert b.tokens == 7 and b.positions.tolist() == [0, 1, 2, 4, 5, 6, 7]
+    # the real targets' positions, then copies of the first up to a multiple of 16, ignored by the loss
+    assert b.tokens == 7 and b.positions.tolist() == [0, 1, 2, 4, 5, 6, 7] + [0] * 9
+    assert b.gold.tolist() == [9, 10, 3, 11, 12, 13, 3] + [-100] * 9
+
+
+def test_rows_added_for_the_output_layer_change_neither_loss_nor_gradients():
+    """Rounding the output layer's rows up (for oneDNN's kernel reuse) is invisible to training."""
+    import torch.nn.functional as F
+
+    from rnnkit.data.parallel import make_batch
+    torch.manual_seed(0)
+    b = make_batch([[5, 6, 7], [8]], [[9, 10], [11, 12, 13]], [0, 1], bos=2, eos=3)
+    feats = torch.randn(b.tgt_out.numel(), 8, requires_grad=True)
+    out = torch.nn.Linear(8, 20)
+    real = b.positions[:b.tokens]
+    exact = F.cross_entropy(out(feats[real]), b.tgt_out.view(-1)[real])
+    exact_grads = torch.autograd.grad(exact, [feats, out.weight])
+    rounded = F.cross_entropy(out(feats.index_select(0, b.positions)), b.gold, ignore_index=-100)
+    grads = torch.autograd.grad(rounded, [feats, out.weight])
+    assert torch.allclose(exact, rounded)
+    assert all(torch.allclose(a, g, atol=1e-7) for a, g in zip(exact_grads, grads))

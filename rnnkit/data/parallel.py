@@ -8,6 +8,7 @@ from typing import Iterable, Sequence
 import torch
 
 from rnnkit.data.vocab import BOS, EOS, PAD, UNK, DataError, Vocab, check_not_binary
+from rnnkit.hardware import ROW_MULTIPLE
 
 SPECIALS = [PAD, UNK, BOS, EOS]   # pad is id 0 on both sides
 MAX_LINE_CHARS = 100_000           # a longer "sentence" is a broken file, not a sentence
@@ -149,7 +150,8 @@ class Batch:
     tgt_out: torch.Tensor      # (B, T) y_1 .. y_n </s>, padded
     tokens: int                # target tokens (for loss normalisation and throughput)
     index: torch.Tensor        # (B,) positions of these sentences in the dataset
-    positions: torch.Tensor    # (tokens,) flat positions of real (non-pad) targets in tgt_out
+    positions: torch.Tensor    # (rows,) flat positions of real (non-pad) targets in tgt_out, see ROW_MULTIPLE
+    gold: torch.Tensor         # (rows,) the targets at those positions; IGNORE on the rows added
 
     def to(self, device: torch.device) -> "Batch":
         """Copy to ``device``; on CUDA through pinned memory, without waiting for the copy."""
@@ -158,7 +160,13 @@ class Batch:
         cuda = device.type == "cuda"
         move = lambda t: (t.pin_memory() if cuda else t).to(device, non_blocking=cuda)  # noqa: E731
         return Batch(move(self.src), self.src_lengths, move(self.tgt_in), move(self.tgt_out),
-                     self.tokens, self.index, move(self.positions))
+                     self.tokens, self.index, move(self.positions), move(self.gold))
+
+
+# The output layer runs on the real target tokens only, a count that changes with every batch;
+# it is rounded up to a multiple of ROW_MULTIPLE (see there) with copies of the first row whose
+# targets are IGNORE, so the loss and its gradients are unchanged.
+IGNORE = -100       # cross_entropy's ignore_index
 
 
 def pad(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,11 +182,16 @@ def make_batch(src: Sequence[list[int]], tgt: Sequence[list[int]] | None, index:
     s, s_len = pad(src)
     if tgt is None:
         empty = torch.zeros(len(src), 0, dtype=torch.long)
-        return Batch(s, s_len, empty, empty, 0, torch.as_tensor(index), empty[0])
+        return Batch(s, s_len, empty, empty, 0, torch.as_tensor(index), empty[0], empty[0])
     t_in, _ = pad([[bos] + t for t in tgt])
     t_out, t_len = pad([t + [eos] for t in tgt])
     positions = (t_out.view(-1) != 0).nonzero().squeeze(1)   # found on the CPU: no device sync later
-    return Batch(s, s_len, t_in, t_out, int(t_len.sum()), torch.as_tensor(index), positions)
+    gold = t_out.view(-1)[positions]
+    extra = -len(positions) % ROW_MULTIPLE
+    if extra:
+        positions = torch.cat([positions, positions[:1].expand(extra)])
+        gold = torch.cat([gold, gold.new_full((extra,), IGNORE)])
+    return Batch(s, s_len, t_in, t_out, int(t_len.sum()), torch.as_tensor(index), positions, gold)
 
 
 def length_batches(lengths: Sequence[int], batch_size: int, batch_tokens: int | None,

@@ -11,6 +11,8 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
+from rnnkit.hardware import ROW_MULTIPLE
+
 StepFn = Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any, torch.Tensor | None]]
 
 
@@ -76,8 +78,9 @@ def beam_search(step: StepFn, state: Any, batch_size: int, bos: int, eos: int, s
     tok_hist, origin_hist, attn_hist = [], [], []
     for t in range(int(limits.max())):
         logits, state, weights = step(tokens, state)
-        logits = logits.float()
-        A, R = active.numel(), tokens.numel()
+        A, R = active.numel(), row_sent.numel()     # rows past R are padding (see below)
+        logits = logits[:R].float()
+        weights = None if weights is None else weights[:R]
         top_v, top_i = logits.topk(min(K, logits.size(-1)), dim=-1)
         sent = active[row_sent]
         base = scores[sent, row_slot]
@@ -120,8 +123,11 @@ def beam_search(step: StepFn, state: Any, batch_size: int, bos: int, eos: int, s
         if not bool(live.any()):
             break
         sent_pos, slot = live.nonzero(as_tuple=True)
-        state = state.select(parent[sent_pos, slot])
-        tokens = new[sent_pos, slot]
+        rows, tokens = parent[sent_pos, slot], new[sent_pos, slot]
+        extra = -rows.numel() % ROW_MULTIPLE        # a row count oneDNN has seen before
+        if extra:
+            rows, tokens = torch.cat([rows, rows[:1].expand(extra)]), torch.cat([tokens, tokens[:1].expand(extra)])
+        state = state.select(rows)
         row_sent, row_slot = (keep.long().cumsum(0) - 1)[sent_pos], slot
         active = active[keep]
     normalised = (scores / length_penalty(lengths, alpha)).masked_fill(~ended, inf)

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from rnnkit.config import (MAX_DIM, MAX_LAYERS, MAX_VOCAB, Config, ConfigError, RecurrentConfig, check_recurrent, num,
                            recurrent_options, require_file)
 from rnnkit.data import cache as data_cache
-from rnnkit.data.parallel import (Batch, build_tokenizer, length_batches, make_batch, read_parallel,
+from rnnkit.data.parallel import (IGNORE, Batch, build_tokenizer, length_batches, make_batch, read_parallel,
                                   tokenizer_from_state)
 from rnnkit.data.vocab import BOS, EOS, UNK
 from rnnkit.decoding.search import Hypothesis, beam_search, greedy_search
@@ -196,8 +196,7 @@ class TranslationTask:
         """Mean cross-entropy per target token; the output layer runs on real tokens only."""
         feats = self.model.features(batch.src, batch.src_lengths, batch.tgt_in, ratio)
         feats = feats.reshape(-1, feats.size(-1)).index_select(0, batch.positions)
-        gold = batch.tgt_out.reshape(-1).index_select(0, batch.positions)
-        return F.cross_entropy(self.model.decoder.project(feats), gold)
+        return F.cross_entropy(self.model.decoder.project(feats), batch.gold, ignore_index=IGNORE)
 
     def train_step(self, indices: list[int], index: int, step: int) -> StepResult:
         batch = self._batch(self.train_pairs, indices)

@@ -68,6 +68,16 @@ def user_errors() -> Iterator[None]:
         _bad_option(f"cannot write {err.filename}: {err.strerror}")
 
 
+def _precision_option():
+    return typer.Option("fp32", "--precision", help="fp32 (exact) or bf16 (autocast: faster on CPUs with "
+                                                    "AVX512-BF16/AMX and on GPUs).")
+
+
+def _int8_option():
+    return typer.Option(False, "--int8", help="CPU: dynamic int8 quantisation of the linear and LSTM/GRU layers "
+                                              "(faster; close to fp32, see the README).")
+
+
 def _bad_option(message: str) -> NoReturn:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
@@ -127,9 +137,8 @@ def generate(
                                           help="Sample from the smallest set of tokens with this total probability."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed; the same seed gives the same text."),
     num_samples: int = typer.Option(1, "--num-samples", min=1, help="How many independent samples."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 (exact) or bf16 (autocast: faster on CPUs "
-                                                               "with AVX512-BF16/AMX and on GPUs)."),
-    int8: bool = typer.Option(False, "--int8", help="CPU: dynamic int8 quantisation of the linear layers."),
+    precision: str = _precision_option(),
+    int8: bool = _int8_option(),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Sample text from a language model, streaming it to stdout.
@@ -179,9 +188,8 @@ def translate(
                                      help="Replace each <unk> with the source token it attends to most."),
     attention_plots: Optional[Path] = typer.Option(None, "--attention-plots", metavar="DIR",
                                                    help="Write one attention heatmap PNG per sentence here."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 (exact) or bf16 (autocast: faster on CPUs "
-                                                               "with AVX512-BF16/AMX and on GPUs)."),
-    int8: bool = typer.Option(False, "--int8", help="CPU: dynamic int8 quantisation of the linear layers."),
+    precision: str = _precision_option(),
+    int8: bool = _int8_option(),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Translate text, one output line per input line, in order (empty lines stay empty).
@@ -250,9 +258,8 @@ def predict(
     column: Optional[str] = typer.Option(None, "--column", help="Forecasts: the column --plot draws "
                                                                 "(default: the last target)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Sentences (windows) processed together."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 (exact) or bf16 (autocast: faster on CPUs "
-                                                               "with AVX512-BF16/AMX and on GPUs)."),
-    int8: bool = typer.Option(False, "--int8", help="CPU: dynamic int8 quantisation of the linear layers."),
+    precision: str = _precision_option(),
+    int8: bool = _int8_option(),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Tag or classify sentences, or forecast a time series.
@@ -505,7 +512,7 @@ def _interactive(task, beam: int, n_best: int, alpha: float, replace_unk: bool) 
 
 
 def _arithmetic(task, precision: str, int8: bool):
-    """Inference arithmetic: fp32 as trained, bf16 under autocast, and/or int8 linear layers."""
+    """Inference arithmetic: fp32 as trained, bf16 under autocast, or int8 linear and LSTM/GRU layers."""
     import torch
 
     if precision not in ("fp32", "bf16"):
@@ -519,7 +526,8 @@ def _arithmetic(task, precision: str, int8: bool):
 
         with warnings.catch_warnings():    # torch's notice that its quantised tensors are deprecated
             warnings.simplefilter("ignore")
-            task.model = torch.ao.quantization.quantize_dynamic(task.model, {torch.nn.Linear}, dtype=torch.qint8)
+            layers = {torch.nn.Linear, torch.nn.LSTM, torch.nn.GRU}
+            task.model = torch.ao.quantization.quantize_dynamic(task.model, layers, dtype=torch.qint8)
     if precision == "fp32":
         return contextlib.nullcontext()
     if task.device.type == "cpu":
@@ -578,9 +586,8 @@ def evaluate(
     plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png",
                                         help="With --gradient-flow: draw the curve (log scale) here."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 (exact) or bf16 (autocast: faster on CPUs "
-                                                               "with AVX512-BF16/AMX and on GPUs)."),
-    int8: bool = typer.Option(False, "--int8", help="CPU: dynamic int8 quantisation of the linear layers."),
+    precision: str = _precision_option(),
+    int8: bool = _int8_option(),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Score a checkpoint: LMs on --data (loss, perplexity, bits/char); taggers on --data (token

@@ -56,6 +56,9 @@ def rnn_step(rnn: nn.Module, x: torch.Tensor, state: State,
     an explicit layer's recurrent-dropout masks for the sequence (:func:`step_masks`)."""
     if isinstance(rnn, ExplicitRNN):
         return rnn.step(x, state, masks)
+    if not isinstance(rnn, nn.RNNBase):     # a quantised layer (``--int8``): its own kernels, one step long
+        out, new = rnn(x.unsqueeze(1), state)
+        return out[:, 0], new
     cell = _CELL_FNS[rnn.mode]
     lstm = rnn.mode == "LSTM"
     hs, cs = [], []

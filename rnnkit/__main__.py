@@ -1,3 +1,4 @@
-from rnnkit.cli import app
+from rnnkit.cli import main
 
-app(prog_name="rnnkit")
+if __name__ == "__main__":
+    main()

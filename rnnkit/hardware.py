@@ -2,7 +2,10 @@
 arithmetic on CPU (our machines differ from session to session)."""
 from __future__ import annotations
 
+import ctypes
+import os
 import platform
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -42,3 +45,29 @@ def bf16_note() -> str | None:
         return None
     return (f"note: this CPU has no native bf16 ({' or '.join(BF16_FLAGS)} missing from /proc/cpuinfo): "
             f"bf16 works but runs slower than fp32 here")
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep the memory a training step frees for the next step's tensors.
+
+    By default glibc serves blocks over 32 MB (an output layer's logits and their gradients)
+    with fresh mappings and returns freed memory at the top of the heap to the system, so every
+    step pays again for page faults on zeroed pages: a tenth of the CPU time of translation
+    training here (``/usr/bin/time``: half as much system time and a quarter of the page faults
+    with this). Peak memory stays about the same; memory is not handed back before the process
+    ends. The role jemalloc or tcmalloc play in PyTorch's CPU tuning guides, without a preload.
+    Skipped off Linux, when libc has no ``mallopt`` (not glibc), and when the environment already
+    sets a ``MALLOC_*`` variable or ``LD_PRELOAD`` (the user chose). Returns whether it applied."""
+    if sys.platform != "linux" or os.environ.get("LD_PRELOAD") or any(k.startswith("MALLOC_") for k in os.environ):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return all(mallopt(param, value) == 1 for param, value in
+               ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 64 << 20)))

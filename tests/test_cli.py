@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -98,3 +99,12 @@ def test_too_little_text_is_a_clear_error(trained, tmp_path):
     tiny.write_text("a")
     result = runner.invoke(app, ["eval", str(trained / "best.pt"), "--data", str(tiny)])
     assert result.exit_code == 2 and "too few" in result.output
+
+
+def test_python_dash_m_gives_one_line_usage_errors(tmp_path):
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "rnnkit", "train", "--bogus"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "No such option" in res.stderr

@@ -99,3 +99,16 @@ def test_int8_quantises_recurrent_and_linear_layers_of_every_task(tmp_path, task
     assert result.exit_code == 0, result.output
     int8 = json.loads(result.stdout)
     assert int8["loss"] == pytest.approx(fp32["loss"], rel=0.01)      # measured: within 0.2%
+
+
+def test_allocator_tuning_applies_on_glibc_and_yields_to_the_user(monkeypatch):
+    import sys
+
+    from rnnkit.hardware import keep_freed_memory
+    for key in [k for k in __import__("os").environ if k.startswith("MALLOC_")] + ["LD_PRELOAD"]:
+        monkeypatch.delenv(key, raising=False)
+    if sys.platform == "linux" and hasattr(__import__("ctypes").CDLL(None), "mallopt"):
+        assert keep_freed_memory() is True
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")          # the user tunes malloc: leave it alone
+    assert keep_freed_memory() is False
+

@@ -126,6 +126,21 @@ def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, tas
     assert records(tmp_path / "full") == records(tmp_path / "part")
 
 
+@pytest.mark.parametrize("at", [15, 23])     # ends at step 16 (an evaluation), at 24 (the last step)
+def test_a_signal_on_an_evaluation_step_puts_the_evaluation_off_to_the_resume(tmp_path, at):
+    full = write_yaml(tmp_path / "full.yaml", task_config("lm", tmp_path, "full"))
+    part = write_yaml(tmp_path / "part.yaml", task_config("lm", tmp_path, "part"))
+    train_in_process(full)
+    stopped = train_in_process(part, signal_at=at)
+    assert stopped.stop_signal == "SIGTERM"
+    ckpt = torch.load(tmp_path / "part" / "last.pt", weights_only=True)
+    assert ckpt["progress"]["step"] == at + 1 and ckpt["progress"]["eval_due"]
+    assert not [r for r in records(tmp_path / "part") if r["kind"] == "eval" and r["step"] == at + 1]
+    train_in_process(part, resume=True)
+    assert_same_weights(tmp_path / "full" / "last.pt", tmp_path / "part" / "last.pt")
+    assert records(tmp_path / "full") == records(tmp_path / "part")
+
+
 # ---------------------------------------------------------------- real processes, real signals
 SLOW_SAVE = """
 import sys, time, torch

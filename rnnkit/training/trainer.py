@@ -98,6 +98,7 @@ class Progress:
     nonfinite_run: int = 0         # ... in a row, up to now
     window_loss: float = 0.0       # the log window's running sums, so a resumed run logs the
     window_tokens: int = 0         # very records an uninterrupted one does
+    eval_due: bool = False         # stopped by a signal at a step that was to be evaluated
 
 
 class LogWindow:
@@ -258,6 +259,7 @@ class Trainer:
         Returns True when early stopping says training should end.
         """
         t, p = self.cfg.train, self.progress
+        p.eval_due = False
         self.task.model.eval()
         with torch.no_grad():
             results = {f"valid_{k}": float(v) for k, v in self.task.evaluate().items()}
@@ -389,7 +391,8 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train until max_steps, max_time, early stopping, Ctrl-C or SIGTERM; returns the summary.
-        After a signal, last.pt holds the step training stopped at (no extra evaluation)."""
+        After a signal, last.pt holds the step training stopped at (no extra evaluation; one due
+        at that step is marked ``eval_due`` and runs first when the run resumes)."""
         t, p = self.cfg.train, self.progress
         self.task.model.train()
         params = [q for q in self.task.model.parameters() if q.requires_grad]
@@ -411,6 +414,8 @@ class Trainer:
         clock, elapsed_before = time.perf_counter(), p.elapsed
         stop = p.step >= t.max_steps
         try:
+            if p.eval_due:     # the evaluation a signal put off, before anything else
+                stop = self.evaluate_and_save() or stop
             while not stop:
                 batches = self.task.train_batches(p.epoch)
                 if len(batches) == 0:
@@ -436,7 +441,7 @@ class Trainer:
                         if signalled and self.stop_signal is None:
                             self.stop_signal, self.exit_code = "SIGTERM", 143   # another rank was told
                     if self.stop_signal is not None:
-                        stop = True
+                        stop, p.eval_due = True, p.step % t.eval_every == 0 or p.step >= t.max_steps
                     else:
                         stop = p.step >= t.max_steps or timed_out
                         if p.step % t.eval_every == 0 or stop:

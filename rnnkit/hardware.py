@@ -56,10 +56,11 @@ def keep_freed_memory() -> bool:
 
     By default glibc serves blocks over 32 MB (an output layer's logits and their gradients)
     with fresh mappings and returns freed memory at the top of the heap to the system, so every
-    step pays again for page faults on zeroed pages: a tenth of the CPU time of translation
-    training here (``/usr/bin/time``: half as much system time and a quarter of the page faults
-    with this). Peak memory stays about the same; memory is not handed back before the process
-    ends. The role jemalloc or tcmalloc play in PyTorch's CPU tuning guides, without a preload.
+    step pays again for page faults on zeroed pages. With this, translation training here had
+    half the system time, a quarter of the page faults and 5-17% more tokens/s (fp32 and bf16);
+    peak memory stayed within 0.1 GB in fp32 and grew by 0.6 GB over 1,000 bf16 steps, and memory
+    is not handed back before the process ends. The role jemalloc or tcmalloc play in PyTorch's
+    CPU tuning guides, without a preload.
     Skipped off Linux, when libc has no ``mallopt`` (not glibc), and when the environment already
     sets a ``MALLOC_*`` variable or ``LD_PRELOAD`` (the user chose). Returns whether it applied."""
     if sys.platform != "linux" or os.environ.get("LD_PRELOAD") or any(k.startswith("MALLOC_") for k in os.environ):

@@ -197,6 +197,8 @@ def print_decoding(results: dict) -> None:
 def train_all(args, work: Path, bin_: Path) -> dict:
     results = {}
     if "onmt" in args.peers:
+        for old in (work / "onmt").glob("model_step_*.pt"):   # an earlier, longer run's would be decoded
+            old.unlink()
         cfg = peer_config("onmt", work, args.steps)
         timed([str(bin_ / "onmt_build_vocab"), "-config", str(cfg), "-n_sample", "-1"], work / "onmt" / "vocab.log",
               work)

@@ -151,9 +151,10 @@ def main() -> int:
     results = {} if args.decode_only else train_all(args, work, bin_)
     if results:
         print_training(results, args.steps)
-    models = {"onmt": args.onmt_model or last_onmt_checkpoint(work / "onmt"),
-              "joey": args.joey_config or str(peer_config("joey", work, args.steps)),
-              "rnnkit": args.rnnkit_checkpoint or str(work / f"rnnkit-{args.precision[0]}" / "last.pt")}
+    given = lambda path: path and str(Path(path).resolve())   # noqa: E731  (the peers run in another folder)
+    models = {"onmt": given(args.onmt_model) or last_onmt_checkpoint(work / "onmt"),
+              "joey": given(args.joey_config) or str(peer_config("joey", work, args.steps)),
+              "rnnkit": given(args.rnnkit_checkpoint) or str(work / f"rnnkit-{args.precision[0]}" / "last.pt")}
     print_decoding(decode_all(models, args.peers, work, bin_))
     return 0
 

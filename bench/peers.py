@@ -151,7 +151,9 @@ def main() -> int:
     results = {} if args.decode_only else train_all(args, work, bin_)
     if results:
         print_training(results, args.steps)
-    given = lambda path: path and str(Path(path).resolve())   # noqa: E731  (the peers run in another folder)
+    def given(path: str | None) -> str | None:     # the peers run in another folder
+        return str(Path(path).resolve()) if path else None
+
     models = {"onmt": given(args.onmt_model) or last_onmt_checkpoint(work / "onmt"),
               "joey": given(args.joey_config) or str(peer_config("joey", work, args.steps)),
               "rnnkit": given(args.rnnkit_checkpoint) or str(work / f"rnnkit-{args.precision[0]}" / "last.pt")}

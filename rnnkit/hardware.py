@@ -19,6 +19,18 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 ROW_MULTIPLE = 16
 
 
+def pad_rows(t, fill: int | None = None):
+    """``t`` (a tensor) with rows appended up to a multiple of ROW_MULTIPLE: copies of its first
+    row, or ``fill``. Unchanged (no copy) when its row count is a multiple already."""
+    import torch
+
+    extra = -t.size(0) % ROW_MULTIPLE
+    if not extra:
+        return t
+    rows = t[:1].expand(extra, *t.shape[1:]) if fill is None else t.new_full((extra, *t.shape[1:]), fill)
+    return torch.cat([t, rows])
+
+
 @lru_cache(maxsize=1)
 def cpu_model_and_flags() -> tuple[str, frozenset[str]]:
     model, flags = platform.processor() or platform.machine(), frozenset()

@@ -8,7 +8,7 @@ from typing import Iterable, Sequence
 import torch
 
 from rnnkit.data.vocab import BOS, EOS, PAD, UNK, DataError, Vocab, check_not_binary
-from rnnkit.hardware import ROW_MULTIPLE
+from rnnkit.hardware import pad_rows
 
 SPECIALS = [PAD, UNK, BOS, EOS]   # pad is id 0 on both sides
 MAX_LINE_CHARS = 100_000           # a longer "sentence" is a broken file, not a sentence
@@ -150,7 +150,7 @@ class Batch:
     tgt_out: torch.Tensor      # (B, T) y_1 .. y_n </s>, padded
     tokens: int                # target tokens (for loss normalisation and throughput)
     index: torch.Tensor        # (B,) positions of these sentences in the dataset
-    positions: torch.Tensor    # (rows,) flat positions of real (non-pad) targets in tgt_out, see ROW_MULTIPLE
+    positions: torch.Tensor    # (rows,) flat positions of real (non-pad) targets in tgt_out, see IGNORE
     gold: torch.Tensor         # (rows,) the targets at those positions; IGNORE on the rows added
 
     def to(self, device: torch.device) -> "Batch":
@@ -164,8 +164,8 @@ class Batch:
 
 
 # The output layer runs on the real target tokens only, a count that changes with every batch;
-# it is rounded up to a multiple of ROW_MULTIPLE (see there) with copies of the first row whose
-# targets are IGNORE, so the loss and its gradients are unchanged.
+# it is rounded up to a multiple of rnnkit.hardware.ROW_MULTIPLE (see there) with copies of the
+# first row whose targets are IGNORE, so the loss and its gradients are unchanged.
 IGNORE = -100       # cross_entropy's ignore_index
 
 
@@ -186,11 +186,8 @@ def make_batch(src: Sequence[list[int]], tgt: Sequence[list[int]] | None, index:
     t_in, _ = pad([[bos] + t for t in tgt])
     t_out, t_len = pad([t + [eos] for t in tgt])
     positions = (t_out.view(-1) != 0).nonzero().squeeze(1)   # found on the CPU: no device sync later
-    gold = t_out.view(-1)[positions]
-    extra = -len(positions) % ROW_MULTIPLE
-    if extra:
-        positions = torch.cat([positions, positions[:1].expand(extra)])
-        gold = torch.cat([gold, gold.new_full((extra,), IGNORE)])
+    gold = pad_rows(t_out.view(-1)[positions], fill=IGNORE)
+    positions = pad_rows(positions)
     return Batch(s, s_len, t_in, t_out, int(t_len.sum()), torch.as_tensor(index), positions, gold)
 
 

@@ -11,7 +11,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from rnnkit.hardware import ROW_MULTIPLE
+from rnnkit.hardware import pad_rows
 
 StepFn = Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any, torch.Tensor | None]]
 
@@ -123,11 +123,9 @@ def beam_search(step: StepFn, state: Any, batch_size: int, bos: int, eos: int, s
         if not bool(live.any()):
             break
         sent_pos, slot = live.nonzero(as_tuple=True)
-        rows, tokens = parent[sent_pos, slot], new[sent_pos, slot]
-        extra = -rows.numel() % ROW_MULTIPLE        # a row count oneDNN has seen before
-        if extra:
-            rows, tokens = torch.cat([rows, rows[:1].expand(extra)]), torch.cat([tokens, tokens[:1].expand(extra)])
-        state = state.select(rows)
+        # padded to a row count oneDNN has seen before; the copies' results are dropped above
+        state = state.select(pad_rows(parent[sent_pos, slot]))
+        tokens = pad_rows(new[sent_pos, slot])
         row_sent, row_slot = (keep.long().cumsum(0) - 1)[sent_pos], slot
         active = active[keep]
     normalised = (scores / length_penalty(lengths, alpha)).masked_fill(~ended, inf)

@@ -8,7 +8,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from rnnkit.config import ConfigError, load_config
 from rnnkit.models.cells import ExplicitRNN
 from rnnkit.models.language_model import RNNLanguageModel
-from rnnkit.models.rnn import make_rnn, rnn_step, step_masks
+from rnnkit.models.rnn import make_rnn, rnn_step, run_padded, step_masks
 from rnnkit.models.seq2seq import Bridge, Decoder, Encoder, Seq2Seq
 from rnnkit.runs import load_task, prepare_trainer
 from tests.conftest import overfit_tiny_batch, tiny_lm_config, write_yaml
@@ -54,6 +54,48 @@ def test_explicit_layer_equals_torch_nn_in_values_and_gradients(cell, layers, bi
     assert len(grads_f) == len(grads_e)
     for a, b in zip(grads_f, grads_e):
         assert torch.allclose(a, b, atol=1e-10)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_padded_batches_run_as_if_packed(cell, layers, bidirectional, dtype):
+    """run_padded (fused kernels on the padded batch, state held on padding) gives packing's
+    outputs, final states and gradients, for inputs and weights, in both CPU kernels' dtypes."""
+    torch.manual_seed(0)
+    rnn = make_rnn(cell, 5, 7, layers, 0.0, bidirectional).to(dtype)
+    x = torch.randn(4, 6, 5, dtype=dtype, requires_grad=True)
+    lengths = torch.tensor([6, 2, 4, 1])
+    values, grads = [], []
+    for packed in (True, False):
+        if packed:
+            out, final = rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+            out = pad_packed_sequence(out, batch_first=True, total_length=6)[0]
+        else:
+            out, final = run_padded(rnn, x, lengths)
+        final = final if isinstance(final, tuple) else (final,)
+        weights = torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)
+        loss = (out * weights).sum() + sum((f ** 2).sum() for f in final)
+        values.append([out, *final])
+        grads.append(torch.autograd.grad(loss, [x, *rnn.parameters()]))
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert len(values[0]) == len(values[1])
+    for a, b in zip(values[0] + list(grads[0]), values[1] + list(grads[1])):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=tol)
+    assert values[1][0][1, 2:].abs().max() == 0           # zero past a row's end
+
+
+def test_padded_batches_under_bf16_autocast_stay_close_to_fp32():
+    torch.manual_seed(0)
+    rnn = make_rnn("lstm", 16, 32, 2, 0.0, True)
+    x, lengths = torch.randn(8, 12, 16), torch.tensor([12, 3, 7, 12, 1, 9, 5, 11])
+    exact, (h, c) = run_padded(rnn, x, lengths)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, (h16, c16) = run_padded(rnn, x, lengths)
+    for a, b in ((exact, low), (h, h16), (c, c16)):
+        assert (a - b.float()).abs().max() < 0.05
+    assert low[1, 3:].abs().max() == 0
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -210,3 +252,21 @@ def test_translation_with_explicit_layer_norm_and_recurrent_dropout_trains(tmp_p
     assert gains and all(torch.all(g == 1) for g in gains)   # init_range leaves layer norm alone
     translated = load_task(ckpt, "cpu").translate(["the cat sees the dog", ""], beam=3)
     assert len(translated) == 2 and translated[1].text == ""
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_drops_at_its_rate_and_rescales_what_it_keeps(dtype):
+    from rnnkit.models.dropout import Dropout
+
+    torch.manual_seed(0)
+    layer = Dropout(0.3)
+    x = torch.ones(400, 500, dtype=dtype, requires_grad=True)
+    y = layer(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.005
+    assert torch.allclose(y[kept].float(), torch.full_like(y[kept].float(), 1 / 0.7), rtol=1e-2)
+    y.float().sum().backward()
+    assert torch.equal(x.grad != 0, kept)                   # gradients pass exactly where kept
+    assert not torch.equal(layer(x), y)                      # a new mask per call
+    layer.eval()
+    assert layer(x) is x

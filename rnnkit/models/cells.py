@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from rnnkit.models.dropout import dropout, dropout_mask
+
 GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
 MODES = {"rnn_tanh": "RNN_TANH", "rnn_relu": "RNN_RELU", "lstm": "LSTM", "gru": "GRU"}
 
@@ -189,7 +191,7 @@ class ExplicitRNN(nn.Module):
         p = self.recurrent_dropout
         if not self.training or p <= 0:
             return None
-        return torch.empty(batch, self.hidden_size, dtype=like.dtype, device=like.device).bernoulli_(1 - p) / (1 - p)
+        return dropout_mask((batch, self.hidden_size), p, like)
 
     def _run(self, x: torch.Tensor, sizes: list[int], state: State, sfx: str, reverse: bool,
              trace: list | None) -> tuple[list[torch.Tensor], State]:
@@ -268,7 +270,7 @@ class ExplicitRNN(nn.Module):
             if self.residual and layer > 0:
                 out = out + data
             if self.dropout and self.training and layer + 1 < self.num_layers:
-                out = F.dropout(out, self.dropout, training=True)
+                out = dropout(out, self.dropout, training=True)
             data = out
         final = (torch.stack(hs), torch.stack(cs)) if lstm else torch.stack(hs)
         if packed:
@@ -299,6 +301,6 @@ class ExplicitRNN(nn.Module):
                 cs.append(new[1])
             out = h + x if self.residual and layer > 0 else h
             if self.dropout and self.training and layer + 1 < self.num_layers:
-                out = F.dropout(out, self.dropout, training=True)
+                out = dropout(out, self.dropout, training=True)
             x = out
         return x, ((torch.stack(hs), torch.stack(cs)) if lstm else torch.stack(hs))

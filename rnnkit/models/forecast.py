@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from rnnkit.config import recurrent_options
+from rnnkit.models.dropout import Dropout
 from rnnkit.models.rnn import make_rnn, rnn_step, step_masks
 
 
@@ -30,7 +31,7 @@ class Forecaster(nn.Module):
         self.width_out = 1 if self.independent else len(targets)
         opts = recurrent_options(m)
         self.encoder = make(m, self.seg * width_in, opts)
-        self.dropout = nn.Dropout(m.dropout)
+        self.dropout = Dropout(m.dropout)
         if self.recurrent:
             self.decoder = make(m, self.seg * self.width_out, opts)
             self.head = nn.Linear(m.hidden_size, self.seg * self.width_out)

@@ -1,19 +1,19 @@
 """Bidirectional recurrent encoders that label: a tag per word, a label per sentence.
 
-Sentences arrive padded (id 0) with their lengths and are packed before the recurrent
-layer, so padding never reaches a state. A word may also be read letter by letter: a
-character-level bidirectional LSTM turns its spelling into a vector, which gives unseen
-and rare words a representation of their own.
+Sentences arrive padded (id 0) with their lengths; the recurrent layer reads them as if
+packed (:func:`rnnkit.models.rnn.run_padded`), so padding never reaches a state. A word may
+also be read letter by letter: a character-level bidirectional LSTM turns its spelling into
+a vector, which gives unseen and rare words a representation of their own.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from rnnkit.models.crf import CRF
-from rnnkit.models.rnn import make_rnn
+from rnnkit.models.dropout import Dropout
+from rnnkit.models.rnn import make_rnn, run_padded
 
 
 def length_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
@@ -22,7 +22,7 @@ def length_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
 
 
 class SentenceEncoder(nn.Module):
-    """Word vectors (B, L, D) -> packed bidirectional recurrent layer -> states (B, L, 2H)."""
+    """Word vectors (B, L, D) -> bidirectional recurrent layer -> states (B, L, 2H)."""
 
     def __init__(self, input_size: int, cell: str, hidden_size: int, num_layers: int, dropout: float,
                  rnn_options: dict | None = None):
@@ -32,9 +32,7 @@ class SentenceEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor):
         """-> states (B, L, 2H) (zero on padding) and the top layer's final states (B, 2H)."""
-        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        out, final = self.rnn(packed)
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.size(1))
+        out, final = run_padded(self.rnn, x, lengths)
         h = final[0] if isinstance(final, tuple) else final
         return out, torch.cat([h[-2], h[-1]], -1)     # forward's last token, backward's first
 
@@ -82,7 +80,7 @@ class Tagger(nn.Module):
         self.chars = CharEncoder(*chars) if chars else None
         width = embedding_dim + (self.chars.output_size if self.chars else 0)
         self.encoder = SentenceEncoder(width, cell, hidden_size, num_layers, dropout, rnn_options)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.output = nn.Linear(self.encoder.output_size, num_tags)
         self.crf = CRF(num_tags) if crf else None
 
@@ -121,7 +119,7 @@ class SentenceClassifier(nn.Module):
         super().__init__()
         self.embedding = nn.Embedding(num_words, embedding_dim, padding_idx=0)
         self.encoder = SentenceEncoder(embedding_dim, cell, hidden_size, num_layers, dropout, rnn_options)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.pooling = pooling
         size = self.encoder.output_size
         self.attention = nn.Sequential(nn.Linear(size, size), nn.Tanh(), nn.Linear(size, 1, bias=False)) \

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rnnkit.models.dropout import Dropout
 from rnnkit.models.rnn import State, make_rnn
 
 
@@ -13,7 +14,7 @@ class RNNLanguageModel(nn.Module):
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, embedding_dim)
         self.rnn = make_rnn(cell, embedding_dim, hidden_size, num_layers, dropout, **(rnn_options or {}))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.proj = nn.Linear(hidden_size, embedding_dim) if tie_weights and embedding_dim != hidden_size else None
         self.output = nn.Linear(embedding_dim if tie_weights else hidden_size, vocab_size)
         if tie_weights:

@@ -1,14 +1,14 @@
-"""Encoder-decoder: packed (bi)directional encoder, bridge, attentional or classic decoder."""
+"""Encoder-decoder: (bi)directional encoder over padded sources, bridge, attentional or classic decoder."""
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from rnnkit.models.attention import Attention
-from rnnkit.models.rnn import State, make_rnn, rnn_step, step_masks
+from rnnkit.models.dropout import Dropout
+from rnnkit.models.rnn import State, make_rnn, rnn_step, run_padded, step_masks
 
 
 class Encoder(nn.Module):
@@ -16,7 +16,7 @@ class Encoder(nn.Module):
                  num_layers: int, bidirectional: bool, dropout: float, rnn_options: dict | None = None):
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=0)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.rnn = make_rnn(cell, embedding_dim, hidden_size, num_layers, dropout, bidirectional,
                             **(rnn_options or {}))
         self.directions = 2 if bidirectional else 1
@@ -25,9 +25,7 @@ class Encoder(nn.Module):
     def forward(self, src: torch.Tensor, lengths: torch.Tensor):
         """-> states (B, S, D*H), top layer's final h (B, D*H), and final c for LSTMs (or None)."""
         x = self.dropout(self.embedding(src))
-        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        out, final = self.rnn(packed)
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=src.size(1))
+        out, final = run_padded(self.rnn, x, lengths)
         h, c = final if isinstance(final, tuple) else (final, None)
         return out, self._top(h), None if c is None else self._top(c)
 
@@ -99,7 +97,7 @@ class Decoder(nn.Module):
         self.input_feeding = input_feeding and self.attention is not None
         extra = hidden_size if self.input_feeding else (memory_size if self.attention is None else 0)
         self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=0)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.rnn = make_rnn(cell, embedding_dim + extra, hidden_size, num_layers, dropout, **(rnn_options or {}))
         self.combine = nn.Linear(memory_size + hidden_size, hidden_size, bias=False) if self.attention else None
         self.output = nn.Linear(hidden_size, vocab_size)

@@ -150,3 +150,22 @@ def test_rows_added_for_the_output_layer_change_neither_loss_nor_gradients():
     grads = torch.autograd.grad(rounded, [feats, out.weight])
     assert torch.allclose(exact, rounded)
     assert all(torch.allclose(a, g, atol=1e-7) for a, g in zip(exact_grads, grads))
+
+
+@pytest.mark.parametrize("limit", [None, 1e-3, 1e6])
+def test_gradient_clipping_rescales_only_norms_over_the_limit(tmp_path, limit):
+    from rnnkit.config import load_config
+    from rnnkit.runs import prepare_trainer
+    from tests.conftest import tiny_lm_config, write_yaml
+
+    raw = tiny_lm_config(tmp_path, train={"optimizer": "sgd", "lr": 1.0, "clip_grad_norm": limit})
+    trainer = prepare_trainer(load_config(write_yaml(tmp_path / "c.yaml", raw)))
+    params = [q for q in trainer.task.model.parameters() if q.requires_grad]
+    before = [q.detach().clone() for q in params]
+    batch = trainer.task.train_batches(0)[0]
+    _, norm, _ = trainer._step(batch, params)
+    moved = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(q.detach() - b)
+                                                  for q, b in zip(params, before)]))
+    assert 0.01 < float(norm) < 1e6                           # the gradient's norm before clipping
+    expected = min(float(norm), limit) if limit else float(norm)   # plain SGD, lr 1: the step is the gradient
+    assert moved.item() == pytest.approx(expected, rel=1e-3)

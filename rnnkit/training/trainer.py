@@ -334,16 +334,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         out = self._forward_backward(batch, params)
         self.scaler.unscale_(self.optimizer)
-        if t.clip_grad_norm:
-            norm = torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm, foreach=True)
-        else:
-            grads = [q.grad for q in params if q.grad is not None]
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) \
-                if grads else torch.zeros(())
+        grads = [q.grad for q in params if q.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros((), device=self.device)
         finite = torch.isfinite(out.loss.detach())
         if not self.scaler.is_enabled():     # fp16's scaler skips its own overflowing steps
             finite &= torch.isfinite(norm)
-        if bool(finite):                     # the one host sync of the check
+        over = norm > t.clip_grad_norm if t.clip_grad_norm else torch.zeros_like(finite)
+        finite, over = torch.stack([finite, over]).tolist()      # the one host sync of the step
+        if finite:
+            if over:                         # rescaled only when over the limit (a pass over every gradient)
+                torch.nn.utils.clip_grads_with_norm_(params, t.clip_grad_norm, norm, foreach=True)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             p.nonfinite_run = 0

@@ -79,12 +79,13 @@ def beam_search(step: StepFn, state: Any, batch_size: int, bos: int, eos: int, s
     for t in range(int(limits.max())):
         logits, state, weights = step(tokens, state)
         A, R = active.numel(), row_sent.numel()     # rows past R are padding (see below)
-        logits = logits[:R].float()
+        # log-probabilities in fp32 whatever the model computes in, in one fused pass
+        logp = torch.log_softmax(logits[:R], -1, dtype=torch.float32)
         weights = None if weights is None else weights[:R]
-        top_v, top_i = logits.topk(min(K, logits.size(-1)), dim=-1)
+        top_v, top_i = logp.topk(min(K, logp.size(-1)), dim=-1)
         sent = active[row_sent]
         base = scores[sent, row_slot]
-        cand = base.unsqueeze(1) + top_v - torch.logsumexp(logits, -1, keepdim=True)
+        cand = base.unsqueeze(1) + top_v
         forced = t + 1 >= limits[sent]              # out of length: </s>, at no cost
         cand[forced] = inf
         cand[forced, 0] = base[forced]

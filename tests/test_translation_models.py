@@ -246,3 +246,46 @@ def test_rnn_step_equals_the_fused_layer_on_one_step(cell, layers):
     (grad_a,) = torch.autograd.grad(out.sum(), x)
     (grad_b,) = torch.autograd.grad(want_out.sum(), x)
     assert torch.allclose(grad_a, grad_b)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_input_feeding_loop_with_one_product_per_weight_equals_the_step_by_step_loop(layers, monkeypatch):
+    """LSTMSteps (known inputs' product for all steps, one recurrent product per step, each
+    weight's gradient in one product in backward) against rnn_step, in float64."""
+    from rnnkit.models import rnn as rnn_module
+
+    torch.manual_seed(0)
+    enc = Encoder(50, 16, "lstm", 12, 1, True, 0.0)
+    dec = Decoder(60, 16, "lstm", 20, layers, 0.0, "general", 24, True)
+    model = Seq2Seq(enc, Bridge("linear", 24, 20, layers, True), dec).double()
+    src, lengths = torch.randint(1, 50, (5, 7)), torch.tensor([7, 3, 5, 1, 6])
+    tgt = torch.randint(1, 60, (5, 6))
+    results = []
+    for fast in (True, False):
+        monkeypatch.setattr(rnn_module.LSTMSteps, "applies", staticmethod(lambda rnn, f=fast: f))
+        model.zero_grad()
+        feats = model.features(src, lengths, tgt)
+        (feats * torch.linspace(-1, 1, feats.numel(), dtype=feats.dtype).view_as(feats)).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results.append((feats.detach(), grads))
+    assert len(results[0][1]) == len(results[1][1]) == len(list(model.parameters())) - 2   # all but the output layer
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-12)
+    for a, b in zip(results[0][1], results[1][1]):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_input_feeding_loop_under_bf16_autocast_stays_close_to_fp32():
+    torch.manual_seed(0)
+    model = make_model(input_feeding=True)
+    src, lengths = torch.randint(1, V_SRC, (4, 6)), torch.tensor([6, 2, 4, 5])
+    tgt = torch.randint(1, V_TGT, (4, 5))
+    exact = model.features(src, lengths, tgt)
+    exact.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model.features(src, lengths, tgt)
+    low.float().sum().backward()
+    assert (exact - low.float()).abs().max() < 0.03
+    for a, p in zip(grads, [p for p in model.parameters() if p.grad is not None]):
+        assert p.grad.dtype == torch.float32 and (a - p.grad).abs().max() < 0.05 * a.abs().max() + 1e-3

@@ -151,3 +151,91 @@ def run_padded(rnn: nn.Module, x: torch.Tensor, lengths: torch.Tensor) -> tuple[
 # (gate index, sign) of the gates held saturated on padding, in torch's gate order
 _HOLD_GATES = {"LSTM": ((0, -1.0), (1, 1.0)),     # i, f, g, o: input gate shut, forget gate open
                "GRU": ((1, 1.0),)}                 # r, z, n: update gate keeps the old state
+
+
+class _Shared(torch.autograd.Function):
+    """A weight used at every step of a loop, in the loop's arithmetic. Each step's
+    :class:`_StepProduct` leaves its input and output gradient in ``store`` instead of a
+    weight gradient, and this node, which autograd reaches after all of them, turns them
+    into the weight's gradient with one product over every step."""
+
+    @staticmethod
+    def forward(ctx, store: list, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        ctx.store = store
+        ctx.set_materialize_grads(False)
+        return weight.view_as(weight) if weight.dtype == dtype else weight.to(dtype)
+
+    @staticmethod
+    def backward(ctx, _unused):
+        if not ctx.store:
+            return None, None, None
+        inputs = torch.cat([x for x, _ in ctx.store])
+        grads = torch.cat([g for _, g in ctx.store])
+        ctx.store.clear()
+        return None, grads.t().mm(inputs), None
+
+
+class _StepProduct(torch.autograd.Function):
+    """``x @ weight.T`` for one step, with ``weight`` from :class:`_Shared`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, store: list) -> torch.Tensor:
+        x = x.to(weight.dtype)
+        ctx.save_for_backward(x, weight)
+        ctx.store = store
+        return x.mm(weight.t())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad = grad.to(weight.dtype)
+        ctx.store.append((x, grad))
+        return grad.mm(weight), None, None
+
+
+class LSTMSteps:
+    """A fused unidirectional ``nn.LSTM`` run step by step over a sequence whose inputs are
+    known in advance except for their last columns (a decoder reading the gold words while
+    feeding back its previous output): ``known`` (B, T, K) the known columns of every step.
+
+    Faster than :func:`rnn_step` for training: the known columns' product is done for all
+    steps at once before the loop; each step's recurrent product reads its new input and the
+    state together (one product); and each weight's gradient is one product over all steps
+    in backward (:class:`_Shared`) instead of a small one per step (a batch's rows only)
+    added up. Cell arithmetic is fp32, as ``torch.lstm_cell``'s under autocast; the products
+    run in autocast's dtype when it is on."""
+
+    def __init__(self, rnn: nn.LSTM, known: torch.Tensor):
+        k = known.size(-1)
+        device = known.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else known.dtype
+        self.rnn, self.cell_dtype = rnn, torch.promote_types(known.dtype, torch.float32)
+        w = rnn.weight_ih_l0
+        self.known = nn.functional.linear(known, w[:, :k], rnn.bias_ih_l0 + rnn.bias_hh_l0).unbind(1)
+        self.stores: list[list] = [[] for _ in range(rnn.num_layers)]
+        self.weights, self.biases = [], [None]
+        for layer in range(rnn.num_layers):
+            w_ih, w_hh = getattr(rnn, f"weight_ih_l{layer}"), getattr(rnn, f"weight_hh_l{layer}")
+            joined = torch.cat([w_ih[:, k:] if layer == 0 else w_ih, w_hh], 1)
+            self.weights.append(_Shared.apply(self.stores[layer], joined, dtype))
+            if layer:
+                self.biases.append(getattr(rnn, f"bias_ih_l{layer}") + getattr(rnn, f"bias_hh_l{layer}"))
+
+    @staticmethod
+    def applies(rnn: nn.Module) -> bool:
+        return type(rnn) is nn.LSTM and not rnn.bidirectional and not rnn.proj_size
+
+    def step(self, t: int, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """Step ``t`` with the unknown columns ``x`` (B, I - K) -> top output (B, H), new (h, c)."""
+        rnn, hs, cs = self.rnn, [], []
+        for layer in range(rnn.num_layers):
+            if layer and rnn.dropout and rnn.training:
+                x = dropout(x, rnn.dropout, training=True)
+            gates = _StepProduct.apply(torch.cat([x, state[0][layer]], 1), self.weights[layer], self.stores[layer])
+            gates = gates.to(self.cell_dtype) + (self.known[t] if layer == 0 else self.biases[layer])
+            i, f, g, o = gates.chunk(4, 1)
+            c = torch.sigmoid(f) * state[1][layer] + torch.sigmoid(i) * torch.tanh(g)
+            x = torch.sigmoid(o) * torch.tanh(c)
+            hs.append(x)
+            cs.append(c)
+        return x, (torch.stack(hs), torch.stack(cs))

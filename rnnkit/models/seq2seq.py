@@ -8,7 +8,7 @@ from torch import nn
 
 from rnnkit.models.attention import Attention
 from rnnkit.models.dropout import Dropout
-from rnnkit.models.rnn import State, make_rnn, rnn_step, run_padded, step_masks
+from rnnkit.models.rnn import LSTMSteps, State, make_rnn, rnn_step, run_padded, step_masks
 
 
 class Encoder(nn.Module):
@@ -142,6 +142,21 @@ class Decoder(nn.Module):
         st = st._replace(rnn=rnn, feed=out if self.input_feeding else None)
         return out, st, None if weights is None else weights.squeeze(1)
 
+    def unroll(self, x: torch.Tensor, st: DecoderState) -> torch.Tensor:
+        """Input feeding over embedded gold inputs ``x`` (B, T, E) -> the vectors the output
+        layer reads (B, T, H). A fused LSTM runs as :class:`LSTMSteps`, other layers step by step."""
+        steps = LSTMSteps(self.rnn, x) if LSTMSteps.applies(self.rnn) else None
+        outs = []
+        for t, x_t in enumerate(x.unbind(1)):
+            if steps is None:
+                out, st, _ = self.advance(x_t, st)
+            else:
+                h, rnn = steps.step(t, st.feed, st.rnn)
+                out = self._attend(h.unsqueeze(1), st)[0].squeeze(1)
+                st = st._replace(rnn=rnn, feed=out)
+            outs.append(out)
+        return torch.stack(outs, 1)
+
     def step(self, tokens: torch.Tensor, st: DecoderState):
         """One step for (N,) previous tokens -> logits (N, V), next state, weights (N, S) or None."""
         out, st, weights = self.advance(self.dropout(self.embedding(tokens)), st)
@@ -171,15 +186,14 @@ class Seq2Seq(nn.Module):
         dec = self.decoder
         if teacher_forcing >= 1.0 and not dec.input_feeding:
             return dec(tgt_in, st)[0]          # no loop over time at all
-        # otherwise a loop over time, but only for the recurrence and attention
-        x = dec.dropout(dec.embedding(tgt_in)) if teacher_forcing >= 1.0 else None
+        if teacher_forcing >= 1.0:             # a loop over time for the recurrence and attention only
+            return dec.unroll(dec.dropout(dec.embedding(tgt_in)), st)
         tokens = tgt_in[:, 0]
         outs = []
         for t in range(tgt_in.size(1)):
-            inp = x[:, t] if x is not None else dec.dropout(dec.embedding(tokens))
-            out, st, _ = dec.advance(inp, st)
+            out, st, _ = dec.advance(dec.dropout(dec.embedding(tokens)), st)
             outs.append(out)
-            if x is None and t + 1 < tgt_in.size(1):
+            if t + 1 < tgt_in.size(1):
                 with torch.no_grad():
                     own = dec.output(out).argmax(-1)
                 keep = torch.rand(own.shape, device=own.device) < teacher_forcing

@@ -289,3 +289,41 @@ def test_input_feeding_loop_under_bf16_autocast_stays_close_to_fp32():
     assert (exact - low.float()).abs().max() < 0.03
     for a, p in zip(grads, [p for p in model.parameters() if p.grad is not None]):
         assert p.grad.dtype == torch.float32 and (a - p.grad).abs().max() < 0.05 * a.abs().max() + 1e-3
+
+
+def test_search_steps_with_the_vocabulary_prepared_equal_plain_steps(monkeypatch):
+    """Decoder.step in search (input feeding into a fused LSTM): the vocabulary's embedding
+    products are prepared once; logits, states and beams equal rnn_step's, and the prepared
+    products follow weight updates."""
+    from rnnkit.models.seq2seq import Decoder as Dec
+
+    model = make_model(input_feeding=True).double()
+    src, lengths = torch.randint(4, V_SRC, (3, 5)), torch.tensor([5, 2, 4])
+    tokens = torch.tensor([BOS, BOS, BOS])
+
+    def two_steps():
+        with torch.no_grad():
+            st = model.encode(src, lengths)
+            logits, st, _ = model.decoder.step(tokens, st)
+            logits2, st, _ = model.decoder.step(logits.argmax(-1), st)
+            beams = beam_search(model.decoder.step, model.encode(src, lengths), 3, BOS, EOS, lengths,
+                                torch.device("cpu"), beam=3)
+        return [logits, logits2, *st.rnn], [h.tokens for hs in beams for h in hs]
+
+    fast, fast_beams = two_steps()
+    assert model.decoder._steps_cache is not None                 # the prepared path ran
+    monkeypatch.setattr(Dec, "_token_steps", lambda self: None)
+    plain, plain_beams = two_steps()
+    for a, b in zip(fast, plain):
+        assert torch.allclose(a, b, atol=1e-12)
+    assert fast_beams == plain_beams
+    monkeypatch.undo()
+    with torch.no_grad():
+        model.decoder.rnn.weight_hh_l0.mul_(1.5)                  # as an optimizer step would
+        model.decoder.embedding.weight.add_(0.1)
+    changed, _ = two_steps()
+    monkeypatch.setattr(Dec, "_token_steps", lambda self: None)
+    expected, _ = two_steps()
+    assert not torch.allclose(changed[0], fast[0])
+    for a, b in zip(changed, expected):
+        assert torch.allclose(a, b, atol=1e-12)

@@ -194,24 +194,29 @@ class _StepProduct(torch.autograd.Function):
 
 
 class LSTMSteps:
-    """A fused unidirectional ``nn.LSTM`` run step by step over a sequence whose inputs are
-    known in advance except for their last columns (a decoder reading the gold words while
-    feeding back its previous output): ``known`` (B, T, K) the known columns of every step.
+    """A fused unidirectional ``nn.LSTM`` run step by step where each step's input is a known
+    part (K columns: a decoder's word embedding) followed by a part only that step knows
+    (input feeding's previous output). The known part's product is prepared ahead:
 
-    Faster than :func:`rnn_step` for training: the known columns' product is done for all
-    steps at once before the loop; each step's recurrent product reads its new input and the
-    state together (one product); and each weight's gradient is one product over all steps
-    in backward (:class:`_Shared`) instead of a small one per step (a batch's rows only)
-    added up. Cell arithmetic is fp32, as ``torch.lstm_cell``'s under autocast; the products
-    run in autocast's dtype when it is on."""
+    - ``LSTMSteps(rnn, known)`` for training on gold words, ``known`` (B, T, K) every step's
+      known columns: one product for all steps before the loop;
+    - ``LSTMSteps.for_tokens(rnn, embedding)`` for search: one product for the whole
+      vocabulary, and each step looks its tokens' rows up.
 
-    def __init__(self, rnn: nn.LSTM, known: torch.Tensor):
+    Faster than :func:`rnn_step`: each step's recurrent product reads its new input and the
+    state together (one product), and in backward each weight's gradient is one product over
+    all steps (:class:`_Shared`) instead of a small one per step (a batch's rows) added up.
+    Cell arithmetic is fp32, as ``torch.lstm_cell``'s under autocast; the products run in
+    autocast's dtype when it is on."""
+
+    def __init__(self, rnn: nn.LSTM, known: torch.Tensor, per_token: bool = False):
         k = known.size(-1)
         device = known.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else known.dtype
-        self.rnn, self.cell_dtype = rnn, torch.promote_types(known.dtype, torch.float32)
+        self.rnn, self.cell_dtype, self.per_token = rnn, torch.promote_types(known.dtype, torch.float32), per_token
         w = rnn.weight_ih_l0
-        self.known = nn.functional.linear(known, w[:, :k], rnn.bias_ih_l0 + rnn.bias_hh_l0).unbind(1)
+        known = nn.functional.linear(known, w[:, :k], rnn.bias_ih_l0 + rnn.bias_hh_l0)
+        self.known = known if per_token else known.unbind(1)
         self.stores: list[list] = [[] for _ in range(rnn.num_layers)]
         self.weights, self.biases = [], [None]
         for layer in range(rnn.num_layers):
@@ -221,18 +226,27 @@ class LSTMSteps:
             if layer:
                 self.biases.append(getattr(rnn, f"bias_ih_l{layer}") + getattr(rnn, f"bias_hh_l{layer}"))
 
+    @classmethod
+    def for_tokens(cls, rnn: nn.LSTM, embedding: nn.Embedding) -> "LSTMSteps":
+        return cls(rnn, embedding.weight, per_token=True)
+
     @staticmethod
     def applies(rnn: nn.Module) -> bool:
         return type(rnn) is nn.LSTM and not rnn.bidirectional and not rnn.proj_size
 
-    def step(self, t: int, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """Step ``t`` with the unknown columns ``x`` (B, I - K) -> top output (B, H), new (h, c)."""
+    def step(self, t: int | torch.Tensor, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """Step ``t`` (for_tokens: the step's token ids (N,)) with the unknown columns ``x``
+        (N, I - K) -> top output (N, H), new (h, c)."""
         rnn, hs, cs = self.rnn, [], []
         for layer in range(rnn.num_layers):
             if layer and rnn.dropout and rnn.training:
                 x = dropout(x, rnn.dropout, training=True)
             gates = _StepProduct.apply(torch.cat([x, state[0][layer]], 1), self.weights[layer], self.stores[layer])
-            gates = gates.to(self.cell_dtype) + (self.known[t] if layer == 0 else self.biases[layer])
+            if layer:
+                added = self.biases[layer]
+            else:
+                added = self.known.index_select(0, t) if self.per_token else self.known[t]
+            gates = gates.to(self.cell_dtype) + added
             i, f, g, o = gates.chunk(4, 1)
             c = torch.sigmoid(f) * state[1][layer] + torch.sigmoid(i) * torch.tanh(g)
             x = torch.sigmoid(o) * torch.tanh(c)

@@ -101,6 +101,7 @@ class Decoder(nn.Module):
         self.rnn = make_rnn(cell, embedding_dim + extra, hidden_size, num_layers, dropout, **(rnn_options or {}))
         self.combine = nn.Linear(memory_size + hidden_size, hidden_size, bias=False) if self.attention else None
         self.output = nn.Linear(hidden_size, vocab_size)
+        self._steps_cache: tuple | None = None    # see _token_steps
 
     def start(self, memory, mask, init: State, context: torch.Tensor) -> DecoderState:
         keys = self.attention.keys(memory) if self.attention is not None else memory
@@ -137,6 +138,9 @@ class Decoder(nn.Module):
         elif self.attention is None:
             x = torch.cat([x, st.context], -1)
         h, rnn = rnn_step(self.rnn, x, st.rnn, st.masks)
+        return self._after_rnn(h, rnn, st)
+
+    def _after_rnn(self, h: torch.Tensor, rnn: State, st: DecoderState):
         out, weights = self._attend(h.unsqueeze(1), st)
         out = out.squeeze(1)
         st = st._replace(rnn=rnn, feed=out if self.input_feeding else None)
@@ -151,16 +155,35 @@ class Decoder(nn.Module):
             if steps is None:
                 out, st, _ = self.advance(x_t, st)
             else:
-                h, rnn = steps.step(t, st.feed, st.rnn)
-                out = self._attend(h.unsqueeze(1), st)[0].squeeze(1)
-                st = st._replace(rnn=rnn, feed=out)
+                out, st, _ = self._after_rnn(*steps.step(t, st.feed, st.rnn), st)
             outs.append(out)
         return torch.stack(outs, 1)
 
     def step(self, tokens: torch.Tensor, st: DecoderState):
         """One step for (N,) previous tokens -> logits (N, V), next state, weights (N, S) or None."""
-        out, st, weights = self.advance(self.dropout(self.embedding(tokens)), st)
+        steps = self._token_steps()
+        if steps is None:
+            out, st, weights = self.advance(self.dropout(self.embedding(tokens)), st)
+        else:
+            out, st, weights = self._after_rnn(*steps.step(tokens, st.feed, st.rnn), st)
         return self.project(out), st, weights
+
+    def train(self, mode: bool = True) -> "Decoder":
+        self._steps_cache = None      # frees the vocabulary's products after an evaluation
+        return super().train(mode)
+
+    def _token_steps(self) -> LSTMSteps | None:
+        """For search (eval mode, no gradients) with input feeding into a fused LSTM: its
+        steps with the vocabulary's embedding products prepared, kept while the weights and
+        the arithmetic stay the same (a search's steps share them)."""
+        if self.training or torch.is_grad_enabled() or not self.input_feeding or not LSTMSteps.applies(self.rnn):
+            return None
+        device = self.embedding.weight.device.type
+        key = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None,
+               *[(p.data_ptr(), p._version) for p in (self.embedding.weight, *self.rnn.parameters())])
+        if self._steps_cache is None or self._steps_cache[0] != key:
+            self._steps_cache = (key, LSTMSteps.for_tokens(self.rnn, self.embedding))
+        return self._steps_cache[1]
 
 
 class Seq2Seq(nn.Module):

@@ -116,7 +116,7 @@ def load_task(path: str | Path, device: str = "auto", with_data: bool = False):
     dev = resolve_device(device, key="--device")
     if dev.type == "cuda" and dev.index is None and distributed.launched():   # one GPU per rank
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    ckpt = load_checkpoint(path, map_location=dev)
+    ckpt = load_checkpoint(path, map_location=dev, mmap=True)
     try:
         cfg = load_config(None, base=ckpt["config"])
     except ConfigError as err:

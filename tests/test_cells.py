@@ -270,3 +270,16 @@ def test_dropout_drops_at_its_rate_and_rescales_what_it_keeps(dtype):
     assert not torch.equal(layer(x), y)                      # a new mask per call
     layer.eval()
     assert layer(x) is x
+
+
+def test_a_loaded_model_keeps_nothing_of_its_checkpoint_file(tmp_path):
+    """Inference maps the checkpoint (reading only the model's tensors); the model must own
+    its weights, so overwriting the file in place afterwards (a run still training) changes nothing."""
+    run = _lm(tmp_path, "mapped", ["train.max_steps=4"])
+    task = load_task(run / "last.pt", "cpu")
+    before = {k: v.clone() for k, v in task.model.state_dict().items()}
+    size = (run / "last.pt").stat().st_size
+    with open(run / "last.pt", "r+b") as f:      # the same inode, every byte changed
+        f.write(b"\xff" * size)
+    for k, v in task.model.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -45,14 +45,16 @@ def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
     atomic_save({"format": FORMAT, "rnnkit_version": __version__, **payload}, path)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """A checkpoint's contents, checked. ``mmap``: tensors are read from the file only when
+    used (inference reads the model's and never the optimizer's, two thirds of an Adam run's file)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
         with warnings.catch_warnings():   # torch's remarks on foreign pickles: the error below says it all
             warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+            ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # a truncated file, not a torch file, or unsafe content
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: not a readable rnnkit checkpoint ({first[:160]})") from None

@@ -1,4 +1,4 @@
-from rnnkit.cli import main
+from rnnkit.cli import run
 
 if __name__ == "__main__":
-    main()
+    run()

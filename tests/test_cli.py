@@ -108,3 +108,20 @@ def test_python_dash_m_gives_one_line_usage_errors(tmp_path):
     res = subprocess.run([sys.executable, "-m", "rnnkit", "train", "--bogus"], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "No such option" in res.stderr
+
+
+def test_the_command_ends_without_teardown_yet_flushes_runs_atexit_and_keeps_the_exit_code(tmp_path):
+    """run() ends the process with os._exit (skipping ~0.5 s of interpreter teardown once torch
+    is imported); piped output must still arrive whole, atexit handlers run, codes kept."""
+    import subprocess
+    import sys
+
+    script = ("import atexit, sys; atexit.register(lambda: sys.stdout.write('atexit ran\\n')); "
+              "from rnnkit.cli import run; sys.argv = ['rnnkit'] + sys.argv[1:]; run()")
+    root = Path(__file__).resolve().parents[1]
+    ok = subprocess.run([sys.executable, "-c", script, "--help"], capture_output=True, text=True, cwd=root)
+    assert ok.returncode == 0 and "translate" in ok.stdout and ok.stdout.endswith("atexit ran\n"), ok.stderr
+    bad = subprocess.run([sys.executable, "-c", script, "translate", str(tmp_path / "none.pt"), "-i", "x"],
+                         capture_output=True, text=True, cwd=root)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "checkpoint not found" in bad.stderr
+    assert bad.stdout == "atexit ran\n"

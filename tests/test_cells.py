@@ -260,10 +260,10 @@ def test_dropout_drops_at_its_rate_and_rescales_what_it_keeps(dtype):
 
     torch.manual_seed(0)
     layer = Dropout(0.3)
-    x = torch.ones(400, 500, dtype=dtype, requires_grad=True)
+    x = torch.ones(2000, 1000, dtype=dtype, requires_grad=True)
     y = layer(x)
     kept = y != 0
-    assert abs(kept.float().mean().item() - 0.7) < 0.005
+    assert abs(kept.float().mean().item() - 0.7) < 0.001      # 2,000,000 draws: 3 standard deviations
     assert torch.allclose(y[kept].float(), torch.full_like(y[kept].float(), 1 / 0.7), rtol=1e-2)
     y.float().sum().backward()
     assert torch.equal(x.grad != 0, kept)                   # gradients pass exactly where kept

@@ -13,10 +13,12 @@ from torch import nn
 
 
 def dropout_mask(shape: tuple[int, ...] | torch.Size, p: float, like: torch.Tensor) -> torch.Tensor:
-    """A mask of ``like``'s dtype and device: 0 with probability ``p``, else ``1 / (1 - p)``."""
+    """A mask of ``like``'s dtype and device: 0 with probability ``p``, else ``1 / (1 - p)``.
+    The uniform draw is fp32 whatever ``like``'s dtype: bf16's has 8 bits, and ``>= 0.3``
+    keeps 69.8% of it instead of 70%."""
     if like.device.type != "cpu":
         return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(1 - p).div_(1 - p)
-    return torch.rand(shape, dtype=like.dtype, device=like.device).ge_(p).mul_(1 / (1 - p))
+    return torch.rand(shape, device=like.device).ge_(p).to(like.dtype).mul_(1 / (1 - p))
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:

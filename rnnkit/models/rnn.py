@@ -2,10 +2,13 @@
 cells of :mod:`rnnkit.models.cells`, which share their parameter names and add layer
 norm, recurrent dropout and residual connections.
 
-Whole sequences go through the layer in one call. Loops over time (input feeding,
-scheduled sampling, search) advance one step with :func:`rnn_step`, which runs the same
-weights through the single-step cell kernels: a fused layer called on one time step pays
-its set-up (on CPU, oneDNN re-lays the weights out) at every step.
+Whole sequences go through the layer in one call; padded batches of different lengths
+through :func:`run_padded`, as if packed. Loops over time (input feeding, scheduled
+sampling, search) advance one step with :func:`rnn_step`, which runs the same weights
+through the single-step cell kernels: a fused layer called on one time step pays its
+set-up (on CPU, oneDNN re-lays the weights out) at every step. A fused LSTM whose step
+inputs are mostly known ahead (a decoder's words, with input feeding) steps faster with
+:class:`LSTMSteps`.
 """
 from __future__ import annotations
 

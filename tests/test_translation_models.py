@@ -327,3 +327,23 @@ def test_search_steps_with_the_vocabulary_prepared_equal_plain_steps(monkeypatch
     assert not torch.allclose(changed[0], fast[0])
     for a, b in zip(changed, expected):
         assert torch.allclose(a, b, atol=1e-12)
+
+
+@pytest.mark.parametrize("width", [10004, 1280, 700, 9])
+def test_blockwise_top_k_equals_torch_topk(width):
+    from rnnkit.decoding.search import top_k
+
+    torch.manual_seed(width)
+    x = torch.randn(37, width)
+    x[3, -1] = 50.0                                   # a winner in the tail after the last block
+    x[4, :] = 1.0                                     # all equal
+    x[5, ::7] = 9.0                                   # ties spread over blocks
+    x[6, 200:260] = float("-inf")
+    for k in (1, 5, 8):
+        values, index = top_k(x, k)
+        expected = x.topk(k, dim=-1)
+        assert torch.equal(values, expected.values)
+        assert torch.equal(x.gather(1, index), values)                   # the indices point at them
+        assert all(len(set(row.tolist())) == k for row in index)         # k distinct columns
+        distinct = [r for r in range(x.size(0)) if r not in (4, 5)]
+        assert torch.equal(index[distinct], expected.indices[distinct])

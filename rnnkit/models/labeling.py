@@ -13,12 +13,7 @@ from torch import nn
 
 from rnnkit.models.crf import CRF
 from rnnkit.models.dropout import Dropout
-from rnnkit.models.rnn import make_rnn, run_padded
-
-
-def length_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
-    """(B, width) True on each row's first ``length`` positions."""
-    return torch.arange(width, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
+from rnnkit.models.rnn import length_mask, make_rnn, run_padded
 
 
 class SentenceEncoder(nn.Module):

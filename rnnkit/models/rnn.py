@@ -87,6 +87,11 @@ def step_masks(rnn: nn.Module, batch: int, like: torch.Tensor) -> list[torch.Ten
     return rnn.step_masks(batch, like) if isinstance(rnn, ExplicitRNN) else None
 
 
+def length_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, width) True on each row's first ``length`` positions."""
+    return torch.arange(width, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
+
+
 def detach_state(state: State | None) -> State | None:
     """Cut the graph behind a carried hidden state (truncated backpropagation through time)."""
     if state is None:
@@ -99,6 +104,9 @@ def detach_state(state: State | None) -> State | None:
 # Gate pre-activation added on padding by :func:`run_padded`: sigmoid of it is exactly 0 or 1
 # in fp32 and bf16, so the state passes padding unchanged and no gradient flows into it.
 _HOLD = 1e4
+# (gate index, sign) of the gates held saturated on padding, in torch's gate order
+_HOLD_GATES = {"LSTM": ((0, -1.0), (1, 1.0)),     # i, f, g, o: input gate shut, forget gate open
+               "GRU": ((1, 1.0),)}                 # r, z, n: update gate keeps the old state
 
 
 def run_padded(rnn: nn.Module, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, State]:
@@ -118,13 +126,12 @@ def run_padded(rnn: nn.Module, x: torch.Tensor, lengths: torch.Tensor) -> tuple[
         out, final = rnn(packed)
         return pad_packed_sequence(out, batch_first=True, total_length=x.size(1))[0], final
     lstm, hidden, directions = rnn.mode == "LSTM", rnn.hidden_size, 2 if rnn.bidirectional else 1
-    batch, steps = x.shape[:2]
-    keep = torch.arange(steps, device=x.device).unsqueeze(0) < lengths.to(x.device).unsqueeze(1)
-    held = (~keep).unsqueeze(-1)
+    batch, lengths = x.size(0), lengths.to(x.device)
+    held = (~length_mask(lengths, x.size(1))).unsqueeze(-1)
     column = torch.zeros((4 if lstm else 3) * hidden, 1, device=x.device)
     for gate, sign in _HOLD_GATES[rnn.mode]:
         column[gate * hidden:(gate + 1) * hidden] = sign * _HOLD
-    last = (lengths.to(x.device) - 1).view(batch, 1, 1).expand(batch, 1, hidden)
+    last = (lengths - 1).view(batch, 1, 1).expand(batch, 1, hidden)
     zeros = x.new_zeros(directions, batch, hidden)
     finals_h, finals_c = [], []
     for layer in range(rnn.num_layers):
@@ -149,11 +156,6 @@ def run_padded(rnn: nn.Module, x: torch.Tensor, lengths: torch.Tensor) -> tuple[
         x = out.masked_fill(held, 0.0)
     h = torch.stack(finals_h)
     return x, (h, torch.cat(finals_c)) if lstm else h
-
-
-# (gate index, sign) of the gates held saturated on padding, in torch's gate order
-_HOLD_GATES = {"LSTM": ((0, -1.0), (1, 1.0)),     # i, f, g, o: input gate shut, forget gate open
-               "GRU": ((1, 1.0),)}                 # r, z, n: update gate keeps the old state
 
 
 class _Shared(torch.autograd.Function):

@@ -8,7 +8,7 @@ from torch import nn
 
 from rnnkit.models.attention import Attention
 from rnnkit.models.dropout import Dropout
-from rnnkit.models.rnn import LSTMSteps, State, make_rnn, rnn_step, run_padded, step_masks
+from rnnkit.models.rnn import LSTMSteps, State, length_mask, make_rnn, rnn_step, run_padded, step_masks
 
 
 class Encoder(nn.Module):
@@ -149,14 +149,16 @@ class Decoder(nn.Module):
     def unroll(self, x: torch.Tensor, st: DecoderState) -> torch.Tensor:
         """Input feeding over embedded gold inputs ``x`` (B, T, E) -> the vectors the output
         layer reads (B, T, H). A fused LSTM runs as :class:`LSTMSteps`, other layers step by step."""
-        steps = LSTMSteps(self.rnn, x) if LSTMSteps.applies(self.rnn) else None
         outs = []
-        for t, x_t in enumerate(x.unbind(1)):
-            if steps is None:
-                out, st, _ = self.advance(x_t, st)
-            else:
+        if LSTMSteps.applies(self.rnn):
+            steps = LSTMSteps(self.rnn, x)
+            for t in range(x.size(1)):
                 out, st, _ = self._after_rnn(*steps.step(t, st.feed, st.rnn), st)
-            outs.append(out)
+                outs.append(out)
+        else:
+            for x_t in x.unbind(1):
+                out, st, _ = self.advance(x_t, st)
+                outs.append(out)
         return torch.stack(outs, 1)
 
     def step(self, tokens: torch.Tensor, st: DecoderState):
@@ -193,7 +195,7 @@ class Seq2Seq(nn.Module):
 
     def encode(self, src: torch.Tensor, lengths: torch.Tensor) -> DecoderState:
         memory, final_h, final_c = self.encoder(src, lengths)
-        mask = torch.arange(src.size(1), device=src.device).unsqueeze(0) < lengths.to(src.device).unsqueeze(1)
+        mask = length_mask(lengths.to(src.device), src.size(1))
         init = self.bridge(memory, mask, final_h, final_c)
         return self.decoder.start(memory, mask, init, self.bridge.summary(memory, mask, final_h))
 

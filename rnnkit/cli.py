@@ -494,6 +494,56 @@ def data_get(
     err_console.print(f"{name}: ready in {to / name}")
 
 
+@data_app.command("info")
+def data_info(store: Path = typer.Argument(..., help="A prepared store's folder (printed by 'rnnkit prepare').")
+              ) -> None:
+    """Show what a prepared store holds: sources and their fingerprints, settings, sizes, tokenizers.
+
+    Example:  rnnkit data info ~/.cache/rnnkit/stores/translation-3477dbd57dcfa4a9d14c9e72f5aff4c2
+    """
+    from rnnkit.data.store import Store
+
+    with user_errors():
+        _print_store(Store.open(store))
+
+
+@app.command()
+def prepare(
+    config: Path = typer.Argument(..., help="YAML config of a translation or language-model run."),
+    overrides: List[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE", help="Override a config key."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1,
+                                          help="Processes that tokenise (default: this machine's cores)."),
+) -> None:
+    """Tokenise a config's training and validation data once into a prepared store: flat token-id
+    files that training maps instead of reading the corpus, in constant memory, on one process or
+    on every torchrun rank. 'rnnkit train' prepares the store itself when it is missing; prepare by
+    hand to do it once for many jobs (e.g. on one node, with RNNKIT_CACHE on a shared disk).
+    Prints the store's folder on stdout.
+
+    Example:  rnnkit prepare configs/translate_attention.yaml --workers 8
+    """
+    from rnnkit.tasks import task_module
+
+    with user_errors():
+        cfg = load_config(config, overrides)
+        module = task_module(cfg.task)
+        if not hasattr(module, "prepare_data"):
+            raise ConfigError("task", f"'{cfg.task}' reads its data in memory at the start of training; "
+                                      f"'lm' and 'translation' runs have stores to prepare")
+        store = module.prepare_data(cfg, None, workers)
+        _print_store(store)
+    print(store.path)
+
+
+def _print_store(store) -> None:
+    from rich.table import Table
+
+    table = Table(show_header=False, title="prepared store")
+    for what, value in store.summary():
+        table.add_row(what, value)
+    err_console.print(table)
+
+
 def _interactive(task, beam: int, n_best: int, alpha: float, replace_unk: bool) -> None:
     """A terminal on stdin: translate each line as it is typed (Ctrl-D or an empty line at the
     start ends it)."""

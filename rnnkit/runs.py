@@ -103,8 +103,12 @@ def _build_trainer(cfg: Config, run_dir: Path, resume: bool, rank: distributed.R
         note = bf16_note()
         if note:
             tqdm.write(note)
+    module = task_module(cfg.task)
+    extras = ckpt["task"] if ckpt else None
+    if rank.world > 1 and hasattr(module, "prepare_data"):   # rank 0 prepares the store; the others then open it
+        distributed.main_first(lambda: module.prepare_data(cfg, extras), rank)
     torch.manual_seed(cfg.seed)
-    task = task_module(cfg.task).build(cfg, device, extras=ckpt["task"] if ckpt else None)
+    task = module.build(cfg, device, extras=extras)
     if rank.world > 1:     # the same initial weights on every rank, then dropout of their own
         torch.manual_seed(cfg.seed + 7919 * (rank.rank + 1))
     return Trainer(cfg, task, run_dir, device)

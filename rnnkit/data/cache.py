@@ -1,11 +1,9 @@
-"""A disk cache for prepared data: tokenizers fitted and sentences turned into ids once.
+"""Where prepared data lives, and the keys that name it.
 
-An entry's name is a hash of everything it depends on (the bytes of the input files and
-the data settings), so a changed file or setting simply misses. Entries are written to a
-temporary file and renamed into place, read back with ``torch.load(weights_only=True)``,
-and one that cannot be read is rebuilt; a cache folder that cannot be written only costs
-the time saved. The folder is ``$RNNKIT_CACHE``, else ``$XDG_CACHE_HOME/rnnkit``, else
-``~/.cache/rnnkit``.
+A key is a hash of everything the data depends on (the bytes of the input files and the
+data settings), so a changed file or setting simply misses. The folder is ``$RNNKIT_CACHE``,
+else ``$XDG_CACHE_HOME/rnnkit``, else ``~/.cache/rnnkit``; prepared stores go in its
+``stores/`` (see :mod:`rnnkit.data.store`).
 """
 from __future__ import annotations
 
@@ -14,13 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
-from rnnkit.training.checkpoint import CheckpointError, atomic_save
-
-FORMAT = 1   # bump when what an entry holds changes
-
-Pairs = list[tuple[list[int], list[int]]]
+FORMAT = 2   # bump when what is stored under a key changes
 
 
 def cache_dir() -> Path:
@@ -34,49 +26,21 @@ def fingerprint(kind: str, files: Sequence[str], settings: Any) -> str:
     """A key for data built from ``files`` (by content, not name or date) with ``settings``."""
     h = hashlib.sha256(f"{kind}/{FORMAT}/{settings!r}".encode())
     for path in files:
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        h.update(b"\0end-of-file\0")
+        h.update(file_digest(path).encode())
     return f"{kind}-{h.hexdigest()[:32]}"
 
 
-def load(key: str) -> dict | None:
-    path = cache_dir() / f"{key}.pt"
-    if not path.exists():
-        return None
-    try:
-        entry = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:   # truncated, corrupted or from an incompatible torch: rebuild it
-        return None
-    return entry if isinstance(entry, dict) and entry.get("format") == FORMAT else None
+_DIGESTS: dict[tuple, str] = {}
 
 
-def save(key: str, entry: dict) -> None:
-    """Store ``entry`` atomically; a folder that cannot be written is skipped."""
-    try:
-        atomic_save({**entry, "format": FORMAT}, cache_dir() / f"{key}.pt")
-    except (OSError, CheckpointError):
-        pass
-
-
-def pack(pairs: Pairs) -> dict[str, torch.Tensor]:
-    """Sentence pairs of ids as four flat tensors (ids and lengths per side)."""
-    out = {}
-    for side in (0, 1):
-        seqs = [p[side] for p in pairs]
-        out[f"ids{side}"] = torch.tensor([i for s in seqs for i in s], dtype=torch.int32)
-        out[f"len{side}"] = torch.tensor([len(s) for s in seqs], dtype=torch.int32)
-    return out
-
-
-def unpack(packed: dict[str, torch.Tensor]) -> Pairs:
-    sides = []
-    for side in (0, 1):
-        ids, lengths = packed[f"ids{side}"].tolist(), packed[f"len{side}"].tolist()
-        seqs, start = [], 0
-        for n in lengths:
-            seqs.append(ids[start:start + n])
-            start += n
-        sides.append(seqs)
-    return list(zip(*sides))
+def file_digest(path: str) -> str:
+    """SHA-256 of a file's bytes (remembered for this process while its size and date stay)."""
+    st = os.stat(path)
+    known = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    if known not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+        _DIGESTS[known] = h.hexdigest()
+    return _DIGESTS[known]

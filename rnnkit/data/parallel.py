@@ -1,17 +1,18 @@
 """Parallel text: aligned readers, per-side tokenizers (word, char, sentencepiece) and batching."""
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
+import numpy as np
 import torch
 
-from rnnkit.data.vocab import BOS, EOS, PAD, UNK, DataError, Vocab, check_not_binary
+from rnnkit.data.store import bucket_batches
+from rnnkit.data.tokenizers import (SPECIALS, SentenceTokenizer, build_tokenizer,  # noqa: F401 (re-exported)
+                                    tokenizer_from_state)
+from rnnkit.data.vocab import MAX_LINE_CHARS, DataError, check_line_lengths, check_not_binary  # noqa: F401
 from rnnkit.hardware import pad_rows
 
-SPECIALS = [PAD, UNK, BOS, EOS]   # pad is id 0 on both sides
-MAX_LINE_CHARS = 100_000           # a longer "sentence" is a broken file, not a sentence
 
 
 def read_lines(path: str) -> list[str]:
@@ -33,113 +34,12 @@ def read_lines(path: str) -> list[str]:
     return lines
 
 
-def check_line_lengths(lines: Sequence[str], path: str, first: int = 1) -> None:
-    """One line beyond :data:`MAX_LINE_CHARS` (e.g. a file without line breaks) is an error,
-    not hours of tokenising and an out-of-memory crash."""
-    for number, line in enumerate(lines, start=first):
-        if len(line) > MAX_LINE_CHARS:
-            raise DataError(f"{path}: line {number} has {len(line):,} characters; lines longer than "
-                            f"{MAX_LINE_CHARS:,} are not sentences (is this the right file?)")
-
-
 def read_parallel(src_path: str, tgt_path: str) -> tuple[list[str], list[str]]:
     src, tgt = read_lines(src_path), read_lines(tgt_path)
     if len(src) != len(tgt):
         raise DataError(f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}; "
                         f"parallel files must be aligned line by line")
     return src, tgt
-
-
-class SentenceTokenizer:
-    """Splits a sentence into tokens and joins tokens back into text; owns its vocabulary."""
-
-    kind: str
-    vocab: Vocab
-
-    def split(self, text: str) -> list[str]: ...
-    def join(self, tokens: Sequence[str]) -> str: ...
-
-    def encode(self, text: str) -> list[int]:
-        return self.vocab.encode(self.split(text))
-
-    def state(self) -> dict:
-        return {"kind": self.kind, "vocab": self.vocab.itos}
-
-
-class WordSplitter(SentenceTokenizer):
-    kind = "word"
-
-    def __init__(self, vocab: Vocab):
-        self.vocab = vocab
-
-    @staticmethod
-    def split(text: str) -> list[str]:
-        return text.split()
-
-    def join(self, tokens: Sequence[str]) -> str:
-        return " ".join(tokens)
-
-
-class CharSplitter(WordSplitter):
-    kind = "char"
-
-    @staticmethod
-    def split(text: str) -> list[str]:
-        return list(text.strip())
-
-    def join(self, tokens: Sequence[str]) -> str:
-        return "".join(tokens)
-
-
-class SentencePieceSplitter(SentenceTokenizer):
-    """BPE or unigram subwords trained with sentencepiece; the model bytes travel in checkpoints."""
-
-    def __init__(self, model: bytes, kind: str):
-        import sentencepiece as spm
-
-        self.kind, self.model = kind, model
-        self.sp = spm.SentencePieceProcessor(model_proto=model)
-        self.vocab = Vocab([self.sp.id_to_piece(i) if i >= len(SPECIALS) else SPECIALS[i]
-                            for i in range(self.sp.get_piece_size())])
-
-    @classmethod
-    def train(cls, lines: Iterable[str], kind: str, vocab_size: int) -> "SentencePieceSplitter":
-        import sentencepiece as spm
-
-        buf = io.BytesIO()
-        try:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=iter([ln for ln in lines if ln.strip()]), model_writer=buf,
-                model_type=kind, vocab_size=vocab_size, character_coverage=1.0,
-                pad_id=0, unk_id=1, bos_id=2, eos_id=3, hard_vocab_limit=False,
-                minloglevel=2, num_threads=2)
-        except RuntimeError as err:
-            raise DataError(f"sentencepiece could not train a {kind} model: {err}") from None
-        return cls(buf.getvalue(), kind)
-
-    def split(self, text: str) -> list[str]:
-        return self.sp.encode(text, out_type=str)
-
-    def join(self, tokens: Sequence[str]) -> str:
-        return self.sp.decode_pieces(list(tokens))
-
-    def state(self) -> dict:
-        return {"kind": self.kind, "model": self.model}
-
-
-def build_tokenizer(kind: str, lines: list[str], vocab_size: int | None, min_freq: int) -> SentenceTokenizer:
-    """Fit a tokenizer of ``kind`` on training lines."""
-    if kind in ("bpe", "unigram"):
-        return SentencePieceSplitter.train(lines, kind, vocab_size or 8000)
-    splitter = WordSplitter if kind == "word" else CharSplitter
-    tokens = (t for line in lines for t in splitter.split(line))
-    return splitter(Vocab.build(tokens, SPECIALS, min_freq, vocab_size))
-
-
-def tokenizer_from_state(state: dict) -> SentenceTokenizer:
-    if state["kind"] in ("bpe", "unigram"):
-        return SentencePieceSplitter(state["model"], state["kind"])
-    return (WordSplitter if state["kind"] == "word" else CharSplitter)(Vocab(state["vocab"]))
 
 
 @dataclass
@@ -170,54 +70,35 @@ IGNORE = -100       # cross_entropy's ignore_index
 
 
 def pad(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-    out = torch.zeros(len(seqs), int(lengths.max()) if len(seqs) else 0, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-    return out, lengths
+    """Sequences of ids (lists or arrays) as one zero-padded (B, longest) tensor, and their lengths."""
+    lengths = np.fromiter((len(s) for s in seqs), np.int64, len(seqs))
+    out = np.zeros((len(seqs), int(lengths.max()) if len(seqs) else 0), np.int64)
+    if lengths.sum():
+        out[np.arange(out.shape[1]) < lengths[:, None]] = np.concatenate([np.asarray(s, np.int64) for s in seqs])
+    return torch.from_numpy(out), torch.from_numpy(lengths)
 
 
-def make_batch(src: Sequence[list[int]], tgt: Sequence[list[int]] | None, index: Sequence[int],
+def make_batch(src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]] | None, index: Sequence[int],
                bos: int, eos: int) -> Batch:
     s, s_len = pad(src)
     if tgt is None:
         empty = torch.zeros(len(src), 0, dtype=torch.long)
         return Batch(s, s_len, empty, empty, 0, torch.as_tensor(index), empty[0], empty[0])
-    t_in, _ = pad([[bos] + t for t in tgt])
-    t_out, t_len = pad([t + [eos] for t in tgt])
+    body, lengths = pad(tgt)
+    rows = torch.arange(len(tgt))
+    t_in = torch.nn.functional.pad(body, (1, 0), value=bos)          # <s> y_1 .. y_n
+    t_out = torch.nn.functional.pad(body, (0, 1))                     # y_1 .. y_n </s>
+    t_out[rows, lengths] = eos
     positions = (t_out.view(-1) != 0).nonzero().squeeze(1)   # found on the CPU: no device sync later
     gold = pad_rows(t_out.view(-1)[positions], fill=IGNORE)
     positions = pad_rows(positions)
-    return Batch(s, s_len, t_in, t_out, int(t_len.sum()), torch.as_tensor(index), positions, gold)
+    return Batch(s, s_len, t_in, t_out, int(lengths.sum()) + len(tgt), torch.as_tensor(np.asarray(index)),
+                 positions, gold)
 
 
 def length_batches(lengths: Sequence[int], batch_size: int, batch_tokens: int | None,
                    generator: torch.Generator | None = None, pool: int = 100) -> list[list[int]]:
-    """Group indices of similar length into batches (of sentences, or of padded tokens).
-
-    With a generator the order is random but reproducible: indices are shuffled, sorted by
-    length within pools of ``pool`` batches, cut into batches, and the batches shuffled.
-    """
-    n = len(lengths)
-    order = torch.randperm(n, generator=generator).tolist() if generator is not None else list(range(n))
-    chunk = pool * batch_size
-    batches: list[list[int]] = []
-    for start in range(0, n, chunk):
-        part = sorted(order[start:start + chunk], key=lambda i: lengths[i])
-        current: list[int] = []
-        longest = 0
-        for i in part:
-            longest_if = max(longest, lengths[i])
-            full = (len(current) >= batch_size if batch_tokens is None
-                    else longest_if * (len(current) + 1) > batch_tokens)
-            if current and full:
-                batches.append(current)
-                current, longest_if = [], lengths[i]
-            current.append(i)
-            longest = longest_if
-        if current:
-            batches.append(current)
-    if generator is not None:
-        perm = torch.randperm(len(batches), generator=generator).tolist()
-        batches = [batches[i] for i in perm]
-    return batches
+    """:func:`rnnkit.data.store.bucket_batches` as lists of indices, seeded by ``generator``."""
+    seed = None if generator is None else generator.initial_seed()
+    batches = bucket_batches(lengths, batch_size, batch_tokens, seed, pool)
+    return [b.tolist() for b in batches]

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable
+from typing import Iterable, Mapping, Sequence
 
 UNK, PAD, BOS, EOS = "<unk>", "<pad>", "<s>", "</s>"
+MAX_LINE_CHARS = 100_000           # a longer "sentence" is a broken file, not a sentence
 
 
 class Vocab:
@@ -23,7 +24,12 @@ class Vocab:
     def build(cls, tokens: Iterable[str], specials: list[str], min_freq: int = 1,
               max_size: int | None = None) -> "Vocab":
         """Most frequent first (ties in first-seen order), after ``specials``."""
-        counts = Counter(tokens)
+        return cls.from_counts(Counter(tokens), specials, min_freq, max_size)
+
+    @classmethod
+    def from_counts(cls, counts: Mapping[str, int], specials: list[str], min_freq: int = 1,
+                    max_size: int | None = None) -> "Vocab":
+        """As :meth:`build`, from token counts whose order is the tokens' first-seen order."""
         ranked = sorted(counts.items(), key=lambda kv: -kv[1])  # stable: keeps first-seen order
         words = [t for t, c in ranked if c >= min_freq and t not in specials]
         if max_size is not None:
@@ -74,6 +80,15 @@ class WordTokenizer:
 
 def make_tokenizer(kind: str) -> CharTokenizer | WordTokenizer:
     return {"char": CharTokenizer, "word": WordTokenizer}[kind]()
+
+
+def check_line_lengths(lines: Sequence[str], path: str, first: int = 1) -> None:
+    """One line beyond :data:`MAX_LINE_CHARS` (e.g. a file without line breaks) is an error,
+    not hours of tokenising and an out-of-memory crash."""
+    for number, line in enumerate(lines, start=first):
+        if len(line) > MAX_LINE_CHARS:
+            raise DataError(f"{path}: line {number} has {len(line):,} characters; lines longer than "
+                            f"{MAX_LINE_CHARS:,} are not sentences (is this the right file?)")
 
 
 def check_not_binary(raw: bytes, path: str) -> None:

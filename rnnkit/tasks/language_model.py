@@ -6,13 +6,17 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from rnnkit.config import (MAX_DIM, MAX_LAYERS, MAX_VOCAB, Config, ConfigError, RecurrentConfig, check_recurrent, num,
                            recurrent_options, require_file)
-from rnnkit.data.vocab import EOS, UNK, DataError, Vocab, make_tokenizer, read_text
+from rnnkit.data.builders import char_cuts, prepare_stream
+from rnnkit.data.prepare import ensure_store, find_store, state_digest
+from rnnkit.data.store import Store, StoreWriter
+from rnnkit.data.vocab import EOS, DataError, Vocab, make_tokenizer
 from rnnkit.decoding.sampling import sample_next
 from rnnkit.gradient_flow import GradientFlow, measure
 from rnnkit.metrics import perplexity
@@ -35,6 +39,7 @@ class DataConfig:
     min_freq: int = num(1, 1)
     max_vocab: Optional[int] = num(None, 2, MAX_VOCAB)
     bptt: int = num(64, 1)               # tokens per truncated-BPTT window
+    cache: bool = True                   # keep the prepared store in the data cache (false: per run)
 
 
 @dataclass
@@ -67,22 +72,43 @@ def check_config(cfg: Config) -> None:
                                         f"summing to at most 1, got {d.split!r}")
 
 
-def split_text(text: str, fractions: list[float]) -> tuple[str, str, str]:
-    """Cut one text into consecutive train/valid/test parts by character fractions."""
-    n = len(text)
-    a = int(n * fractions[0])
-    b = a + int(n * fractions[1])
-    c = b + int(n * fractions[2])
-    return text[:a], text[a:b], text[b:c]
-
-
-def batchify(ids: list[int], rows: int, device: torch.device) -> torch.Tensor:
-    """Lay a token stream out as ``rows`` contiguous streams: (rows, length)."""
+def batchify(ids: np.ndarray, rows: int) -> np.ndarray:
+    """Lay a token stream out as ``rows`` contiguous streams: a (rows, length) view."""
     length = len(ids) // rows
     if length < 2:
         raise DataError(f"{len(ids)} tokens are too few to lay out as {rows} streams; "
                         f"give more text or a smaller batch size")
-    return torch.tensor(ids[: rows * length], dtype=torch.long).view(rows, length).to(device)
+    return ids[: rows * length].reshape(rows, length)
+
+
+def prepare_data(cfg: Config, extras: dict[str, Any] | None = None, workers: int | None = None) -> Store:
+    """The config's text as a prepared store of token streams (train, valid, test), with the
+    vocabulary fitted on train, or a resumed run's (``extras``)."""
+    d = cfg.data
+    sources = [d.path] if d.path is not None else [p for p in (d.train, d.valid, d.test) if p]
+    settings = {"tokenizer": d.tokenizer, "min_freq": d.min_freq, "max_vocab": d.max_vocab,
+                "split": d.split if d.path is not None else None}
+    given = None if extras is None else list(extras["vocab"])
+
+    def build(writer: StoreWriter, n: int) -> dict[str, Any]:
+        if d.path is not None:
+            a, b, c = char_cuts(d.path, d.split)
+            splits = {"train": (d.path, 0, a), "valid": (d.path, a, b), "test": (d.path, b, c)}
+        else:
+            splits = {name: (path, 0, None) for name, path in (("train", d.train), ("valid", d.valid),
+                                                               ("test", d.test)) if path}
+        spec = ("fixed", given) if given is not None else ("fit", d.min_freq, d.max_vocab)
+        return prepare_stream(writer, n, splits, d.tokenizer, spec)
+
+    try:
+        if given is not None:
+            store = find_store("lm", sources, settings) if d.cache else None
+            if store is not None and store.tokenizer_state("vocab")["vocab"] == given:
+                return store
+            settings["given_vocab"] = state_digest(given)
+        return ensure_store("lm", sources, settings, build, workers, d.cache)
+    except OSError as err:
+        raise DataError(f"{err.filename}: cannot read ({err.strerror})") from None
 
 
 class LanguageModelTask:
@@ -90,34 +116,19 @@ class LanguageModelTask:
                  with_data: bool = True):
         self.cfg, self.device = cfg, device
         self.tokenizer = make_tokenizer(cfg.data.tokenizer)
-        self.splits = self._read_splits() if with_data else {}
-        if extras is None:  # a new run: the vocabulary comes from the training split
-            specials = [UNK] + ([EOS] if cfg.data.tokenizer == "word" else [])
-            self.vocab = Vocab.build(self.tokenizer.split(self.splits["train"]), specials,
-                                     cfg.data.min_freq, cfg.data.max_vocab)
-        else:
-            self.vocab = Vocab(extras["vocab"])
+        store = prepare_data(cfg, extras) if with_data else None
+        self.vocab = Vocab(extras["vocab"] if extras is not None else store.tokenizer_state("vocab")["vocab"])
         m = cfg.model
         self.model = RNNLanguageModel(len(self.vocab), m.cell, m.embedding_dim, m.hidden_size,
                                       m.num_layers, m.dropout, m.tie_weights, recurrent_options(m)).to(device)
         self.state = None
-        self.train_stream: torch.Tensor | None = None
+        self.train_stream: np.ndarray | None = None     # (rows, length), mapped from the store
         self.valid_stream: torch.Tensor | None = None
-        if self.splits:
-            bs = cfg.train.batch_size
-            self.train_stream = batchify(self.encode(self.splits["train"]), bs, device)
-            self.valid_stream = batchify(self.encode(self.splits["valid"]), min(cfg.train.eval_batch_size,
-                                         max(1, len(self.splits["valid"]) // (2 * cfg.data.bptt))), device)
-
-    def _read_splits(self) -> dict[str, str]:
-        d = self.cfg.data
-        if d.path is not None:
-            train, valid, test = split_text(read_text(d.path), d.split)
-            return {"train": train, "valid": valid, "test": test}
-        out = {"train": read_text(d.train), "valid": read_text(d.valid)}
-        if d.test:
-            out["test"] = read_text(d.test)
-        return out
+        if store is not None:
+            self.train_stream = batchify(store.stream("train"), cfg.train.batch_size)
+            valid = np.array(store.stream("valid"), dtype=np.int64)
+            rows = min(cfg.train.eval_batch_size, max(1, len(valid) // (2 * cfg.data.bptt)))
+            self.valid_stream = torch.from_numpy(np.ascontiguousarray(batchify(valid, rows))).to(device)
 
     def encode(self, text: str) -> list[int]:
         return self.vocab.encode(self.tokenizer.split(text))
@@ -125,15 +136,15 @@ class LanguageModelTask:
     # ------------------------------------------------------------------ training interface
     def train_batches(self, epoch: int) -> range:
         """Window start offsets over the batchified training stream."""
-        return range(0, self.train_stream.size(1) - 1, self.cfg.data.bptt)
+        return range(0, self.train_stream.shape[1] - 1, self.cfg.data.bptt)
 
     def shard(self, start: int, rank: distributed.Rank) -> tuple[int, int, int] | list:
         """Under torchrun each rank reads its own block of the batch's streams (rows)."""
-        lo, hi = distributed.share(self.train_stream.size(0), rank)
+        lo, hi = distributed.share(self.train_stream.shape[0], rank)
         return (start, lo, hi) if hi > lo else []
 
     def train_step(self, batch: int | tuple[int, int, int], index: int, step: int) -> StepResult:
-        start, lo, hi = batch if isinstance(batch, tuple) else (batch, 0, self.train_stream.size(0))
+        start, lo, hi = batch if isinstance(batch, tuple) else (batch, 0, self.train_stream.shape[0])
         if index == 0:
             self.state = None   # a new pass over the stream starts from a zero state
         if self.state is not None and _rows(self.state) != hi - lo:   # all streams' state, from a checkpoint
@@ -163,8 +174,12 @@ class LanguageModelTask:
     def extras(self) -> dict[str, Any]:
         return {"vocab": self.vocab.itos, "tokenizer": self.cfg.data.tokenizer}
 
-    def _window(self, stream: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and next-token targets of the bptt window at ``start`` (the last may be shorter)."""
+    def _window(self, stream: torch.Tensor | np.ndarray, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and next-token targets of the bptt window at ``start`` (the last may be shorter);
+        a mapped stream's window is read into a tensor on the device."""
+        if isinstance(stream, np.ndarray):
+            window = stream[:, start:start + 1 + self.cfg.data.bptt].astype(np.int64)
+            stream, start = torch.from_numpy(window).to(self.device), 0
         y = stream[:, start + 1:start + 1 + self.cfg.data.bptt]
         return stream[:, start:start + y.size(1)], y
 
@@ -208,7 +223,8 @@ class LanguageModelTask:
         ids = self.encode(text)
         rows = max(1, min(rows, len(ids) // (2 * self.cfg.data.bptt)))
         self.model.eval()
-        loss, tokens = self.stream_loss(batchify(ids, rows, self.device), progress=True)
+        stream = torch.from_numpy(np.ascontiguousarray(batchify(np.asarray(ids, np.int64), rows))).to(self.device)
+        loss, tokens = self.stream_loss(stream, progress=True)
         return {**self.metrics(loss, tokens), "tokens": tokens}
 
     @torch.no_grad()

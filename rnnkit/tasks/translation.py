@@ -11,10 +11,11 @@ from tqdm import tqdm
 
 from rnnkit.config import (MAX_DIM, MAX_LAYERS, MAX_VOCAB, Config, ConfigError, RecurrentConfig, check_recurrent, num,
                            recurrent_options, require_file)
-from rnnkit.data import cache as data_cache
-from rnnkit.data.parallel import (IGNORE, Batch, build_tokenizer, length_batches, make_batch, read_parallel,
-                                  tokenizer_from_state)
-from rnnkit.data.vocab import BOS, EOS, UNK
+from rnnkit.data.builders import prepare_pairs
+from rnnkit.data.parallel import IGNORE, Batch, make_batch, read_parallel, tokenizer_from_state
+from rnnkit.data.prepare import ensure_store, find_store, state_digest
+from rnnkit.data.store import Batches, Store, StoreWriter, TokenArray, bucket_batches
+from rnnkit.data.vocab import BOS, EOS, UNK, DataError
 from rnnkit.decoding.search import Hypothesis, beam_search, greedy_search
 from rnnkit.gradient_flow import GradientFlow, measure
 from rnnkit.metrics import bleu, chrf, perplexity
@@ -24,6 +25,7 @@ from rnnkit.training.trainer import StepResult
 
 METRICS = ("valid_loss", "valid_ppl", "valid_bleu", "valid_chrf")
 Tokenizer = Literal["word", "char", "bpe", "unigram"]
+Pairs = tuple[TokenArray, TokenArray]   # (sources, targets) of encoded sentence pairs
 
 
 @dataclass
@@ -39,7 +41,7 @@ class DataConfig:
     min_freq: int = num(1, 1)                       # word/char: rarer tokens become <unk>
     max_len: int = num(100, 1)                      # training pairs longer than this (tokens) are dropped
     batch_tokens: Optional[int] = num(None, 1)      # batch by padded tokens instead of train.batch_size sentences
-    cache: bool = True                              # keep fitted tokenizers and encoded pairs in the data cache
+    cache: bool = True                              # keep the prepared store in the data cache (false: per run)
 
 
 @dataclass
@@ -112,13 +114,47 @@ class Translation(NamedTuple):
     attention: torch.Tensor | None   # (len(tgt_tokens) + 1, len(src_tokens))
 
 
+def prepare_data(cfg: Config, extras: dict[str, Any] | None = None, workers: int | None = None) -> Store:
+    """The config's training and validation pairs as a prepared store (found, or made with
+    ``workers`` processes), tokenized by fitted tokenizers or, for a resumed run, by its
+    checkpoint's (``extras``)."""
+    d = cfg.data
+    sources = [d.train_src, d.train_tgt, d.valid_src, d.valid_tgt]
+    settings = {"src_tokenizer": d.src_tokenizer, "tgt_tokenizer": d.tgt_tokenizer, "min_freq": d.min_freq,
+                "src_vocab_size": d.src_vocab_size, "tgt_vocab_size": d.tgt_vocab_size, "max_len": d.max_len}
+    given = None if extras is None else {"src": extras["src"], "tgt": extras["tgt"]}
+
+    def build(writer: StoreWriter, n: int) -> dict[str, Any]:
+        sides = {name: ("fixed", given[name]) if given else ("fit", kind, size, d.min_freq)
+                 for name, kind, size in (("src", d.src_tokenizer, d.src_vocab_size),
+                                          ("tgt", d.tgt_tokenizer, d.tgt_vocab_size))}
+        return prepare_pairs(writer, n, (d.train_src, d.train_tgt), (d.valid_src, d.valid_tgt), sides, d.max_len)
+
+    try:
+        if given is not None:   # the fitted store serves when its tokenizers are the checkpoint's
+            store = find_store("translation", sources, settings) if d.cache else None
+            if store is not None and all(store.tokenizer_state(n) == given[n] for n in given):
+                return store
+            settings["given_tokenizers"] = state_digest(given)
+        return ensure_store("translation", sources, settings, build, workers, d.cache)
+    except OSError as err:
+        raise DataError(f"{err.filename}: cannot read ({err.strerror})") from None
+
+
 class TranslationTask:
     def __init__(self, cfg: Config, device: torch.device, extras: dict[str, Any] | None = None,
                  with_data: bool = True):
         self.cfg, self.device = cfg, device
         if with_data:
+            store = prepare_data(cfg, extras)
+            for note in store.manifest["notes"]:
+                tqdm.write(note)
             self.valid_src, self.valid_tgt = read_parallel(cfg.data.valid_src, cfg.data.valid_tgt)
-            self._prepare_data(extras)
+            self.src_tok = tokenizer_from_state(store.tokenizer_state("src"))
+            self.tgt_tok = tokenizer_from_state(store.tokenizer_state("tgt"))
+            self.train_pairs: Pairs = (store.array("train.src"), store.array("train.tgt"))
+            self.train_keys = store.keys("train.src")
+            self.valid_pairs: Pairs = (store.array("valid.src").in_memory(), store.array("valid.tgt").in_memory())
         else:
             self.src_tok, self.tgt_tok = tokenizer_from_state(extras["src"]), tokenizer_from_state(extras["tgt"])
         v = self.tgt_tok.vocab
@@ -126,70 +162,14 @@ class TranslationTask:
         self.model = build_model(cfg, len(self.src_tok.vocab), len(v)).to(device)
         self.teacher_forcing = TeacherForcingSchedule(cfg.train.teacher_forcing)
 
-    def _prepare_data(self, extras: dict[str, Any] | None) -> None:
-        """Tokenizers (fitted on the training side, or a checkpoint's) and the encoded training
-        and validation pairs: from the data cache when the same files and settings were
-        prepared before, otherwise built and stored there."""
-        d = self.cfg.data
-        given = None if extras is None else (extras["src"], extras["tgt"])
-        key = None
-        if d.cache:
-            settings = (d.src_tokenizer, d.tgt_tokenizer, d.src_vocab_size, d.tgt_vocab_size, d.min_freq,
-                        d.max_len, given)
-            try:
-                key = data_cache.fingerprint("translation", [d.train_src, d.train_tgt, d.valid_src, d.valid_tgt],
-                                             settings)
-            except OSError:   # unreadable: reading the files below says so clearly
-                key = None
-            entry = None if key is None else data_cache.load(key)
-            if entry is not None:
-                self.src_tok, self.tgt_tok = tokenizer_from_state(entry["src"]), tokenizer_from_state(entry["tgt"])
-                self.train_pairs = data_cache.unpack(entry["train"])
-                self.valid_pairs = data_cache.unpack(entry["valid"])
-                for note in entry["notes"]:
-                    tqdm.write(note)
-                return
-        src, tgt = read_parallel(d.train_src, d.train_tgt)
-        if given is None:
-            self.src_tok = build_tokenizer(d.src_tokenizer, src, d.src_vocab_size, d.min_freq)
-            self.tgt_tok = build_tokenizer(d.tgt_tokenizer, tgt, d.tgt_vocab_size, d.min_freq)
-        else:
-            self.src_tok, self.tgt_tok = tokenizer_from_state(given[0]), tokenizer_from_state(given[1])
-        notes = []
-        self.train_pairs = self._encode_pairs(src, tgt, d.max_len, notes)
-        self.valid_pairs = self._encode_pairs(self.valid_src, self.valid_tgt, None, notes)
-        for note in notes:
-            tqdm.write(note)
-        if key is not None:
-            data_cache.save(key, {"src": self.src_tok.state(), "tgt": self.tgt_tok.state(), "notes": notes,
-                                  "train": data_cache.pack(self.train_pairs),
-                                  "valid": data_cache.pack(self.valid_pairs)})
-
-    def _encode_pairs(self, src: list[str], tgt: list[str], limit: int | None,
-                      notes: list[str]) -> list[tuple[list[int], list[int]]]:
-        pairs, empty, long = [], 0, 0
-        for s, t in zip(src, tgt):
-            a, b = self.src_tok.encode(s), self.tgt_tok.encode(t)
-            if not a or not b:
-                empty += 1
-            elif limit is not None and (len(a) > limit or len(b) > limit):
-                long += 1
-            else:
-                pairs.append((a, b))
-        if empty or long:
-            what = f"{long} over data.max_len={limit} tokens, " if limit is not None else ""
-            notes.append(f"dropped {empty + long} of {len(src)} sentence pairs ({what}{empty} with an empty side)")
-        return pairs
-
     # ------------------------------------------------------------------ training interface
-    def train_batches(self, epoch: int) -> list[list[int]]:
-        g = torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch)
-        lengths = [max(len(s), len(t) + 1) for s, t in self.train_pairs]
-        return length_batches(lengths, self.cfg.train.batch_size, self.cfg.data.batch_tokens, g)
+    def train_batches(self, epoch: int) -> Batches:
+        """Indices of similar length, batched; the order is a function of the seed and epoch."""
+        return bucket_batches(self.train_keys, self.cfg.train.batch_size, self.cfg.data.batch_tokens,
+                              seed=self.cfg.seed * 100003 + epoch)
 
-    def _batch(self, pairs, indices: Sequence[int]) -> Batch:
-        chosen = [pairs[i] for i in indices]
-        return make_batch([p[0] for p in chosen], [p[1] for p in chosen], indices,
+    def _batch(self, pairs: Pairs, indices: Sequence[int]) -> Batch:
+        return make_batch(pairs[0].gather(indices), pairs[1].gather(indices), indices,
                           self.bos, self.eos).to(self.device)
 
     def _loss(self, batch: Batch, ratio: float = 1.0) -> torch.Tensor:
@@ -213,10 +193,10 @@ class TranslationTask:
         return {"src": self.src_tok.state(), "tgt": self.tgt_tok.state()}
 
     @torch.no_grad()
-    def _mean_loss(self, pairs: list[tuple[list[int], list[int]]], batch_size: int) -> tuple[float, int]:
+    def _mean_loss(self, pairs: Pairs, batch_size: int) -> tuple[float, int]:
         """Teacher-forced loss per target token over encoded pairs, and the token count."""
         total, tokens = 0.0, 0
-        for indices in length_batches([len(s) for s, _ in pairs], batch_size, None):
+        for indices in bucket_batches(pairs[0].lengths(), batch_size):
             batch = self._batch(pairs, indices)
             total += self._loss(batch).item() * batch.tokens
             tokens += batch.tokens
@@ -235,8 +215,8 @@ class TranslationTask:
         pairs whose sources share one length (the longest length that at least 4 share),
         measured back from the last source token."""
         by_length: dict[int, list[int]] = {}
-        for i, (s, _) in enumerate(self.valid_pairs):
-            by_length.setdefault(len(s), []).append(i)
+        for i, n in enumerate(self.valid_pairs[0].lengths().tolist()):
+            by_length.setdefault(n, []).append(i)
         length = max((n for n, ids in by_length.items() if len(ids) >= 4), default=None)
         if length is None:
             length = max(by_length, key=lambda n: len(by_length[n]))
@@ -289,8 +269,9 @@ class TranslationTask:
         """Teacher-forced loss per target token over raw sentence pairs (eval's perplexity)."""
         was_training = self.model.training
         self.model.eval()
-        pairs = [(self.src_tok.encode(s), self.tgt_tok.encode(t)) for s, t in zip(src, tgt)]
-        result = self._mean_loss([(s, t) for s, t in pairs if s], batch_size)
+        pairs = [(a, b) for a, b in ((self.src_tok.encode(s), self.tgt_tok.encode(t)) for s, t in zip(src, tgt)) if a]
+        result = self._mean_loss((TokenArray.from_lists([a for a, _ in pairs]),
+                                  TokenArray.from_lists([b for _, b in pairs])), batch_size)
         self.model.train(was_training)
         return result
 

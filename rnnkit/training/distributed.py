@@ -9,8 +9,9 @@ many processes compute them. Rank 0 alone logs, evaluates and writes files.
 from __future__ import annotations
 
 import os
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -80,11 +81,28 @@ def share(n: int, rank: Rank) -> tuple[int, int]:
 
 def shard(batch: Any, rank: Rank) -> Any:
     """This rank's part of a global batch: a slice of a list, range or tensor of items."""
-    if isinstance(batch, (list, tuple, range, torch.Tensor)):
+    if isinstance(batch, (list, tuple, range, torch.Tensor, np.ndarray)):
         lo, hi = share(len(batch), rank)
         return batch[lo:hi]
     raise TypeError(f"cannot split a batch of type {type(batch).__name__} across ranks; "
                     f"give the task a shard(batch, rank) method")
+
+
+def main_first(work: Callable[[], Any], rank: Rank) -> None:
+    """Run ``work`` on rank 0 while the other ranks wait (preparing data that every rank then
+    opens); an error there stops every rank."""
+    failed = None
+    if rank.main:
+        try:
+            work()
+        except Exception as err:
+            failed = err
+    if rank.world > 1 and any_rank([failed is not None], device_of(rank))[0] and failed is None:
+        from rnnkit.data.vocab import DataError
+
+        raise DataError("rank 0 could not prepare the data (its error is above)")
+    if failed is not None:
+        raise failed
 
 
 def all_sum(values: list[float], device: torch.device) -> list[float]:

@@ -16,6 +16,7 @@ import errno
 import json
 import multiprocessing
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from itertools import chain
@@ -51,11 +52,12 @@ class Piece:
     lines: int
 
 
-def cut_lines(path: str, start: int = 0, end: int | None = None, every: int = CHUNK_LINES,
+def cut_lines(path: str, start: int = 0, end: int | None = None, every: int | None = None,
               allow_empty: bool = False) -> tuple[list[Piece], int]:
     """Cut bytes [start, end) of ``path`` into pieces of ``every`` lines (at line breaks), in one
     streaming pass; also the number of lines. A file with no text is a DataError unless
     ``allow_empty``."""
+    every = every or CHUNK_LINES
     try:
         fh = open(path, "rb")
     except OSError as err:
@@ -292,6 +294,7 @@ def ensure_store(kind: str, sources: Sequence[str], settings: dict[str, Any],
                 return Store.open(final)
             except StoreError as err:
                 announce(f"{err}: rebuilding it")
+                shutil.rmtree(final, ignore_errors=True)
     started = time.perf_counter()
     try:
         writer = StoreWriter(final)
@@ -323,7 +326,6 @@ def _private_root() -> str:
     """A temporary folder for stores of runs with ``data.cache: false``, removed at exit."""
     if not _PRIVATE:
         import atexit
-        import shutil
         import tempfile
 
         _PRIVATE.append(tempfile.mkdtemp(prefix="rnnkit-store-"))

@@ -207,6 +207,7 @@ class Store:
 
     def tokenizer_state(self, name: str) -> dict[str, Any]:
         state = dict(self.manifest["tokenizers"][name])
+        del state["size"]
         if "model_file" in state:
             state["model"] = (self.path / state.pop("model_file")).read_bytes()
         return state

@@ -232,3 +232,16 @@ def test_lm_training_windows_come_from_the_mapped_stream(tmp_path):
     x, y = task._window(task.train_stream, 16)
     assert x.dtype == torch.long and torch.equal(x[:, 1:], y[:, :-1])
     assert x[0].tolist() == task.train_stream[0, 16:32].tolist()
+
+
+def test_the_shuffle_is_a_permutation_in_constant_memory():
+    from rnnkit.data.store import Permutation
+    for n in (1, 2, 5, 64, 1000, 4097):
+        assert sorted(Permutation(n, 11)(np.arange(n)).tolist()) == list(range(n))
+    a, b = Permutation(10_000, 1)(np.arange(10_000)), Permutation(10_000, 2)(np.arange(10_000))
+    assert not np.array_equal(a, b) and abs(np.corrcoef(np.arange(10_000), a)[0, 1]) < 0.05
+    keys = np.random.default_rng(0).integers(1, 50, 100_000)
+    batches = bucket_batches(keys, 32, seed=5)
+    held = [v.nbytes for v in vars(batches).values() if isinstance(v, np.ndarray) and v is not batches.keys]
+    assert sum(held) == 8 * len(batches)          # two int32 per batch, nothing per sentence
+    assert sorted(int(i) for b in batches for i in b) == list(range(100_000))

@@ -74,8 +74,9 @@ def _write_pairs(writer: StoreWriter, workers: int, split: str, pieces: list[tup
                                                                      vocab_size).itos}
     counts.clear()
     tokenizers = {name: tokenizer_from_state(state) for name, state in states.items()}
-    out = {name: writer.array(f"{split}.{name}", token_dtype(len(tokenizers[name].vocab)), keys=name == "src")
-           for name in ("src", "tgt")}
+    key = None if max_len is None else np.dtype(np.uint8 if max_len < 255 else np.uint16)   # max(src, tgt + 1)
+    out = {name: writer.array(f"{split}.{name}", token_dtype(len(tokenizers[name].vocab)),
+                              keys=key if name == "src" else None) for name in ("src", "tgt")}
     total = empty = long = 0
     for src_part, tgt_part in parts:
         (s, ls), (t, lt) = (read_part(p, tokenizers[n].vocab.stoi, tokenizers[n].vocab.unk)
@@ -87,7 +88,7 @@ def _write_pairs(writer: StoreWriter, workers: int, split: str, pieces: list[tup
             long += int((keep & ~short).sum())
             keep &= short
         total += len(ls)
-        out["src"].add(s[np.repeat(keep, ls)], ls[keep], np.maximum(ls, lt + 1)[keep])
+        out["src"].add(s[np.repeat(keep, ls)], ls[keep], np.maximum(ls, lt + 1)[keep] if key is not None else None)
         out["tgt"].add(t[np.repeat(keep, lt)], lt[keep])
     if empty or long:
         what = f"{long} over data.max_len={max_len} tokens, " if max_len is not None else ""

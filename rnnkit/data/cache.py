@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-FORMAT = 2   # bump when what is stored under a key changes
+FORMAT = 3   # bump when what is stored under a key changes
 
 
 def cache_dir() -> Path:

@@ -6,7 +6,7 @@ A store is a folder::
                        tokenizers, and every array file with its dtype and size
     train.src.ids      token ids of all sentences end to end (uint16 when the vocabulary fits, else int32)
     train.src.idx      int64 offsets: sentence i is ids[idx[i]:idx[i + 1]]
-    train.key          uint16 per sentence: the length that batching sorts by
+    train.src.key      per pair, the length that batching sorts by (uint8 when max_len allows, else uint16)
     src.spm            a sentencepiece model, when the tokenizer is one
 
 Stores live in ``<cache>/stores/<key>``, the key a hash of the source files' bytes and the
@@ -34,7 +34,6 @@ from rnnkit.data.vocab import DataError
 FORMAT = 1
 MANIFEST = "manifest.json"
 OFFSET = np.dtype(np.int64)
-KEY = np.dtype(np.uint16)
 
 
 class StoreError(DataError):
@@ -88,7 +87,7 @@ class StoredTokenArray(TokenArray):
         return self.count
 
     def __getitem__(self, i: int) -> np.ndarray:
-        start, end = np.frombuffer(os.pread(self._offsets, 16, OFFSET.itemsize * i), OFFSET)
+        start, end = np.frombuffer(os.pread(self._offsets, 16, OFFSET.itemsize * int(i)), OFFSET)
         size = self.dtype.itemsize
         raw = os.pread(self._ids, int(end - start) * size, int(start) * size)
         return np.frombuffer(raw, self.dtype).astype(np.int64)
@@ -106,46 +105,95 @@ class StoredTokenArray(TokenArray):
 
 
 # ---------------------------------------------------------------------- batching
-class Batches(Sequence):
-    """An epoch's batches: ``order[starts[b]:ends[b]]`` are the indices of batch b."""
+class Permutation:
+    """A pseudo-random bijection of [0, n) that maps any index on demand: a keyed six-round
+    Feistel network (splitmix64's finaliser as the round function) on the next even power of
+    two, walking cycles back into [0, n). It shuffles a corpus of any size in constant memory."""
 
-    def __init__(self, order: np.ndarray, starts: np.ndarray, ends: np.ndarray):
-        self.order, self.starts, self.ends = order, starts, ends
+    MIX1, MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+    def __init__(self, n: int, seed: int):
+        self.n = n
+        bits = max(2, (max(1, n) - 1).bit_length())
+        self.half = np.uint64((bits + 1) // 2)
+        self.mask = np.uint64((1 << int(self.half)) - 1)
+        self.keys = [np.uint64(k) for k in np.random.default_rng(seed).integers(0, 2 ** 63, size=6)]
+
+    def _round(self, x: np.ndarray) -> np.ndarray:
+        left, right = x >> self.half, x & self.mask
+        for key in self.keys:
+            h = right + key
+            h = (h ^ (h >> np.uint64(30))) * self.MIX1
+            h = (h ^ (h >> np.uint64(27))) * self.MIX2
+            h ^= h >> np.uint64(31)
+            left, right = right, left ^ (h & self.mask)
+        return (left << self.half) | right
+
+    def __call__(self, index: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            out = self._round(np.asarray(index, dtype=np.uint64))
+            outside = out >= self.n
+            while outside.any():
+                out[outside] = self._round(out[outside])
+                outside = out >= self.n
+        return out.astype(np.int64)
+
+
+class Batches(Sequence):
+    """An epoch's batches of indices of similar length, made when asked for. The (shuffled)
+    indices fall into pools of ``pool`` batches; a pool is sorted by length and cut into
+    batches of ``batch_size`` sentences or of at most ``batch_tokens`` padded tokens; the
+    batches of all pools are then shuffled. Memory: two int32 per batch, and one pool."""
+
+    def __init__(self, keys: Sequence[int] | np.ndarray, batch_size: int, batch_tokens: int | None = None,
+                 seed: int | None = None, pool: int = 100):
+        self.keys, self.batch_size, self.batch_tokens = np.asarray(keys), batch_size, batch_tokens
+        self.n, self.chunk = len(self.keys), pool * batch_size
+        self.perm = Permutation(self.n, seed) if seed is not None else None
+        self._cached: tuple = (None, None, None)
+        pools = -(-self.n // self.chunk)
+        if batch_tokens is None:     # every pool but the last is full: its batch count is known
+            sizes = np.minimum(self.chunk, self.n - np.arange(pools, dtype=np.int64) * self.chunk)
+            counts = -(-sizes // batch_size)
+        else:
+            counts = np.array([len(self._pool(p)[1]) - 1 for p in range(pools)], dtype=np.int64)
+        self.pool_of = np.repeat(np.arange(pools, dtype=np.int32), counts)
+        self.slot_of = (np.arange(len(self.pool_of)) - np.repeat(np.cumsum(counts) - counts, counts)).astype(np.int32)
+        if seed is not None:
+            order = np.random.default_rng(seed).permutation(len(self.pool_of))
+            self.pool_of, self.slot_of = self.pool_of[order], self.slot_of[order]
+
+    def _pool(self, p: int) -> tuple[np.ndarray, np.ndarray]:
+        """Pool ``p``'s indices sorted by length, and where its batches start (and the end)."""
+        if self._cached[0] == p:
+            return self._cached[1:]
+        members = np.arange(p * self.chunk, min(self.n, (p + 1) * self.chunk), dtype=np.int64)
+        if self.perm is not None:
+            members = self.perm(members)
+        keys = self.keys[members]
+        order = np.argsort(keys, kind="stable")
+        members, keys = members[order], keys[order].astype(np.int64)
+        if self.batch_tokens is None:
+            cuts = np.append(np.arange(0, len(members), self.batch_size), len(members))
+        else:
+            cuts = np.append(_token_cuts(keys, self.batch_tokens), len(members))
+        self._cached = (p, members, cuts)
+        return members, cuts
 
     def __len__(self) -> int:
-        return len(self.starts)
+        return len(self.pool_of)
 
     def __getitem__(self, b: int) -> np.ndarray:
-        return self.order[self.starts[b]:self.ends[b]]
+        members, cuts = self._pool(int(self.pool_of[b]))
+        s = int(self.slot_of[b])
+        return members[cuts[s]:cuts[s + 1]]
 
 
 def bucket_batches(keys: Sequence[int] | np.ndarray, batch_size: int, batch_tokens: int | None = None,
                    seed: int | None = None, pool: int = 100) -> Batches:
-    """Group indices of similar length (``keys``) into batches of ``batch_size`` sentences, or of
-    at most ``batch_tokens`` padded tokens. With a ``seed`` the order is random and reproducible:
-    indices are shuffled, sorted by length within pools of ``pool`` batches, cut into batches,
-    and the batches shuffled. Memory is one index per sentence (int32 below 2**31 sentences)."""
-    keys = np.asarray(keys)
-    n = len(keys)
-    order = np.arange(n, dtype=np.int32 if n < 2 ** 31 else np.int64)
-    rng = np.random.default_rng(seed) if seed is not None else None
-    if rng is not None:
-        rng.shuffle(order)
-    chunk = pool * batch_size
-    starts: list[np.ndarray] = []
-    for a in range(0, n, chunk):
-        part = order[a:a + chunk]
-        part[:] = part[np.argsort(keys[part], kind="stable")]
-        if batch_tokens is None:
-            starts.append(np.arange(a, a + len(part), batch_size))
-        else:
-            starts.append(a + _token_cuts(keys[part].astype(np.int64), batch_tokens))
-    first = np.concatenate(starts) if starts else np.zeros(0, np.int64)
-    last = np.append(first[1:], n)
-    if rng is not None:
-        perm = rng.permutation(len(first))
-        first, last = first[perm], last[perm]
-    return Batches(order, first, last)
+    """Indices grouped by similar ``keys`` (lengths) into batches; with a ``seed`` in a random
+    order that the seed fixes, without one in order of length within each pool (see :class:`Batches`)."""
+    return Batches(keys, batch_size, batch_tokens, seed, pool)
 
 
 def _token_cuts(lengths: np.ndarray, budget: int) -> np.ndarray:
@@ -202,8 +250,9 @@ class Store:
         return np.memmap(self.path / f"{name}.ids", np.dtype(info["dtype"]), mode="r")
 
     def keys(self, name: str) -> np.ndarray:
-        return np.memmap(self.path / f"{name}.key", KEY, mode="r") if self.manifest["arrays"][name]["sentences"] \
-            else np.zeros(0, KEY)
+        info = self.manifest["arrays"][name]
+        dtype = np.dtype(info["key_dtype"])
+        return np.memmap(self.path / f"{name}.key", dtype, mode="r") if info["sentences"] else np.zeros(0, dtype)
 
     def tokenizer_state(self, name: str) -> dict[str, Any]:
         state = dict(self.manifest["tokenizers"][name])
@@ -232,11 +281,12 @@ class Store:
 class ArrayWriter:
     """Appends sentences to ``NAME.ids`` / ``NAME.idx`` (and ``NAME.key``) of a store being written."""
 
-    def __init__(self, folder: Path, name: str, dtype: np.dtype, keys: bool = False):
+    def __init__(self, folder: Path, name: str, dtype: np.dtype, keys: np.dtype | None = None):
         self.name, self.dtype, self.sentences, self.tokens = name, np.dtype(dtype), 0, 0
+        self.key_dtype = None if keys is None else np.dtype(keys)
         self.ids = open(folder / f"{name}.ids", "wb")
         self.idx = open(folder / f"{name}.idx", "wb")
-        self.key = open(folder / f"{name}.key", "wb") if keys else None
+        self.key = open(folder / f"{name}.key", "wb") if keys is not None else None
         np.zeros(1, OFFSET).tofile(self.idx)
 
     def add(self, ids: np.ndarray, lengths: np.ndarray, keys: np.ndarray | None = None) -> None:
@@ -245,7 +295,7 @@ class ArrayWriter:
         ids.astype(self.dtype, copy=False).tofile(self.ids)
         (self.tokens + np.cumsum(lengths, dtype=OFFSET)).tofile(self.idx)
         if self.key is not None:
-            np.minimum(keys, np.iinfo(KEY).max).astype(KEY).tofile(self.key)
+            np.minimum(keys, np.iinfo(self.key_dtype).max).astype(self.key_dtype).tofile(self.key)
         self.sentences += len(lengths)
         self.tokens += int(lengths.sum())
 
@@ -255,7 +305,10 @@ class ArrayWriter:
                 fh.flush()
                 os.fsync(fh.fileno())
                 fh.close()
-        return {"dtype": self.dtype.name, "sentences": self.sentences, "tokens": self.tokens}
+        info = {"dtype": self.dtype.name, "sentences": self.sentences, "tokens": self.tokens}
+        if self.key_dtype is not None:
+            info["key_dtype"] = self.key_dtype.name
+        return info
 
 
 class StoreWriter:
@@ -269,7 +322,7 @@ class StoreWriter:
         self.tmp.mkdir()
         self.arrays: dict[str, ArrayWriter] = {}
 
-    def array(self, name: str, dtype: np.dtype, keys: bool = False) -> ArrayWriter:
+    def array(self, name: str, dtype: np.dtype, keys: np.dtype | None = None) -> ArrayWriter:
         self.arrays[name] = ArrayWriter(self.tmp, name, dtype, keys)
         return self.arrays[name]
 

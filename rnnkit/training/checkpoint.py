@@ -5,9 +5,10 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_NAME, FORMAT_VERSION = "rnnkit-checkpoint", 1
 FORMAT = f"{FORMAT_NAME}-{FORMAT_VERSION}"
@@ -25,6 +26,8 @@ def atomic_save(obj: Any, path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        import torch     # here, not at the top: the CLI and data workers start without torch
+
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
             fh.flush()
@@ -52,6 +55,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
+        import torch
+
         with warnings.catch_warnings():   # torch's remarks on foreign pickles: the error below says it all
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)

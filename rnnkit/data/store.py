@@ -30,6 +30,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from rnnkit.data.vocab import DataError
+from rnnkit.training.run_lock import process_alive
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -365,15 +366,5 @@ def remove_stale(root: Path) -> None:
         return
     for tmp in root.glob(".*.tmp"):
         pid = tmp.name.rsplit(".", 2)[-2]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -25,7 +25,8 @@ class RunLockError(RuntimeError):
     """Another live process trains in this run directory; shown as one line, exit code 2."""
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists (on this machine)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -86,7 +87,7 @@ class RunLock:
         parts = self._holder().split()
         if len(parts) >= 4 and parts[0] == "process" and parts[3] == socket.gethostname():
             pid = int(parts[1]) if parts[1].isdigit() else 0
-            if pid and pid != os.getpid() and _alive(pid):
+            if pid and pid != os.getpid() and process_alive(pid):
                 raise RunLockError(self._refusal())
 
     def release(self) -> None:

@@ -15,7 +15,10 @@ Builds its corpora by repeating ../shared/data/multi30k (en-fr) and ../shared/da
   the 1,015,000 pairs: build its vocabulary, then train 20 steps: time to its first step, peak
   RSS; beside rnnkit doing the same from nothing (prepare inside `rnnkit train`).
 
-    python bench/scale.py [--repeats 1,35,345] [--lm-repeats 50] [--steps 200] [--skip-onmt]
+    python bench/scale.py [--repeats 1,35,345] [--lm-repeats 50] [--steps 200] [--rounds 3] [--skip-onmt]
+
+Training runs alternate between the corpora, ``--rounds`` times, and the medians are compared:
+the same run's peak RSS varies by several per cent from one time to the next.
 """
 from __future__ import annotations
 
@@ -169,47 +172,77 @@ def prepare(config: str, sets: list[str], name: str, workers: int) -> dict:
                     cache_env(name, fresh=True))
 
 
-def translation(repeats: list[int], steps: int, rows: list[list[str]], ranks: int) -> None:
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def _row(name: str, one: dict | None, two: dict | None, runs: list[dict], base: list[dict]) -> list[str]:
+    """A table row: preparing with 1 and 2 workers, then the median of the training runs (each
+    run's peak RSS listed: the same run varies by several per cent from one time to the next)."""
+    rss = [r["maxrss_gb"] for r in runs]
+    ratio = _median(rss) / _median([r["maxrss_gb"] for r in base])
+    speedup = f" ({one['wall'] / two['wall']:.2f}x)" if one and two else ""
+    return [name, f"{one['wall']:.1f} s / {one['tree_gb']:.2f} GB" if one else "-",
+            f"{two['wall']:.1f} s / {two['tree_gb']:.2f} GB{speedup}" if two else "-",
+            f"{_median([r['first_step'] for r in runs]):.1f} s",
+            f"{_median(rss):.2f} GB ({', '.join(f'{v:.2f}' for v in rss)}): {ratio:.3f}x",
+            f"{_median([r['tokens_per_s'] for r in runs]):,.0f}"]
+
+
+def translation(repeats: list[int], steps: int, rows: list[list[str]], ranks: int, rounds: int) -> None:
+    """Prepare each corpus, then train on them in alternation, ``rounds`` times."""
     config = str(ROOT / "configs" / "translate_attention.yaml")
-    base = None
+    prepared, runs = {}, {r: [] for r in repeats}
     for r in repeats:
         en, fr = repeated("m30k", [DATA / "multi30k" / "train.en", DATA / "multi30k" / "train.fr"], r)
         sets = translation_sets(en, fr, f"tr{r}", steps, r)
-        one = prepare(config, sets, f"tr{r}-w1", 1)
-        two = prepare(config, sets, f"tr{r}-w2", 2)
-        env = cache_env(f"tr{r}-w2")
-        run = train(config, sets, env)
-        base = base or run
-        rows.append([f"translation, {29000 * r:,} pairs", f"{one['wall']:.1f} s / {one['tree_gb']:.2f} GB",
-                     f"{two['wall']:.1f} s / {two['tree_gb']:.2f} GB ({one['wall'] / two['wall']:.2f}x)",
-                     f"{run['first_step']:.1f} s", f"{run['maxrss_gb']:.2f} GB ({run['maxrss_gb'] / base['maxrss_gb']:.3f}x)",
-                     f"{run['tokens_per_s']:,.0f}"])
+        prepared[r] = (en, fr, sets, prepare(config, sets, f"tr{r}-w1", 1), prepare(config, sets, f"tr{r}-w2", 2))
+        print(f"prepared {29000 * r:,} pairs: 1 worker {prepared[r][3]['wall']:.1f} s, "
+              f"2 workers {prepared[r][4]['wall']:.1f} s", flush=True)
+    for k in range(rounds):
+        for r in repeats:
+            if k and r not in (repeats[0], repeats[-1]):     # the sizes between: one run
+                continue
+            runs[r].append(train(config, prepared[r][2], cache_env(f"tr{r}-w2")))
+            print(f"round {k + 1}, {29000 * r:,} pairs: {runs[r][-1]['maxrss_gb']:.3f} GB", flush=True)
+    for r in repeats:
+        rows.append(_row(f"translation, {29000 * r:,} pairs", prepared[r][3], prepared[r][4], runs[r],
+                         runs[repeats[0]]))
         print(" | ".join(rows[-1]), flush=True)
-        if ranks > 1 and r in (repeats[0], repeats[-1]):
-            two_ranks = train(config, translation_sets(en, fr, f"tr{r}-ranks", 40, r), env, ranks=ranks)
-            pss = max(two_ranks["pss_gb"])
-            rows.append([f"  {ranks} ranks, {29000 * r:,} pairs", "", "", f"{two_ranks['first_step']:.1f} s",
-                         f"PSS per rank {', '.join(f'{p:.2f}' for p in two_ranks['pss_gb'])} GB", ""])
-            print(" | ".join(rows[-1]), f"(max {pss:.3f})", flush=True)
+    if ranks > 1:
+        ends = (repeats[0], repeats[-1])
+        pss = {r: [] for r in ends}
+        for k in range(rounds):
+            for r in ends:
+                en, fr = prepared[r][:2]
+                res = train(config, translation_sets(en, fr, f"tr{r}-ranks", 40, r), cache_env(f"tr{r}-w2"),
+                            ranks=ranks)
+                pss[r].append(max(res["pss_gb"]))
+        for r in ends:
+            ratio = _median(pss[r]) / _median(pss[ends[0]])
+            rows.append([f"  {ranks} ranks, {29000 * r:,} pairs", "", "", "",
+                         f"largest rank PSS {_median(pss[r]):.2f} GB ({', '.join(f'{v:.2f}' for v in pss[r])}): "
+                         f"{ratio:.3f}x", ""])
+            print(" | ".join(rows[-1]), flush=True)
 
 
-def language_model(repeats: int, steps: int, rows: list[list[str]]) -> None:
+def language_model(repeats: int, steps: int, rows: list[list[str]], rounds: int) -> None:
     config = str(ROOT / "bench" / "scale_lm.yaml")
-    base = None
+    prepared, runs = {}, {1: [], repeats: []}
     for r in (1, repeats):
         (train_file,) = repeated("wt2", [DATA / "wikitext-2" / "train.txt"], r)
         sets = ["--set", f"data.train={train_file}", "--set", f"data.valid={DATA / 'wikitext-2' / 'valid.txt'}",
                 "--set", f"run_dir={OUT / 'runs' / f'lm{r}'}", "--set", f"train.max_steps={steps}",
                 "--set", "train.log_every=1", "--set", "train.eval_every=1000000"]
-        one = prepare(config, sets, f"lm{r}-w1", 1) if r == 1 else None
-        two = prepare(config, sets, f"lm{r}-w2", 2)
-        run = train(config, sets, cache_env(f"lm{r}-w2"))
-        base = base or run
-        words = 2_088_628 * r
-        rows.append([f"word LM, {words / 1e6:,.1f} M tokens", f"{one['wall']:.1f} s / {one['tree_gb']:.2f} GB" if one else "-",
-                     f"{two['wall']:.1f} s / {two['tree_gb']:.2f} GB", f"{run['first_step']:.1f} s",
-                     f"{run['maxrss_gb']:.2f} GB ({run['maxrss_gb'] / base['maxrss_gb']:.3f}x)",
-                     f"{run['tokens_per_s']:,.0f}"])
+        prepared[r] = (sets, prepare(config, sets, f"lm{r}-w1", 1) if r == 1 else None,
+                       prepare(config, sets, f"lm{r}-w2", 2))
+    for k in range(rounds):
+        for r in (1, repeats):
+            runs[r].append(train(config, prepared[r][0], cache_env(f"lm{r}-w2")))
+            print(f"round {k + 1}, LM x{r}: {runs[r][-1]['maxrss_gb']:.3f} GB", flush=True)
+    for r in (1, repeats):
+        rows.append(_row(f"word LM, {2_088_628 * r / 1e6:,.1f} M tokens", prepared[r][1], prepared[r][2],
+                         runs[r], runs[1]))
         print(" | ".join(rows[-1]), flush=True)
 
 
@@ -269,19 +302,21 @@ def main() -> None:
     ap.add_argument("--lm-repeats", type=int, default=50, help="WikiText-2 train copies (0: no LM runs)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--ranks", type=int, default=2, help="torchrun ranks for the PSS runs (1: none)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating training runs per corpus (medians reported)")
     ap.add_argument("--skip-onmt", action="store_true")
     args = ap.parse_args()
     if not (DATA / "multi30k" / "train.en").exists():
         raise SystemExit(f"skipped: {DATA} is absent (the benchmark reads multi30k and wikitext-2 from there)")
     print(f"machine: CPU {cpu_description()}, {os.cpu_count()} cores", flush=True)
     rows: list[list[str]] = []
-    translation([int(r) for r in args.repeats.split(",")], args.steps, rows, args.ranks)
+    translation([int(r) for r in args.repeats.split(",")], args.steps, rows, args.ranks, args.rounds)
     if args.lm_repeats:
-        language_model(args.lm_repeats, args.steps, rows)
+        language_model(args.lm_repeats, args.steps, rows, args.rounds)
     if not args.skip_onmt:
         opennmt(rows)
     head = ["corpus", "prepare, 1 worker (time / peak RSS)", "prepare, 2 workers", "first step",
-            f"training peak RSS ({args.steps} steps; ratio to the smallest)", "tokens/s"]
+            f"training peak RSS, median of {args.rounds} ({args.steps} steps; ratio to the plain corpus)",
+            "tokens/s"]
     print(f"\nmachine: CPU {cpu_description()}, {os.cpu_count()} cores")
     print("| " + " | ".join(head) + " |\n|" + " --- |" * len(head))
     for r in rows:

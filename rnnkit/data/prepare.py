@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from rnnkit.data import cache
 from rnnkit.data.store import Store, StoreError, StoreWriter, remove_stale
-from rnnkit.data.vocab import DataError, check_line_lengths, check_not_binary
+from rnnkit.data.vocab import DataError, check_line_lengths
 
 CHUNK_LINES = 50_000
 BLOCK = 1 << 24
@@ -104,12 +104,10 @@ def read_piece(piece: Piece, check_lines: bool = True) -> str:
     with open(piece.path, "rb") as fh:
         fh.seek(piece.start)
         raw = fh.read(piece.end - piece.start)
-    try:
-        check_not_binary(raw, piece.path)
-    except DataError:
-        line = piece.first_line + raw[:raw.find(b"\0")].count(b"\n")
-        raise DataError(f"{piece.path}: line {line}: a NUL byte; this looks "
-                        f"like a binary file, not text") from None
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        line = piece.first_line + raw[:nul].count(b"\n")
+        raise DataError(f"{piece.path}: line {line}: a NUL byte; this looks like a binary file, not text")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:

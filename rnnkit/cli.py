@@ -514,11 +514,12 @@ def prepare(
     workers: Optional[int] = typer.Option(None, "--workers", "-j", min=1,
                                           help="Processes that tokenise (default: this machine's cores)."),
 ) -> None:
-    """Tokenise a config's training and validation data once into a prepared store: flat token-id
-    files that training maps instead of reading the corpus, in constant memory, on one process or
-    on every torchrun rank. 'rnnkit train' prepares the store itself when it is missing; prepare by
-    hand to do it once for many jobs (e.g. on one node, with RNNKIT_CACHE on a shared disk).
-    Prints the store's folder on stdout.
+    """Tokenise a translation or language-model config's data once, into a prepared store.
+
+    A store is a folder of flat token-id files that training reads instead of the corpus, in
+    constant memory, in one process or on every torchrun rank. 'rnnkit train' prepares the store
+    itself when it is missing; prepare by hand to do it once for many jobs (e.g. on one node,
+    with RNNKIT_CACHE on a shared disk). Prints the store's folder on stdout.
 
     Example:  rnnkit prepare configs/translate_attention.yaml --workers 8
     """

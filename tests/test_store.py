@@ -245,3 +245,31 @@ def test_the_shuffle_is_a_permutation_in_constant_memory():
     held = [v.nbytes for v in vars(batches).values() if isinstance(v, np.ndarray) and v is not batches.keys]
     assert sum(held) == 8 * len(batches)          # two int32 per batch, nothing per sentence
     assert sorted(int(i) for b in batches for i in b) == list(range(100_000))
+
+
+def test_kill_9_while_preparing_leaves_no_store_and_the_next_prepare_completes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    lines = (SAMPLE / "train.en").read_bytes()
+    big_src, big_tgt = tmp_path / "big.en", tmp_path / "big.fr"
+    big_src.write_bytes(lines * 150)                      # 240,000 lines: a few seconds of tokenising
+    big_tgt.write_bytes((SAMPLE / "train.fr").read_bytes() * 150)
+    cfg = write_yaml(tmp_path / "t.yaml", translation_config(tmp_path, data={"train_src": str(big_src),
+                                                                            "train_tgt": str(big_tgt)}))
+    env = {**os.environ, "RNNKIT_CACHE": str(tmp_path / "data-cache")}
+    cmd = [sys.executable, "-m", "rnnkit", "prepare", str(cfg), "--workers", "1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    root = tmp_path / "data-cache" / "stores"
+    deadline = time.time() + 60
+    while not any(root.glob(".*.tmp/part-*")) and time.time() < deadline:   # mid-way: parts being written
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert [p.name.startswith(".") for p in root.iterdir()] == [True]      # only the temporary folder
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    (store,) = stores(tmp_path)                                            # the leftover is gone
+    assert not store.name.startswith(".") and len(Store.open(store).array("train.src")) > 0

@@ -108,35 +108,37 @@ class StoredTokenArray(TokenArray):
 # ---------------------------------------------------------------------- batching
 class Permutation:
     """A pseudo-random bijection of [0, n) that maps any index on demand: a keyed six-round
-    Feistel network (splitmix64's finaliser as the round function) on the next even power of
-    two, walking cycles back into [0, n). It shuffles a corpus of any size in constant memory."""
+    Feistel network (splitmix64's finaliser as the round function; halves of unequal width
+    when the bit count is odd) on the next power of two, walking cycles back into [0, n).
+    It shuffles a corpus of any size in constant memory."""
 
     MIX1, MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
     def __init__(self, n: int, seed: int):
         self.n = n
         bits = max(2, (max(1, n) - 1).bit_length())
-        self.half = np.uint64((bits + 1) // 2)
-        self.mask = np.uint64((1 << int(self.half)) - 1)
+        self.widths = ((bits + 1) // 2, bits // 2)      # left, right
         self.keys = [np.uint64(k) for k in np.random.default_rng(seed).integers(0, 2 ** 63, size=6)]
 
-    def _round(self, x: np.ndarray) -> np.ndarray:
-        left, right = x >> self.half, x & self.mask
-        for key in self.keys:
+    def _rounds(self, x: np.ndarray) -> np.ndarray:
+        wl, wr = self.widths
+        left, right = x >> np.uint64(wr), x & np.uint64((1 << wr) - 1)
+        for key in self.keys:        # (L, R) -> (R, L ^ F(R)): invertible whatever the widths
             h = right + key
             h = (h ^ (h >> np.uint64(30))) * self.MIX1
             h = (h ^ (h >> np.uint64(27))) * self.MIX2
             h ^= h >> np.uint64(31)
-            left, right = right, left ^ (h & self.mask)
-        return (left << self.half) | right
+            left, right = right, left ^ (h & np.uint64((1 << wl) - 1))
+            wl, wr = wr, wl
+        return (left << np.uint64(wr)) | right
 
     def __call__(self, index: np.ndarray) -> np.ndarray:
         with np.errstate(over="ignore"):
-            out = self._round(np.asarray(index, dtype=np.uint64))
-            outside = out >= self.n
-            while outside.any():
-                out[outside] = self._round(out[outside])
-                outside = out >= self.n
+            out = self._rounds(np.asarray(index, dtype=np.uint64))
+            outside = np.flatnonzero(out >= self.n)
+            while len(outside):
+                out[outside] = self._rounds(out[outside])
+                outside = outside[out[outside] >= self.n]
         return out.astype(np.int64)
 
 

@@ -64,6 +64,11 @@ def test_workers_and_chunks_do_not_change_the_store(tmp_path, monkeypatch):
     assert "another-cache" in str(many.path)
     assert len(prepare.cut_lines(str(SAMPLE / "train.en"))[0]) == 10
     assert store_bytes(many) == one
+    monkeypatch.setattr(prepare, "CHUNK_LINES", 50_000)
+    monkeypatch.setattr(prepare, "CHUNK_BYTES", 100 * 40)     # long lines make chunks of fewer lines
+    assert prepare.chunk_lines(str(SAMPLE / "train.en")) == 100
+    monkeypatch.setenv("RNNKIT_CACHE", str(tmp_path / "third-cache"))
+    assert store_bytes(prepared(tmp_path, workers=1)) == one
 
 
 @pytest.mark.parametrize("kind", ["bpe", "unigram"])

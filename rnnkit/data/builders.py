@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from rnnkit.data.prepare import Job, Piece, cut_lines, merge_counts, read_part, run_jobs, stream_lines
+from rnnkit.data.prepare import Job, Piece, chunk_lines, cut_lines, merge_counts, read_part, run_jobs, stream_lines
 from rnnkit.data.store import StoreWriter, token_dtype
 from rnnkit.data.tokenizers import SPECIALS, SentencePieceSplitter, tokenizer_from_state
 from rnnkit.data.vocab import EOS, UNK, DataError, Vocab
@@ -38,7 +38,8 @@ def prepare_pairs(writer: StoreWriter, workers: int, train: tuple[str, str], val
 
 
 def _aligned(src: str, tgt: str) -> list[tuple[Piece, Piece]]:
-    (a, n), (b, m) = cut_lines(src), cut_lines(tgt)
+    every = chunk_lines(src, tgt)              # the same lines in both files' chunks
+    (a, n), (b, m) = cut_lines(src, every=every), cut_lines(tgt, every=every)
     if n != m:
         raise DataError(f"{src} has {n} lines but {tgt} has {m}; parallel files must be aligned line by line")
     return list(zip(a, b))

@@ -1,7 +1,8 @@
 """Preparing a store: read the corpus as a stream, tokenise it in N worker processes, write
 the flat arrays (see :mod:`rnnkit.data.store`).
 
-The files are cut into chunks of :data:`CHUNK_LINES` lines (one pass counting line breaks).
+The files are cut into chunks of :data:`CHUNK_LINES` lines, fewer when lines are long (about
+:data:`CHUNK_BYTES` a chunk), in one pass counting line breaks.
 A worker reads its chunk's bytes, checks them (UTF-8, no NUL bytes, no absurdly long lines),
 tokenises every line and writes the ids to a part file. When the vocabulary is still to be
 fitted, a worker numbers the types of its chunk in first-seen order and counts them; the
@@ -31,6 +32,7 @@ from rnnkit.data.store import Store, StoreError, StoreWriter, remove_stale
 from rnnkit.data.vocab import DataError, check_line_lengths
 
 CHUNK_LINES = 50_000
+CHUNK_BYTES = 8 << 20      # a chunk's text, roughly: bounds a worker's memory when lines are long
 BLOCK = 1 << 24
 
 
@@ -57,7 +59,7 @@ def cut_lines(path: str, start: int = 0, end: int | None = None, every: int | No
     """Cut bytes [start, end) of ``path`` into pieces of ``every`` lines (at line breaks), in one
     streaming pass; also the number of lines. A file with no text is a DataError unless
     ``allow_empty``."""
-    every = every or CHUNK_LINES
+    every = every or chunk_lines(path, start=start)
     try:
         fh = open(path, "rb")
     except OSError as err:
@@ -86,6 +88,21 @@ def cut_lines(path: str, start: int = 0, end: int | None = None, every: int | No
     for i, (a, b) in enumerate(zip(cuts, cuts[1:])):
         pieces.append(Piece(path, a, b, before + i * every + 1, min(every, lines - i * every)))
     return pieces, lines
+
+
+def chunk_lines(*paths: str, start: int = 0) -> int:
+    """Lines per chunk for these files: :data:`CHUNK_LINES`, or fewer so that a chunk holds
+    about :data:`CHUNK_BYTES` (estimated from the first megabyte from ``start``), at least 100."""
+    longest = 1
+    for path in paths:
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(start)
+                sample = fh.read(1 << 20)
+        except OSError:
+            continue
+        longest = max(longest, len(sample) // max(1, sample.count(b"\n")))
+    return min(CHUNK_LINES, max(100, CHUNK_BYTES // longest))
 
 
 def _blocks(fh, start: int, end: int) -> Iterator[bytes]:

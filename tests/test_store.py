@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from rnnkit.cli import app
 from rnnkit.config import load_config
 from rnnkit.data import builders, prepare
-from rnnkit.data.parallel import build_tokenizer, read_parallel
+from rnnkit.data.parallel import read_parallel
 from rnnkit.data.store import ArrayWriter, Store, bucket_batches
 from rnnkit.data.vocab import EOS, UNK, Vocab
 from tests.conftest import SAMPLE_TEXT, tiny_lm_config, write_yaml
@@ -43,7 +43,9 @@ def store_bytes(store: Store) -> dict[str, bytes]:
 def test_the_store_holds_what_encoding_in_memory_gives(tmp_path):
     store = prepared(tmp_path, max_len=9, min_freq=2)
     src, tgt = read_parallel(str(SAMPLE / "train.en"), str(SAMPLE / "train.fr"))
-    s_tok, t_tok = build_tokenizer("word", src, None, 2), build_tokenizer("word", tgt, None, 2)
+    from rnnkit.data.tokenizers import SPECIALS, WordSplitter
+    fit = lambda lines: WordSplitter(Vocab.build((t for ln in lines for t in ln.split()), SPECIALS, 2))  # noqa: E731
+    s_tok, t_tok = fit(src), fit(tgt)                          # fitting in one process, in memory
     assert store.tokenizer_state("src")["vocab"] == s_tok.vocab.itos     # same words, same order
     assert store.tokenizer_state("tgt")["vocab"] == t_tok.vocab.itos
     pairs = [(s_tok.encode(a), t_tok.encode(b)) for a, b in zip(src, tgt)]

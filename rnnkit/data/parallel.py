@@ -1,4 +1,4 @@
-"""Parallel text: aligned readers, per-side tokenizers (word, char, sentencepiece) and batching."""
+"""Parallel text: aligned readers, padding and batching (the tokenizers are in rnnkit.data.tokenizers)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,12 +8,8 @@ import numpy as np
 import torch
 
 from rnnkit.data.store import bucket_batches
-from rnnkit.data.tokenizers import (SPECIALS, SentenceTokenizer, build_tokenizer,  # noqa: F401 (re-exported)
-                                    tokenizer_from_state)
-from rnnkit.data.vocab import MAX_LINE_CHARS, DataError, check_line_lengths, check_not_binary  # noqa: F401
+from rnnkit.data.vocab import DataError, check_line_lengths, decode_text, split_lines
 from rnnkit.hardware import pad_rows
-
-
 
 def read_lines(path: str) -> list[str]:
     """Lines of a UTF-8 file without their line ends; errors name the file and line."""
@@ -23,13 +19,7 @@ def read_lines(path: str) -> list[str]:
         raise DataError(f"{path}: cannot read ({err.strerror})") from None
     if not raw.strip():
         raise DataError(f"{path}: file is empty")
-    check_not_binary(raw, path)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}: line {line}: bytes are not valid UTF-8") from None
-    lines = text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
+    lines = split_lines(decode_text(raw, path))
     check_line_lengths(lines, path)
     return lines
 

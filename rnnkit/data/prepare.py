@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from rnnkit.data import cache
 from rnnkit.data.store import Store, StoreError, StoreWriter, remove_stale
-from rnnkit.data.vocab import DataError, check_line_lengths
+from rnnkit.data.vocab import DataError, check_line_lengths, decode_text, split_lines
 
 CHUNK_LINES = 50_000
 CHUNK_BYTES = 8 << 20      # a chunk's text, roughly: bounds a worker's memory when lines are long
@@ -121,23 +121,10 @@ def read_piece(piece: Piece, check_lines: bool = True) -> str:
     with open(piece.path, "rb") as fh:
         fh.seek(piece.start)
         raw = fh.read(piece.end - piece.start)
-    nul = raw.find(b"\0")
-    if nul >= 0:
-        line = piece.first_line + raw[:nul].count(b"\n")
-        raise DataError(f"{piece.path}: line {line}: a NUL byte; this looks like a binary file, not text")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = piece.first_line + raw[:err.start].count(b"\n")
-        raise DataError(f"{piece.path}: line {line}: bytes are not valid UTF-8") from None
+    text = decode_text(raw, piece.path, piece.first_line)
     if check_lines:
         check_line_lengths(split_lines(text), piece.path, piece.first_line)
     return text
-
-
-def split_lines(text: str) -> list[str]:
-    """Lines without their ``\\n`` (as :func:`rnnkit.data.parallel.read_lines`)."""
-    return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
 
 
 def stream_lines(path: str) -> Iterator[str]:
@@ -159,8 +146,7 @@ def _make_encoder(spec: tuple[str, Any]) -> tuple[bool, Callable]:
     if mode == "ids":
         from rnnkit.data.tokenizers import tokenizer_from_state
 
-        sp = tokenizer_from_state(what).sp
-        return False, lambda units: sp.encode(units)
+        return False, tokenizer_from_state(what).sp.encode      # a list of texts in, lists of ids out
     if what == "lm-char":
         split = list
     elif what == "lm-word":
@@ -274,15 +260,7 @@ def store_path(kind: str, sources: Sequence[str], settings: dict[str, Any]) -> P
     return stores_root() / cache.fingerprint(kind, sources, sorted(settings.items()))
 
 
-def find_store(kind: str, sources: Sequence[str], settings: dict[str, Any]) -> Store | None:
-    """That store, when it is there and whole."""
-    try:
-        return Store.open(store_path(kind, sources, settings))
-    except StoreError:
-        return None
-
-
-def state_digest(states: Any) -> str:
+def _state_digest(states: Any) -> str:
     """A short hash of tokenizer states (vocabularies, sentencepiece models)."""
     import hashlib
     import pickle
@@ -292,11 +270,30 @@ def state_digest(states: Any) -> str:
 
 def ensure_store(kind: str, sources: Sequence[str], settings: dict[str, Any],
                  build: Callable[[StoreWriter, int], dict[str, Any]], workers: int | None = None,
-                 use_cache: bool = True, announce: Callable[[str], None] = tqdm.write) -> Store:
+                 use_cache: bool = True, given: Any = None, given_of: Callable[[Store], Any] | None = None,
+                 announce: Callable[[str], None] = tqdm.write) -> Store:
     """The store of ``sources`` prepared with ``settings``: opened from the cache when there,
     else built by ``build(writer, workers)``, which returns the manifest's task-specific part.
-    A damaged store in the cache is rebuilt with a note. ``use_cache`` false: built in a
-    private folder that is removed when the process ends."""
+    With ``given`` tokenizers (a resumed run's), the fitted store serves when ``given_of(store)``
+    equals them, and otherwise a store of their own is keyed by their hash. A damaged store in
+    the cache is rebuilt with a note. ``use_cache`` false: built in a private folder that is
+    removed when the process ends. An unreadable source is a DataError."""
+    try:
+        return _ensure(kind, sources, settings, build, workers, use_cache, given, given_of, announce)
+    except OSError as err:     # hashing a source that cannot be read
+        raise DataError(f"{err.filename}: cannot read ({err.strerror})") from None
+
+
+def _ensure(kind, sources, settings, build, workers, use_cache, given, given_of, announce) -> Store:
+    if given is not None:
+        if use_cache:
+            try:
+                fitted = Store.open(store_path(kind, sources, settings))
+                if given_of(fitted) == given:
+                    return fitted
+            except StoreError:
+                pass
+        settings = {**settings, "given": _state_digest(given)}
     final = store_path(kind, sources, settings)
     root = final.parent
     if not use_cache:

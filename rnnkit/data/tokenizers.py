@@ -97,15 +97,6 @@ class SentencePieceSplitter(SentenceTokenizer):
         return {"kind": self.kind, "model": self.model}
 
 
-def build_tokenizer(kind: str, lines: Iterable[str], vocab_size: int | None, min_freq: int) -> SentenceTokenizer:
-    """Fit a tokenizer of ``kind`` on training lines."""
-    if kind in ("bpe", "unigram"):
-        return SentencePieceSplitter.train(lines, kind, vocab_size or 8000)
-    splitter = SPLITTERS[kind]
-    tokens = (t for line in lines for t in splitter.split(line))
-    return splitter(Vocab.build(tokens, SPECIALS, min_freq, vocab_size))
-
-
 def tokenizer_from_state(state: dict) -> SentenceTokenizer:
     if state["kind"] in ("bpe", "unigram"):
         return SentencePieceSplitter(state["model"], state["kind"])

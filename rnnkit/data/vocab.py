@@ -91,12 +91,23 @@ def check_line_lengths(lines: Sequence[str], path: str, first: int = 1) -> None:
                             f"{MAX_LINE_CHARS:,} are not sentences (is this the right file?)")
 
 
-def check_not_binary(raw: bytes, path: str) -> None:
-    """Text never holds a NUL byte; a file that does is binary (a checkpoint, an archive)."""
+def decode_text(raw: bytes, path: str, first_line: int = 1) -> str:
+    """UTF-8 bytes of ``path`` (from line ``first_line``) as text. A NUL byte (text never holds
+    one: a checkpoint, an archive) or bad UTF-8 is a DataError naming the file and line."""
     at = raw.find(b"\0")
     if at >= 0:
-        line = raw[:at].count(b"\n") + 1
+        line = first_line + raw[:at].count(b"\n")
         raise DataError(f"{path}: line {line}: a NUL byte; this looks like a binary file, not text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = first_line + raw[: err.start].count(b"\n")
+        raise DataError(f"{path}: line {line}: bytes are not valid UTF-8") from None
+
+
+def split_lines(text: str) -> list[str]:
+    """Lines without their ``\\n`` (a last line needs none)."""
+    return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
 
 
 def read_text(path: str) -> str:
@@ -105,12 +116,7 @@ def read_text(path: str) -> str:
         raw = open(path, "rb").read()
     except OSError as err:
         raise DataError(f"{path}: cannot read ({err.strerror})") from None
-    check_not_binary(raw, path)
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}: line {line}: bytes are not valid UTF-8") from None
+    return decode_text(raw, path)
 
 
 class DataError(ValueError):

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from rnnkit.config import (MAX_DIM, MAX_LAYERS, MAX_VOCAB, Config, ConfigError, RecurrentConfig, check_recurrent, num,
                            recurrent_options, require_file)
 from rnnkit.data.builders import char_cuts, prepare_stream
-from rnnkit.data.prepare import ensure_store, find_store, state_digest
+from rnnkit.data.prepare import ensure_store
 from rnnkit.data.store import Store, StoreWriter
 from rnnkit.data.vocab import EOS, DataError, Vocab, make_tokenizer
 from rnnkit.decoding.sampling import sample_next
@@ -100,15 +100,8 @@ def prepare_data(cfg: Config, extras: dict[str, Any] | None = None, workers: int
         spec = ("fixed", given) if given is not None else ("fit", d.min_freq, d.max_vocab)
         return prepare_stream(writer, n, splits, d.tokenizer, spec)
 
-    try:
-        if given is not None:
-            store = find_store("lm", sources, settings) if d.cache else None
-            if store is not None and store.tokenizer_state("vocab")["vocab"] == given:
-                return store
-            settings["given_vocab"] = state_digest(given)
-        return ensure_store("lm", sources, settings, build, workers, d.cache)
-    except OSError as err:
-        raise DataError(f"{err.filename}: cannot read ({err.strerror})") from None
+    return ensure_store("lm", sources, settings, build, workers, d.cache, given,
+                        lambda store: store.tokenizer_state("vocab")["vocab"])
 
 
 class LanguageModelTask:

@@ -12,10 +12,11 @@ from tqdm import tqdm
 from rnnkit.config import (MAX_DIM, MAX_LAYERS, MAX_VOCAB, Config, ConfigError, RecurrentConfig, check_recurrent, num,
                            recurrent_options, require_file)
 from rnnkit.data.builders import prepare_pairs
-from rnnkit.data.parallel import IGNORE, Batch, make_batch, read_parallel, tokenizer_from_state
-from rnnkit.data.prepare import ensure_store, find_store, state_digest
+from rnnkit.data.parallel import IGNORE, Batch, make_batch, read_parallel
+from rnnkit.data.prepare import ensure_store
 from rnnkit.data.store import Batches, Store, StoreWriter, TokenArray, bucket_batches
-from rnnkit.data.vocab import BOS, EOS, UNK, DataError
+from rnnkit.data.tokenizers import tokenizer_from_state
+from rnnkit.data.vocab import BOS, EOS, UNK
 from rnnkit.decoding.search import Hypothesis, beam_search, greedy_search
 from rnnkit.gradient_flow import GradientFlow, measure
 from rnnkit.metrics import bleu, chrf, perplexity
@@ -130,15 +131,8 @@ def prepare_data(cfg: Config, extras: dict[str, Any] | None = None, workers: int
                                           ("tgt", d.tgt_tokenizer, d.tgt_vocab_size))}
         return prepare_pairs(writer, n, (d.train_src, d.train_tgt), (d.valid_src, d.valid_tgt), sides, d.max_len)
 
-    try:
-        if given is not None:   # the fitted store serves when its tokenizers are the checkpoint's
-            store = find_store("translation", sources, settings) if d.cache else None
-            if store is not None and all(store.tokenizer_state(n) == given[n] for n in given):
-                return store
-            settings["given_tokenizers"] = state_digest(given)
-        return ensure_store("translation", sources, settings, build, workers, d.cache)
-    except OSError as err:
-        raise DataError(f"{err.filename}: cannot read ({err.strerror})") from None
+    return ensure_store("translation", sources, settings, build, workers, d.cache, given,
+                        lambda store: {n: store.tokenizer_state(n) for n in ("src", "tgt")})
 
 
 class TranslationTask:

@@ -102,7 +102,9 @@ class TrainConfig:
     max_time: Optional[float] = num(None, 0, lo_open=True)  # seconds; stops at whichever comes first
     batch_size: int = num(32, 1)
     eval_batch_size: int = num(32, 1)
-    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    optimizer: Literal["sgd", "adam", "adamw", "nt_asgd"] = "adam"   # nt_asgd: SGD, then averaged (AWD-LSTM)
+    nt_asgd_patience: int = num(5, 1)     # nt_asgd: average once the metric is worse than the best of the
+                                          # evaluations before the last this many
     lr: float = num(0.002, 0, lo_open=True)
     momentum: float = num(0.0, 0, 1)
     weight_decay: float = num(0.0, 0)
@@ -126,6 +128,8 @@ class TrainConfig:
     tensorboard: bool = False              # also write every logged value as TensorBoard scalars
     max_nonfinite: int = num(10, 1)        # non-finite losses or gradients in a row before training stops
     stop_grace: float = num(60.0, 0, lo_open=True)   # seconds from Ctrl-C/SIGTERM to exit, last.pt saved if in time
+    ar: float = num(0.0, 0)                # activation regularisation: ar * mean(h_t^2) of the top layer
+    tar: float = num(0.0, 0)               # temporal AR: tar * mean((h_t - h_{t-1})^2) (tasks that say so)
     teacher_forcing: TeacherForcingConfig = field(default_factory=TeacherForcingConfig)
 
 
@@ -348,6 +352,9 @@ def _check(cfg: Config, with_task: bool = True) -> None:
         raise ConfigError("train.betas", f"expected two numbers in [0, 1), got {t.betas!r}")
     if t.lr_schedule == "cosine" and t.warmup_steps >= t.max_steps:
         raise ConfigError("train.warmup_steps", f"{t.warmup_steps} must be below train.max_steps ({t.max_steps})")
+    if (t.ar or t.tar) and not getattr(task_module(cfg.task), "ACTIVATION_REGULARISATION", False):
+        raise ConfigError("train.ar" if t.ar else "train.tar", f"task '{cfg.task}' does not offer activation "
+                                                               f"regularisation (task lm does)")
     if with_task:
         task_module(cfg.task).check_config(cfg)
 

@@ -35,3 +35,23 @@ class Dropout(nn.Dropout):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dropout(x, self.p, self.training)
+
+
+def locked_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Variational ("locked") dropout of a batch-first sequence ``x`` (B, T, D): one mask per
+    sequence, the same units dropped at every time step (Gal and Ghahramani)."""
+    if not training or p <= 0:
+        return x
+    return x * dropout_mask((x.size(0), 1, x.size(2)), p, x)
+
+
+def embedding_dropout(embedding: nn.Embedding, tokens: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Look ``tokens`` up with whole words dropped (Gal and Ghahramani; AWD-LSTM): each word
+    type of the vocabulary is kept or zeroed for the whole batch, so a dropped word is
+    missing everywhere it occurs, and kept rows are scaled by ``1 / (1 - p)``. The same as
+    dropping rows of the embedding matrix, at the cost of one mask over the vocabulary."""
+    vectors = embedding(tokens)
+    if not training or p <= 0:
+        return vectors
+    keep = dropout_mask((embedding.num_embeddings,), p, vectors)
+    return vectors * keep[tokens].unsqueeze(-1)

@@ -1,30 +1,89 @@
-"""Embedding -> stacked RNN -> linear softmax layer, optionally with tied weights."""
+"""Embedding -> stacked RNN -> softmax layer (full, optionally tied to the embedding, or
+adaptive), with the AWD-LSTM regularisers as options."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from rnnkit.models.dropout import Dropout
+from rnnkit.models.dropout import dropout, embedding_dropout, locked_dropout
 from rnnkit.models.rnn import State, make_rnn
 
 
+class Features(NamedTuple):
+    output: torch.Tensor      # (B, T, D): what the softmax layer reads (after output dropout)
+    hidden: torch.Tensor      # (B, T, H): the top recurrent layer's output before dropout
+    dropped: torch.Tensor     # (B, T, H): ... and after it
+    state: State
+
+
 class RNNLanguageModel(nn.Module):
+    """``dropout`` is the output dropout and the default of ``input_dropout`` (on embedded
+    words) and of the dropout between recurrent layers (``rnn_options['dropout']`` when given);
+    ``locked_dropout`` makes all three one mask per sequence; ``embedding_dropout`` drops whole
+    words. ``output`` ``adaptive`` is an adaptive softmax with ``cutoffs`` (ids must be ordered
+    by frequency, as :class:`rnnkit.data.vocab.Vocab` orders them)."""
+
     def __init__(self, vocab_size: int, cell: str, embedding_dim: int, hidden_size: int,
-                 num_layers: int, dropout: float, tie_weights: bool, rnn_options: dict | None = None):
+                 num_layers: int, dropout: float, tie_weights: bool, rnn_options: dict | None = None,
+                 input_dropout: float | None = None, embedding_dropout: float = 0.0,
+                 locked_dropout: bool = False, output: str = "softmax", cutoffs: list[int] | None = None):
         super().__init__()
+        options = dict(rnn_options or {})
+        layer_dropout = options.pop("dropout", dropout)
         self.embedding = nn.Embedding(vocab_size, embedding_dim)
-        self.rnn = make_rnn(cell, embedding_dim, hidden_size, num_layers, dropout, **(rnn_options or {}))
-        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.rnn = make_rnn(cell, embedding_dim, hidden_size, num_layers, layer_dropout,
+                            locked_dropout=locked_dropout, **options)
+        self.p_out, self.p_in = dropout, dropout if input_dropout is None else input_dropout
+        self.p_words, self.locked = embedding_dropout, locked_dropout
+        width = embedding_dim if tie_weights else hidden_size
         self.proj = nn.Linear(hidden_size, embedding_dim) if tie_weights and embedding_dim != hidden_size else None
-        self.output = nn.Linear(embedding_dim if tie_weights else hidden_size, vocab_size)
-        if tie_weights:
-            self.output.weight = self.embedding.weight
+        self.adaptive = output == "adaptive"
+        if self.adaptive:
+            self.output = nn.AdaptiveLogSoftmaxWithLoss(width, vocab_size, list(cutoffs or []), div_value=4.0)
+        else:
+            self.output = nn.Linear(width, vocab_size)
+            if tie_weights:
+                self.output.weight = self.embedding.weight
+
+    def _drop(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        return locked_dropout(x, p, self.training) if self.locked else dropout(x, p, self.training)
+
+    def features(self, tokens: torch.Tensor, state: State | None = None) -> Features:
+        """``tokens`` (B, T) -> the softmax layer's input, the top layer's output, the final state."""
+        x = self._drop(embedding_dropout(self.embedding, tokens, self.p_words, self.training), self.p_in)
+        hidden, state = self.rnn(x, state)
+        dropped = self._drop(hidden, self.p_out)
+        out = dropped if self.proj is None else self.proj(dropped)
+        return Features(out, hidden, dropped, state)
+
+    def log_probs(self, out: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities over the vocabulary (..., V) of features ``out`` (..., D)."""
+        if self.adaptive:
+            shape = out.shape[:-1]
+            return self.output.log_prob(out.reshape(-1, out.size(-1)).float()).view(*shape, -1)
+        return F.log_softmax(self.output(out).float(), -1)
+
+    def target_log_probs(self, out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p(target) (B, T) given features ``out`` (B, T, D)."""
+        return -self.loss(out, targets, reduction="none").view(targets.shape)
+
+    def loss(self, out: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Negative log-likelihood of ``targets`` (B, T) given features ``out`` (B, T, D)."""
+        flat, y = out.reshape(-1, out.size(-1)), targets.reshape(-1)
+        if self.adaptive:
+            # the adaptive softmax's own loss: only each target's cluster is computed
+            nll = -self.output(flat, y).output
+            return {"mean": nll.mean, "sum": nll.sum}.get(reduction, lambda: nll)()
+        return F.cross_entropy(self.output(flat).float(), y, reduction=reduction)
 
     def forward(self, tokens: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        """``tokens``: (batch, time) ids -> logits (batch, time, vocab) and the final state."""
-        x = self.dropout(self.embedding(tokens))
-        out, state = self.rnn(x, state)
-        out = self.dropout(out)
-        if self.proj is not None:
-            out = self.proj(out)
+        """``tokens``: (batch, time) ids -> scores (batch, time, vocab) whose softmax is the
+        next-token distribution (logits, or log-probabilities for the adaptive softmax), and
+        the final state."""
+        out, _, _, state = self.features(tokens, state)
+        if self.adaptive:
+            return self.log_probs(out), state
         return self.output(out), state

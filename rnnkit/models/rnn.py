@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from rnnkit.models.cells import ExplicitRNN
-from rnnkit.models.dropout import dropout
+from rnnkit.models.dropout import dropout, locked_dropout
 
 Cell = Literal["rnn_tanh", "rnn_relu", "lstm", "gru"]
 CELLS: tuple[str, ...] = ("rnn_tanh", "rnn_relu", "lstm", "gru")
@@ -27,10 +27,15 @@ CELLS: tuple[str, ...] = ("rnn_tanh", "rnn_relu", "lstm", "gru")
 
 def make_rnn(cell: str, input_size: int, hidden_size: int, num_layers: int = 1,
              dropout: float = 0.0, bidirectional: bool = False, impl: str = "fused",
-             layer_norm: bool = False, recurrent_dropout: float = 0.0, residual: bool = False) -> nn.Module:
-    """A stacked batch-first recurrent layer; ``dropout`` applies between layers. ``impl``
-    ``explicit`` builds it from its equations, which the last three options need."""
+             layer_norm: bool = False, recurrent_dropout: float = 0.0, residual: bool = False,
+             weight_drop: float = 0.0, locked_dropout: bool = False) -> nn.Module:
+    """A stacked batch-first recurrent layer; ``dropout`` applies between layers (with
+    ``locked_dropout``, one mask per sequence). ``weight_drop`` is DropConnect on the
+    hidden-to-hidden weights. ``impl`` ``explicit`` builds it from its equations, which
+    ``layer_norm``, ``recurrent_dropout`` and ``residual`` need."""
     if impl == "explicit":
+        if weight_drop or locked_dropout:
+            raise ValueError("weight_drop and locked_dropout need impl='fused'")
         return ExplicitRNN(cell, input_size, hidden_size, num_layers, dropout, bidirectional,
                            layer_norm, recurrent_dropout, residual)
     if layer_norm or recurrent_dropout or residual:
@@ -38,13 +43,76 @@ def make_rnn(cell: str, input_size: int, hidden_size: int, num_layers: int = 1,
     kwargs = dict(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers,
                   dropout=dropout if num_layers > 1 else 0.0, bidirectional=bidirectional,
                   batch_first=True)
-    if cell == "lstm":
-        return nn.LSTM(**kwargs)
-    if cell == "gru":
-        return nn.GRU(**kwargs)
+    regularised = bool(weight_drop or (locked_dropout and kwargs["dropout"]))
+    if cell not in CELLS:
+        raise ValueError(f"unknown cell {cell!r}; expected one of {CELLS}")
     if cell in ("rnn_tanh", "rnn_relu"):
-        return nn.RNN(nonlinearity=cell[4:], **kwargs)
-    raise ValueError(f"unknown cell {cell!r}; expected one of {CELLS}")
+        kwargs["nonlinearity"] = cell[4:]
+    if regularised:
+        layer = {"lstm": RegularisedLSTM, "gru": RegularisedGRU}.get(cell, RegularisedRNN)(**kwargs)
+        layer.weight_drop, layer.locked = weight_drop, locked_dropout
+        return layer
+    return {"lstm": nn.LSTM, "gru": nn.GRU}.get(cell, nn.RNN)(**kwargs)
+
+
+class _Regularised:
+    """Training-time regularisers for ``torch.nn``'s fused recurrent layers, with their
+    parameters and names unchanged (checkpoints and :func:`rnn_step` see a plain layer):
+
+    - ``weight_drop``: DropConnect on each hidden-to-hidden matrix (Wan et al.; AWD-LSTM): a
+      fresh mask per forward call, shared by every time step and sequence of the call, so the
+      recurrence itself is regularised while the fused kernel still runs. The stored
+      parameter is never changed; its gradient flows through the mask.
+    - ``locked``: dropout between layers with one mask per sequence.
+
+    In evaluation both are off and the layer is exactly its ``torch.nn`` self."""
+
+    weight_drop: float = 0.0
+    locked: bool = False
+
+    def forward(self, x, hx=None):
+        if not self.training or isinstance(x, nn.utils.rnn.PackedSequence):
+            if self.training and self.weight_drop:
+                raise ValueError("weight_drop runs on padded batches, not packed ones")
+            return super().forward(x, hx)
+        lstm, directions = self.mode == "LSTM", 2 if self.bidirectional else 1
+        batch = x.size(0)
+        if hx is None:
+            zeros = x.new_zeros(self.num_layers * directions, batch, self.hidden_size)
+            hx = (zeros, zeros) if lstm else zeros
+        run = {"LSTM": torch.lstm, "GRU": torch.gru, "RNN_TANH": torch.rnn_tanh, "RNN_RELU": torch.rnn_relu}[self.mode]
+        hs, cs = [], []
+        for layer in range(self.num_layers):
+            if layer and self.dropout:
+                x = locked_dropout(x, self.dropout, True) if self.locked else dropout(x, self.dropout, True)
+            weights = []
+            for suffix in ("", "_reverse")[:directions]:
+                w_hh = getattr(self, f"weight_hh_l{layer}{suffix}")
+                if self.weight_drop:
+                    w_hh = nn.functional.dropout(w_hh, self.weight_drop, training=True)
+                weights += [getattr(self, f"weight_ih_l{layer}{suffix}"), w_hh,
+                            getattr(self, f"bias_ih_l{layer}{suffix}"), getattr(self, f"bias_hh_l{layer}{suffix}")]
+            rows = slice(layer * directions, (layer + 1) * directions)
+            if lstm:
+                x, h, c = run(x, (hx[0][rows], hx[1][rows]), weights, True, 1, 0.0, True, directions == 2, True)
+                cs.append(c)
+            else:
+                x, h = run(x, hx[rows], weights, True, 1, 0.0, True, directions == 2, True)
+            hs.append(h)
+        h = torch.cat(hs)
+        return x, ((h, torch.cat(cs)) if lstm else h)
+
+
+class RegularisedLSTM(_Regularised, nn.LSTM):
+    pass
+
+
+class RegularisedGRU(_Regularised, nn.GRU):
+    pass
+
+
+class RegularisedRNN(_Regularised, nn.RNN):
+    pass
 
 
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]

@@ -26,6 +26,7 @@ from rnnkit.training import distributed
 from rnnkit.training.trainer import StepResult
 
 METRICS = ("valid_loss", "valid_ppl", "valid_bpc")
+ACTIVATION_REGULARISATION = True     # train.ar / train.tar apply to the top layer's outputs
 
 
 @dataclass
@@ -39,6 +40,9 @@ class DataConfig:
     min_freq: int = num(1, 1)
     max_vocab: Optional[int] = num(None, 2, MAX_VOCAB)
     bptt: int = num(64, 1)               # tokens per truncated-BPTT window
+    variable_bptt: bool = False          # AWD-LSTM's windows: bptt (p 0.95) or bptt/2, then ~N(that, 5),
+                                         # at least 5; each step's lr scaled by its length / bptt
+    reverse: bool = False                # a backward LM: every stream read right to left
     cache: bool = True                   # keep the prepared store in the data cache (false: per run)
 
 
@@ -47,13 +51,30 @@ class ModelConfig(RecurrentConfig):
     embedding_dim: int = num(128, 1, MAX_DIM)
     hidden_size: int = num(256, 1, MAX_DIM)
     num_layers: int = num(2, 1, MAX_LAYERS)
-    dropout: float = num(0.0, 0, 1, hi_open=True)
+    dropout: float = num(0.0, 0, 1, hi_open=True)            # on the top layer's output; default of the next two
+    input_dropout: Optional[float] = num(None, 0, 1, hi_open=True)   # on the embedded words
+    layer_dropout: Optional[float] = num(None, 0, 1, hi_open=True)   # between recurrent layers
+    locked_dropout: bool = False         # all three: one mask per sequence (variational dropout)
+    embedding_dropout: float = num(0.0, 0, 1, hi_open=True)   # whole words dropped from the vocabulary
+    weight_drop: float = num(0.0, 0, 1, hi_open=True)         # DropConnect on hidden-to-hidden weights
     tie_weights: bool = False
+    output: Literal["softmax", "adaptive"] = "softmax"   # adaptive: an adaptive softmax with ``cutoffs``
+    cutoffs: list[int] = field(default_factory=lambda: [2000, 10000])   # frequency-rank cluster bounds
 
 
 def check_config(cfg: Config) -> None:
-    d = cfg.data
-    check_recurrent(cfg.model, "model")
+    d, m = cfg.data, cfg.model
+    check_recurrent(m, "model")
+    if (m.weight_drop or m.locked_dropout) and m.impl != "fused":
+        raise ConfigError("model.weight_drop" if m.weight_drop else "model.locked_dropout",
+                          "applies to fused layers (model.impl: fused); explicit cells have model.recurrent_dropout")
+    if m.output == "adaptive":
+        if m.tie_weights:
+            raise ConfigError("model.tie_weights", "ties a full softmax's weights; not with model.output: adaptive")
+        if not m.cutoffs or any(b <= a for a, b in zip(m.cutoffs, m.cutoffs[1:])) or m.cutoffs[0] < 1:
+            raise ConfigError("model.cutoffs", f"expected increasing positive word ranks, got {m.cutoffs!r}")
+    if d.variable_bptt and d.bptt < 10:
+        raise ConfigError("data.variable_bptt", f"needs data.bptt >= 10, got {d.bptt}")
     if cfg.train.metric not in METRICS:
         raise ConfigError("train.metric",
                           f"expected one of {', '.join(METRICS)} for task 'lm', got {cfg.train.metric!r}")
@@ -112,42 +133,75 @@ class LanguageModelTask:
         store = prepare_data(cfg, extras) if with_data else None
         self.vocab = Vocab(extras["vocab"] if extras is not None else store.tokenizer_state("vocab")["vocab"])
         m = cfg.model
-        self.model = RNNLanguageModel(len(self.vocab), m.cell, m.embedding_dim, m.hidden_size,
-                                      m.num_layers, m.dropout, m.tie_weights, recurrent_options(m)).to(device)
+        if m.output == "adaptive" and m.cutoffs[-1] >= len(self.vocab):
+            raise ConfigError("model.cutoffs", f"the last cut-off ({m.cutoffs[-1]}) must be below the vocabulary "
+                                               f"size ({len(self.vocab)})")
+        options = recurrent_options(m)
+        options.update(weight_drop=m.weight_drop, dropout=m.dropout if m.layer_dropout is None else m.layer_dropout)
+        self.model = RNNLanguageModel(len(self.vocab), m.cell, m.embedding_dim, m.hidden_size, m.num_layers,
+                                      m.dropout, m.tie_weights, options, input_dropout=m.input_dropout,
+                                      embedding_dropout=m.embedding_dropout, locked_dropout=m.locked_dropout,
+                                      output=m.output, cutoffs=m.cutoffs).to(device)
         self.state = None
         self.train_stream: np.ndarray | None = None     # (rows, length), mapped from the store
         self.valid_stream: torch.Tensor | None = None
         if store is not None:
-            self.train_stream = batchify(store.stream("train"), cfg.train.batch_size)
-            valid = np.array(store.stream("valid"), dtype=np.int64)
+            self.train_stream = batchify(self._directed(store.stream("train")), cfg.train.batch_size)
+            valid = np.array(self._directed(store.stream("valid")), dtype=np.int64)
             rows = min(cfg.train.eval_batch_size, max(1, len(valid) // (2 * cfg.data.bptt)))
             self.valid_stream = torch.from_numpy(np.ascontiguousarray(batchify(valid, rows))).to(device)
 
+    def _directed(self, ids: np.ndarray) -> np.ndarray:
+        """A stream as the model reads it: reversed (a view) for a backward LM."""
+        return ids[::-1] if self.cfg.data.reverse else ids
+
     def encode(self, text: str) -> list[int]:
-        return self.vocab.encode(self.tokenizer.split(text))
+        """Token ids of ``text`` in reading order (right to left for a backward LM)."""
+        ids = self.vocab.encode(self.tokenizer.split(text))
+        return ids[::-1] if self.cfg.data.reverse else ids
 
     # ------------------------------------------------------------------ training interface
-    def train_batches(self, epoch: int) -> range:
-        """Window start offsets over the batchified training stream."""
-        return range(0, self.train_stream.shape[1] - 1, self.cfg.data.bptt)
+    def train_batches(self, epoch: int) -> list[tuple[int, int]]:
+        """Windows (start, length) over the batchified training stream. With
+        ``data.variable_bptt`` their lengths are drawn afresh each epoch, from the seed and the
+        epoch alone (a resumed run sees the same windows)."""
+        bptt, width = self.cfg.data.bptt, self.train_stream.shape[1] - 1
+        if not self.cfg.data.variable_bptt:
+            return [(s, min(bptt, width - s)) for s in range(0, width, bptt)]
+        rng = np.random.default_rng([self.cfg.seed, epoch])
+        windows, start = [], 0
+        while start < width:
+            base = bptt if rng.random() < 0.95 else bptt / 2
+            length = min(max(5, int(rng.normal(base, 5))), width - start)
+            windows.append((start, length))
+            start += length
+        return windows
 
-    def shard(self, start: int, rank: distributed.Rank) -> tuple[int, int, int] | list:
+    def shard(self, window: tuple[int, int], rank: distributed.Rank) -> tuple[int, int, int, int] | list:
         """Under torchrun each rank reads its own block of the batch's streams (rows)."""
         lo, hi = distributed.share(self.train_stream.shape[0], rank)
-        return (start, lo, hi) if hi > lo else []
+        return (*window, lo, hi) if hi > lo else []
 
-    def train_step(self, batch: int | tuple[int, int, int], index: int, step: int) -> StepResult:
-        start, lo, hi = batch if isinstance(batch, tuple) else (batch, 0, self.train_stream.shape[0])
+    def train_step(self, batch: tuple[int, ...], index: int, step: int) -> StepResult:
+        start, length, lo, hi = batch if len(batch) == 4 else (*batch, 0, self.train_stream.shape[0])
         if index == 0:
             self.state = None   # a new pass over the stream starts from a zero state
         if self.state is not None and _rows(self.state) != hi - lo:   # all streams' state, from a checkpoint
             self.state = tuple(s[:, lo:hi] for s in self.state) if isinstance(self.state, tuple) \
                 else self.state[:, lo:hi]
-        x, y = self._window(self.train_stream[lo:hi], start)
-        logits, state = self.model(x, self.state)
-        self.state = detach_state(state)
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
-        return StepResult(loss, y.numel())
+        x, y = self._window(self.train_stream[lo:hi], start, length)
+        f = self.model.features(x, self.state)
+        self.state = detach_state(f.state)
+        loss = self.model.loss(f.output, y)
+        t, penalty = self.cfg.train, None
+        if t.ar:    # activation regularisation, on the top layer's dropped-out output
+            penalty = t.ar * f.dropped.float().pow(2).mean()
+        if t.tar:   # temporal: on the difference of successive outputs, before dropout
+            hidden = f.hidden.float()
+            slow = t.tar * (hidden[:, 1:] - hidden[:, :-1]).pow(2).mean()
+            penalty = slow if penalty is None else penalty + slow
+        scale = length / self.cfg.data.bptt if self.cfg.data.variable_bptt else 1.0
+        return StepResult(loss, y.numel(), penalty=penalty, lr_scale=scale)
 
     def train_state(self) -> dict[str, Any]:
         """The carried hidden state of every stream (gathered from all ranks under torchrun)."""
@@ -167,29 +221,65 @@ class LanguageModelTask:
     def extras(self) -> dict[str, Any]:
         return {"vocab": self.vocab.itos, "tokenizer": self.cfg.data.tokenizer}
 
-    def _window(self, stream: torch.Tensor | np.ndarray, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and next-token targets of the bptt window at ``start`` (the last may be shorter);
-        a mapped stream's window is read into a tensor on the device."""
+    def _window(self, stream: torch.Tensor | np.ndarray, start: int,
+                length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and next-token targets of the window of ``length`` (default ``data.bptt``;
+        the last may be shorter) at ``start``; a mapped stream's window is read into a tensor
+        on the device."""
+        length = self.cfg.data.bptt if length is None else length
         if isinstance(stream, np.ndarray):
-            window = stream[:, start:start + 1 + self.cfg.data.bptt].astype(np.int64)
+            window = stream[:, start:start + 1 + length].astype(np.int64)
             stream, start = torch.from_numpy(window).to(self.device), 0
-        y = stream[:, start + 1:start + 1 + self.cfg.data.bptt]
+        y = stream[:, start + 1:start + 1 + length]
         return stream[:, start:start + y.size(1)], y
+
+    def _windows(self, stream: torch.Tensor, progress: bool):
+        starts = range(0, stream.size(1) - 1, self.cfg.data.bptt)
+        for start in tqdm(starts, desc="eval", unit="window", file=sys.stderr, leave=False,
+                          disable=None if progress and len(starts) > 20 else True):
+            yield self._window(stream, start)
 
     @torch.no_grad()
     def stream_loss(self, stream: torch.Tensor, progress: bool = False) -> tuple[float, int]:
         """Mean loss per token over a batchified stream, carrying state across windows (with
         ``progress``, a bar on stderr when it is a terminal)."""
         total, count, state = 0.0, 0, None
-        starts = range(0, stream.size(1) - 1, self.cfg.data.bptt)
-        for start in tqdm(starts, desc="eval", unit="window", file=sys.stderr, leave=False,
-                          disable=None if progress and len(starts) > 20 else True):
-            x, y = self._window(stream, start)
-            logits, state = self.model(x, state)
-            total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1),
-                                     reduction="sum").item()
+        for x, y in self._windows(stream, progress):
+            out, _, _, state = self.model.features(x, state)
+            total += self.model.loss(out, y, reduction="sum").item()
             count += y.numel()
         return total / count, count
+
+    @torch.no_grad()
+    def cache_loss(self, stream: torch.Tensor, size: int, theta: float, lam: float,
+                   progress: bool = False) -> tuple[float, float, int]:
+        """Mean loss per token without and with Grave et al.'s continuous cache: the model's
+        probability of the next word, mixed as ``(1 - lam) p_model + lam p_cache``, where
+        p_cache puts on each of the last ``size`` positions' next words the weight
+        ``softmax(theta * h_t . h_i)`` of their top-layer states h_i against the current one.
+        Each stream (row) has its own cache; the first position of a stream has none."""
+        rows = stream.size(0)
+        keys = torch.zeros(rows, 0, self.cfg.model.hidden_size, device=stream.device)
+        words = torch.zeros(rows, 0, dtype=torch.long, device=stream.device)
+        plain, cached, count, state = 0.0, 0.0, 0, None
+        for x, y in self._windows(stream, progress):
+            out, hidden, _, state = self.model.features(x, state)
+            logp = self.model.target_log_probs(out, y)                    # (B, T)
+            hidden, held, steps = hidden.float(), keys.size(1), y.size(1)
+            keys, words = torch.cat([keys, hidden], 1), torch.cat([words, y], 1)
+            scores = theta * torch.bmm(hidden, keys.transpose(1, 2))      # (B, T, held + T)
+            at = torch.arange(held + steps, device=y.device)
+            now = at[held:].unsqueeze(1)
+            scores.masked_fill_(~((at < now) & (at >= now - size)), float("-inf"))
+            weights = torch.softmax(scores, -1).nan_to_num_(0.0)          # no history yet: no cache
+            p_cache = (weights * (words.unsqueeze(1) == y.unsqueeze(2))).sum(-1)
+            seen = torch.isfinite(scores).any(-1)
+            mix = torch.where(seen, (1 - lam) * logp.exp() + lam * p_cache, logp.exp())
+            plain -= logp.sum().item()
+            cached -= mix.log().sum().item()
+            count += y.numel()
+            keys, words = keys[:, -size:], words[:, -size:]
+        return plain / count, cached / count, count
 
     def metrics(self, loss: float, tokens: int) -> dict[str, float]:
         out = {"loss": loss, "ppl": perplexity(loss)}
@@ -205,20 +295,27 @@ class LanguageModelTask:
         """dL/dh_t for the loss of a validation window's last prediction, from a zero state."""
         x, y = self._window(self.valid_stream, 0)
 
-        def last_loss() -> torch.Tensor:
+        def last_loss() -> torch.Tensor:   # (the adaptive softmax's scores are log-probabilities already)
             logits, _ = self.model(x)
             return F.cross_entropy(logits[:, -1].float(), y[:, -1])
 
         return measure(self.model, "rnn", last_loss, x.size(1) - 1)
 
     # ------------------------------------------------------------------ inference
-    def evaluate_text(self, text: str, rows: int = 16) -> dict[str, float]:
+    def evaluate_text(self, text: str, rows: int = 16, cache: int = 0, theta: float = 0.3,
+                      lam: float = 0.1) -> dict[str, float]:
+        """Loss and perplexity of ``text`` cut into ``rows`` streams; with ``cache`` (a word
+        LM), also with a continuous cache of that many positions (``cache_*`` entries)."""
         ids = self.encode(text)
         rows = max(1, min(rows, len(ids) // (2 * self.cfg.data.bptt)))
         self.model.eval()
         stream = torch.from_numpy(np.ascontiguousarray(batchify(np.asarray(ids, np.int64), rows))).to(self.device)
-        loss, tokens = self.stream_loss(stream, progress=True)
-        return {**self.metrics(loss, tokens), "tokens": tokens}
+        if not cache:
+            loss, tokens = self.stream_loss(stream, progress=True)
+            return {**self.metrics(loss, tokens), "tokens": tokens}
+        loss, with_cache, tokens = self.cache_loss(stream, cache, theta, lam, progress=True)
+        return {**self.metrics(loss, tokens), **{f"cache_{k}": v for k, v in self.metrics(with_cache, tokens).items()},
+                "tokens": tokens}
 
     @torch.no_grad()
     def generate(self, prime: str, length: int, temperature: float = 1.0, top_k: int | None = None,

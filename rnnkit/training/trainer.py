@@ -39,6 +39,8 @@ class StepResult(NamedTuple):
     loss: torch.Tensor           # mean loss over the step's tokens, with a graph
     tokens: int                  # how many tokens the loss covers (for throughput)
     logs: dict[str, float] | None = None  # extra values worth logging (e.g. teacher forcing)
+    penalty: torch.Tensor | None = None   # regularisation terms minimised with the loss, not logged as it
+    lr_scale: float = 1.0        # this step's learning rate relative to the schedule's (e.g. a shorter window)
 
 
 class Task(Protocol):
@@ -74,7 +76,7 @@ def resolve_device(spec: str, key: str = "train.device") -> torch.device:
 def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     t = cfg.train
     params = [p for p in params if p.requires_grad]
-    if t.optimizer == "sgd":
+    if t.optimizer in ("sgd", "nt_asgd"):
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     cls = torch.optim.Adam if t.optimizer == "adam" else torch.optim.AdamW
     kwargs = dict(lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
@@ -99,6 +101,58 @@ class Progress:
     window_loss: float = 0.0       # the log window's running sums, so a resumed run logs the
     window_tokens: int = 0         # very records an uninterrupted one does
     eval_due: bool = False         # stopped by a signal at a step that was to be evaluated
+    history: list[float] = field(default_factory=list)   # every evaluation's metric (nt_asgd's trigger)
+    averaging_from: int | None = None   # nt_asgd: the step weight averaging began at
+
+
+class Averager:
+    """The running mean of the parameters over the steps since averaging began (NT-ASGD's
+    averaged iterate). Evaluation and checkpoints' ``model`` use the mean; training goes on
+    from the raw weights, which checkpoints keep beside it for resuming."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.params = [q for q in model.parameters() if q.requires_grad]
+        self.mean = [torch.zeros_like(q) for q in self.params]
+        self.count = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.count += 1
+        torch._foreach_lerp_(self.mean, [q.detach() for q in self.params], 1.0 / self.count)
+
+    def averaged_state(self) -> dict[str, torch.Tensor]:
+        """The model's state dict with the mean in place of each trained parameter."""
+        if self.count == 0:
+            return self.model.state_dict()
+        by_id = {id(q): m for q, m in zip(self.params, self.mean)}
+        return {k: by_id.get(id(v), v).detach() for k, v in self.model.state_dict(keep_vars=True).items()}
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """The mean in the model's parameters for the block, the raw weights back after it."""
+        if self.count == 0:
+            yield
+            return
+        with torch.no_grad():
+            raw = [q.detach().clone() for q in self.params]
+            torch._foreach_copy_(self.params, self.mean)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, raw)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "raw": self.model.state_dict()}
+
+    def load(self, state: dict[str, Any]) -> None:
+        """After the model was loaded with a checkpoint's (averaged) weights: those are the
+        mean; the raw weights go back into the model."""
+        with torch.no_grad():
+            torch._foreach_copy_(self.mean, [q.detach() for q in self.params])
+        self.count = state["count"]
+        self.model.load_state_dict(state["raw"])
 
 
 class LogWindow:
@@ -145,6 +199,7 @@ class Trainer:
         self.schedule = LRSchedule(cfg.train)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
         self.progress = Progress()
+        self.averager: Averager | None = None      # nt_asgd, once triggered
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.stop_signal: str | None = None     # the signal that asked training to stop
         self.exit_code = 0
@@ -166,9 +221,11 @@ class Trainer:
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
+        averaging = self.averager is not None
         return {
             "config": config_to_dict(self.cfg),
-            "model": self.task.model.state_dict(),
+            "model": self.averager.averaged_state() if averaging else self.task.model.state_dict(),
+            "averaging": self.averager.state_dict() if averaging else None,
             "task": self.task.extras(),
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
@@ -214,6 +271,9 @@ class Trainer:
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.progress = Progress(**ckpt["progress"])
+        if ckpt.get("averaging"):
+            self.averager = Averager(self.task.model)
+            self.averager.load(ckpt["averaging"])
         self.progress.nonfinite_run = 0     # a resumed run (say, with a lower lr) starts a fresh streak
         self.task.load_train_state(ckpt["train_state"])
         torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
@@ -261,13 +321,14 @@ class Trainer:
         t, p = self.cfg.train, self.progress
         p.eval_due = False
         self.task.model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), (self.averager.swapped_in() if self.averager else contextlib.nullcontext()):
             results = {f"valid_{k}": float(v) for k, v in self.task.evaluate().items()}
         self.task.model.train()
         p.last_eval = results
         value = results[t.metric]
         self.schedule.observe(value, t.metric_mode)
         improved = self._improved(value)
+        self._maybe_start_averaging(value)
         if improved:
             p.best, p.best_step, p.bad_evals = value, p.step, 0
         else:
@@ -287,6 +348,21 @@ class Trainer:
                 self._keep(payload)
             save_checkpoint(payload, self.run_dir / "last.pt")
         return t.early_stopping is not None and p.bad_evals >= t.early_stopping
+
+    def _maybe_start_averaging(self, value: float) -> None:
+        """NT-ASGD's trigger (Merity et al.): average from now on once the metric is worse than
+        the best of the evaluations before the last ``nt_asgd_patience``."""
+        t, p = self.cfg.train, self.progress
+        p.history.append(value)
+        if t.optimizer != "nt_asgd" or self.averager is not None or len(p.history) <= t.nt_asgd_patience + 1:
+            return
+        earlier = p.history[:-t.nt_asgd_patience - 1]
+        best = min(earlier) if t.metric_mode == "min" else max(earlier)
+        if (value > best) if t.metric_mode == "min" else (value < best):
+            self.averager, p.averaging_from = Averager(self.task.model), p.step
+            self._log({"kind": "nt_asgd", "step": p.step, "averaging_from": p.step})
+            if self.rank.main:
+                tqdm.write(f"step {p.step}: {t.metric} stopped improving; averaging the weights from here on (NT-ASGD)")
 
     def _keep(self, payload: dict[str, Any]) -> None:
         """``step{N}.pt`` for this evaluation; only the newest ``train.keep_checkpoints`` stay."""
@@ -333,6 +409,9 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         out = self._forward_backward(batch, params)
+        if out.lr_scale != 1.0:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr * out.lr_scale
         self.scaler.unscale_(self.optimizer)
         grads = [q.grad for q in params if q.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros((), device=self.device)
@@ -347,6 +426,8 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             p.nonfinite_run = 0
+            if self.averager is not None:
+                self.averager.update()
         else:
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.update()
@@ -367,7 +448,7 @@ class Trainer:
         if not empty:
             with self._autocast():
                 out = self.task.train_step(batch, p.batch_index, p.step)
-        loss = out.loss
+        loss = out.loss if out.penalty is None else out.loss + out.penalty
         if rank.world > 1:
             (total,) = distributed.all_sum([float(out.tokens)], self.device)
             loss = loss * (out.tokens * rank.world / max(1.0, total))

@@ -631,6 +631,16 @@ def evaluate(
     ref: Optional[Path] = typer.Option(None, "--ref", help="Translation: reference translations, line-aligned."),
     beam: int = typer.Option(1, "--beam", "-b", min=1, help="Translation: beam size (1 is greedy)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Sentences processed together."),
+    streams: int = typer.Option(16, "--streams", min=1,
+                                help="Language models: the text is cut into this many streams scored side by "
+                                     "side (1: one continuous stream, as the literature reports; slowest)."),
+    cache: int = typer.Option(0, "--cache", min=0, metavar="N",
+                              help="Word language models: also score with a continuous cache (Grave et al.) "
+                                   "over the last N positions, e.g. 2000; reports perplexity with and without."),
+    cache_theta: float = typer.Option(0.3, "--cache-theta", min=0.0,
+                                      help="--cache: how sharply the cache prefers states like the current one."),
+    cache_lambda: float = typer.Option(0.1, "--cache-lambda", min=0.0, max=1.0,
+                                       help="--cache: the cache's weight in the mixture with the model."),
     gradient_flow: bool = typer.Option(
         False, "--gradient-flow",
         help="Instead: the norm of the loss's gradient with respect to the hidden state at every time step, "
@@ -649,6 +659,7 @@ def evaluate(
     the last-value and seasonal baselines); adding and copy on their test set, beside the baseline.
 
     Example:  rnnkit eval runs/en_fr/best.pt --src test.en --ref test.fr --beam 5 --json
+    Example:  rnnkit eval runs/lm_wikitext2/best.pt --data wikitext-2/test.txt --cache 2000
     Example:  rnnkit eval runs/adding/best.pt --gradient-flow --plot flow.png
     Example:  rnnkit eval runs/forecast_etth1/best.pt --data ETTh1.csv --split test
     """
@@ -672,13 +683,15 @@ def evaluate(
             return
         if split is not None and kind != "forecast":
             _bad_option("--split is for forecast checkpoints")
+        if cache and (kind != "lm" or task.cfg.data.tokenizer != "word"):
+            _bad_option("--cache is for word-level language models")
         if kind in ("lm", "tagging", "classification", "forecast"):
             if data is None:
                 _bad_option(f"--data FILE is required to evaluate a '{kind}' model")
             if not data.is_file():
                 raise DataError(f"--data: file not found: {data}")
             if kind == "lm":
-                results = task.evaluate_text(read_text(str(data)))
+                results = task.evaluate_text(read_text(str(data)), streams, cache, cache_theta, cache_lambda)
             elif kind == "forecast":
                 results = task.evaluate_file(str(data), batch_size, split)
             else:

@@ -67,8 +67,17 @@ class RecurrentConfig:
 RECURRENT_EXTRAS = {"layer_norm": False, "recurrent_dropout": 0.0, "residual": False}
 
 
+REGULARISERS = {"weight_drop": 0.0, "locked_dropout": False}   # fused layers' options, where a task offers them
+
+
 def check_recurrent(section: RecurrentConfig, prefix: str) -> None:
-    """The extras need the explicit implementation; residual connections need a stack."""
+    """The extras need the explicit implementation, the regularisers the fused one; residual
+    connections need a stack."""
+    if section.impl == "explicit":
+        for key, off in REGULARISERS.items():
+            if getattr(section, key, off) != off:
+                raise ConfigError(f"{prefix}.{key}", f"applies to fused layers ({prefix}.impl: fused); explicit "
+                                                     f"cells have {prefix}.recurrent_dropout")
     if section.impl == "fused":
         for key, off in RECURRENT_EXTRAS.items():
             if getattr(section, key) != off:
@@ -80,7 +89,8 @@ def check_recurrent(section: RecurrentConfig, prefix: str) -> None:
 
 def recurrent_options(section: RecurrentConfig) -> dict[str, Any]:
     """The keyword arguments ``make_rnn`` takes besides sizes (all but ``cell``)."""
-    return {"impl": section.impl, **{k: getattr(section, k) for k in RECURRENT_EXTRAS}}
+    return {"impl": section.impl, **{k: getattr(section, k) for k in RECURRENT_EXTRAS},
+            **{k: getattr(section, k) for k in REGULARISERS if hasattr(section, k)}}
 
 
 @dataclass

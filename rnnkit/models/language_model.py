@@ -31,11 +31,11 @@ class RNNLanguageModel(nn.Module):
                  input_dropout: float | None = None, embedding_dropout: float = 0.0,
                  locked_dropout: bool = False, output: str = "softmax", cutoffs: list[int] | None = None):
         super().__init__()
-        options = dict(rnn_options or {})
+        options = {"locked_dropout": locked_dropout, **(rnn_options or {})}
         layer_dropout = options.pop("dropout", dropout)
+        locked_dropout = options["locked_dropout"]
         self.embedding = nn.Embedding(vocab_size, embedding_dim)
-        self.rnn = make_rnn(cell, embedding_dim, hidden_size, num_layers, layer_dropout,
-                            locked_dropout=locked_dropout, **options)
+        self.rnn = make_rnn(cell, embedding_dim, hidden_size, num_layers, layer_dropout, **options)
         self.p_out, self.p_in = dropout, dropout if input_dropout is None else input_dropout
         self.p_words, self.locked = embedding_dropout, locked_dropout
         width = embedding_dim if tie_weights else hidden_size

@@ -16,10 +16,10 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from rnnkit.models.cells import ExplicitRNN
-from rnnkit.models.dropout import dropout, locked_dropout
+from rnnkit.models.dropout import dropout, dropout_mask, locked_dropout
 
 Cell = Literal["rnn_tanh", "rnn_relu", "lstm", "gru"]
 CELLS: tuple[str, ...] = ("rnn_tanh", "rnn_relu", "lstm", "gru")
@@ -71,36 +71,62 @@ class _Regularised:
     locked: bool = False
 
     def forward(self, x, hx=None):
-        if not self.training or isinstance(x, nn.utils.rnn.PackedSequence):
-            if self.training and self.weight_drop:
-                raise ValueError("weight_drop runs on padded batches, not packed ones")
+        if not self.training:
             return super().forward(x, hx)
+        packed = isinstance(x, PackedSequence)
         lstm, directions = self.mode == "LSTM", 2 if self.bidirectional else 1
-        batch = x.size(0)
+        if packed:      # as torch.nn does: the data of every step together, rows sorted by length
+            data, sizes, order, unorder = x
+            batch, rows = int(sizes[0]), torch.cat([torch.arange(int(n)) for n in sizes]).to(data.device)
+        else:
+            data, batch = x, x.size(0)
         if hx is None:
-            zeros = x.new_zeros(self.num_layers * directions, batch, self.hidden_size)
+            zeros = data.new_zeros(self.num_layers * directions, batch, self.hidden_size)
             hx = (zeros, zeros) if lstm else zeros
+        elif packed and order is not None:
+            hx = tuple(h.index_select(1, order) for h in hx) if lstm else hx.index_select(1, order)
         run = {"LSTM": torch.lstm, "GRU": torch.gru, "RNN_TANH": torch.rnn_tanh, "RNN_RELU": torch.rnn_relu}[self.mode]
         hs, cs = [], []
         for layer in range(self.num_layers):
             if layer and self.dropout:
-                x = locked_dropout(x, self.dropout, True) if self.locked else dropout(x, self.dropout, True)
-            weights = []
-            for suffix in ("", "_reverse")[:directions]:
-                w_hh = getattr(self, f"weight_hh_l{layer}{suffix}")
-                if self.weight_drop:
-                    w_hh = nn.functional.dropout(w_hh, self.weight_drop, training=True)
-                weights += [getattr(self, f"weight_ih_l{layer}{suffix}"), w_hh,
-                            getattr(self, f"bias_ih_l{layer}{suffix}"), getattr(self, f"bias_hh_l{layer}{suffix}")]
-            rows = slice(layer * directions, (layer + 1) * directions)
-            if lstm:
-                x, h, c = run(x, (hx[0][rows], hx[1][rows]), weights, True, 1, 0.0, True, directions == 2, True)
-                cs.append(c)
+                if not self.locked:
+                    data = dropout(data, self.dropout, True)
+                elif packed:    # each sequence's mask (in batch order), looked up for its rows of every step
+                    mask = dropout_mask((batch, data.size(-1)), self.dropout, data)
+                    data = data * mask[rows if order is None else order[rows]]
+                else:
+                    data = locked_dropout(data, self.dropout, True)
+            lo = layer * directions
+            state = (hx[0][lo:lo + directions], hx[1][lo:lo + directions]) if lstm else hx[lo:lo + directions]
+            weights = regularised_weights(self, layer)
+            if packed:
+                out = run(data, sizes, state, weights, True, 1, 0.0, True, directions == 2)
             else:
-                x, h = run(x, hx[rows], weights, True, 1, 0.0, True, directions == 2, True)
-            hs.append(h)
+                out = run(data, state, weights, True, 1, 0.0, True, directions == 2, True)
+            data = out[0]
+            hs.append(out[1])
+            if lstm:
+                cs.append(out[2])
         h = torch.cat(hs)
-        return x, ((h, torch.cat(cs)) if lstm else h)
+        final = (h, torch.cat(cs)) if lstm else h
+        if packed:
+            if unorder is not None:
+                final = tuple(f.index_select(1, unorder) for f in final) if lstm else final.index_select(1, unorder)
+            return PackedSequence(data, sizes, order, unorder), final
+        return data, final
+
+
+def regularised_weights(rnn: nn.RNNBase, layer: int) -> list[torch.Tensor]:
+    """A fused layer's weights of ``layer`` (every direction) in torch's functional order, the
+    hidden-to-hidden matrices masked by the layer's ``weight_drop`` in training."""
+    p = getattr(rnn, "weight_drop", 0.0) if rnn.training else 0.0
+    weights = []
+    for suffix in ("", "_reverse")[:2 if rnn.bidirectional else 1]:
+        w_hh = getattr(rnn, f"weight_hh_l{layer}{suffix}")
+        weights += [getattr(rnn, f"weight_ih_l{layer}{suffix}"),
+                    nn.functional.dropout(w_hh, p, training=True) if p else w_hh,
+                    getattr(rnn, f"bias_ih_l{layer}{suffix}"), getattr(rnn, f"bias_hh_l{layer}{suffix}")]
+    return weights
 
 
 class RegularisedLSTM(_Regularised, nn.LSTM):
@@ -188,7 +214,8 @@ def run_padded(rnn: nn.Module, x: torch.Tensor, lengths: torch.Tensor) -> tuple[
     0; GRU: update 1) into saturation, so a forward direction's state holds still after a
     row's end and a backward direction's stays zero until its start. Other layers, and every
     layer on GPU (cuDNN reads packed sequences natively), are packed."""
-    fused = type(rnn) in (nn.LSTM, nn.GRU) and x.device.type == "cpu" and not rnn.proj_size
+    fused = type(rnn) in (nn.LSTM, nn.GRU, RegularisedLSTM, RegularisedGRU) and x.device.type == "cpu" \
+        and not rnn.proj_size
     if not fused:
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, final = rnn(packed)
@@ -204,12 +231,11 @@ def run_padded(rnn: nn.Module, x: torch.Tensor, lengths: torch.Tensor) -> tuple[
     finals_h, finals_c = [], []
     for layer in range(rnn.num_layers):
         if layer:
-            x = dropout(x, rnn.dropout, training=rnn.training)
-        weights = []
-        for suffix in ("", "_reverse")[:directions]:
-            w = getattr(rnn, f"weight_ih_l{layer}{suffix}")
-            weights += [torch.cat([w, column.to(w.dtype)], 1), getattr(rnn, f"weight_hh_l{layer}{suffix}"),
-                        getattr(rnn, f"bias_ih_l{layer}{suffix}"), getattr(rnn, f"bias_hh_l{layer}{suffix}")]
+            drop = locked_dropout if getattr(rnn, "locked", False) else dropout
+            x = drop(x, rnn.dropout, training=rnn.training)
+        weights = regularised_weights(rnn, layer)
+        for i in range(0, len(weights), 4):     # every direction's input weights take the extra column
+            weights[i] = torch.cat([weights[i], column.to(weights[i].dtype)], 1)
         inp = torch.cat([x, held.to(x.dtype)], -1)
         if lstm:
             out, _, c = torch.lstm(inp, (zeros, zeros), weights, True, 1, 0.0, rnn.training, directions == 2, True)

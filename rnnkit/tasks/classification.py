@@ -35,6 +35,8 @@ class ModelConfig(RecurrentConfig):
     num_layers: int = num(1, 1, MAX_LAYERS)
     dropout: float = num(0.5, 0, 1, hi_open=True)
     word_dropout: float = num(0.0, 0, 1, hi_open=True)
+    weight_drop: float = num(0.0, 0, 1, hi_open=True)    # DropConnect on hidden-to-hidden weights (fused)
+    locked_dropout: bool = False                      # dropout between layers: one mask per sentence
     pooling: Literal["final", "mean", "max", "attention"] = "max"
 
 

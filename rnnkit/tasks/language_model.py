@@ -65,9 +65,6 @@ class ModelConfig(RecurrentConfig):
 def check_config(cfg: Config) -> None:
     d, m = cfg.data, cfg.model
     check_recurrent(m, "model")
-    if (m.weight_drop or m.locked_dropout) and m.impl != "fused":
-        raise ConfigError("model.weight_drop" if m.weight_drop else "model.locked_dropout",
-                          "applies to fused layers (model.impl: fused); explicit cells have model.recurrent_dropout")
     if m.output == "adaptive":
         if m.tie_weights:
             raise ConfigError("model.tie_weights", "ties a full softmax's weights; not with model.output: adaptive")
@@ -136,12 +133,11 @@ class LanguageModelTask:
         if m.output == "adaptive" and m.cutoffs[-1] >= len(self.vocab):
             raise ConfigError("model.cutoffs", f"the last cut-off ({m.cutoffs[-1]}) must be below the vocabulary "
                                                f"size ({len(self.vocab)})")
-        options = recurrent_options(m)
-        options.update(weight_drop=m.weight_drop, dropout=m.dropout if m.layer_dropout is None else m.layer_dropout)
+        options = {**recurrent_options(m), "dropout": m.dropout if m.layer_dropout is None else m.layer_dropout}
         self.model = RNNLanguageModel(len(self.vocab), m.cell, m.embedding_dim, m.hidden_size, m.num_layers,
                                       m.dropout, m.tie_weights, options, input_dropout=m.input_dropout,
-                                      embedding_dropout=m.embedding_dropout, locked_dropout=m.locked_dropout,
-                                      output=m.output, cutoffs=m.cutoffs).to(device)
+                                      embedding_dropout=m.embedding_dropout, output=m.output,
+                                      cutoffs=m.cutoffs).to(device)
         self.state = None
         self.train_stream: np.ndarray | None = None     # (rows, length), mapped from the store
         self.valid_stream: torch.Tensor | None = None
@@ -251,20 +247,20 @@ class LanguageModelTask:
         return total / count, count
 
     @torch.no_grad()
-    def cache_loss(self, stream: torch.Tensor, size: int, theta: float, lam: float,
-                   progress: bool = False) -> tuple[float, float, int]:
-        """Mean loss per token without and with Grave et al.'s continuous cache: the model's
-        probability of the next word, mixed as ``(1 - lam) p_model + lam p_cache``, where
-        p_cache puts on each of the last ``size`` positions' next words the weight
-        ``softmax(theta * h_t . h_i)`` of their top-layer states h_i against the current one.
-        Each stream (row) has its own cache; the first position of a stream has none."""
+    def cache_probs(self, stream: torch.Tensor, size: int, theta: float,
+                    progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Grave et al.'s continuous cache over a batchified stream: for every target (in
+        window order, flattened) the model's probability, the cache's, and whether the cache
+        had anything yet. The cache puts on the next word of each of the last ``size``
+        positions the weight ``softmax(theta * h_t . h_i)`` of their top-layer states h_i
+        against the current one; each stream (row) has its own."""
         rows = stream.size(0)
         keys = torch.zeros(rows, 0, self.cfg.model.hidden_size, device=stream.device)
         words = torch.zeros(rows, 0, dtype=torch.long, device=stream.device)
-        plain, cached, count, state = 0.0, 0.0, 0, None
+        p_model, p_cache, seen, state = [], [], [], None
         for x, y in self._windows(stream, progress):
             out, hidden, _, state = self.model.features(x, state)
-            logp = self.model.target_log_probs(out, y)                    # (B, T)
+            p_model.append(self.model.target_log_probs(out, y).exp().flatten())
             hidden, held, steps = hidden.float(), keys.size(1), y.size(1)
             keys, words = torch.cat([keys, hidden], 1), torch.cat([words, y], 1)
             scores = theta * torch.bmm(hidden, keys.transpose(1, 2))      # (B, T, held + T)
@@ -272,14 +268,17 @@ class LanguageModelTask:
             now = at[held:].unsqueeze(1)
             scores.masked_fill_(~((at < now) & (at >= now - size)), float("-inf"))
             weights = torch.softmax(scores, -1).nan_to_num_(0.0)          # no history yet: no cache
-            p_cache = (weights * (words.unsqueeze(1) == y.unsqueeze(2))).sum(-1)
-            seen = torch.isfinite(scores).any(-1)
-            mix = torch.where(seen, (1 - lam) * logp.exp() + lam * p_cache, logp.exp())
-            plain -= logp.sum().item()
-            cached -= mix.log().sum().item()
-            count += y.numel()
+            p_cache.append((weights * (words.unsqueeze(1) == y.unsqueeze(2))).sum(-1).flatten())
+            seen.append(torch.isfinite(scores).any(-1).flatten())
             keys, words = keys[:, -size:], words[:, -size:]
-        return plain / count, cached / count, count
+        return torch.cat(p_model), torch.cat(p_cache), torch.cat(seen)
+
+    def cache_loss(self, stream: torch.Tensor, size: int, theta: float, lam: float,
+                   progress: bool = False) -> tuple[float, float, int]:
+        """Mean loss per token without and with the cache (:meth:`cache_probs`), mixed as
+        ``(1 - lam) p_model + lam p_cache`` where the cache has history."""
+        p_model, p_cache, seen = self.cache_probs(stream, size, theta, progress)
+        return -p_model.double().log().mean().item(), cache_mix_loss(p_model, p_cache, seen, lam), p_model.numel()
 
     def metrics(self, loss: float, tokens: int) -> dict[str, float]:
         out = {"loss": loss, "ppl": perplexity(loss)}
@@ -342,6 +341,12 @@ def build(cfg: Config, device: torch.device, extras: dict[str, Any] | None = Non
           with_data: bool = True) -> LanguageModelTask:
     """A task for training (``with_data``) or, from a checkpoint's ``extras``, for inference."""
     return LanguageModelTask(cfg, device, extras, with_data)
+
+
+def cache_mix_loss(p_model: torch.Tensor, p_cache: torch.Tensor, seen: torch.Tensor, lam: float) -> float:
+    """Mean negative log-likelihood of the mixture of model and cache (weight ``lam``)."""
+    mixed = torch.where(seen, (1 - lam) * p_model + lam * p_cache, p_model)
+    return -mixed.double().log().mean().item()
 
 
 def _rows(state) -> int:

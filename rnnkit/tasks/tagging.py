@@ -41,6 +41,8 @@ class ModelConfig(RecurrentConfig):
     num_layers: int = num(2, 1, MAX_LAYERS)
     dropout: float = num(0.33, 0, 1, hi_open=True)    # on inputs, between layers, before the output
     word_dropout: float = num(0.0, 0, 1, hi_open=True)   # training words replaced by <unk>
+    weight_drop: float = num(0.0, 0, 1, hi_open=True)    # DropConnect on hidden-to-hidden weights (fused)
+    locked_dropout: bool = False                      # dropout between layers: one mask per sentence
     char_encoder: bool = True                         # build a vector from each word's letters
     char_embedding_dim: int = num(30, 1, MAX_DIM)
     char_hidden_size: int = num(50, 1, MAX_DIM)                # per direction

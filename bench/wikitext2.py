@@ -1,0 +1,209 @@
+"""WikiText-2 word-level language modeling in a fixed time budget: configs/lm_wikitext2.yaml
+(2-layer LSTM with the AWD-LSTM regularisers, adaptive softmax) against the same model and
+budget without the regularisers, then the continuous cache on the regularised model.
+
+For each run: ``rnnkit train`` for ``--minutes`` (a finished run in the output folder is
+reused, an unfinished one resumed), the validation curve (perplexity against minutes), and
+best.pt's perplexity on valid and test (the literature's protocol: the files as continuous
+streams, ``<eos>`` counted). The cache's theta and lambda are chosen on valid only, then
+applied to test. Last, training tokens/s with a full softmax against the adaptive one
+(the same model otherwise, short runs, alternated).
+
+    python bench/wikitext2.py [--minutes 60] [--runs regularised plain] [--out bench/out/wikitext2]
+
+Needs ../shared/data/wikitext-2. Writes a table, results.json, and bench/wikitext2_curve.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.machine import cpu_description  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+CONFIG = ROOT / "configs" / "lm_wikitext2.yaml"
+# the same model and schedule with every regulariser off
+PLAIN = ["model.dropout=0", "model.input_dropout=0", "model.layer_dropout=0", "model.locked_dropout=false",
+         "model.embedding_dropout=0", "model.weight_drop=0", "train.ar=0", "train.tar=0", "data.variable_bptt=false"]
+RUNS = {"regularised": [], "plain": PLAIN}
+THETAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+LAMBDAS = (0.02, 0.05, 0.08, 0.1, 0.15, 0.2, 0.25, 0.3)
+
+
+def rnnkit(*args: str) -> None:
+    cmd = [sys.executable, "-m", "rnnkit", *args]
+    print("$ rnnkit " + " ".join(args), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def data_overrides() -> list[str]:
+    return [f"data.{split}={DATA / f'{split}.txt'}" for split in ("train", "valid", "test")]
+
+
+def train(name: str, overrides: list[str], minutes: float, out: Path) -> Path:
+    run = out / name
+    sets = [f"run_dir={run}", f"train.max_time={minutes * 60}", *data_overrides(), *overrides]
+    last = run / "last.pt"
+    resume = []
+    if last.exists():
+        from rnnkit.training.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(last)
+        progress = ckpt["progress"]
+        if progress["elapsed"] >= minutes * 60 or progress["step"] >= ckpt["config"]["train"]["max_steps"]:
+            print(f"{name}: reusing the finished run in {run}")
+            return run
+        resume = ["--resume"]
+    rnnkit("train", str(CONFIG), *resume, *[a for s in sets for a in ("--set", s)])
+    return run
+
+
+def curve(run: Path) -> list[tuple[float, float]]:
+    """(minutes, validation perplexity) of every evaluation."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    clock = {r["step"]: r["elapsed"] for r in rows if r["kind"] == "train"}
+    return [(clock.get(r["step"], float("nan")) / 60, r["valid_ppl"]) for r in rows if r["kind"] == "eval"]
+
+
+def score(run: Path, streams: int, cache: int) -> dict:
+    """best.pt on valid and test; the cache tuned on valid, applied to test."""
+    import numpy as np
+    import torch
+
+    from rnnkit.data.vocab import read_text
+    from rnnkit.runs import load_task
+    from rnnkit.tasks.language_model import batchify, cache_mix_loss
+
+    task = load_task(run / "best.pt", "cpu")
+    task.model.eval()
+    out = {}
+    streams_of = {}
+    for split in ("valid", "test"):
+        ids = task.encode(read_text(str(DATA / f"{split}.txt")))
+        streams_of[split] = torch.from_numpy(np.ascontiguousarray(batchify(np.asarray(ids, np.int64), streams)))
+        start = time.perf_counter()
+        loss, tokens = task.stream_loss(streams_of[split])
+        out[f"{split}_ppl"], out[f"{split}_tokens"] = math.exp(loss), tokens
+        out[f"{split}_seconds"] = time.perf_counter() - start
+    if not cache:
+        return out
+    best = None
+    for theta in THETAS:
+        p_model, p_cache, seen = task.cache_probs(streams_of["valid"], cache, theta)
+        for lam in LAMBDAS:
+            ppl = math.exp(cache_mix_loss(p_model, p_cache, seen, lam))
+            if best is None or ppl < best[0]:
+                best = (ppl, theta, lam)
+    out["cache_valid_ppl"], out["cache_theta"], out["cache_lambda"] = best
+    start = time.perf_counter()
+    _, with_cache, _ = task.cache_loss(streams_of["test"], cache, best[1], best[2])
+    out["cache_test_ppl"], out["cache_seconds"] = math.exp(with_cache), time.perf_counter() - start
+    out["cache"] = cache
+    return out
+
+
+def softmax_speed(out: Path, steps: int, rounds: int) -> dict[str, float]:
+    """Training tokens/s of the regularised model with a full softmax and with the adaptive one."""
+    speeds: dict[str, list[float]] = {"softmax": [], "adaptive": []}
+    for r in range(rounds):
+        for output in ("softmax", "adaptive"):
+            run = out / f"speed_{output}_{r}"
+            if run.exists():
+                shutil.rmtree(run)
+            rnnkit("train", str(CONFIG), "--set", f"run_dir={run}", "--set", f"model.output={output}",
+                   "--set", f"train.max_steps={steps}", "--set", f"train.log_every={steps // 2}",
+                   "--set", f"train.eval_every={steps}", "--set", "train.warmup_steps=0",
+                   "--set", "train.lr_schedule=constant", *[a for s in data_overrides() for a in ("--set", s)])
+            rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+            speeds[output].append([x for x in rows if x["kind"] == "train"][-1]["tokens_per_s"])   # second half
+    return {k: statistics.median(v) for k, v in speeds.items()}
+
+
+def plot(curves: dict[str, list[tuple[float, float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, points in curves.items():
+        ax.plot([m for m, _ in points], [p for _, p in points], marker=".", label=name)
+    ax.set_yscale("log")
+    ax.set_ylim(top=min(1000, max(p for pts in curves.values() for _, p in pts)))
+    ax.axhline(100, color="grey", lw=0.6, ls="--")
+    ax.set_xlabel("training minutes (2 CPU cores)")
+    ax.set_ylabel("WikiText-2 validation perplexity")
+    ax.legend()
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--minutes", type=float, default=60.0, help="training time of each run")
+    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "wikitext2")
+    ap.add_argument("--streams", type=int, default=1, help="parallel streams when scoring (1: the literature's)")
+    ap.add_argument("--cache", type=int, default=2000, help="cache size (positions)")
+    ap.add_argument("--speed-steps", type=int, default=40, help="steps of each softmax speed run (0: skip)")
+    args = ap.parse_args()
+    if not (DATA / "train.txt").is_file():
+        print(f"skipped: {DATA} is absent")
+        return 0
+    import torch
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"machine": cpu_description(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                     "minutes": args.minutes, "runs": {}}
+    path = args.out / "results.json"
+    if path.exists():
+        results["runs"] = json.loads(path.read_text()).get("runs", {})
+    curves = {}
+    for name in args.runs:
+        run = train(name, RUNS[name], args.minutes, args.out)
+        curves[name] = curve(run)
+        scored = score(run, args.streams, args.cache if name == "regularised" else 0)
+        from rnnkit.training.checkpoint import load_checkpoint
+
+        p = load_checkpoint(run / "last.pt")["progress"]
+        results["runs"][name] = {**scored, "minutes": p["elapsed"] / 60, "steps": p["step"],
+                                 "best_step": p["best_step"], "curve": curves[name]}
+        path.write_text(json.dumps(results, indent=1))
+    if args.speed_steps:
+        results["tokens_per_s"] = softmax_speed(args.out, args.speed_steps, 2)
+        path.write_text(json.dumps(results, indent=1))
+    if curves:
+        plot({n: r["curve"] for n, r in results["runs"].items()}, ROOT / "bench" / "wikitext2_curve.png")
+
+    print(f"\nWikiText-2, {args.minutes:g} minutes of training each; CPU {results['machine']}, "
+          f"{results['threads']} threads, torch {results['torch']}; scored with {args.streams} stream(s)")
+    print("| run | minutes | steps | best step | valid ppl | test ppl | test ppl, cache |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, r in results["runs"].items():
+        cache = (f"{r['cache_test_ppl']:.1f} (N {r['cache']}, theta {r['cache_theta']}, lambda {r['cache_lambda']}; "
+                 f"{100 * (1 - r['cache_test_ppl'] / r['test_ppl']):.1f}% lower)") if "cache_test_ppl" in r else "-"
+        print(f"| {name} | {r['minutes']:.1f} | {r['steps']} | {r['best_step']} | {r['valid_ppl']:.1f} | "
+              f"{r['test_ppl']:.1f} | {cache} |")
+    if "tokens_per_s" in results:
+        s = results["tokens_per_s"]
+        print(f"\ntraining tokens/s: full softmax {s['softmax']:.0f}, adaptive {s['adaptive']:.0f} "
+              f"({s['adaptive'] / s['softmax']:.2f}x)")
+    for name, r in results["runs"].items():
+        print(f"\ncurve, {name}: " + ", ".join(f"{m:.0f} min {p:.0f}" for m, p in r["curve"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

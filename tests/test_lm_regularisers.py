@@ -1,0 +1,330 @@
+"""The AWD-LSTM toolbox on the language-model task: each regulariser, the adaptive softmax,
+NT-ASGD, variable BPTT windows, the continuous cache and backward LMs."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rnnkit.config import ConfigError, load_config
+from rnnkit.decoding.sampling import sample_next
+from rnnkit.models.dropout import embedding_dropout, locked_dropout
+from rnnkit.models.language_model import RNNLanguageModel
+from rnnkit.models.rnn import RegularisedLSTM, make_rnn
+from rnnkit.runs import load_task, prepare_trainer
+from rnnkit.training.checkpoint import load_checkpoint
+from rnnkit.training.trainer import Averager
+from tests.conftest import SAMPLE_TEXT, tiny_lm_config, write_yaml
+
+
+def _config(tmp_path, name="run", overrides=(), **sections):
+    cfg = tiny_lm_config(tmp_path, run_dir=str(tmp_path / name), **sections)
+    return load_config(write_yaml(tmp_path / f"{name}.yaml", cfg), list(overrides))
+
+
+# --------------------------------------------------------------------------- weight drop
+def test_weight_drop_masks_recurrent_weights_in_training_only():
+    torch.manual_seed(0)
+    layer = make_rnn("lstm", 6, 8, 1, weight_drop=0.5)
+    plain = nn.LSTM(6, 8, 1, batch_first=True)
+    plain.load_state_dict(layer.state_dict())          # same parameters, same names
+    assert isinstance(layer, RegularisedLSTM)
+    stored = layer.weight_hh_l0.detach().clone()
+    x = torch.randn(3, 5, 6)
+    layer.train()
+    out, _ = layer(x)
+    assert not torch.allclose(out, plain(x)[0])          # a masked recurrence in training
+    assert torch.equal(layer.weight_hh_l0, stored)       # the parameter itself is untouched
+    out.sum().backward()
+    zero = (layer.weight_hh_l0.grad == 0).float().mean().item()
+    assert 0.35 < zero < 0.65                            # dropped weights get no gradient
+    assert (layer.weight_ih_l0.grad == 0).float().mean().item() < 0.05   # input weights are not dropped
+    layer.eval()
+    assert torch.equal(layer(x)[0], plain(x)[0])          # off in evaluation
+
+
+def test_weight_drop_mask_is_shared_by_every_time_step():
+    """One mask per forward call: a step's output depends only on the mask and the history, so
+    a sequence run in one call equals its steps run with the same mask (same seed)."""
+    torch.manual_seed(1)
+    layer = make_rnn("gru", 4, 5, 1, weight_drop=0.5).train()
+    x = torch.randn(2, 6, 4)
+    torch.manual_seed(9)
+    whole, _ = layer(x)
+    torch.manual_seed(9)
+    w_hh = nn.functional.dropout(layer.weight_hh_l0, 0.5, training=True)
+    h = torch.zeros(2, 5)
+    for t in range(6):
+        h = torch.gru_cell(x[:, t], h, layer.weight_ih_l0, w_hh, layer.bias_ih_l0, layer.bias_hh_l0)
+        assert torch.allclose(whole[:, t], h, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- dropouts
+def test_embedding_dropout_drops_whole_words_everywhere_they_occur():
+    torch.manual_seed(0)
+    emb = nn.Embedding(50, 4)
+    tokens = torch.randint(0, 50, (6, 30))
+    out = embedding_dropout(emb, tokens, 0.5, training=True)
+    plain = emb(tokens)
+    dropped = set()
+    for word in tokens.unique().tolist():
+        where = tokens == word
+        rows, ref = out[where], plain[where]
+        if torch.all(rows == 0):
+            dropped.add(word)
+        else:
+            assert torch.allclose(rows, ref * 2.0)        # kept everywhere, scaled by 1 / (1 - p)
+    assert 0.2 < len(dropped) / len(tokens.unique()) < 0.8
+    assert torch.equal(embedding_dropout(emb, tokens, 0.5, training=False), plain)
+
+
+def test_locked_dropout_uses_one_mask_per_sequence():
+    torch.manual_seed(0)
+    x = torch.ones(4, 9, 32)
+    out = locked_dropout(x, 0.5, training=True)
+    assert torch.equal(out, out[:, :1].expand_as(out))    # the same units at every step
+    assert not torch.equal(out[0], out[1])                # each sequence its own mask
+    assert set(out.unique().tolist()) == {0.0, 2.0}
+
+
+def test_language_model_locked_dropout_is_constant_over_time():
+    """Inputs of the recurrent layer: with locked dropout the zeroed units of each sequence are
+    the same at every step; with ordinary dropout they are not."""
+    seen = {}
+    for locked in (True, False):
+        torch.manual_seed(0)
+        model = RNNLanguageModel(10, "lstm", 16, 16, 1, 0.5, False, locked_dropout=locked).train()
+        captured = []
+        model.rnn.register_forward_pre_hook(lambda mod, args: captured.append(args[0]))
+        model(torch.full((2, 12), 3))                     # one word repeated: equal embeddings
+        zeros = captured[0] == 0
+        seen[locked] = torch.equal(zeros, zeros[:, :1].expand_as(zeros))
+    assert seen == {True: True, False: False}
+
+
+# --------------------------------------------------------------------------- adaptive softmax
+def test_adaptive_softmax_is_a_distribution_and_matches_its_loss():
+    torch.manual_seed(0)
+    model = RNNLanguageModel(300, "lstm", 16, 24, 1, 0.0, False, output="adaptive", cutoffs=[20, 100]).eval()
+    tokens = torch.randint(0, 300, (3, 7))
+    out, _, _, _ = model.features(tokens)
+    logp = model.log_probs(out)
+    assert logp.shape == (3, 7, 300)
+    assert torch.allclose(logp.exp().sum(-1), torch.ones(3, 7), atol=1e-5)
+    targets = torch.randint(0, 300, (3, 7))
+    assert torch.allclose(model.target_log_probs(out, targets), logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1),
+                          atol=1e-5)
+    assert model.loss(out, targets).item() == pytest.approx(-logp.gather(-1, targets.unsqueeze(-1)).mean().item(),
+                                                            rel=1e-5)
+    # sampling from the adaptive scores is sampling from its distribution
+    scores, _ = model(tokens[:1, :3])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_next(scores[:, -1], 1.0, None, None, g) for _ in range(4000)]).flatten()
+    p = scores[0, -1].exp()
+    top = int(p.argmax())
+    assert (draws == top).float().mean().item() == pytest.approx(p[top].item(), abs=0.03)
+
+
+def test_adaptive_model_trains_generates_and_rejects_bad_cutoffs(tmp_path):
+    sections = {"data": {"tokenizer": "word", "bptt": 8},
+                "model": {"output": "adaptive", "cutoffs": [10, 40]},
+                "train": {"max_steps": 12, "eval_every": 6}}
+    cfg = _config(tmp_path, **sections)
+    prepare_trainer(cfg).fit()
+    task = load_task(tmp_path / "run" / "best.pt")
+    words = list(task.generate("the", 20, generator=torch.Generator().manual_seed(0)))
+    assert len(words) == 20 and all(w.strip() in task.vocab.stoi or w == "\n" for w in words)
+    with pytest.raises(ConfigError, match="cutoffs"):
+        prepare_trainer(_config(tmp_path, "big", **{**sections, "model": {"output": "adaptive",
+                                                                          "cutoffs": [10, 100000]}}))
+    with pytest.raises(ConfigError, match="tie_weights"):
+        _config(tmp_path, "tied", model={"output": "adaptive", "tie_weights": True})
+    with pytest.raises(ConfigError, match="weight_drop"):
+        _config(tmp_path, "explicit", model={"impl": "explicit", "weight_drop": 0.3})
+
+
+# --------------------------------------------------------------------------- AR/TAR, windows
+def test_activation_regularisers_add_a_penalty_to_the_gradient_not_the_loss(tmp_path):
+    cfg = _config(tmp_path, train={"ar": 2.0, "tar": 1.0})
+    task = prepare_trainer(cfg).task
+    window = task.train_batches(0)[0]
+    torch.manual_seed(0)
+    out = task.train_step(window, 0, 0)
+    assert out.penalty is not None and out.penalty.item() > 0
+    plain = _config(tmp_path, "plain")
+    task2 = prepare_trainer(plain).task
+    task2.model.load_state_dict(task.model.state_dict())
+    torch.manual_seed(0)
+    base = task2.train_step(window, 0, 0)
+    assert base.penalty is None and base.loss.item() == pytest.approx(out.loss.item())
+    with pytest.raises(ConfigError, match="train.ar"):
+        load_config(write_yaml(tmp_path / "c.yaml", {"task": "copy", "train": {"ar": 1.0}}))
+
+
+def test_variable_bptt_windows_cover_the_stream_and_repeat_per_epoch(tmp_path):
+    cfg = _config(tmp_path, data={"bptt": 20, "variable_bptt": True})
+    task = prepare_trainer(cfg).task
+    width = task.train_stream.shape[1] - 1
+    for epoch in (0, 1):
+        windows = task.train_batches(epoch)
+        assert windows[0][0] == 0 and sum(n for _, n in windows) == width
+        assert all(a + n == b for (a, n), (b, _) in zip(windows, windows[1:]))
+        assert all(n >= 5 or a + n == width for a, n in windows)
+        assert task.train_batches(epoch) == windows                  # a function of seed and epoch
+    lengths = {n for _, n in task.train_batches(0)}
+    assert len(lengths) > 3
+    assert task.train_batches(0) != task.train_batches(1)
+    start, length = task.train_batches(0)[0]
+    out = task.train_step((start, length), 0, 0)
+    assert out.lr_scale == pytest.approx(length / 20) and out.tokens == length * cfg.train.batch_size
+
+
+def test_trainer_scales_the_learning_rate_by_the_window(tmp_path):
+    cfg = _config(tmp_path, data={"bptt": 20, "variable_bptt": True}, train={"optimizer": "sgd", "lr": 0.5})
+    trainer = prepare_trainer(cfg)
+    seen = []
+    step = trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **k: (seen.append(trainer.optimizer.param_groups[0]["lr"]), step(*a, **k))[1]
+    trainer.fit()
+    expected = [0.5 * n / 20 for _, n in trainer.task.train_batches(0)][:len(seen)]
+    assert seen == pytest.approx(expected)
+
+
+# --------------------------------------------------------------------------- NT-ASGD
+SCRIPT = {2: 5.0, 4: 4.0, 6: 3.0, 8: 3.5, 10: 3.6, 12: 2.0, 14: 2.5, 16: 2.6}   # a plateau, then better
+
+
+def _nt_asgd(tmp_path, name, max_steps, resume=False, record=None):
+    cfg = _config(tmp_path, name, model={"dropout": 0.2},
+                  train={"optimizer": "nt_asgd", "lr": 0.5, "nt_asgd_patience": 1, "max_steps": max_steps,
+                         "eval_every": 2, "log_every": 1})
+    trainer = prepare_trainer(cfg, resume=resume)
+    trainer.task.evaluate = lambda: {"loss": SCRIPT[trainer.progress.step]}
+    if record is not None:
+        update = Averager.update
+
+        def recording(self):
+            update(self)
+            record.append([q.detach().clone() for q in self.params])
+        Averager.update = recording
+    try:
+        trainer.fit()
+    finally:
+        if record is not None:
+            Averager.update = update
+    return trainer
+
+
+def test_nt_asgd_starts_averaging_on_a_plateau_and_saves_the_average(tmp_path):
+    record = []
+    trainer = _nt_asgd(tmp_path, "full", 16, record=record)
+    # evaluations 5, 4, 3, 3.5, 3.6: 3.6 is worse than the best before the last one (3): step 10
+    assert trainer.progress.averaging_from == 10
+    assert len(record) == 6                                           # steps 11-16
+    best = load_checkpoint(tmp_path / "full" / "best.pt")
+    assert best["progress"]["step"] == 12
+    names = [n for n, q in trainer.task.model.named_parameters()]
+    mean12 = [torch.stack(ps).mean(0) for ps in zip(*record[:2])]     # the mean of steps 11 and 12
+    for name, mean in zip(names, mean12):
+        assert torch.allclose(best["model"][name], mean, atol=1e-6)
+    last = load_checkpoint(tmp_path / "full" / "last.pt")
+    for name, raw in zip(names, record[-1]):                          # training goes on from the raw weights
+        assert torch.equal(last["averaging"]["raw"][name], raw)
+    assert not torch.equal(last["model"][names[0]], record[-1][0])
+
+
+def test_nt_asgd_resumes_exactly(tmp_path):
+    full = _nt_asgd(tmp_path, "full", 16)
+    _nt_asgd(tmp_path, "part", 12)                                     # stops while averaging
+    part = _nt_asgd(tmp_path, "part", 16, resume=True)
+    assert part.progress.averaging_from == full.progress.averaging_from == 10
+    a = load_checkpoint(tmp_path / "full" / "last.pt")
+    b = load_checkpoint(tmp_path / "part" / "last.pt")
+    for key in a["model"]:
+        assert torch.allclose(a["model"][key], b["model"][key], atol=1e-6), key
+        assert torch.allclose(a["averaging"]["raw"][key], b["averaging"]["raw"][key], atol=1e-6), key
+    assert a["averaging"]["count"] == b["averaging"]["count"] == 6
+
+
+# --------------------------------------------------------------------------- cache
+def _naive_cache(task, ids, size, theta, lam):
+    """The cache written as its definition, one position at a time, one stream."""
+    model = task.model.eval()
+    x = torch.tensor([ids[:-1]])
+    out, hidden, _, _ = model.features(x)
+    p_model = model.log_probs(out)[0].exp()
+    hidden = hidden[0]
+    nll_plain, nll_cache = 0.0, 0.0
+    for t in range(len(ids) - 1):
+        target = ids[t + 1]
+        p = p_model[t, target].item()
+        nll_plain -= math.log(p)
+        lo = max(0, t - size)
+        if t > 0:
+            w = torch.softmax(theta * hidden[lo:t] @ hidden[t], 0)
+            pc = sum(w[i - lo].item() for i in range(lo, t) if ids[i + 1] == target)
+            p = (1 - lam) * p + lam * pc
+        nll_cache -= math.log(p)
+    n = len(ids) - 1
+    return nll_plain / n, nll_cache / n
+
+
+def test_cache_matches_its_definition_and_lowers_perplexity_on_repeated_text(tmp_path):
+    cfg = _config(tmp_path, data={"tokenizer": "word", "bptt": 8}, train={"max_steps": 2, "eval_every": 2})
+    prepare_trainer(cfg).fit()
+    task = load_task(tmp_path / "run" / "best.pt")
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    words = [task.vocab.itos[i] for i in rng.integers(2, len(task.vocab), 15)]
+    text = (" ".join(words) + "\n") * 6                                # a text that repeats itself
+    ids = task.encode(text)
+    stream = torch.tensor([ids])
+    plain, cached, n = task.cache_loss(stream, size=30, theta=1.0, lam=0.3)
+    ref_plain, ref_cached = _naive_cache(task, ids, 30, 1.0, 0.3)
+    assert n == len(ids) - 1
+    assert plain == pytest.approx(ref_plain, rel=1e-4) and cached == pytest.approx(ref_cached, rel=1e-4)
+    result = task.evaluate_text(text, rows=1, cache=30, theta=1.0, lam=0.3)
+    assert result["cache_ppl"] < 0.7 * result["ppl"]
+    assert result["ppl"] == pytest.approx(math.exp(plain), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- backward LM
+def test_reverse_reads_every_stream_right_to_left(tmp_path):
+    from rnnkit.tasks.language_model import batchify, prepare_data
+
+    cfg = _config(tmp_path, "bwd", data={"tokenizer": "word", "reverse": True})
+    bwd = prepare_trainer(cfg).task
+    store = prepare_data(cfg)
+    train, valid = np.asarray(store.stream("train")), np.asarray(store.stream("valid"))
+    assert np.array_equal(bwd.train_stream, batchify(train[::-1], cfg.train.batch_size))
+    rows = bwd.valid_stream.size(0)
+    assert np.array_equal(bwd.valid_stream.numpy(), batchify(valid[::-1], rows))
+    fwd = prepare_trainer(_config(tmp_path, "fwd", data={"tokenizer": "word"})).task
+    assert bwd.encode("a b c") == fwd.encode("a b c")[::-1]
+
+
+def test_regularised_layer_reads_packed_and_padded_batches_alike():
+    """Taggers and classifiers (and every layer on GPU) read packed batches: with the same
+    masks (same seed), packed and padded runs of a regularised BiLSTM agree on every real step."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    from rnnkit.models.rnn import run_padded
+
+    torch.manual_seed(0)
+    layer = make_rnn("lstm", 5, 6, 2, dropout=0.4, bidirectional=True, weight_drop=0.5, locked_dropout=True).train()
+    x, lengths = torch.randn(4, 7, 5), torch.tensor([7, 3, 5, 2])
+    torch.manual_seed(3)
+    padded, (h1, c1) = run_padded(layer, x, lengths)          # CPU: the padded kernel path
+    torch.manual_seed(3)
+    packed, (h2, c2) = layer(pack_packed := pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+    assert isinstance(pack_packed, torch.nn.utils.rnn.PackedSequence)
+    packed = pad_packed_sequence(packed, batch_first=True, total_length=7)[0]
+    assert torch.allclose(padded, packed, atol=1e-5)
+    assert torch.allclose(h1, h2, atol=1e-5)
+    layer.eval()
+    plain = nn.LSTM(5, 6, 2, batch_first=True, bidirectional=True)
+    plain.load_state_dict(layer.state_dict())
+    assert torch.equal(layer(x)[0], plain(x)[0])

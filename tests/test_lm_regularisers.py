@@ -67,8 +67,8 @@ def test_embedding_dropout_drops_whole_words_everywhere_they_occur():
     torch.manual_seed(0)
     emb = nn.Embedding(50, 4)
     tokens = torch.randint(0, 50, (6, 30))
-    out = embedding_dropout(emb, tokens, 0.5, training=True)
     plain = emb(tokens)
+    out = embedding_dropout(plain, tokens, 50, 0.5, training=True)
     dropped = set()
     for word in tokens.unique().tolist():
         where = tokens == word
@@ -78,7 +78,7 @@ def test_embedding_dropout_drops_whole_words_everywhere_they_occur():
         else:
             assert torch.allclose(rows, ref * 2.0)        # kept everywhere, scaled by 1 / (1 - p)
     assert 0.2 < len(dropped) / len(tokens.unique()) < 0.8
-    assert torch.equal(embedding_dropout(emb, tokens, 0.5, training=False), plain)
+    assert torch.equal(embedding_dropout(plain, tokens, 50, 0.5, training=False), plain)
 
 
 def test_locked_dropout_uses_one_mask_per_sequence():
@@ -140,10 +140,24 @@ def test_adaptive_model_trains_generates_and_rejects_bad_cutoffs(tmp_path):
     with pytest.raises(ConfigError, match="cutoffs"):
         prepare_trainer(_config(tmp_path, "big", **{**sections, "model": {"output": "adaptive",
                                                                           "cutoffs": [10, 100000]}}))
-    with pytest.raises(ConfigError, match="tie_weights"):
-        _config(tmp_path, "tied", model={"output": "adaptive", "tie_weights": True})
     with pytest.raises(ConfigError, match="weight_drop"):
         _config(tmp_path, "explicit", model={"impl": "explicit", "weight_drop": 0.3})
+
+
+def test_tied_adaptive_softmax_is_its_own_input_layer():
+    torch.manual_seed(0)
+    model = RNNLanguageModel(300, "lstm", 16, 16, 1, 0.0, True, output="adaptive", cutoffs=[20, 100])
+    assert model.embedding is None
+    asm = model.output
+    tokens = torch.tensor([[3, 19, 20, 57, 100, 299]])
+    vectors = model.embed(tokens)[0]
+    assert torch.equal(vectors[0], asm.head.weight[3]) and torch.equal(vectors[1], asm.head.weight[19])
+    assert torch.allclose(vectors[3], asm.tail[0][1].weight[57 - 20] @ asm.tail[0][0].weight)
+    assert torch.allclose(vectors[5], asm.tail[1][1].weight[299 - 100] @ asm.tail[1][0].weight)
+    scores, _ = model(tokens)                     # inputs and outputs share the parameters
+    scores[0, :, 0].sum().backward()
+    assert asm.tail[1][1].weight.grad[299 - 100].abs().sum() > 0       # reached from the input side only
+    assert sum(q.numel() for q in model.parameters()) < 300 * 16 + sum(q.numel() for q in model.rnn.parameters())
 
 
 # --------------------------------------------------------------------------- AR/TAR, windows

@@ -45,13 +45,14 @@ def locked_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * dropout_mask((x.size(0), 1, x.size(2)), p, x)
 
 
-def embedding_dropout(embedding: nn.Embedding, tokens: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Look ``tokens`` up with whole words dropped (Gal and Ghahramani; AWD-LSTM): each word
-    type of the vocabulary is kept or zeroed for the whole batch, so a dropped word is
-    missing everywhere it occurs, and kept rows are scaled by ``1 / (1 - p)``. The same as
-    dropping rows of the embedding matrix, at the cost of one mask over the vocabulary."""
-    vectors = embedding(tokens)
+def embedding_dropout(vectors: torch.Tensor, tokens: torch.Tensor, vocab_size: int, p: float,
+                      training: bool) -> torch.Tensor:
+    """Whole words dropped from looked-up ``vectors`` (..., D) of ``tokens`` (Gal and
+    Ghahramani; AWD-LSTM): each word type of the vocabulary is kept or zeroed for the whole
+    batch, so a dropped word is missing everywhere it occurs, and kept ones are scaled by
+    ``1 / (1 - p)``. The same as dropping rows of the embedding matrix, at the cost of one
+    mask over the vocabulary."""
     if not training or p <= 0:
         return vectors
-    keep = dropout_mask((embedding.num_embeddings,), p, vectors)
+    keep = dropout_mask((vocab_size,), p, vectors)
     return vectors * keep[tokens].unsqueeze(-1)

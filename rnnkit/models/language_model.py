@@ -34,13 +34,14 @@ class RNNLanguageModel(nn.Module):
         options = {"locked_dropout": locked_dropout, **(rnn_options or {})}
         layer_dropout = options.pop("dropout", dropout)
         locked_dropout = options["locked_dropout"]
-        self.embedding = nn.Embedding(vocab_size, embedding_dim)
+        self.adaptive, self.tied_adaptive = output == "adaptive", output == "adaptive" and tie_weights
+        # a tied adaptive softmax is its own input layer: no separate embedding matrix
+        self.embedding = None if self.tied_adaptive else nn.Embedding(vocab_size, embedding_dim)
         self.rnn = make_rnn(cell, embedding_dim, hidden_size, num_layers, layer_dropout, **options)
         self.p_out, self.p_in = dropout, dropout if input_dropout is None else input_dropout
         self.p_words, self.locked = embedding_dropout, locked_dropout
         width = embedding_dim if tie_weights else hidden_size
         self.proj = nn.Linear(hidden_size, embedding_dim) if tie_weights and embedding_dim != hidden_size else None
-        self.adaptive = output == "adaptive"
         if self.adaptive:
             self.output = nn.AdaptiveLogSoftmaxWithLoss(width, vocab_size, list(cutoffs or []), div_value=4.0)
         else:
@@ -51,9 +52,32 @@ class RNNLanguageModel(nn.Module):
     def _drop(self, x: torch.Tensor, p: float) -> torch.Tensor:
         return locked_dropout(x, p, self.training) if self.locked else dropout(x, p, self.training)
 
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Word vectors (..., E) of ``tokens``: the embedding's rows, or with a tied adaptive
+        softmax its output vectors as adaptive inputs (Baevski and Auli; Grave et al.): a head
+        word's row of the head matrix; a tail word's row of its cluster's output matrix
+        through the transposed projection of that cluster."""
+        if not self.tied_adaptive:
+            return self.embedding(tokens)
+        asm, flat = self.output, tokens.reshape(-1)
+        head = flat < asm.shortlist_size
+        vectors = asm.head.weight.new_zeros(flat.numel(), asm.in_features)
+        where = head.nonzero().squeeze(1)
+        vectors = vectors.index_copy(0, where, asm.head.weight[flat[where]])
+        for i, (lo, hi) in enumerate(zip(asm.cutoffs[:-1], asm.cutoffs[1:])):
+            where = ((flat >= lo) & (flat < hi)).nonzero().squeeze(1)
+            project, words = asm.tail[i][0].weight, asm.tail[i][1].weight     # (h, E), (n, h)
+            vectors = vectors.index_copy(0, where, words[flat[where] - lo] @ project)
+        return vectors.view(*tokens.shape, -1)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.output.n_classes if self.adaptive else self.output.out_features
+
     def features(self, tokens: torch.Tensor, state: State | None = None) -> Features:
         """``tokens`` (B, T) -> the softmax layer's input, the top layer's output, the final state."""
-        x = self._drop(embedding_dropout(self.embedding, tokens, self.p_words, self.training), self.p_in)
+        words = embedding_dropout(self.embed(tokens), tokens, self.vocab_size, self.p_words, self.training)
+        x = self._drop(words, self.p_in)
         hidden, state = self.rnn(x, state)
         dropped = self._drop(hidden, self.p_out)
         out = dropped if self.proj is None else self.proj(dropped)

@@ -59,6 +59,7 @@ class ModelConfig(RecurrentConfig):
     weight_drop: float = num(0.0, 0, 1, hi_open=True)         # DropConnect on hidden-to-hidden weights
     tie_weights: bool = False
     output: Literal["softmax", "adaptive"] = "softmax"   # adaptive: an adaptive softmax with ``cutoffs``
+                                                         # (with tie_weights: also the input layer)
     cutoffs: list[int] = field(default_factory=lambda: [2000, 10000])   # frequency-rank cluster bounds
 
 
@@ -66,8 +67,6 @@ def check_config(cfg: Config) -> None:
     d, m = cfg.data, cfg.model
     check_recurrent(m, "model")
     if m.output == "adaptive":
-        if m.tie_weights:
-            raise ConfigError("model.tie_weights", "ties a full softmax's weights; not with model.output: adaptive")
         if not m.cutoffs or any(b <= a for a, b in zip(m.cutoffs, m.cutoffs[1:])) or m.cutoffs[0] < 1:
             raise ConfigError("model.cutoffs", f"expected increasing positive word ranks, got {m.cutoffs!r}")
     if d.variable_bptt and d.bptt < 10:

@@ -119,7 +119,7 @@ class TrainConfig:
     momentum: float = num(0.0, 0, 1)
     weight_decay: float = num(0.0, 0)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    lr_schedule: Literal["constant", "step", "plateau", "cosine"] = "constant"
+    lr_schedule: Literal["constant", "step", "plateau", "cosine", "slanted_triangular"] = "constant"
     warmup_steps: int = num(0, 0)
     lr_step_size: int = num(1000, 1)       # step: multiply by lr_gamma every lr_step_size steps
     lr_gamma: float = num(0.5, 0, 1, lo_open=True)  # step and plateau decay factor
@@ -138,6 +138,8 @@ class TrainConfig:
     tensorboard: bool = False              # also write every logged value as TensorBoard scalars
     max_nonfinite: int = num(10, 1)        # non-finite losses or gradients in a row before training stops
     stop_grace: float = num(60.0, 0, lo_open=True)   # seconds from Ctrl-C/SIGTERM to exit, last.pt saved if in time
+    layer_lr_decay: Optional[float] = num(None, 0, 1, lo_open=True)  # each layer down: lr times this (ULMFiT: 1/2.6)
+    unfreeze_every: Optional[int] = num(None, 1)   # gradual unfreezing: the top layer first, one more every N steps
     ar: float = num(0.0, 0)                # activation regularisation: ar * mean(h_t^2) of the top layer
     tar: float = num(0.0, 0)               # temporal AR: tar * mean((h_t - h_{t-1})^2) (tasks that say so)
     teacher_forcing: TeacherForcingConfig = field(default_factory=TeacherForcingConfig)
@@ -360,7 +362,7 @@ def _check(cfg: Config, with_task: bool = True) -> None:
         raise ConfigError("train.device", f"expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {t.device!r}")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         raise ConfigError("train.betas", f"expected two numbers in [0, 1), got {t.betas!r}")
-    if t.lr_schedule == "cosine" and t.warmup_steps >= t.max_steps:
+    if t.lr_schedule in ("cosine", "slanted_triangular") and t.warmup_steps >= t.max_steps:
         raise ConfigError("train.warmup_steps", f"{t.warmup_steps} must be below train.max_steps ({t.max_steps})")
     if (t.ar or t.tar) and not getattr(task_module(cfg.task), "ACTIVATION_REGULARISATION", False):
         raise ConfigError("train.ar" if t.ar else "train.tar", f"task '{cfg.task}' does not offer activation "

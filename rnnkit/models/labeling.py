@@ -13,7 +13,7 @@ from torch import nn
 
 from rnnkit.models.crf import CRF
 from rnnkit.models.dropout import Dropout
-from rnnkit.models.rnn import length_mask, make_rnn, run_padded
+from rnnkit.models.rnn import length_mask, make_rnn, run_padded, stack_groups
 
 
 class SentenceEncoder(nn.Module):
@@ -88,6 +88,10 @@ class Tagger(nn.Module):
         states, _ = self.encoder(self.dropout(x), lengths)
         return self.output(self.dropout(states))
 
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """Input to output: word and character vectors, each recurrent layer, the tag scorer."""
+        return stack_groups([self.embedding, self.chars], self.encoder.rnn, [self.output, self.crf])
+
     def loss(self, scores: torch.Tensor, tags: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Mean loss per word: cross-entropy, or the CRF's negative log-likelihood."""
         mask = length_mask(lengths, tags.size(1))
@@ -120,6 +124,10 @@ class SentenceClassifier(nn.Module):
         self.attention = nn.Sequential(nn.Linear(size, size), nn.Tanh(), nn.Linear(size, 1, bias=False)) \
             if pooling == "attention" else None
         self.output = nn.Linear(size, num_labels)
+
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """Input to output: word vectors, each recurrent layer, pooling and the label scorer."""
+        return stack_groups([self.embedding], self.encoder.rnn, [self.attention, self.output])
 
     def forward(self, words: torch.Tensor, lengths: torch.Tensor):
         """-> label scores (B, C) and, with attention pooling, the weights (B, L) (else None)."""

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rnnkit.models.dropout import dropout, embedding_dropout, locked_dropout
-from rnnkit.models.rnn import State, make_rnn
+from rnnkit.models.rnn import State, make_rnn, stack_groups
 
 
 class Features(NamedTuple):
@@ -69,6 +69,10 @@ class RNNLanguageModel(nn.Module):
             project, words = asm.tail[i][0].weight, asm.tail[i][1].weight     # (h, E), (n, h)
             vectors = vectors.index_copy(0, where, words[flat[where] - lo] @ project)
         return vectors.view(*tokens.shape, -1)
+
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """Input to output: the embedding, each recurrent layer, the softmax layer."""
+        return stack_groups([self.embedding], self.rnn, [self.proj, self.output])
 
     @property
     def vocab_size(self) -> int:

@@ -12,6 +12,7 @@ inputs are mostly known ahead (a decoder's words, with input feeding) steps fast
 """
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 import torch
@@ -142,6 +143,32 @@ class RegularisedRNN(_Regularised, nn.RNN):
 
 
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+def rnn_layer_parameters(rnn: nn.Module) -> list[list[nn.Parameter]]:
+    """A stacked layer's parameters by depth (every direction of a layer together), read from
+    the ``_l{N}`` in their names, which the fused and explicit layers share."""
+    layers: dict[int, list[nn.Parameter]] = {}
+    for name, q in rnn.named_parameters():
+        match = re.search(r"_l(\d+)", name)
+        layers.setdefault(int(match.group(1)) if match else 0, []).append(q)
+    return [layers[k] for k in sorted(layers)]
+
+
+def stack_groups(bottom: list[nn.Module | None], rnn: nn.Module, top: list[nn.Module | None]) -> list[list[nn.Parameter]]:
+    """Parameter groups from input to output for layer-wise learning rates and gradual
+    unfreezing: the ``bottom`` modules, each recurrent layer, the ``top`` modules. A shared
+    (tied) parameter belongs to the lowest group that holds it; empty groups are left out."""
+    groups = [[q for m in bottom if m is not None for q in m.parameters()], *rnn_layer_parameters(rnn),
+              [q for m in top if m is not None for q in m.parameters()]]
+    seen: set[int] = set()
+    out = []
+    for group in groups:
+        kept = [q for q in group if id(q) not in seen]
+        seen.update(id(q) for q in kept)
+        if kept:
+            out.append(kept)
+    return out
 
 _CELL_FNS = {"LSTM": torch.lstm_cell, "GRU": torch.gru_cell, "RNN_TANH": torch.rnn_tanh_cell,
              "RNN_RELU": torch.rnn_relu_cell}

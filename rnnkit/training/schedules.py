@@ -7,7 +7,9 @@ from rnnkit.config import TrainConfig
 
 
 class LRSchedule:
-    """Linear warmup, then constant / step / cosine decay; ``plateau`` decays on evaluations.
+    """Linear warmup, then constant / step / cosine decay; ``plateau`` decays on evaluations;
+    ``slanted_triangular`` (Howard and Ruder): from lr/32 up to lr over ``warmup_steps`` (default:
+    the first 10% of ``max_steps``), then linearly down to lr/32 at ``max_steps``.
 
     The rate at a step depends only on the step and the plateau scale, so resuming
     needs no more state than :meth:`state_dict` returns.
@@ -21,6 +23,10 @@ class LRSchedule:
 
     def lr(self, step: int) -> float:
         c = self.cfg
+        if c.lr_schedule == "slanted_triangular":
+            cut = c.warmup_steps or max(1, c.max_steps // 10)
+            rise = (step + 1) / cut if step < cut else max(0.0, 1 - (step + 1 - cut) / max(1, c.max_steps - cut))
+            return c.lr * (1 + 31 * rise) / 32
         warm = (step + 1) / c.warmup_steps if step < c.warmup_steps else 1.0
         if c.lr_schedule == "step":
             rate = c.lr * c.lr_gamma ** (step // c.lr_step_size)

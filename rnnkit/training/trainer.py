@@ -73,9 +73,29 @@ def resolve_device(spec: str, key: str = "train.device") -> torch.device:
     return dev
 
 
-def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+def parameter_groups(cfg: Config, model: torch.nn.Module) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups. With ``train.layer_lr_decay`` or ``train.unfreeze_every``
+    one per layer group of the model (its ``layer_groups()``, input to output), each with its
+    ``depth`` below the top and its learning-rate multiplier ``decay ** depth``."""
     t = cfg.train
-    params = [p for p in params if p.requires_grad]
+    if t.layer_lr_decay is None and t.unfreeze_every is None:
+        return [{"params": [q for q in model.parameters() if q.requires_grad], "lr_mult": 1.0, "depth": 0}]
+    if not hasattr(model, "layer_groups"):
+        key = "train.layer_lr_decay" if t.layer_lr_decay is not None else "train.unfreeze_every"
+        raise ConfigError(key, f"task '{cfg.task}' does not divide its model into layers")
+    groups = [[q for q in g if q.requires_grad] for g in model.layer_groups()]
+    groups = [g for g in groups if g]
+    decay = t.layer_lr_decay or 1.0
+    return [{"params": g, "lr_mult": decay ** (len(groups) - 1 - i), "depth": len(groups) - 1 - i}
+            for i, g in enumerate(groups)]
+
+
+def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+    """``params``: parameters, or parameter groups (:func:`parameter_groups`)."""
+    t = cfg.train
+    params = list(params)
+    if params and not isinstance(params[0], dict):
+        params = [q for q in params if q.requires_grad]
     if t.optimizer in ("sgd", "nt_asgd"):
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     cls = torch.optim.Adam if t.optimizer == "adam" else torch.optim.AdamW
@@ -112,7 +132,7 @@ class Averager:
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        self.params = [q for q in model.parameters() if q.requires_grad]
+        self.params = list(model.parameters())      # frozen ones too (their mean is themselves)
         self.mean = [torch.zeros_like(q) for q in self.params]
         self.count = 0
 
@@ -195,7 +215,8 @@ class Trainer:
         self.cfg, self.task, self.run_dir, self.device = cfg, task, Path(run_dir), device
         self.rank = distributed.current()     # under torchrun: rank 0 alone writes files and prints
         self.console = console or Console(stderr=True)
-        self.optimizer = build_optimizer(cfg, task.model.parameters())
+        self.optimizer = build_optimizer(cfg, parameter_groups(cfg, task.model))
+        self._open_depth: int | None = None      # gradual unfreezing: the deepest group that trains
         self.schedule = LRSchedule(cfg.train)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
         self.progress = Progress()
@@ -405,13 +426,12 @@ class Trainer:
         loss or gradient skips the update (fp16's loss scaler handles its own overflows)."""
         t, p = self.cfg.train, self.progress
         lr = self.schedule.lr(p.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        if t.unfreeze_every:
+            params = self._unfreeze(p.step // t.unfreeze_every)
         self.optimizer.zero_grad(set_to_none=True)
         out = self._forward_backward(batch, params)
-        if out.lr_scale != 1.0:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr * out.lr_scale
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0) * out.lr_scale
         self.scaler.unscale_(self.optimizer)
         grads = [q.grad for q in params if q.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros((), device=self.device)
@@ -435,6 +455,16 @@ class Trainer:
         p.step += 1
         p.batch_index += 1
         return out, norm, lr
+
+    def _unfreeze(self, depth: int) -> list[torch.Tensor]:
+        """Gradual unfreezing (ULMFiT): the groups down to ``depth`` below the top train, the
+        rest get no gradient (so no update, not even weight decay). Returns the trainable ones."""
+        if depth != self._open_depth:
+            self._open_depth = depth
+            for group in self.optimizer.param_groups:
+                for q in group["params"]:
+                    q.requires_grad_(group.get("depth", 0) <= depth)
+        return [q for g in self.optimizer.param_groups if g.get("depth", 0) <= depth for q in g["params"]]
 
     def _forward_backward(self, batch: Any, params: list[torch.Tensor]) -> StepResult:
         """Forward (under autocast) and backward. Under torchrun: this rank's share of the global
@@ -476,7 +506,7 @@ class Trainer:
         at that step is marked ``eval_due`` and runs first when the run resumes)."""
         t, p = self.cfg.train, self.progress
         self.task.model.train()
-        params = [q for q in self.task.model.parameters() if q.requires_grad]
+        params = [q for g in self.optimizer.param_groups for q in g["params"]]
         previous = {}
         for signum in STOP_SIGNALS:
             try:

@@ -7,6 +7,7 @@ from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from rnnkit.config import (MAX_DIM, MAX_LAYERS, MAX_VOCAB, Config, RecurrentConfig, check_recurrent, num,
                            recurrent_options)
@@ -15,6 +16,7 @@ from rnnkit.data.parallel import pad
 from rnnkit.models.labeling import SentenceClassifier
 from rnnkit.data.vocab import Vocab
 from rnnkit.tasks.labeling import LabelingTask, check_files, drop_words, label_list, word_vocab
+from rnnkit.transfer import initialise_encoder
 
 METRICS = ("valid_loss", "valid_accuracy", "valid_macro_f1")
 
@@ -38,6 +40,8 @@ class ModelConfig(RecurrentConfig):
     weight_drop: float = num(0.0, 0, 1, hi_open=True)    # DropConnect on hidden-to-hidden weights (fused)
     locked_dropout: bool = False                      # dropout between layers: one mask per sentence
     pooling: Literal["final", "mean", "max", "attention"] = "max"
+    init_from: Optional[str] = None            # a word LM's checkpoint: word vectors and forward layers from it
+    init_from_backward: Optional[str] = None   # a backward word LM's (data.reverse): the backward direction
 
 
 def check_config(cfg: Config) -> None:
@@ -76,6 +80,9 @@ class ClassificationTask(LabelingTask):
         self.label_index = {label: i for i, label in enumerate(self.labels)}
         self.model = SentenceClassifier(len(self.words), len(self.labels), m.embedding_dim, m.cell, m.hidden_size,
                                         m.num_layers, m.dropout, m.pooling, recurrent_options(m)).to(device)
+        if extras is None and with_data:
+            for note in initialise_encoder(m, self.model.embedding, self.words.itos, self.model.encoder.rnn):
+                tqdm.write(note)
         if with_data:
             self.train_set = [self.encode(s.tokens, s.label) for s in train]
             self.valid = self.read(d.valid)

@@ -24,6 +24,7 @@ from rnnkit.models.language_model import RNNLanguageModel
 from rnnkit.models.rnn import detach_state
 from rnnkit.training import distributed
 from rnnkit.training.trainer import StepResult
+from rnnkit.transfer import read_language_model
 
 METRICS = ("valid_loss", "valid_ppl", "valid_bpc")
 ACTIVATION_REGULARISATION = True     # train.ar / train.tar apply to the top layer's outputs
@@ -61,6 +62,7 @@ class ModelConfig(RecurrentConfig):
     output: Literal["softmax", "adaptive"] = "softmax"   # adaptive: an adaptive softmax with ``cutoffs``
                                                          # (with tie_weights: also the input layer)
     cutoffs: list[int] = field(default_factory=lambda: [2000, 10000])   # frequency-rank cluster bounds
+    init_from: Optional[str] = None      # a pretrained LM to fine-tune: its vocabulary and every weight
 
 
 def check_config(cfg: Config) -> None:
@@ -126,6 +128,11 @@ class LanguageModelTask:
                  with_data: bool = True):
         self.cfg, self.device = cfg, device
         self.tokenizer = make_tokenizer(cfg.data.tokenizer)
+        pretrained = None
+        if cfg.model.init_from is not None and extras is None:    # fine-tuning: the LM's vocabulary
+            pretrained = read_language_model(cfg.model.init_from, "model.init_from", cfg.data.reverse,
+                                             cfg.data.tokenizer)
+            extras = {"vocab": pretrained["vocab"]}
         store = prepare_data(cfg, extras) if with_data else None
         self.vocab = Vocab(extras["vocab"] if extras is not None else store.tokenizer_state("vocab")["vocab"])
         m = cfg.model
@@ -137,6 +144,13 @@ class LanguageModelTask:
                                       m.dropout, m.tie_weights, options, input_dropout=m.input_dropout,
                                       embedding_dropout=m.embedding_dropout, output=m.output,
                                       cutoffs=m.cutoffs).to(device)
+        if pretrained is not None:
+            try:
+                self.model.load_state_dict(pretrained["model"])
+            except RuntimeError as err:
+                detail = next((ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()), str(err))
+                raise ConfigError("model.init_from", f"{m.init_from}'s model does not fit this config's model "
+                                                     f"({detail}); use the same model settings") from None
         self.state = None
         self.train_stream: np.ndarray | None = None     # (rows, length), mapped from the store
         self.valid_stream: torch.Tensor | None = None

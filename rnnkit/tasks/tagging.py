@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Optional, Sequence
 
 import torch
+from tqdm import tqdm
 
 from rnnkit.config import (MAX_DIM, MAX_LAYERS, MAX_VOCAB, Config, RecurrentConfig, check_recurrent, num,
                            recurrent_options)
@@ -15,6 +16,7 @@ from rnnkit.data.vocab import PAD, UNK, Vocab
 from rnnkit.models.labeling import Tagger
 from rnnkit.spans import is_span_scheme, span_scores
 from rnnkit.tasks.labeling import LabelingTask, check_files, drop_words, label_list, word_vocab
+from rnnkit.transfer import initialise_encoder
 
 METRICS = ("valid_loss", "valid_accuracy", "valid_f1")
 
@@ -47,6 +49,8 @@ class ModelConfig(RecurrentConfig):
     char_embedding_dim: int = num(30, 1, MAX_DIM)
     char_hidden_size: int = num(50, 1, MAX_DIM)                # per direction
     output: Literal["softmax", "crf"] = "softmax"
+    init_from: Optional[str] = None            # a word LM's checkpoint: word vectors and forward layers from it
+    init_from_backward: Optional[str] = None   # a backward word LM's (data.reverse): the backward direction
 
 
 def check_config(cfg: Config) -> None:
@@ -74,6 +78,9 @@ class TaggingTask(LabelingTask):
         chars = (len(self.chars), m.char_embedding_dim, m.char_hidden_size) if m.char_encoder else None
         self.model = Tagger(len(self.words), len(self.tags), m.embedding_dim, m.cell, m.hidden_size, m.num_layers,
                             m.dropout, chars, m.output == "crf", recurrent_options(m)).to(device)
+        if extras is None and with_data:
+            for note in initialise_encoder(m, self.model.embedding, self.words.itos, self.model.encoder.rnn):
+                tqdm.write(note)
         if with_data:
             self.train_set = [self.encode(s.tokens, s.tags) for s in train]
             self.valid = self.read(d.valid, d.valid_range, "data.valid_range")

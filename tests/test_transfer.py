@@ -1,0 +1,99 @@
+"""Starting taggers, classifiers and LMs from pretrained language models (model.init_from)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rnnkit.config import ConfigError, load_config
+from rnnkit.runs import load_task, prepare_trainer
+from tests.conftest import SAMPLE_TEXT, tiny_lm_config, write_yaml
+
+SIZES = {"cell": "lstm", "embedding_dim": 16, "hidden_size": 16, "num_layers": 2}
+
+
+def _lm(tmp_path, name, tokenizer="word", reverse=False, **model):
+    cfg = tiny_lm_config(tmp_path, run_dir=str(tmp_path / name),
+                         data={"tokenizer": tokenizer, "reverse": reverse, "bptt": 8},
+                         model={**SIZES, **model}, train={"max_steps": 4, "eval_every": 4})
+    prepare_trainer(load_config(write_yaml(tmp_path / f"{name}.yaml", cfg))).fit()
+    return tmp_path / name / "best.pt"
+
+
+def _labelled(tmp_path):
+    """A tiny sentiment set whose words partly occur in the LM's text."""
+    lines = ["pos\tthe harbour was bright and calm", "neg\tthe zyxqv storm broke the boats",
+             "pos\ta calm morning in the harbour", "neg\tcold wind and grey water"] * 4
+    path = tmp_path / "labelled.tsv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _classifier(tmp_path, name, **model):
+    data = _labelled(tmp_path)
+    cfg = {"task": "classification", "run_dir": str(tmp_path / name), "seed": 3,
+           "data": {"train": str(data), "valid": str(data)},
+           "model": {**SIZES, "num_layers": 2, **model},
+           "train": {"max_steps": 2, "eval_every": 2, "batch_size": 4}}
+    return prepare_trainer(load_config(write_yaml(tmp_path / f"{name}.yaml", cfg)))
+
+
+def test_init_from_copies_known_words_and_recurrent_layers(tmp_path):
+    fwd, bwd = _lm(tmp_path, "fwd"), _lm(tmp_path, "bwd", reverse=True)
+    lm_f, lm_b = load_task(fwd), load_task(bwd)
+    fresh = _classifier(tmp_path, "fresh").task
+    task = _classifier(tmp_path, "init", init_from=str(fwd), init_from_backward=str(bwd)).task
+    emb, words = task.model.embedding.weight, task.words.itos
+    shared = [w for w in words if w in lm_f.vocab.stoi and not w.startswith("<")]
+    new = [w for w in words if w not in lm_f.vocab.stoi and w.lower() not in lm_f.vocab.stoi]
+    assert "harbour" in shared and "zyxqv" in new
+    for w in shared:
+        assert torch.equal(emb[task.words.stoi[w]], lm_f.model.embedding.weight[lm_f.vocab.stoi[w]])
+    for w in new:     # fresh vectors: as the same seed gives without init_from
+        assert torch.equal(emb[task.words.stoi[w]], fresh.model.embedding.weight[fresh.words.stoi[w]])
+    rnn = task.model.encoder.rnn
+    for name in ("weight_hh_l0", "bias_ih_l1", "weight_ih_l0"):
+        assert torch.equal(getattr(rnn, name), getattr(lm_f.model.rnn, name))
+        assert torch.equal(getattr(rnn, name + "_reverse"), getattr(lm_b.model.rnn, name))
+    # a bidirectional layer's input holds both directions: each LM's columns where its direction's lie
+    assert torch.equal(rnn.weight_ih_l1[:, :16], lm_f.model.rnn.weight_ih_l1)
+    assert torch.equal(rnn.weight_ih_l1_reverse[:, 16:], lm_b.model.rnn.weight_ih_l1)
+
+
+def test_init_from_tied_adaptive_lm_uses_its_input_vectors(tmp_path):
+    lm_path = _lm(tmp_path, "tied", output="adaptive", tie_weights=True, cutoffs=[10, 30])
+    lm = load_task(lm_path)
+    task = _classifier(tmp_path, "init", init_from=str(lm_path)).task
+    i, j = task.words.stoi["harbour"], lm.vocab.stoi["harbour"]
+    assert torch.allclose(task.model.embedding.weight[i], lm.model.embed(torch.tensor([j]))[0])
+
+
+def test_init_from_a_model_of_the_wrong_kind_is_one_clear_error(tmp_path):
+    char = _lm(tmp_path, "char", tokenizer="char")
+    with pytest.raises(ConfigError, match=r"model.init_from: .*char-level LM; word vectors need a word-level"):
+        _classifier(tmp_path, "a", init_from=str(char))
+    wide = _lm(tmp_path, "wide", hidden_size=24)
+    with pytest.raises(ConfigError, match=r"hidden_size 24, this model model.hidden_size 16"):
+        _classifier(tmp_path, "b", init_from=str(wide))
+    fwd = _lm(tmp_path, "fwd")
+    with pytest.raises(ConfigError, match="is a forward LM .* needs a backward one"):
+        _classifier(tmp_path, "c", init_from_backward=str(fwd))
+    with pytest.raises(ConfigError, match="file not found"):
+        _classifier(tmp_path, "d", init_from=str(tmp_path / "missing.pt"))
+
+
+def test_lm_fine_tuning_starts_from_every_weight_and_the_vocabulary(tmp_path):
+    base = _lm(tmp_path, "base")
+    other = tmp_path / "other.txt"
+    other.write_text("the harbour at night\nboats and lights\n" * 50, encoding="utf-8")
+    cfg = tiny_lm_config(tmp_path, run_dir=str(tmp_path / "tuned"),
+                         data={"tokenizer": "word", "bptt": 8, "path": str(other)},
+                         model={**SIZES, "init_from": str(base)}, train={"max_steps": 1, "eval_every": 1})
+    trainer = prepare_trainer(load_config(write_yaml(tmp_path / "tuned.yaml", cfg)))
+    original = load_task(base)
+    assert trainer.task.vocab.itos == original.vocab.itos
+    for key, value in original.model.state_dict().items():
+        assert torch.equal(trainer.task.model.state_dict()[key], value)
+    cfg["model"] = {**SIZES, "hidden_size": 24, "init_from": str(base)}
+    cfg["run_dir"] = str(tmp_path / "bad")
+    with pytest.raises(ConfigError, match="model.init_from: .*does not fit"):
+        prepare_trainer(load_config(write_yaml(tmp_path / "bad.yaml", cfg)))

@@ -126,3 +126,34 @@ def initialise_encoder(section: Any, embedding: nn.Embedding, words: list[str], 
         notes.append(f"model.{key}: {vectors}{layers} recurrent layer(s) "
                      f"({'backward' if backward else 'forward'} direction) from {path}")
     return notes
+
+
+def build_lm_features(paths: list[str], extras: dict[str, Any] | None):
+    """``model.lm_features``: the frozen LMs of a new run, read from their checkpoints, or of a
+    saved one, rebuilt from its ``extras`` (the weights then come with the model). None if unused."""
+    from rnnkit.models.lm_features import LMFeatures
+    from rnnkit.training.checkpoint import CheckpointError, load_checkpoint
+
+    if extras is not None:
+        specs = extras.get("lm_features") or []
+        return LMFeatures(specs) if specs else None
+    if not paths:
+        return None
+    specs, states = [], []
+    for i, path in enumerate(paths):
+        key = f"model.lm_features[{i}]"
+        if not Path(path).is_file():
+            raise ConfigError(key, f"file not found: {path!r}")
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as err:
+            raise ConfigError(key, str(err)) from None
+        if ckpt["config"].get("task") != "lm":
+            raise ConfigError(key, f"{path} is a '{ckpt['config'].get('task')}' checkpoint; expected a "
+                                   f"language model (task lm)")
+        specs.append({"config": ckpt["config"], "vocab": ckpt["task"]["vocab"]})
+        states.append(ckpt["model"])
+    features = LMFeatures(specs)
+    for lm, state in zip(features.lms, states):
+        lm.load_state_dict(state)
+    return features

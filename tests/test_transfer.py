@@ -97,3 +97,80 @@ def test_lm_fine_tuning_starts_from_every_weight_and_the_vocabulary(tmp_path):
     cfg["run_dir"] = str(tmp_path / "bad")
     with pytest.raises(ConfigError, match="model.init_from: .*does not fit"):
         prepare_trainer(load_config(write_yaml(tmp_path / "bad.yaml", cfg)))
+
+
+# --------------------------------------------------------------------------- LM features (Flair)
+def test_lm_features_are_frozen_and_depend_only_on_the_sentence(tmp_path):
+    fwd, bwd = _lm(tmp_path, "fwd"), _lm(tmp_path, "bwd", reverse=True)
+    char = _lm(tmp_path, "char", tokenizer="char", reverse=True)
+    trainer = _classifier(tmp_path, "feat", lm_features=[str(fwd), str(bwd), str(char)])
+    task = trainer.task
+    lm = task.model.lm
+    assert lm.output_size == 48 and not any(q.requires_grad for q in lm.parameters())
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    trainer.fit()
+    assert all(torch.equal(before[k], v) for k, v in lm.state_dict().items())     # no update reached them
+    assert task.model.training and not any(m.training for m in lm.lms)            # and never dropout
+    sentence = "the harbour was calm".split()
+    alone = lm(lm.collate([lm.encode(sentence)], task.device), 4)
+    longer = "a calm morning in the harbour and the boats".split()
+    both = lm(lm.collate([lm.encode(longer), lm.encode(sentence)], task.device), len(longer))
+    assert torch.allclose(both[1, :4], alone[0], atol=1e-6)                       # padding changes nothing
+    other = lm(lm.collate([lm.encode("cold wind was calm".split())], task.device), 4)
+    assert not torch.allclose(other[0, 3], alone[0, 3])                           # the context does
+
+
+def test_lm_feature_positions_are_word_boundaries():
+    from rnnkit.models.lm_features import LMFeatures
+
+    spec = lambda tokenizer, reverse, vocab: {   # noqa: E731
+        "config": {"task": "lm", "data": {"tokenizer": tokenizer, "reverse": reverse, "path": str(SAMPLE_TEXT)},
+                   "model": {"embedding_dim": 4, "hidden_size": 4, "num_layers": 1}}, "vocab": vocab}
+    chars = ["<unk>", "\n", " ", "a", "b", "c"]
+    words = ["<unk>", "</s>", "ab", "c"]
+    lm = LMFeatures([spec("char", False, chars), spec("char", True, chars), spec("word", False, words),
+                     spec("word", True, words)])
+    (f_ids, f_pos), (b_ids, b_pos), (w_ids, w_pos), (r_ids, r_pos) = lm.encode(["ab", "c"])
+    text = "\nab c "
+    assert [chars[i] for i in f_ids] == list(text) and [text[p] for p in f_pos] == ["b", "c"]
+    assert [chars[i] for i in b_ids] == list(text[::-1]) and [text[::-1][p] for p in b_pos] == ["a", "c"]
+    assert [words[i] for i in w_ids] == ["</s>", "ab", "c"] and w_pos == [1, 2]
+    assert [words[i] for i in r_ids] == ["</s>", "c", "ab"] and [words[r_ids[p]] for p in r_pos] == ["ab", "c"]
+
+
+def test_checkpoints_carry_their_lm_features_and_resume_exactly(tmp_path):
+    import json
+    import shutil
+
+    fwd = _lm(tmp_path, "fwd")
+    features = tmp_path / "features.pt"
+    shutil.copy(fwd, features)
+    options = {"init_from": str(fwd), "lm_features": [str(features)]}
+    data = _labelled(tmp_path)
+    train = {"max_steps": 8, "eval_every": 2, "log_every": 1, "batch_size": 4, "layer_lr_decay": 0.5,
+             "unfreeze_every": 2, "lr_schedule": "slanted_triangular"}
+
+    def run(name, resume=False, stop=None):
+        cfg = {"task": "classification", "run_dir": str(tmp_path / name), "seed": 3,
+               "data": {"train": str(data), "valid": str(data)}, "model": {**SIZES, **options}, "train": train}
+        trainer = prepare_trainer(load_config(write_yaml(tmp_path / f"{name}.yaml", cfg)), resume=resume)
+        if stop:
+            step = trainer._step
+
+            def stopping(*args):
+                out = step(*args)
+                if trainer.progress.step == stop:
+                    trainer.stop_signal = "SIGTERM"
+                return out
+            trainer._step = stopping
+        trainer.fit()
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if r["kind"] == "train"]
+
+    full = run("full")
+    run("part", stop=4)
+    features.unlink()                       # a saved run needs its LM files no more
+    part = run("part", resume=True)
+    assert part == pytest.approx(full, rel=1e-5) and len(full) == 8
+    task = load_task(tmp_path / "full" / "best.pt")
+    assert task.model.lm is not None and task.predict(["the harbour was calm"], 4)[0] in ("pos", "neg")

@@ -69,22 +69,26 @@ class Tagger(nn.Module):
 
     def __init__(self, num_words: int, num_tags: int, embedding_dim: int, cell: str, hidden_size: int,
                  num_layers: int, dropout: float, chars: tuple[int, int, int] | None, crf: bool,
-                 rnn_options: dict | None = None):
+                 rnn_options: dict | None = None, lm_features: nn.Module | None = None):
         super().__init__()
         self.embedding = nn.Embedding(num_words, embedding_dim, padding_idx=0)
         self.chars = CharEncoder(*chars) if chars else None
-        width = embedding_dim + (self.chars.output_size if self.chars else 0)
+        self.lm = lm_features        # frozen LMs' states per word (rnnkit.models.lm_features), if any
+        width = embedding_dim + (self.chars.output_size if self.chars else 0) + (self.lm.output_size if self.lm else 0)
         self.encoder = SentenceEncoder(width, cell, hidden_size, num_layers, dropout, rnn_options)
         self.dropout = Dropout(dropout)
         self.output = nn.Linear(self.encoder.output_size, num_tags)
         self.crf = CRF(num_tags) if crf else None
 
-    def forward(self, words: torch.Tensor, lengths: torch.Tensor, chars: torch.Tensor | None = None) -> torch.Tensor:
-        """Tag scores (B, L, T)."""
+    def forward(self, words: torch.Tensor, lengths: torch.Tensor, chars: torch.Tensor | None = None,
+                lm: list | None = None) -> torch.Tensor:
+        """Tag scores (B, L, T); ``lm``: the LM features' collated inputs."""
         mask = length_mask(lengths, words.size(1))
         x = self.embedding(words)
         if self.chars is not None:
             x = torch.cat([x, self.chars(chars, mask)], -1)
+        if self.lm is not None:
+            x = torch.cat([x, self.lm(lm, words.size(1)).to(x.dtype)], -1)
         states, _ = self.encoder(self.dropout(x), lengths)
         return self.output(self.dropout(states))
 
@@ -114,10 +118,13 @@ class SentenceClassifier(nn.Module):
     weights can be shown per word)."""
 
     def __init__(self, num_words: int, num_labels: int, embedding_dim: int, cell: str, hidden_size: int,
-                 num_layers: int, dropout: float, pooling: str, rnn_options: dict | None = None):
+                 num_layers: int, dropout: float, pooling: str, rnn_options: dict | None = None,
+                 lm_features: nn.Module | None = None):
         super().__init__()
         self.embedding = nn.Embedding(num_words, embedding_dim, padding_idx=0)
-        self.encoder = SentenceEncoder(embedding_dim, cell, hidden_size, num_layers, dropout, rnn_options)
+        self.lm = lm_features        # frozen LMs' states per word (rnnkit.models.lm_features), if any
+        width = embedding_dim + (self.lm.output_size if self.lm else 0)
+        self.encoder = SentenceEncoder(width, cell, hidden_size, num_layers, dropout, rnn_options)
         self.dropout = Dropout(dropout)
         self.pooling = pooling
         size = self.encoder.output_size
@@ -129,10 +136,14 @@ class SentenceClassifier(nn.Module):
         """Input to output: word vectors, each recurrent layer, pooling and the label scorer."""
         return stack_groups([self.embedding], self.encoder.rnn, [self.attention, self.output])
 
-    def forward(self, words: torch.Tensor, lengths: torch.Tensor):
-        """-> label scores (B, C) and, with attention pooling, the weights (B, L) (else None)."""
+    def forward(self, words: torch.Tensor, lengths: torch.Tensor, lm: list | None = None):
+        """-> label scores (B, C) and, with attention pooling, the weights (B, L) (else None);
+        ``lm``: the LM features' collated inputs."""
         mask = length_mask(lengths, words.size(1))
-        states, final = self.encoder(self.dropout(self.embedding(words)), lengths)
+        x = self.embedding(words)
+        if self.lm is not None:
+            x = torch.cat([x, self.lm(lm, words.size(1)).to(x.dtype)], -1)
+        states, final = self.encoder(self.dropout(x), lengths)
         weights = None
         if self.pooling == "final":
             pooled = final

@@ -2,7 +2,7 @@
 vector per sentence, then a label."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 import torch
@@ -16,7 +16,7 @@ from rnnkit.data.parallel import pad
 from rnnkit.models.labeling import SentenceClassifier
 from rnnkit.data.vocab import Vocab
 from rnnkit.tasks.labeling import LabelingTask, check_files, drop_words, label_list, word_vocab
-from rnnkit.transfer import initialise_encoder
+from rnnkit.transfer import build_lm_features, initialise_encoder
 
 METRICS = ("valid_loss", "valid_accuracy", "valid_macro_f1")
 
@@ -42,6 +42,7 @@ class ModelConfig(RecurrentConfig):
     pooling: Literal["final", "mean", "max", "attention"] = "max"
     init_from: Optional[str] = None            # a word LM's checkpoint: word vectors and forward layers from it
     init_from_backward: Optional[str] = None   # a backward word LM's (data.reverse): the backward direction
+    lm_features: list[str] = field(default_factory=list)   # frozen LMs whose states join the word vectors
 
 
 def check_config(cfg: Config) -> None:
@@ -79,7 +80,8 @@ class ClassificationTask(LabelingTask):
             self.words, self.labels = Vocab(extras["words"]), list(extras["labels"])
         self.label_index = {label: i for i, label in enumerate(self.labels)}
         self.model = SentenceClassifier(len(self.words), len(self.labels), m.embedding_dim, m.cell, m.hidden_size,
-                                        m.num_layers, m.dropout, m.pooling, recurrent_options(m)).to(device)
+                                        m.num_layers, m.dropout, m.pooling, recurrent_options(m),
+                                        build_lm_features(m.lm_features, extras)).to(device)
         if extras is None and with_data:
             for note in initialise_encoder(m, self.model.embedding, self.words.itos, self.model.encoder.rnn):
                 tqdm.write(note)
@@ -94,23 +96,28 @@ class ClassificationTask(LabelingTask):
         return items
 
     def extras(self) -> dict[str, Any]:
-        return {"words": self.words.itos, "labels": self.labels}
+        lm = {"lm_features": self.model.lm.specs} if self.model.lm is not None else {}
+        return {"words": self.words.itos, "labels": self.labels, **lm}
 
     def encode(self, tokens: list[str], label: str | None = None) -> tuple[list[int], int]:
         """Word ids and the label's id (-1 for a label the training data never showed)."""
         if self.cfg.data.lowercase:
             tokens = [w.lower() for w in tokens]
-        return self.words.encode(tokens), self.label_index.get(label, -1) if label is not None else 0
+        lm = (self.model.lm.encode(tokens),) if self.model.lm is not None else ()
+        return (self.words.encode(tokens), self.label_index.get(label, -1) if label is not None else 0, *lm)
 
     def collate(self, items: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
         words, lengths = pad([x[0] for x in items])
         labels = torch.as_tensor([x[1] for x in items])
-        return {k: v.to(self.device, non_blocking=True) for k, v in
-                {"words": words, "lengths": lengths, "labels": labels}.items()}
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in
+                 {"words": words, "lengths": lengths, "labels": labels}.items()}
+        if self.model.lm is not None:
+            batch["lm"] = self.model.lm.collate([x[2] for x in items], self.device)
+        return batch
 
     def loss(self, batch: dict[str, torch.Tensor], training: bool = False) -> torch.Tensor:
         words = drop_words(batch["words"], self.cfg.model.word_dropout) if training else batch["words"]
-        logits, _ = self.model(words, batch["lengths"])
+        logits, _ = self.model(words, batch["lengths"], batch.get("lm"))
         return F.cross_entropy(logits.float(), batch["labels"].clamp(min=0))
 
     def units(self, batch: dict[str, torch.Tensor], indices: list[int]) -> int:
@@ -127,7 +134,7 @@ class ClassificationTask(LabelingTask):
         weights: list = [None] * len(items)
         total, counted = 0.0, 0
         for indices, batch in self.batches_in_order(items, batch_size):
-            logits, attn = self.model(batch["words"], batch["lengths"])
+            logits, attn = self.model(batch["words"], batch["lengths"], batch.get("lm"))
             probs[indices] = torch.softmax(logits.float(), -1).cpu()
             known = batch["labels"] >= 0
             if bool(known.any()):

@@ -2,7 +2,7 @@
 bidirectional RNN, an optional character-level word encoder and a softmax or CRF output."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Sequence
 
 import torch
@@ -16,7 +16,7 @@ from rnnkit.data.vocab import PAD, UNK, Vocab
 from rnnkit.models.labeling import Tagger
 from rnnkit.spans import is_span_scheme, span_scores
 from rnnkit.tasks.labeling import LabelingTask, check_files, drop_words, label_list, word_vocab
-from rnnkit.transfer import initialise_encoder
+from rnnkit.transfer import build_lm_features, initialise_encoder
 
 METRICS = ("valid_loss", "valid_accuracy", "valid_f1")
 
@@ -51,6 +51,7 @@ class ModelConfig(RecurrentConfig):
     output: Literal["softmax", "crf"] = "softmax"
     init_from: Optional[str] = None            # a word LM's checkpoint: word vectors and forward layers from it
     init_from_backward: Optional[str] = None   # a backward word LM's (data.reverse): the backward direction
+    lm_features: list[str] = field(default_factory=list)   # frozen LMs whose states join the word vectors
 
 
 def check_config(cfg: Config) -> None:
@@ -77,7 +78,8 @@ class TaggingTask(LabelingTask):
         self.spans = is_span_scheme(self.tags)
         chars = (len(self.chars), m.char_embedding_dim, m.char_hidden_size) if m.char_encoder else None
         self.model = Tagger(len(self.words), len(self.tags), m.embedding_dim, m.cell, m.hidden_size, m.num_layers,
-                            m.dropout, chars, m.output == "crf", recurrent_options(m)).to(device)
+                            m.dropout, chars, m.output == "crf", recurrent_options(m),
+                            build_lm_features(m.lm_features, extras)).to(device)
         if extras is None and with_data:
             for note in initialise_encoder(m, self.model.embedding, self.words.itos, self.model.encoder.rnn):
                 tqdm.write(note)
@@ -90,7 +92,8 @@ class TaggingTask(LabelingTask):
         return select(read_tagged(path, d.format, d.token_column, d.tag_column), span, key, path)
 
     def extras(self) -> dict[str, Any]:
-        return {"words": self.words.itos, "chars": self.chars.itos, "tags": self.tags}
+        lm = {"lm_features": self.model.lm.specs} if self.model.lm is not None else {}
+        return {"words": self.words.itos, "chars": self.chars.itos, "tags": self.tags, **lm}
 
     def word_forms(self, tokens: Sequence[str]) -> list[str]:
         return [w.lower() for w in tokens] if self.cfg.data.lowercase else list(tokens)
@@ -100,23 +103,27 @@ class TaggingTask(LabelingTask):
         limit = self.cfg.data.max_word_length
         chars = [self.chars.encode(w[:limit]) for w in tokens]
         tag_ids = [self.tag_index.get(t, -1) for t in tags] if tags is not None else [0] * len(tokens)
-        return self.words.encode(self.word_forms(tokens)), chars, tag_ids
+        lm = (self.model.lm.encode(tokens),) if self.model.lm is not None else ()
+        return (self.words.encode(self.word_forms(tokens)), chars, tag_ids, *lm)
 
     def collate(self, items: list[Encoded]) -> dict[str, torch.Tensor]:
         words, lengths = pad([x[0] for x in items])
         width = max(len(c) for x in items for c in x[1])
         chars = torch.zeros(len(items), words.size(1), width, dtype=torch.long)
         tags = torch.zeros_like(words)
-        for i, (_, cs, ts) in enumerate(items):
+        for i, (_, cs, ts, *_) in enumerate(items):
             for j, c in enumerate(cs):
                 chars[i, j, : len(c)] = torch.as_tensor(c)
             tags[i, : len(ts)] = torch.as_tensor(ts)
         batch = {"words": words, "lengths": lengths, "chars": chars, "tags": tags}
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        if self.model.lm is not None:
+            batch["lm"] = self.model.lm.collate([x[3] for x in items], self.device)
+        return batch
 
     def scores(self, batch: dict[str, torch.Tensor], training: bool = False) -> torch.Tensor:
         words = drop_words(batch["words"], self.cfg.model.word_dropout) if training else batch["words"]
-        return self.model(words, batch["lengths"], batch["chars"])
+        return self.model(words, batch["lengths"], batch["chars"], batch.get("lm"))
 
     def loss(self, batch: dict[str, torch.Tensor], training: bool = False) -> torch.Tensor:
         return self.model.loss(self.scores(batch, training), batch["tags"].clamp(min=0), batch["lengths"])

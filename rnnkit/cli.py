@@ -142,7 +142,8 @@ def generate(
     int8: bool = _int8_option(),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
-    """Sample text from a language model, streaming it to stdout.
+    """Sample text from a language model, streaming it to stdout (a backward LM, trained with
+    data.reverse, writes the text that comes before the prime, right to left).
 
     Example:  rnnkit generate runs/char_lm/best.pt --prime "ROMEO:" --temperature 0.8 --seed 1
     """
@@ -166,7 +167,8 @@ def generate(
         for i in range(num_samples):
             if num_samples > 1:
                 err_console.rule(f"sample {i + 1}")
-            out.write(prime)
+            word = task.cfg.data.tokenizer == "word"
+            out.write(prime + (" " if word and prime and not prime[-1].isspace() else ""))
             for piece in task.generate(prime, length, temperature, top_k, top_p, gen):
                 out.write(piece)
                 out.flush()

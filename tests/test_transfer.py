@@ -174,3 +174,20 @@ def test_checkpoints_carry_their_lm_features_and_resume_exactly(tmp_path):
     assert part == pytest.approx(full, rel=1e-5) and len(full) == 8
     task = load_task(tmp_path / "full" / "best.pt")
     assert task.model.lm is not None and task.predict(["the harbour was calm"], 4)[0] in ("pos", "neg")
+
+
+def test_tagger_with_characters_takes_the_lm_layer_in_its_word_columns(tmp_path):
+    fwd = _lm(tmp_path, "fwd")
+    rows = ["the\tDET", "harbour\tNOUN", "was\tAUX", "calm\tADJ", "", "cold\tADJ", "wind\tNOUN", ""]
+    data = tmp_path / "tags.txt"
+    data.write_text("\n".join(rows * 3) + "\n", encoding="utf-8")
+    cfg = {"task": "tagging", "run_dir": str(tmp_path / "tagger"),
+           "data": {"format": "columns", "train": str(data), "valid": str(data), "token_column": 1, "tag_column": 2},
+           "model": {**SIZES, "char_encoder": True, "init_from": str(fwd), "lm_features": [str(fwd)]},
+           "train": {"max_steps": 2, "eval_every": 2, "batch_size": 2}}
+    trainer = prepare_trainer(load_config(write_yaml(tmp_path / "tagger.yaml", cfg)))
+    lm = load_task(fwd)
+    w = trainer.task.model.encoder.rnn.weight_ih_l0          # [words 16 | characters | LM features 16]
+    assert w.size(1) > 32 and torch.equal(w[:, :16], lm.model.rnn.weight_ih_l0)
+    trainer.fit()
+    assert trainer.task.predict(["the wind was cold"], 2)[0].count(" ") == 3

@@ -320,23 +320,12 @@ def _predict_forecast(task, data: Optional[Path], output: Optional[Path], at: Op
                       plot: Optional[Path], column: Optional[str], batch_size: int) -> None:
     import csv
 
-    import torch
-
     if data is None:
         _bad_option("--data FILE.csv is required to forecast")
-    if every and at is not None:
-        _bad_option("--at and --every choose the windows two ways; give one")
     if column is not None and column not in task.target_names:
         _bad_option(f"--column {column!r} is not a forecast column ({', '.join(task.target_names)})")
-    series = task.read(str(data), task.columns)
-    length, n = task.cfg.data.input_length, len(series)
-    if every:
-        starts = torch.arange(length, n + 1)
-    else:
-        at = n if at is None else at
-        if not length <= at <= n:
-            _bad_option(f"--at {at}: needs {length} rows before it (input_length) and at most the file's {n} rows")
-        starts = torch.tensor([at])
+    series, starts = task.forecast_windows(str(data), at, every)
+    length = task.cfg.data.input_length
     sink = open(output, "w", newline="", encoding="utf-8") if output is not None else sys.stdout
     try:
         writer = csv.writer(sink, lineterminator="\n")
@@ -567,30 +556,9 @@ def _interactive(task, beam: int, n_best: int, alpha: float, replace_unk: bool) 
 
 def _arithmetic(task, precision: str, int8: bool):
     """Inference arithmetic: fp32 as trained, bf16 under autocast, or int8 linear and LSTM/GRU layers."""
-    import torch
+    from rnnkit.api import inference_arithmetic
 
-    if precision not in ("fp32", "bf16"):
-        _bad_option(f"--precision must be fp32 or bf16, got {precision!r}")
-    if int8:
-        if precision == "bf16":
-            _bad_option("--int8 and --precision bf16 do not combine (int8 layers take fp32 inputs); choose one")
-        if task.device.type != "cpu":
-            _bad_option("--int8 is for CPU decoding (dynamic quantisation has no GPU kernels)")
-        import warnings
-
-        with warnings.catch_warnings():    # torch's notice that its quantised tensors are deprecated
-            warnings.simplefilter("ignore")
-            layers = {torch.nn.Linear, torch.nn.LSTM, torch.nn.GRU}
-            task.model = torch.ao.quantization.quantize_dynamic(task.model, layers, dtype=torch.qint8)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if task.device.type == "cpu":
-        from rnnkit.hardware import bf16_note
-
-        note = bf16_note()
-        if note:
-            err_console.print(note, highlight=False)
-    return torch.autocast(task.device.type, dtype=torch.bfloat16)
+    return inference_arithmetic(task, precision, int8, lambda text: err_console.print(text, highlight=False))()
 
 
 def _split_across_ranks(items: list, rank, work) -> list:

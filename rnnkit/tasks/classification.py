@@ -166,20 +166,35 @@ class ClassificationTask(LabelingTask):
         sentences = self.read(path)
         return {**self.score(sentences, batch_size), "labels": self.labels, "sentences": len(sentences)}
 
-    def predict(self, lines: list[str], batch_size: int, probs: bool = False,
-                attention: bool = False) -> list[str]:
-        """One label per line (with ``probs`` its probability, with ``attention`` each word's weight)."""
+    def predict_details(self, lines: list[str], batch_size: int) -> list[dict[str, Any] | None]:
+        """Per line of whitespace-separated words: the label, its probability, every label's,
+        and with attention pooling each word's weight; None for an empty line."""
         items = [self.encode(line.split()) for line in lines]
         todo = [i for i, x in enumerate(items) if x[0]]
         p, weights, _ = self.predict_encoded([items[i] for i in todo], batch_size)
-        out = [""] * len(lines)
+        out: list[dict[str, Any] | None] = [None] * len(lines)
         for row, i in enumerate(todo):
             best = int(p[row].argmax())
-            text = self.labels[best] + (f"\t{p[row, best]:.4f}" if probs else "")
-            if attention and weights[row] is not None:
-                text += "\t" + " ".join(f"{w}:{a:.3f}" for w, a in zip(lines[i].split(), weights[row]))
-            out[i] = text
+            out[i] = {"label": self.labels[best], "probability": float(p[row, best]),
+                      "probabilities": {label: float(q) for label, q in zip(self.labels, p[row])}}
+            if weights[row] is not None:
+                out[i]["attention"] = list(zip(lines[i].split(), weights[row]))
         return out
+
+    def predict(self, lines: list[str], batch_size: int, probs: bool = False,
+                attention: bool = False) -> list[str]:
+        """One label per line (with ``probs`` its probability, with ``attention`` each word's weight)."""
+        return [format_prediction(d, probs, attention) for d in self.predict_details(lines, batch_size)]
+
+
+def format_prediction(d: dict[str, Any] | None, probs: bool = False, attention: bool = False) -> str:
+    """A :meth:`ClassificationTask.predict_details` entry as ``predict`` prints it."""
+    if d is None:
+        return ""
+    text = d["label"] + (f"\t{d['probability']:.4f}" if probs else "")
+    if attention and "attention" in d:
+        text += "\t" + " ".join(f"{w}:{a:.3f}" for w, a in d["attention"])
+    return text
 
 
 def build(cfg: Config, device: torch.device, extras: dict[str, Any] | None = None,

@@ -230,6 +230,27 @@ class ForecastTask:
             x = gather_windows(values, chunk.to(self.device), self.cfg.data.input_length, 0)
             yield self.scaler.inverse(self.model(x).double(), self.targets).cpu()
 
+    def forecast_windows(self, path: str, at: int | None = None, every: bool = False) -> tuple[Series, torch.Tensor]:
+        """The series in ``path`` and the windows' starts to forecast: the one at row ``at``
+        (default: after the file's end), or ``every`` window the file holds."""
+        if every and at is not None:
+            raise ConfigError("", "--at and --every choose the windows two ways; give one")
+        series = self.read(path, self.columns)
+        length, n = self.cfg.data.input_length, len(series)
+        if every:
+            return series, torch.arange(length, n + 1)
+        at = n if at is None else at
+        if not length <= at <= n:
+            raise ConfigError("", f"--at {at}: needs {length} rows before it (input_length) and at most the "
+                                  f"file's {n} rows")
+        return series, torch.tensor([at])
+
+    def forecast_file(self, path: str, at: int | None = None, every: bool = False,
+                      batch_size: int = 64) -> list[list[Any]]:
+        """:meth:`predict_rows` of :meth:`forecast_windows`."""
+        series, starts = self.forecast_windows(path, at, every)
+        return list(self.predict_rows(series, starts, batch_size))
+
     def predict_rows(self, series: Series, starts: torch.Tensor, batch_size: int) -> Iterator[list[Any]]:
         """CSV rows (origin, timestamp, step, column, value, truth) for the windows at ``starts``;
         truth is empty past the file's last row, whose timestamps continue the last time step."""

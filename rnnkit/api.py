@@ -1,0 +1,232 @@
+"""Use a trained model from Python: ``rnnkit.load(checkpoint)``.
+
+    import rnnkit
+    m = rnnkit.load("runs/en_fr/best.pt", device="auto", precision="fp32")
+    m.translate(["a man is riding a bike ."], beam=5)      # -> ["un homme fait du vélo ."]
+
+``load`` returns an object for the checkpoint's task, with the methods that task supports:
+:class:`Translator` (``translate``, ``score``), :class:`LanguageModel` (``generate``,
+``score``), :class:`Tagger` and :class:`Classifier` (``predict``, ``score``),
+:class:`Forecaster` (``forecast``, ``score``). Plain Python values go in and come out, and
+the ``rnnkit`` commands print what these methods return. A bad argument, file or checkpoint
+raises :class:`~rnnkit.config.ConfigError`, :class:`~rnnkit.data.vocab.DataError` or
+:class:`~rnnkit.training.checkpoint.CheckpointError`, each with a one-line message.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Sequence
+
+from rnnkit.config import ConfigError
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def inference_arithmetic(task: Any, precision: str = "fp32", int8: bool = False,
+                         note: Callable[[str], None] | None = None) -> Callable[[], ContextManager]:
+    """Set a loaded task up for fp32 (as trained), bf16 (autocast) or int8 (dynamically
+    quantised linear and LSTM/GRU layers, CPU) inference; returns a factory of the context
+    each call runs under. ``note`` hears the notice that this CPU lacks native bf16."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ConfigError("", f"--precision must be fp32 or bf16, got {precision!r}")
+    if int8:
+        if precision == "bf16":
+            raise ConfigError("", "--int8 and --precision bf16 do not combine (int8 layers take fp32 inputs); "
+                                  "choose one")
+        if task.device.type != "cpu":
+            raise ConfigError("", "--int8 is for CPU decoding (dynamic quantisation has no GPU kernels)")
+        import warnings
+
+        with warnings.catch_warnings():    # torch's notice that its quantised tensors are deprecated
+            warnings.simplefilter("ignore")
+            layers = {torch.nn.Linear, torch.nn.LSTM, torch.nn.GRU}
+            task.model = torch.ao.quantization.quantize_dynamic(task.model, layers, dtype=torch.qint8)
+    if precision == "fp32":
+        return contextlib.nullcontext
+    if task.device.type == "cpu" and note is not None:
+        from rnnkit.hardware import bf16_note
+
+        text = bf16_note()
+        if text:
+            note(text)
+    return lambda: torch.autocast(task.device.type, dtype=torch.bfloat16)
+
+
+class Model:
+    """A loaded checkpoint. ``task`` is the underlying task object (model, vocabularies)."""
+
+    def __init__(self, task: Any, arithmetic: Callable[[], ContextManager], path: str):
+        self.task, self._arithmetic, self.path = task, arithmetic, path
+
+    @property
+    def kind(self) -> str:
+        """The task: ``translation``, ``lm``, ``tagging``, ``classification``, ``forecast``, ..."""
+        return self.task.cfg.task
+
+    @property
+    def config(self) -> dict[str, Any]:
+        from rnnkit.config import config_to_dict
+
+        return config_to_dict(self.task.cfg)
+
+    def card(self) -> dict[str, Any]:
+        """What the model is: task, parameters, vocabulary sizes, and the run's training summary."""
+        from rnnkit.reports import model_card
+
+        return model_card(self.path)
+
+    def _run(self, fn: Callable[[], Any]) -> Any:
+        import torch
+
+        with torch.inference_mode(), self._arithmetic():
+            return fn()
+
+    def __repr__(self) -> str:
+        return f"<rnnkit {type(self).__name__} {self.kind} from {self.path}>"
+
+
+def _lines(lines: str | Sequence[str]) -> list[str]:
+    if isinstance(lines, str):
+        return [lines]
+    if not all(isinstance(x, str) for x in lines):
+        raise ConfigError("", "expected a string or a list of strings")
+    return list(lines)
+
+
+class Translator(Model):
+    def translate(self, lines: str | Sequence[str], beam: int = 1, n_best: int = 1, batch_size: int = 64,
+                  length_penalty: float = 0.0, replace_unk: bool = False) -> list[str] | list[list[str]]:
+        """The translation of each line, in order (an empty line gives ""); with ``n_best`` > 1
+        a list of the n best per line."""
+        return [[h.text for h in r] if n_best > 1 else r.text
+                for r in self.translations(lines, beam, n_best, batch_size, length_penalty, replace_unk)]
+
+    def translations(self, lines: str | Sequence[str], beam: int = 1, n_best: int = 1, batch_size: int = 64,
+                     length_penalty: float = 0.0, replace_unk: bool = False) -> list:
+        """As :meth:`translate`, with each hypothesis's score, tokens and attention
+        (:class:`rnnkit.tasks.translation.Translation`)."""
+        if beam < 1 or n_best < 1 or batch_size < 1:
+            raise ConfigError("", "beam, n_best and batch_size must be at least 1")
+        if n_best > beam:
+            raise ConfigError("", f"--n-best ({n_best}) cannot exceed --beam ({beam})")
+        if replace_unk and self.task.cfg.model.decoder.attention == "none":
+            raise ConfigError("", "--replace-unk and --attention-plots need a model with attention")
+        items = _lines(lines)
+        return self._run(lambda: self.task.translate(items, beam=beam, n_best=n_best, batch_size=batch_size,
+                                                     alpha=length_penalty, replace_unk=replace_unk))
+
+    def score(self, sources: Sequence[str], references: Sequence[str], beam: int = 1,
+              batch_size: int = 64) -> dict[str, Any]:
+        """BLEU and chrF (sacreBLEU) of the translations against ``references``, and perplexity."""
+        from rnnkit.metrics import bleu, chrf, perplexity
+
+        sources, references = _lines(sources), _lines(references)
+        if len(sources) != len(references):
+            raise ConfigError("", f"{len(sources)} sources but {len(references)} references")
+        hyps = self.translate(sources, beam=beam, batch_size=batch_size)
+        loss, _ = self._run(lambda: self.task.score_pairs(sources, references, batch_size))
+        return {"bleu": bleu(hyps, references), "chrf": chrf(hyps, references), "loss": loss,
+                "ppl": perplexity(loss), "sentences": len(sources), "beam": beam}
+
+
+class LanguageModel(Model):
+    def generate(self, prime: str = "", length: int = 100, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None) -> str:
+        """``length`` sampled tokens after ``prime`` (not repeated), as text."""
+        return "".join(self.stream(prime, length, temperature, top_k, top_p, seed))
+
+    def stream(self, prime: str = "", length: int = 100, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, seed: int | None = None):
+        """As :meth:`generate`, a piece of text at a time."""
+        import torch
+
+        if temperature <= 0:
+            raise ConfigError("", f"--temperature must be > 0, got {temperature}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ConfigError("", f"--top-p must be in (0, 1], got {top_p}")
+        gen = torch.Generator(device=self.task.device)
+        gen.manual_seed(seed if seed is not None else torch.seed())
+        pieces = self.task.generate(prime, length, temperature, top_k, top_p, gen)
+        while True:
+            with self._arithmetic():
+                piece = next(pieces, None)
+            if piece is None:
+                return
+            yield piece
+
+    def score(self, text: str, streams: int = 16, cache: int = 0, cache_theta: float = 0.3,
+              cache_lambda: float = 0.1) -> dict[str, Any]:
+        """Loss and perplexity of ``text`` (bits per character for character LMs); with ``cache``
+        (word LMs), also with a continuous cache over that many positions."""
+        if cache and self.task.cfg.data.tokenizer != "word":
+            raise ConfigError("", "--cache is for word-level language models")
+        return self._run(lambda: self.task.evaluate_text(text, streams, cache, cache_theta, cache_lambda))
+
+
+class Tagger(Model):
+    def predict(self, lines: str | Sequence[str], batch_size: int = 64) -> list[list[str]]:
+        """A tag per whitespace-separated word of each line ([] for an empty line)."""
+        items = _lines(lines)
+        out = self._run(lambda: self.task.predict(items, batch_size))
+        return [text.split() for text in out]
+
+    def score(self, path: str | Path, batch_size: int = 64) -> dict[str, Any]:
+        """Token accuracy and, for BIO/BIOES tags, span precision, recall and F1 of a tagged file."""
+        return self._run(lambda: self.task.evaluate_file(str(_existing(path)), batch_size))
+
+
+class Classifier(Model):
+    def predict(self, lines: str | Sequence[str], batch_size: int = 64) -> list[dict[str, Any] | None]:
+        """Per line: ``{"label", "probability", "probabilities": {label: p}}`` (with attention
+        pooling also ``"attention": [(word, weight), ...]``); None for an empty line."""
+        items = _lines(lines)
+        return self._run(lambda: self.task.predict_details(items, batch_size))
+
+    def score(self, path: str | Path, batch_size: int = 64) -> dict[str, Any]:
+        """Accuracy, macro-F1 and the confusion matrix of a ``label<TAB>text`` file."""
+        return self._run(lambda: self.task.evaluate_file(str(_existing(path)), batch_size))
+
+
+class Forecaster(Model):
+    def forecast(self, csv: str | Path, at: int | None = None, every: bool = False,
+                 batch_size: int = 64) -> list[dict[str, Any]]:
+        """Forecasts of the series in ``csv`` (original units): the window at row ``at`` (default:
+        after the file's end) or ``every`` window; one dict per (origin, step, column)."""
+        rows = self._run(lambda: self.task.forecast_file(str(_existing(csv)), at, every, batch_size))
+        return [{"origin": origin, "timestamp": when, "step": step, "column": column, "value": float(value),
+                 "truth": float(truth) if truth != "" else None}
+                for origin, when, step, column, value, truth in rows]
+
+    def score(self, csv: str | Path, split: str | None = None, batch_size: int = 64) -> dict[str, Any]:
+        """MSE and MAE beside the last-value and seasonal baselines, on every window or ``split``'s."""
+        if split is not None and split not in ("train", "valid", "test"):
+            raise ConfigError("", f"--split must be train, valid or test, got {split!r}")
+        return self._run(lambda: self.task.evaluate_file(str(_existing(csv)), batch_size, split))
+
+
+def _existing(path: str | Path) -> Path:
+    from rnnkit.data.vocab import DataError
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"file not found: {p}")
+    return p
+
+
+KINDS: dict[str, type[Model]] = {"translation": Translator, "lm": LanguageModel, "tagging": Tagger,
+                                 "classification": Classifier, "forecast": Forecaster}
+
+
+def load(checkpoint: str | Path, device: str = "auto", precision: str = "fp32", int8: bool = False,
+         note: Callable[[str], None] | None = None) -> Model:
+    """The model in ``checkpoint`` (``best.pt`` or ``last.pt``) ready for inference on
+    ``device`` (``auto``: CUDA when present), in ``precision`` fp32 or bf16, or with ``int8``
+    layers (CPU)."""
+    from rnnkit.runs import load_task
+
+    task = load_task(checkpoint, device)
+    arithmetic = inference_arithmetic(task, precision, int8, note)
+    return KINDS.get(task.cfg.task, Model)(task, arithmetic, str(checkpoint))

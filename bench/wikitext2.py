@@ -76,7 +76,8 @@ def curve(run: Path) -> list[tuple[float, float]]:
 
 
 def score(run: Path, streams: int, cache: int) -> dict:
-    """best.pt on valid and test; the cache tuned on valid, applied to test."""
+    """best.pt on valid and test (one pass each: perplexity, and the states the cache reads);
+    the cache's theta and lambda chosen on valid, then applied to test."""
     import numpy as np
     import torch
 
@@ -86,29 +87,29 @@ def score(run: Path, streams: int, cache: int) -> dict:
 
     task = load_task(run / "best.pt", "cpu")
     task.model.eval()
-    out = {}
-    streams_of = {}
+    out, states = {}, {}
     for split in ("valid", "test"):
-        ids = task.encode(read_text(str(DATA / f"{split}.txt")))
-        streams_of[split] = torch.from_numpy(np.ascontiguousarray(batchify(np.asarray(ids, np.int64), streams)))
+        ids = np.asarray(task.encode(read_text(str(DATA / f"{split}.txt"))), np.int64)
+        stream = torch.from_numpy(np.ascontiguousarray(batchify(ids, streams)))
         start = time.perf_counter()
-        loss, tokens = task.stream_loss(streams_of[split])
-        out[f"{split}_ppl"], out[f"{split}_tokens"] = math.exp(loss), tokens
-        out[f"{split}_seconds"] = time.perf_counter() - start
+        states[split] = task.stream_states(stream)
+        p_model = states[split][1]
+        out[f"{split}_ppl"] = math.exp(-p_model.double().log().mean().item())
+        out[f"{split}_tokens"], out[f"{split}_seconds"] = p_model.numel(), time.perf_counter() - start
     if not cache:
         return out
     best = None
+    hidden, p_model, words = states["valid"]
     for theta in THETAS:
-        p_model, p_cache, seen = task.cache_probs(streams_of["valid"], cache, theta)
+        p_cache, seen = task.cache_probs(hidden, words, cache, theta)
         for lam in LAMBDAS:
             ppl = math.exp(cache_mix_loss(p_model, p_cache, seen, lam))
             if best is None or ppl < best[0]:
                 best = (ppl, theta, lam)
     out["cache_valid_ppl"], out["cache_theta"], out["cache_lambda"] = best
-    start = time.perf_counter()
-    _, with_cache, _ = task.cache_loss(streams_of["test"], cache, best[1], best[2])
-    out["cache_test_ppl"], out["cache_seconds"] = math.exp(with_cache), time.perf_counter() - start
-    out["cache"] = cache
+    hidden, p_model, words = states["test"]
+    p_cache, seen = task.cache_probs(hidden, words, cache, best[1])
+    out["cache_test_ppl"], out["cache"] = math.exp(cache_mix_loss(p_model, p_cache, seen, best[2])), cache
     return out
 
 

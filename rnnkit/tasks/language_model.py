@@ -260,37 +260,47 @@ class LanguageModelTask:
         return total / count, count
 
     @torch.no_grad()
-    def cache_probs(self, stream: torch.Tensor, size: int, theta: float,
-                    progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Grave et al.'s continuous cache over a batchified stream: for every target (in
-        window order, flattened) the model's probability, the cache's, and whether the cache
-        had anything yet. The cache puts on the next word of each of the last ``size``
-        positions the weight ``softmax(theta * h_t . h_i)`` of their top-layer states h_i
-        against the current one; each stream (row) has its own."""
-        rows = stream.size(0)
-        keys = torch.zeros(rows, 0, self.cfg.model.hidden_size, device=stream.device)
-        words = torch.zeros(rows, 0, dtype=torch.long, device=stream.device)
-        p_model, p_cache, seen, state = [], [], [], None
+    def stream_states(self, stream: torch.Tensor, progress: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One pass over a batchified stream: every position's top-layer state (B, N, H), the
+        model's probability of its next word (B, N), and that word (B, N)."""
+        hidden, p_model, words, state = [], [], [], None
         for x, y in self._windows(stream, progress):
-            out, hidden, _, state = self.model.features(x, state)
-            p_model.append(self.model.target_log_probs(out, y).exp().flatten())
-            hidden, held, steps = hidden.float(), keys.size(1), y.size(1)
-            keys, words = torch.cat([keys, hidden], 1), torch.cat([words, y], 1)
-            scores = theta * torch.bmm(hidden, keys.transpose(1, 2))      # (B, T, held + T)
-            at = torch.arange(held + steps, device=y.device)
-            now = at[held:].unsqueeze(1)
+            out, top, _, state = self.model.features(x, state)
+            p_model.append(self.model.target_log_probs(out, y).exp())
+            hidden.append(top.float())
+            words.append(y)
+        return torch.cat(hidden, 1), torch.cat(p_model, 1), torch.cat(words, 1)
+
+    @staticmethod
+    @torch.no_grad()
+    def cache_probs(hidden: torch.Tensor, words: torch.Tensor, size: int, theta: float,
+                    chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+        """Grave et al.'s continuous cache over :meth:`stream_states`: at each position t, the
+        next words of the last ``size`` positions i < t, weighted by ``softmax(theta * h_t . h_i)``
+        of their states against the current one; returns the cache's probability of the actual
+        next word (B, N) and whether the cache had anything yet (B, N). Each stream (row) has
+        its own cache."""
+        rows, n = words.shape
+        p_cache, seen = [], []
+        for lo in range(0, n, chunk):
+            hi, first = min(n, lo + chunk), max(0, lo - size)
+            scores = theta * torch.bmm(hidden[:, lo:hi], hidden[:, first:hi].transpose(1, 2))
+            at = torch.arange(first, hi, device=words.device)
+            now = torch.arange(lo, hi, device=words.device).unsqueeze(1)
             scores.masked_fill_(~((at < now) & (at >= now - size)), float("-inf"))
             weights = torch.softmax(scores, -1).nan_to_num_(0.0)          # no history yet: no cache
-            p_cache.append((weights * (words.unsqueeze(1) == y.unsqueeze(2))).sum(-1).flatten())
-            seen.append(torch.isfinite(scores).any(-1).flatten())
-            keys, words = keys[:, -size:], words[:, -size:]
-        return torch.cat(p_model), torch.cat(p_cache), torch.cat(seen)
+            p_cache.append((weights * (words[:, first:hi].unsqueeze(1) == words[:, lo:hi].unsqueeze(2))).sum(-1))
+            seen.append(torch.isfinite(scores).any(-1))
+        return torch.cat(p_cache, 1), torch.cat(seen, 1)
 
+    @torch.no_grad()
     def cache_loss(self, stream: torch.Tensor, size: int, theta: float, lam: float,
                    progress: bool = False) -> tuple[float, float, int]:
         """Mean loss per token without and with the cache (:meth:`cache_probs`), mixed as
         ``(1 - lam) p_model + lam p_cache`` where the cache has history."""
-        p_model, p_cache, seen = self.cache_probs(stream, size, theta, progress)
+        hidden, p_model, words = self.stream_states(stream, progress)
+        p_cache, seen = self.cache_probs(hidden, words, size, theta)
         return -p_model.double().log().mean().item(), cache_mix_loss(p_model, p_cache, seen, lam), p_model.numel()
 
     def metrics(self, loss: float, tokens: int) -> dict[str, float]:

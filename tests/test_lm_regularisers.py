@@ -342,3 +342,19 @@ def test_regularised_layer_reads_packed_and_padded_batches_alike():
     plain = nn.LSTM(5, 6, 2, batch_first=True, bidirectional=True)
     plain.load_state_dict(layer.state_dict())
     assert torch.equal(layer(x)[0], plain(x)[0])
+
+
+def test_taggers_and_classifiers_take_the_recurrent_regularisers(tmp_path):
+    lines = ["pos\tbright calm water", "neg\tgrey storm water"] * 4
+    data = tmp_path / "labels.tsv"
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    cfg = {"task": "classification", "run_dir": str(tmp_path / "c"), "data": {"train": str(data), "valid": str(data)},
+           "model": {"embedding_dim": 8, "hidden_size": 8, "num_layers": 2, "weight_drop": 0.4,
+                     "locked_dropout": True},
+           "train": {"max_steps": 2, "eval_every": 2, "batch_size": 4}}
+    trainer = prepare_trainer(load_config(write_yaml(tmp_path / "c.yaml", cfg)))
+    rnn = trainer.task.model.encoder.rnn
+    assert isinstance(rnn, RegularisedLSTM) and rnn.weight_drop == 0.4 and rnn.locked
+    trainer.fit()
+    with pytest.raises(ConfigError, match="model.weight_drop: applies to fused layers"):
+        load_config(write_yaml(tmp_path / "e.yaml", {**cfg, "model": {"impl": "explicit", "weight_drop": 0.4}}))

@@ -36,7 +36,7 @@ CONFIG = ROOT / "configs" / "lm_wikitext2.yaml"
 PLAIN = ["model.dropout=0", "model.input_dropout=0", "model.layer_dropout=0", "model.locked_dropout=false",
          "model.embedding_dropout=0", "model.weight_drop=0", "train.ar=0", "train.tar=0", "data.variable_bptt=false"]
 RUNS = {"regularised": [], "plain": PLAIN}
-THETAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+THETAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
 LAMBDAS = (0.02, 0.05, 0.08, 0.1, 0.15, 0.2, 0.25, 0.3)
 
 
@@ -169,8 +169,11 @@ def main() -> int:
     results: dict = {"machine": cpu_description(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                      "minutes": args.minutes, "runs": {}}
     path = args.out / "results.json"
-    if path.exists():
-        results["runs"] = json.loads(path.read_text()).get("runs", {})
+    if path.exists():     # earlier runs' figures stay unless measured again
+        earlier = json.loads(path.read_text())
+        results["runs"] = earlier.get("runs", {})
+        if "tokens_per_s" in earlier:
+            results["tokens_per_s"] = earlier["tokens_per_s"]
     curves = {}
     for name in args.runs:
         run = train(name, RUNS[name], args.minutes, args.out)

@@ -332,7 +332,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         text_keys = _string_keys(Config) | {f"data.{k}" for k in _string_keys(data_cls)} \
             | {f"model.{k}" for k in _string_keys(model_cls)}
         for key, value, raw in parsed:
-            _apply_override(tree, key, raw if key in text_keys else value)
+            _apply_override(tree, key, raw if key in text_keys and value is not None else value)   # null unsets
             set_keys[key] = raw
         cfg = _build(tree, data_cls, model_cls)
         _check(cfg, with_task=base is None)

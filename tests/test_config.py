@@ -83,3 +83,14 @@ def test_bundled_configs_are_valid(monkeypatch):
         if "../shared/data" in text and not SHARED_DATA.exists():
             continue  # the shared corpora are absent on this machine; those configs cannot resolve
         load_config(path)
+
+
+def test_set_null_unsets_an_optional_path(tmp_path):
+    from tests.conftest import tiny_lm_config
+
+    cfg = tiny_lm_config(tmp_path)
+    cfg["data"] = {"train": str(tmp_path / "t.txt"), "valid": str(tmp_path / "t.txt"), "test": str(tmp_path / "t.txt")}
+    (tmp_path / "t.txt").write_text("some text\n" * 50, encoding="utf-8")
+    path = write_yaml(tmp_path / "c.yaml", cfg)
+    assert load_config(path, ["data.test=null"]).data.test is None
+    assert load_config(path, ["run_dir=runs/x y"]).run_dir == "runs/x y"     # other text stays verbatim

@@ -18,9 +18,10 @@ from torch import nn
 from rnnkit.config import ConfigError
 
 
-def read_language_model(path: str, key: str, backward: bool = False, tokenizer: str = "word") -> dict[str, Any]:
-    """An LM checkpoint (of ``tokenizer``'s level), checked for what ``key`` needs; its config,
-    vocabulary and model."""
+def read_language_model(path: str, key: str, backward: bool | None = False,
+                        tokenizer: str | None = "word") -> dict[str, Any]:
+    """An LM checkpoint, checked for what ``key`` needs (its level and direction, where given);
+    its config, vocabulary and model."""
     from rnnkit.training.checkpoint import CheckpointError, load_checkpoint
 
     if not Path(path).is_file():
@@ -32,11 +33,11 @@ def read_language_model(path: str, key: str, backward: bool = False, tokenizer: 
     cfg = ckpt["config"]
     if cfg.get("task") != "lm":
         raise ConfigError(key, f"{path} is a '{cfg.get('task')}' checkpoint; expected a language model (task lm)")
-    if cfg["data"].get("tokenizer") != tokenizer:
+    if tokenizer is not None and cfg["data"].get("tokenizer") != tokenizer:
         need = "word vectors need a word-level one" if tokenizer == "word" else f"this LM is {tokenizer}-level"
         raise ConfigError(key, f"{path} is a {cfg['data'].get('tokenizer')}-level LM; {need} "
                                f"(data.tokenizer: {tokenizer})")
-    if bool(cfg["data"].get("reverse")) != backward:
+    if backward is not None and bool(cfg["data"].get("reverse")) != backward:
         want, got = ("backward", "forward") if backward else ("forward", "backward")
         raise ConfigError(key, f"{path} is a {got} LM (data.reverse: {str(not backward).lower()}); "
                                f"{key} needs a {want} one")
@@ -132,28 +133,15 @@ def build_lm_features(paths: list[str], extras: dict[str, Any] | None):
     """``model.lm_features``: the frozen LMs of a new run, read from their checkpoints, or of a
     saved one, rebuilt from its ``extras`` (the weights then come with the model). None if unused."""
     from rnnkit.models.lm_features import LMFeatures
-    from rnnkit.training.checkpoint import CheckpointError, load_checkpoint
 
     if extras is not None:
         specs = extras.get("lm_features") or []
         return LMFeatures(specs) if specs else None
     if not paths:
         return None
-    specs, states = [], []
-    for i, path in enumerate(paths):
-        key = f"model.lm_features[{i}]"
-        if not Path(path).is_file():
-            raise ConfigError(key, f"file not found: {path!r}")
-        try:
-            ckpt = load_checkpoint(path)
-        except CheckpointError as err:
-            raise ConfigError(key, str(err)) from None
-        if ckpt["config"].get("task") != "lm":
-            raise ConfigError(key, f"{path} is a '{ckpt['config'].get('task')}' checkpoint; expected a "
-                                   f"language model (task lm)")
-        specs.append({"config": ckpt["config"], "vocab": ckpt["task"]["vocab"]})
-        states.append(ckpt["model"])
-    features = LMFeatures(specs)
-    for lm, state in zip(features.lms, states):
-        lm.load_state_dict(state)
+    lms = [read_language_model(path, f"model.lm_features[{i}]", backward=None, tokenizer=None)
+           for i, path in enumerate(paths)]      # word or character, either direction
+    features = LMFeatures(lms)
+    for module, lm in zip(features.lms, lms):
+        module.load_state_dict(lm["model"])
     return features

@@ -78,7 +78,7 @@ class _Regularised:
         lstm, directions = self.mode == "LSTM", 2 if self.bidirectional else 1
         if packed:      # as torch.nn does: the data of every step together, rows sorted by length
             data, sizes, order, unorder = x
-            batch, rows = int(sizes[0]), torch.cat([torch.arange(int(n)) for n in sizes]).to(data.device)
+            batch = int(sizes[0])
         else:
             data, batch = x, x.size(0)
         if hx is None:
@@ -93,6 +93,7 @@ class _Regularised:
                 if not self.locked:
                     data = dropout(data, self.dropout, True)
                 elif packed:    # each sequence's mask (in batch order), looked up for its rows of every step
+                    rows = torch.cat([torch.arange(int(n)) for n in sizes]).to(data.device)
                     mask = dropout_mask((batch, data.size(-1)), self.dropout, data)
                     data = data * mask[rows if order is None else order[rows]]
                 else:

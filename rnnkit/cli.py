@@ -536,6 +536,50 @@ def _print_store(store) -> None:
     err_console.print(table)
 
 
+@app.command()
+def serve(
+    checkpoints: List[str] = typer.Argument(..., metavar="CKPT...",
+                                            help="Checkpoints to serve, each PATH (named after its run folder) "
+                                                 "or NAME=PATH."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on."),
+    max_batch: int = typer.Option(32, "--max-batch", min=1, help="Sentences decoded together at most."),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0.0,
+                                      help="How long a short batch waits for more requests."),
+    max_queue: int = typer.Option(1024, "--max-queue", min=1,
+                                  help="Sentences waiting per model; beyond it requests get 503."),
+    max_body: int = typer.Option(1 << 20, "--max-body", min=1, help="Largest request body in bytes (413 beyond)."),
+    max_lines: int = typer.Option(256, "--max-lines", min=1, help="Lines per request at most."),
+    max_tokens: int = typer.Option(400, "--max-tokens", min=1, help="Tokens per line at most."),
+    precision: str = _precision_option(),
+    int8: bool = _int8_option(),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Serve trained models over HTTP: JSON routes per model, batching of concurrent requests,
+    OpenAPI docs at /docs and a page to try the models at /.
+
+    Example:  rnnkit serve runs/en_fr/best.pt --port 8000
+              curl -s localhost:8000/v1/en_fr/translate -d '{"lines": ["a man is riding a bike ."], "beam": 5}'
+    """
+    with user_errors():
+        import uvicorn
+
+        import rnnkit
+        from rnnkit.serve import Limits, build_app, model_names
+
+        limits = Limits(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, max_body=max_body,
+                        max_lines=max_lines, max_tokens=max_tokens)
+        names = model_names(checkpoints)
+        models = {}
+        for name, path in names.items():
+            models[name] = rnnkit.load(path, device=device, precision=precision, int8=int8,
+                                       note=lambda text: err_console.print(f"note: {text}"))
+            err_console.print(f"loaded {name}: {models[name].kind} from {path}")
+        app_ = build_app(models, limits)
+    err_console.print(f"serving on http://{host}:{port} (docs: /docs, try it: /)")
+    uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False)
+
+
 def _interactive(task, beam: int, n_best: int, alpha: float, replace_unk: bool) -> None:
     """A terminal on stdin: translate each line as it is typed (Ctrl-D or an empty line at the
     start ends it)."""

@@ -1,0 +1,433 @@
+"""``rnnkit serve``: trained models over HTTP (FastAPI on uvicorn), with request batching.
+
+    rnnkit serve runs/en_fr/best.pt runs/sentiment/best.pt --port 8000
+    curl -s localhost:8000/v1/en_fr/translate -d '{"lines": ["a man is riding a bike ."], "beam": 5}'
+
+Routes: ``POST /v1/{model}/translate | predict | generate | forecast`` (JSON in and out),
+``GET /v1/models`` (each model's card), ``GET /health``, ``GET /docs`` (OpenAPI), and ``GET /``,
+a page to try the models.
+
+Concurrent requests for one model with the same options wait in one queue and are decoded
+together: the worker takes up to ``max_batch`` sentences, waiting at most ``max_wait_ms`` for
+more to arrive when fewer are queued, so a busy server decodes at batch speed and an idle one
+answers at once. One worker thread runs every model call, so the models share the cores
+instead of fighting over them. A full queue answers 503; a malformed or oversized request
+gets a 4xx with ``{"error": "one line"}``; SIGTERM stops accepting connections, answers every
+request already accepted, then exits.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import tempfile
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Hashable, Optional, Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from rnnkit.api import Model
+from rnnkit.config import ConfigError
+from rnnkit.data.vocab import DataError
+from rnnkit.training.checkpoint import CheckpointError
+
+PAGE = Path(__file__).with_name("serve_page.html")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_batch: int = 32          # sentences decoded together
+    max_wait_ms: float = 5.0     # how long a batch waits for company when the queue is short
+    max_queue: int = 1024        # sentences waiting, per model; beyond it: 503
+    max_body: int = 1 << 20      # bytes per request body; beyond it: 413
+    max_lines: int = 256         # lines per request
+    max_tokens: int = 400        # whitespace-separated tokens per line
+    max_length: int = 5000       # tokens per generate request
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_queue", "max_body", "max_lines", "max_tokens", "max_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError("", f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_wait_ms < 0:
+            raise ConfigError("", "--max-wait-ms must be >= 0")
+
+
+class Busy(Exception):
+    """The model's queue is full."""
+
+
+class RequestError(Exception):
+    """A request that cannot be served as asked; ``status`` is its HTTP status."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class _Pending:
+    key: Hashable
+    items: list
+    future: asyncio.Future
+
+
+@dataclass
+class Batcher:
+    """Merges concurrent requests that share a key into one call of ``run(key, items)``, which
+    returns one result per item. Requests are served in arrival order; a batch takes the oldest
+    request and every later one with the same key while it has room."""
+    run: Callable[[Hashable, list], list]
+    limits: Limits
+    executor: ThreadPoolExecutor
+    queue: deque = field(default_factory=deque)
+    waiting: int = 0              # items queued (not yet running)
+    batches: int = 0
+    items_done: int = 0
+    _wake: asyncio.Event | None = None
+
+    async def submit(self, key: Hashable, items: list) -> list:
+        if self.waiting + len(items) > self.limits.max_queue:
+            raise Busy()
+        future = asyncio.get_running_loop().create_future()
+        self.queue.append(_Pending(key, items, future))
+        self.waiting += len(items)
+        self._event().set()
+        return await future
+
+    def _event(self) -> asyncio.Event:
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        return self._wake
+
+    def _room(self, key: Hashable) -> int:
+        return sum(len(p.items) for p in self.queue if p.key == key)
+
+    async def serve_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        wake = self._event()
+        while True:
+            while not self.queue:
+                wake.clear()
+                await wake.wait()
+            key = self.queue[0].key
+            deadline = loop.time() + self.limits.max_wait_ms / 1000
+            while self._room(key) < self.limits.max_batch and loop.time() < deadline:
+                wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(wake.wait(), deadline - loop.time())
+            batch: list[_Pending] = []
+            size = 0
+            for p in list(self.queue):
+                if p.key == key and (not batch or size + len(p.items) <= self.limits.max_batch):
+                    batch.append(p)
+                    size += len(p.items)
+                    self.queue.remove(p)
+            self.waiting -= size
+            items = [x for p in batch for x in p.items]
+            try:
+                results = await loop.run_in_executor(self.executor, self.run, key, items)
+            except Exception as err:  # noqa: BLE001 - each request of the batch hears it
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(err)
+                continue
+            self.batches += 1
+            self.items_done += len(items)
+            start = 0
+            for p in batch:
+                if not p.future.done():     # a client that went away leaves a cancelled future
+                    p.future.set_result(results[start:start + len(p.items)])
+                start += len(p.items)
+
+
+# ---------------------------------------------------------------------- request bodies
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TranslateRequest(_Body):
+    lines: list[str] = Field(description="Source sentences, one per entry.")
+    beam: int = Field(5, ge=1, le=64, description="Beam size; 1 is greedy decoding.")
+    n_best: int = Field(1, ge=1, le=64, description="Hypotheses per sentence (at most beam).")
+    length_penalty: float = Field(0.0, ge=0.0, le=10.0, description="GNMT length penalty alpha.")
+    replace_unk: bool = Field(False, description="Replace each <unk> with the source token it attends to most.")
+    attention: bool = Field(False, description="Return the best hypothesis's attention weights.")
+
+
+class PredictRequest(_Body):
+    lines: list[str] = Field(description="Sentences, tokens separated by spaces.")
+
+
+class GenerateRequest(_Body):
+    prime: str = Field("", description="Text the sample continues (not repeated in the answer).")
+    length: int = Field(100, ge=1, description="Tokens to sample.")
+    temperature: float = Field(1.0, gt=0.0, le=100.0)
+    top_k: Optional[int] = Field(None, ge=1)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
+
+
+class ForecastRequest(_Body):
+    csv: str = Field(description="The series as CSV text, with the columns the model was trained on.")
+    at: Optional[int] = Field(None, ge=0, description="Forecast from this row (default: after the last).")
+    every: bool = Field(False, description="Every window of the file instead of one.")
+
+
+# ---------------------------------------------------------------------- per-task work
+def _check_lines(lines: Sequence[str], limits: Limits) -> None:
+    if len(lines) > limits.max_lines:
+        raise RequestError(f"{len(lines)} lines in one request; at most {limits.max_lines} (--max-lines)", 413)
+    for i, line in enumerate(lines):
+        n = len(line.split())
+        if n > limits.max_tokens:
+            raise RequestError(f"line {i + 1} has {n} tokens; at most {limits.max_tokens} (--max-tokens)", 413)
+
+
+def _translation(t: Any, attention: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"text": t.text, "score": round(float(t.score), 4)}
+    if attention and t.attention is not None:
+        out["attention"] = {"source": t.src_tokens, "target": t.tgt_tokens + ["</s>"],
+                            "weights": [[round(float(w), 4) for w in row] for row in t.attention.tolist()]}
+    return out
+
+
+class Served:
+    """One loaded model, its name and its batcher."""
+
+    def __init__(self, name: str, model: Model, limits: Limits, executor: ThreadPoolExecutor):
+        self.name, self.model, self.limits = name, model, limits
+        self.batcher = Batcher(self._run, limits, executor)
+        self._solo = itertools.count()     # keys that never merge (generate, forecast)
+        self._card: dict[str, Any] | None = None
+
+    def _run(self, key: Hashable, items: list) -> list:
+        kind = key[0]
+        if kind == "translate":
+            _, beam, n_best, alpha, replace_unk = key
+            return self.model.translations(items, beam=beam, n_best=n_best, batch_size=self.limits.max_batch,
+                                           length_penalty=alpha, replace_unk=replace_unk)
+        if kind == "predict":
+            return self.model.predict(items, batch_size=self.limits.max_batch)
+        return [item() for item in items]     # a solo call
+
+    async def translate(self, req: TranslateRequest) -> dict[str, Any]:
+        self._expect("translation", "translate")
+        _check_lines(req.lines, self.limits)
+        if req.n_best > req.beam:
+            raise RequestError(f"n_best ({req.n_best}) cannot exceed beam ({req.beam})")
+        if (req.replace_unk or req.attention) and self.model.task.cfg.model.decoder.attention == "none":
+            raise RequestError("replace_unk and attention need a model with attention")
+        key = ("translate", req.beam, req.n_best, req.length_penalty, req.replace_unk)
+        results = await self.batcher.submit(key, list(req.lines))
+        if req.n_best > 1:
+            return {"translations": [{**_translation(hyps[0], req.attention),
+                                      "n_best": [_translation(h, False) for h in hyps]} for hyps in results]}
+        return {"translations": [_translation(t, req.attention) for t in results]}
+
+    async def predict(self, req: PredictRequest) -> dict[str, Any]:
+        self._expect(("tagging", "classification"), "predict")
+        _check_lines(req.lines, self.limits)
+        results = await self.batcher.submit(("predict",), list(req.lines))
+        if self.model.kind == "tagging":
+            return {"predictions": [{"words": line.split(), "tags": tags} for line, tags in zip(req.lines, results)]}
+        return {"predictions": results}
+
+    async def generate(self, req: GenerateRequest) -> dict[str, Any]:
+        self._expect("lm", "generate")
+        if req.length > self.limits.max_length:
+            raise RequestError(f"length {req.length}; at most {self.limits.max_length} (--max-length)", 413)
+        if len(req.prime.split()) > self.limits.max_tokens * 10:
+            raise RequestError("prime is too long", 413)
+        call = lambda: self.model.generate(req.prime, req.length, req.temperature, req.top_k,  # noqa: E731
+                                           req.top_p, req.seed)
+        [text] = await self.batcher.submit(("solo", next(self._solo)), [call])
+        return {"text": text}
+
+    async def forecast(self, req: ForecastRequest) -> dict[str, Any]:
+        self._expect("forecast", "forecast")
+
+        def call() -> list:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "series.csv"
+                path.write_text(req.csv, encoding="utf-8")
+                try:
+                    return self.model.forecast(path, at=req.at, every=req.every, batch_size=self.limits.max_batch)
+                except (ConfigError, DataError) as err:
+                    raise RequestError(str(err).replace(str(path), "csv")) from None
+
+        [rows] = await self.batcher.submit(("solo", next(self._solo)), [call])
+        return {"forecasts": rows}
+
+    def _expect(self, kinds: str | tuple[str, ...], route: str) -> None:
+        kinds = (kinds,) if isinstance(kinds, str) else kinds
+        if self.model.kind not in kinds:
+            routes = {"translation": "translate", "lm": "generate", "tagging": "predict",
+                      "classification": "predict", "forecast": "forecast"}
+            hint = routes.get(self.model.kind)
+            raise RequestError(f"model '{self.name}' is a {self.model.kind} model: it has no /{route}"
+                               + (f"; use /v1/{self.name}/{hint}" if hint else ""), 404)
+
+    def card(self) -> dict[str, Any]:
+        if self._card is None:      # read from the checkpoint once
+            self._card = {"name": self.name, **self.model.card()}
+            if self.model.kind == "translation":
+                self._card["attention"] = self.model.task.cfg.model.decoder.attention != "none"
+        return {**self._card, "batches": self.batcher.batches, "sentences_served": self.batcher.items_done}
+
+
+# ---------------------------------------------------------------------- the app
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _one_line(exc: RequestValidationError) -> tuple[int, str]:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return 400, "the body is not valid JSON"
+    first = errors[0] if errors else {}
+    loc = [str(x) for x in first.get("loc", ())]
+    where = ".".join(loc[1:] if loc[:1] == ["body"] and len(loc) > 1 else loc)
+    message = str(first.get("msg", "invalid request"))
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return 422, (f"{where}: {message}" if where else message) + more
+
+
+class _BodyLimit:
+    """ASGI middleware: a body over ``limit`` bytes is answered 413 before it is read."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http":
+            length = dict(scope.get("headers") or []).get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.limit):
+                response = _error(413, f"the body is over {self.limit} bytes (--max-body)")
+                await response(scope, receive, send)
+                return
+            seen = 0
+
+            async def limited() -> dict:     # a body without a length is counted as it comes
+                nonlocal seen
+                message = await receive()
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise RequestError(f"the body is over {self.limit} bytes (--max-body)", 413)
+                return message
+
+            await self.app(scope, limited, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def build_app(models: dict[str, Model], limits: Limits = Limits()) -> FastAPI:
+    """The HTTP app serving ``models`` (name -> loaded model)."""
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rnnkit-model")
+    served = {name: Served(name, m, limits, executor) for name, m in models.items()}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        workers = [asyncio.create_task(s.batcher.serve_forever()) for s in served.values()]
+        app.state.started = time.time()
+        yield
+        for w in workers:
+            w.cancel()
+        executor.shutdown(wait=True)
+
+    app = FastAPI(title="rnnkit", summary="Trained recurrent sequence models over HTTP.",
+                  description="Each loaded model answers on `/v1/{model}/...` for its task: translation "
+                              "models on `translate`, taggers and classifiers on `predict`, language models "
+                              "on `generate`, forecasters on `forecast`. Errors are `{\"error\": \"...\"}`.",
+                  lifespan=lifespan)
+    app.add_middleware(_BodyLimit, limit=limits.max_body)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(*_one_line(exc))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else "bad request"
+        if exc.status_code == 400 and "parsing the body" in detail:
+            detail = "the body could not be read (is it UTF-8 JSON?)"
+        elif exc.status_code in (404, 405):
+            detail = f"{detail}: {request.method} {request.url.path} (the routes are listed at /docs)"
+        return _error(exc.status_code, detail)
+
+    @app.exception_handler(RequestError)
+    async def _request(request: Request, exc: RequestError) -> JSONResponse:
+        return _error(exc.status, str(exc))
+
+    @app.exception_handler(Busy)
+    async def _busy(request: Request, exc: Busy) -> JSONResponse:
+        return JSONResponse({"error": "the server is busy; try again shortly"}, status_code=503,
+                            headers={"Retry-After": "1"})
+
+    async def _user(request: Request, exc: Exception) -> JSONResponse:
+        return _error(400, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+    for user_error in (ConfigError, DataError, CheckpointError):
+        app.add_exception_handler(user_error, _user)
+
+    @app.exception_handler(Exception)
+    async def _other(request: Request, exc: Exception) -> JSONResponse:   # logged by uvicorn too
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}".splitlines()[0])
+
+    def get(name: str) -> Served:
+        if name not in served:
+            raise RequestError(f"no model named '{name}'; loaded: {', '.join(sorted(served))}", 404)
+        return served[name]
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    @app.get("/health", summary="Liveness: ok and the loaded models")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "models": sorted(served),
+                "queued": {n: s.batcher.waiting for n, s in served.items()}}
+
+    @app.get("/v1/models", summary="Each loaded model's card: task, sizes, vocabulary, training summary")
+    async def list_models() -> dict[str, Any]:
+        return {"models": [s.card() for s in served.values()]}
+
+    @app.post("/v1/{model}/translate", summary="Translate sentences (translation models)")
+    async def translate(model: str, req: TranslateRequest) -> dict[str, Any]:
+        return await get(model).translate(req)
+
+    @app.post("/v1/{model}/predict", summary="Tags or labels with probabilities (taggers, classifiers)")
+    async def predict(model: str, req: PredictRequest) -> dict[str, Any]:
+        return await get(model).predict(req)
+
+    @app.post("/v1/{model}/generate", summary="Sample text (language models)")
+    async def generate(model: str, req: GenerateRequest) -> dict[str, Any]:
+        return await get(model).generate(req)
+
+    @app.post("/v1/{model}/forecast", summary="Forecast a series (forecasters)")
+    async def forecast(model: str, req: ForecastRequest) -> dict[str, Any]:
+        return await get(model).forecast(req)
+
+    return app
+
+
+def model_names(checkpoints: Sequence[str]) -> dict[str, str]:
+    """``NAME=PATH`` or ``PATH`` (named after its run folder) -> {name: path}; names unique."""
+    names: dict[str, str] = {}
+    for spec in checkpoints:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            path, name = spec, Path(spec).resolve().parent.name
+        if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise ConfigError("", f"model name {name!r}: use letters, digits, '-', '_' and '.' (NAME=PATH)")
+        if name in names:
+            raise ConfigError("", f"two models named '{name}': name them with NAME=PATH")
+        names[name] = path
+    return names

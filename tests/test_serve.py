@@ -1,0 +1,257 @@
+"""``rnnkit serve``: the server answers what the Python API answers, merges concurrent requests
+without changing their answers, turns bad requests into 4xx JSON errors and drains on SIGTERM."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from fastapi.encoders import jsonable_encoder
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+import rnnkit
+from rnnkit.cli import app as cli_app
+from rnnkit.serve import Batcher, Busy, Limits, build_app, model_names
+from tests.conftest import ROOT, tiny_lm_config, write_yaml
+from tests.test_api import _labelled_files
+from tests.test_forecast import seasonal_series, write_csv
+from tests.test_forecast import train as train_forecaster
+from tests.test_translation_task import train as train_translator
+
+runner = CliRunner()
+SENTENCES = ["the cat sees the dog", "a small bird sings", "the dog", "a man is riding a bike",
+             "two people walk on the beach", "the red car", "children play in the park", "a dog runs"]
+
+
+def _cli(*args: str) -> None:
+    result = runner.invoke(cli_app, list(args))
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RNNKIT_CACHE", str(root / "cache"))
+        (root / "tr").mkdir()
+        paths = {"en_fr": train_translator(root / "tr", model={"decoder": {
+            "cell": "gru", "hidden_size": 32, "dropout": 0.0, "input_feeding": True, "attention": "general"}})}
+        labels, tags = _labelled_files(root)
+        small = {"embedding_dim": 8, "hidden_size": 8, "num_layers": 1}
+        for name, cfg in {
+            "sentiment": {"task": "classification", "data": {"train": str(labels), "valid": str(labels)},
+                          "model": small},
+            "pos": {"task": "tagging", "data": {"format": "columns", "train": str(tags), "valid": str(tags),
+                                                "token_column": 1, "tag_column": 2}, "model": small},
+        }.items():
+            cfg.update(run_dir=str(root / name), train={"max_steps": 6, "eval_every": 6, "batch_size": 4})
+            _cli("train", str(write_yaml(root / f"{name}.yaml", cfg)))
+            paths[name] = root / name / "best.pt"
+        (root / "lm").mkdir()
+        _cli("train", str(write_yaml(root / "lm.yaml", tiny_lm_config(root / "lm", train={"max_steps": 6}))))
+        paths["chars"] = root / "lm" / "run" / "best.pt"
+        (root / "fc").mkdir()
+        series = write_csv(root / "series.csv", seasonal_series(300))
+        train_forecaster(root / "fc", series, train={"max_steps": 4, "eval_every": 4})
+        paths["load"] = root / "fc" / "run" / "best.pt"
+    paths["series"] = series
+    return paths
+
+
+@pytest.fixture(scope="module")
+def models(checkpoints):
+    return {name: rnnkit.load(path) for name, path in checkpoints.items() if name != "series"}
+
+
+@pytest.fixture(scope="module")
+def client(models):
+    with TestClient(build_app(models, Limits(max_body=64 * 1024, max_tokens=200))) as c:
+        yield c
+
+
+def test_the_server_answers_what_the_api_answers(client, models, checkpoints):
+    en_fr = models["en_fr"]
+    r = client.post("/v1/en_fr/translate", json={"lines": SENTENCES, "beam": 1})
+    assert r.status_code == 200
+    assert [t["text"] for t in r.json()["translations"]] == en_fr.translate(SENTENCES, beam=1)
+    r = client.post("/v1/en_fr/translate", json={"lines": SENTENCES, "beam": 3, "n_best": 2, "attention": True})
+    body = r.json()["translations"]
+    assert [[h["text"] for h in t["n_best"]] for t in body] == en_fr.translate(SENTENCES, beam=3, n_best=2)
+    att = body[0]["attention"]
+    assert att["source"] == SENTENCES[0].split() and len(att["weights"]) == len(att["target"])
+    assert all(abs(sum(row) - 1) < 1e-2 for row in att["weights"])     # a distribution over the source
+
+    lines = ["calm grey water", "", "bright day"]
+    r = client.post("/v1/sentiment/predict", json={"lines": lines})
+    assert r.json()["predictions"] == json.loads(json.dumps(models["sentiment"].predict(lines)))
+    r = client.post("/v1/pos/predict", json={"lines": lines})
+    assert [p["tags"] for p in r.json()["predictions"]] == models["pos"].predict(lines)
+    assert r.json()["predictions"][0]["words"] == ["calm", "grey", "water"]
+
+    r = client.post("/v1/chars/generate", json={"prime": "The", "length": 30, "seed": 5, "temperature": 0.8})
+    assert r.json()["text"] == models["chars"].generate("The", 30, temperature=0.8, seed=5)
+
+    csv_text = checkpoints["series"].read_text()
+    r = client.post("/v1/load/forecast", json={"csv": csv_text, "at": 200})
+    assert r.json()["forecasts"] == jsonable_encoder(models["load"].forecast(checkpoints["series"], at=200))
+
+    cards = {c["name"]: c for c in client.get("/v1/models").json()["models"]}
+    assert {n: c["task"] for n, c in cards.items()} == {
+        "en_fr": "translation", "sentiment": "classification", "pos": "tagging", "chars": "lm", "load": "forecast"}
+    assert cards["en_fr"]["attention"] is True and cards["en_fr"]["src_vocab_size"] > 4
+    assert client.get("/health").json()["status"] == "ok"
+    page = client.get("/")
+    assert page.status_code == 200 and "/v1/models" in page.text
+    assert "/v1/{model}/translate" in client.get("/openapi.json").json()["paths"]
+
+
+def test_concurrent_requests_are_merged_and_answered_as_alone(models):
+    """32 clients at once, one sentence each: fewer decodes than requests, and every answer the
+    sentence's own translation decoded alone (this model and these sentences: no difference)."""
+    en_fr = models["en_fr"]
+    sentences = [SENTENCES[i % len(SENTENCES)] + " " + "the " * (i // len(SENTENCES)) for i in range(32)]
+    alone = [en_fr.translate([s], beam=5)[0] for s in sentences]
+    with TestClient(build_app({"en_fr": en_fr}, Limits(max_batch=32, max_wait_ms=300))) as c:
+        start = threading.Barrier(32)
+
+        def ask(s: str) -> str:
+            start.wait()
+            r = c.post("/v1/en_fr/translate", json={"lines": [s], "beam": 5})
+            assert r.status_code == 200, r.text
+            return r.json()["translations"][0]["text"]
+
+        with ThreadPoolExecutor(32) as pool:
+            answers = list(pool.map(ask, sentences))
+        card = c.get("/v1/models").json()["models"][0]
+    assert answers == alone
+    assert card["sentences_served"] == 32 and card["batches"] < 16
+
+
+BAD_REQUESTS = [
+    ("POST", "/v1/en_fr/translate", b"{not json", "application/json"),
+    ("POST", "/v1/en_fr/translate", b"", "application/json"),
+    ("POST", "/v1/en_fr/translate", b'{"lines": "a string"}', "application/json"),
+    ("POST", "/v1/en_fr/translate", b'{"lines": [1, 2]}', "application/json"),
+    ("POST", "/v1/en_fr/translate", b'{"lines": ["a"], "beam": "5"}', "application/json"),
+    ("POST", "/v1/en_fr/translate", b'{"lines": ["a"], "beam": 0}', "application/json"),
+    ("POST", "/v1/en_fr/translate", b'{"lines": ["a"], "beam": 2, "n_best": 3}', "application/json"),
+    ("POST", "/v1/en_fr/translate", b'{"lines": ["a"], "colour": "red"}', "application/json"),
+    ("POST", "/v1/en_fr/translate", b'[1, 2, 3]', "application/json"),
+    ("POST", "/v1/en_fr/translate", json.dumps({"lines": [" ".join(["word"] * 10_000)]}).encode(), "application/json"),
+    ("POST", "/v1/en_fr/translate", b'{"lines": ["\xff\xfe caf\xe9"]}', "application/json"),
+    ("POST", "/v1/en_fr/translate", b"x" * (200 * 1024), "application/json"),
+    ("POST", "/v1/nobody/translate", b'{"lines": ["a"]}', "application/json"),
+    ("POST", "/v1/en_fr/summarise", b'{"lines": ["a"]}', "application/json"),
+    ("POST", "/v1/en_fr/predict", b'{"lines": ["a"]}', "application/json"),
+    ("POST", "/v1/sentiment/translate", b'{"lines": ["a"]}', "application/json"),
+    ("POST", "/v1/chars/generate", b'{"length": 10000000}', "application/json"),
+    ("POST", "/v1/chars/generate", b'{"temperature": -1}', "application/json"),
+    ("POST", "/v1/load/forecast", b'{"csv": "a,b\\n1,2\\n"}', "application/json"),
+    ("GET", "/v1/en_fr/translate", b"", None),
+    ("GET", "/nowhere", b"", None),
+]
+
+
+@pytest.mark.parametrize("method,path,body,ctype", BAD_REQUESTS)
+def test_a_bad_request_gets_a_4xx_json_error_and_the_server_lives_on(client, method, path, body, ctype):
+    headers = {"content-type": ctype} if ctype else {}
+    r = client.request(method, path, content=body, headers=headers)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    error = r.json()["error"]
+    assert isinstance(error, str) and error and "\n" not in error
+    assert client.post("/v1/en_fr/translate", json={"lines": ["the dog"], "beam": 1}).status_code == 200
+
+
+def test_a_full_queue_answers_busy():
+    release = threading.Event()
+
+    def run(key, items):
+        release.wait(5)
+        return items
+
+    async def scenario():
+        batcher = Batcher(run, Limits(max_batch=2, max_wait_ms=0, max_queue=2), ThreadPoolExecutor(1))
+        worker = asyncio.create_task(batcher.serve_forever())
+        first = asyncio.create_task(batcher.submit("k", ["a", "b"]))      # taken by the worker, blocks
+        await asyncio.sleep(0.05)
+        queued = asyncio.create_task(batcher.submit("k", ["c", "d"]))     # fills the queue
+        await asyncio.sleep(0.01)
+        with pytest.raises(Busy):
+            await batcher.submit("k", ["e"])
+        release.set()
+        results = await asyncio.gather(first, queued)
+        worker.cancel()
+        return results, batcher.batches
+
+    assert asyncio.run(scenario()) == ([["a", "b"], ["c", "d"]], 2)
+
+
+def test_names_and_bad_checkpoints_are_one_line_errors(tmp_path):
+    assert model_names(["runs/en_fr/best.pt", "big=runs/x/last.pt"]) == {"en_fr": "runs/en_fr/best.pt",
+                                                                      "big": "runs/x/last.pt"}
+    from rnnkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="two models named"):
+        model_names(["a/best.pt", "a/last.pt"])
+    result = runner.invoke(cli_app, ["serve", str(tmp_path / "missing.pt")])
+    assert result.exit_code == 2 and "missing.pt" in result.output
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, payload: dict, timeout: float = 60) -> dict:
+    req = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def test_sigterm_answers_every_accepted_request_then_exits(checkpoints):
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "rnnkit", "serve", f"en_fr={checkpoints['en_fr']}",
+                             "--port", str(port), "--max-batch", "8"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(base + "/health", timeout=1)
+                break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.1)
+        else:
+            pytest.fail("the server did not start: " + proc.stdout.read())
+        lines = SENTENCES[:4]
+        expected = [t["text"] for t in _post(base + "/v1/en_fr/translate", {"lines": lines, "beam": 3})["translations"]]
+
+        def ask(i: int):
+            return _post(base + "/v1/en_fr/translate", {"lines": lines, "beam": 3})
+
+        with ThreadPoolExecutor(8) as pool:
+            pending = [pool.submit(ask, i) for i in range(8)]
+            time.sleep(0.3)                  # accepted and queued behind one another
+            proc.send_signal(signal.SIGTERM)
+            answers = [p.result(timeout=120) for p in pending]
+        assert all([t["text"] for t in a["translations"]] == expected for a in answers)
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)    # uvicorn ends as SIGTERM would, once drained
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(base + "/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

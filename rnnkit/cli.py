@@ -199,30 +199,29 @@ def translate(
 
     Example:  rnnkit translate runs/en_fr/best.pt --beam 5 < input.en > output.fr
     """
+    import rnnkit
     from rnnkit.data.parallel import read_lines
-    from rnnkit.runs import load_task
     from rnnkit.training import distributed
 
-    if n_best > beam:
-        _bad_option(f"--n-best ({n_best}) cannot exceed --beam ({beam})")
-    with user_errors(), contextlib.ExitStack() as stack:
+    with user_errors():
         _output_file(output, "--output")
-        task = load_task(checkpoint, device)
-        stack.enter_context(_arithmetic(task, precision, int8))
-        if task.cfg.task != "translation":
-            raise CheckpointError(f"{checkpoint}: a '{task.cfg.task}' checkpoint cannot translate; "
+        m = rnnkit.load(checkpoint, device, precision, int8, note=_note)
+        if m.kind != "translation":
+            raise CheckpointError(f"{checkpoint}: a '{m.kind}' checkpoint cannot translate; "
                                   f"use 'rnnkit generate' for language models")
-        if (replace_unk or attention_plots) and task.cfg.model.decoder.attention == "none":
+        if attention_plots and m.task.cfg.model.decoder.attention == "none":
             _bad_option("--replace-unk and --attention-plots need a model with attention")
+        options = dict(beam=beam, n_best=n_best, batch_size=batch_size, length_penalty=length_penalty,
+                       replace_unk=replace_unk)
+        m.translations([], **options)           # the options' checks, before reading any input
         if input is not None and not input.is_file():
             raise DataError(f"--input: file not found: {input}")
         if input is None and sys.stdin.isatty() and output is None and not distributed.launched():
-            _interactive(task, beam, n_best, length_penalty, replace_unk)
+            _interactive(m, options)
             return
         lines = read_lines(str(input)) if input is not None else sys.stdin.read().splitlines()
         rank = distributed.init()    # under torchrun: each rank translates a contiguous share
-        results = _split_across_ranks(lines, rank, lambda part: task.translate(
-            part, beam=beam, n_best=n_best, batch_size=batch_size, alpha=length_penalty, replace_unk=replace_unk))
+        results = _split_across_ranks(lines, rank, lambda part: m.translations(part, **options))
         distributed.finish()
         if not rank.main:
             return
@@ -572,18 +571,18 @@ def serve(
         names = model_names(checkpoints)
         models = {}
         for name, path in names.items():
-            models[name] = rnnkit.load(path, device=device, precision=precision, int8=int8,
-                                       note=lambda text: err_console.print(f"note: {text}"))
+            models[name] = rnnkit.load(path, device=device, precision=precision, int8=int8, note=_note)
             err_console.print(f"loaded {name}: {models[name].kind} from {path}")
-        app_ = build_app(models, limits)
+        app_ = build_app(models, limits, on_shutdown=lambda c: err_console.print(
+            f"stopped: {c['received']} requests received, {c['answered']} answered"))
     err_console.print(f"serving on http://{host}:{port} (docs: /docs, try it: /)")
     uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False)
 
 
-def _interactive(task, beam: int, n_best: int, alpha: float, replace_unk: bool) -> None:
+def _interactive(m, options: dict) -> None:
     """A terminal on stdin: translate each line as it is typed (Ctrl-D or an empty line at the
     start ends it)."""
-    err_console.print(f"rnnkit translate: type a sentence and press Enter (Ctrl-D to quit); beam {beam}",
+    err_console.print(f"rnnkit translate: type a sentence and press Enter (Ctrl-D to quit); beam {options['beam']}",
                       highlight=False)
     while True:
         try:
@@ -593,16 +592,20 @@ def _interactive(task, beam: int, n_best: int, alpha: float, replace_unk: bool) 
             return
         if not line.strip():
             continue
-        result = task.translate([line], beam=beam, n_best=n_best, alpha=alpha, replace_unk=replace_unk)[0]
-        hyps = result if n_best > 1 else [result]
+        result = m.translations([line], **options)[0]
+        hyps = result if options["n_best"] > 1 else [result]
         print(" ||| ".join(h.text for h in hyps), flush=True)
+
+
+def _note(text: str) -> None:
+    err_console.print(text, highlight=False)
 
 
 def _arithmetic(task, precision: str, int8: bool):
     """Inference arithmetic: fp32 as trained, bf16 under autocast, or int8 linear and LSTM/GRU layers."""
     from rnnkit.api import inference_arithmetic
 
-    return inference_arithmetic(task, precision, int8, lambda text: err_console.print(text, highlight=False))()
+    return inference_arithmetic(task, precision, int8, _note)()
 
 
 def _split_across_ranks(items: list, rank, work) -> list:

@@ -300,6 +300,26 @@ def _one_line(exc: RequestValidationError) -> tuple[int, str]:
     return 422, (f"{where}: {message}" if where else message) + more
 
 
+class _Counted:
+    """ASGI middleware counting the HTTP requests received and those answered in full."""
+
+    def __init__(self, app: Any, counts: dict[str, int]):
+        self.app, self.counts = app, counts
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        self.counts["received"] += 1
+
+        async def counted(message: dict) -> None:
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                self.counts["answered"] += 1
+
+        await self.app(scope, receive, counted)
+
+
 class _BodyLimit:
     """ASGI middleware: a body over ``limit`` bytes is answered 413 before it is read."""
 
@@ -328,10 +348,13 @@ class _BodyLimit:
         await self.app(scope, receive, send)
 
 
-def build_app(models: dict[str, Model], limits: Limits = Limits()) -> FastAPI:
-    """The HTTP app serving ``models`` (name -> loaded model)."""
+def build_app(models: dict[str, Model], limits: Limits = Limits(),
+              on_shutdown: Callable[[dict[str, int]], None] | None = None) -> FastAPI:
+    """The HTTP app serving ``models`` (name -> loaded model). ``on_shutdown`` hears the counts
+    of requests received and answered once the server has drained."""
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rnnkit-model")
     served = {name: Served(name, m, limits, executor) for name, m in models.items()}
+    counts = {"received": 0, "answered": 0}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -341,6 +364,8 @@ def build_app(models: dict[str, Model], limits: Limits = Limits()) -> FastAPI:
         for w in workers:
             w.cancel()
         executor.shutdown(wait=True)
+        if on_shutdown is not None:
+            on_shutdown(dict(counts))
 
     app = FastAPI(title="rnnkit", summary="Trained recurrent sequence models over HTTP.",
                   description="Each loaded model answers on `/v1/{model}/...` for its task: translation "
@@ -348,6 +373,8 @@ def build_app(models: dict[str, Model], limits: Limits = Limits()) -> FastAPI:
                               "on `generate`, forecasters on `forecast`. Errors are `{\"error\": \"...\"}`.",
                   lifespan=lifespan)
     app.add_middleware(_BodyLimit, limit=limits.max_body)
+    app.add_middleware(_Counted, counts=counts)      # outermost: sees every request
+    app.state.counts = counts
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -558,7 +558,8 @@ def serve(
     OpenAPI docs at /docs and a page to try the models at /.
 
     Example:  rnnkit serve runs/en_fr/best.pt --port 8000
-              curl -s localhost:8000/v1/en_fr/translate -d '{"lines": ["a man is riding a bike ."], "beam": 5}'
+
+    Then:     curl -s localhost:8000/v1/en_fr/translate -d '{"lines": ["a man is riding a bike ."], "beam": 5}'
     """
     with user_errors():
         import uvicorn

@@ -78,10 +78,17 @@ class Model:
 
         return model_card(self.path)
 
-    def _run(self, fn: Callable[[], Any]) -> Any:
+    @contextlib.contextmanager
+    def running(self):
+        """The context every call of this model runs in: no autograd, the chosen arithmetic.
+        For code that calls ``task`` directly."""
         import torch
 
         with torch.inference_mode(), self._arithmetic():
+            yield
+
+    def _run(self, fn: Callable[[], Any]) -> Any:
+        with self.running():
             return fn()
 
     def __repr__(self) -> str:

@@ -274,24 +274,30 @@ def predict(
     Example:  rnnkit predict runs/tagger_upos/best.pt < sentences.txt > tags.txt
     Example:  rnnkit predict runs/forecast_etth1/best.pt --data ETTh1.csv --at 14304 -o f.csv --plot ot.png
     """
-    from rnnkit.runs import load_task
+    import rnnkit
+    from rnnkit.tasks.classification import format_prediction
 
-    with user_errors(), contextlib.ExitStack() as stack:
+    with user_errors():
         _output_file(output, "--output")
         _output_file(plot, "--plot")
-        task = load_task(checkpoint, device)
-        stack.enter_context(_arithmetic(task, precision, int8))
-        if task.cfg.task == "forecast":
-            _predict_forecast(task, data, output, at, every, plot, column, batch_size)
+        m = rnnkit.load(checkpoint, device, precision, int8, note=_note)
+        if m.kind == "forecast":
+            with m.running():
+                _predict_forecast(m.task, data, output, at, every, plot, column, batch_size)
             return
         if data is not None or at is not None or every or plot is not None or column is not None:
             _bad_option("--data, --at, --every, --plot and --column are for forecast checkpoints")
-        if task.cfg.task not in ("tagging", "classification"):
-            raise CheckpointError(f"{checkpoint}: a '{task.cfg.task}' checkpoint cannot predict; "
+        if m.kind not in ("tagging", "classification"):
+            raise CheckpointError(f"{checkpoint}: a '{m.kind}' checkpoint cannot predict; "
                                   f"predict takes tagging, classification and forecast models")
-        if attention and getattr(task.cfg.model, "pooling", None) != "attention":
+        if attention and getattr(m.task.cfg.model, "pooling", None) != "attention":
             _bad_option("--attention needs a classifier with model.pooling: attention")
-        extra = {"attention": attention} if task.cfg.task == "classification" else {}
+        if m.kind == "classification":
+            def show(d) -> str:
+                return format_prediction(d, probs, attention)
+        else:
+            def show(tags) -> str:
+                return " ".join(tags)
         if input is not None and not input.is_file():
             raise DataError(f"--input: file not found: {input}")
         source = open(input, encoding="utf-8") if input is not None else sys.stdin
@@ -302,7 +308,7 @@ def predict(
             bar = tqdm(desc="predict", unit="line", file=sys.stderr, leave=False,
                        disable=None if input is not None else True)   # a file read, stderr a terminal
             for lines in _chunks(source, batch_size * 16):
-                sink.write("".join(line + "\n" for line in task.predict(lines, batch_size, probs, **extra)))
+                sink.write("".join(show(x) + "\n" for x in m.predict(lines, batch_size)))
                 sink.flush()
                 bar.update(len(lines))
             bar.close()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 from rnnkit.config import ConfigError
 
@@ -146,8 +146,8 @@ class LanguageModel(Model):
         return "".join(self.stream(prime, length, temperature, top_k, top_p, seed))
 
     def stream(self, prime: str = "", length: int = 100, temperature: float = 1.0, top_k: int | None = None,
-               top_p: float | None = None, seed: int | None = None):
-        """As :meth:`generate`, a piece of text at a time."""
+               top_p: float | None = None, seed: int | None = None) -> Iterator[str]:
+        """As :meth:`generate`, a piece of text at a time (the options are checked at the call)."""
         import torch
 
         if temperature <= 0:
@@ -156,7 +156,9 @@ class LanguageModel(Model):
             raise ConfigError("", f"--top-p must be in (0, 1], got {top_p}")
         gen = torch.Generator(device=self.task.device)
         gen.manual_seed(seed if seed is not None else torch.seed())
-        pieces = self.task.generate(prime, length, temperature, top_k, top_p, gen)
+        return self._pieces(self.task.generate(prime, length, temperature, top_k, top_p, gen))
+
+    def _pieces(self, pieces: Iterator[str]) -> Iterator[str]:
         while True:
             with self._arithmetic():
                 piece = next(pieces, None)

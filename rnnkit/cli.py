@@ -136,7 +136,8 @@ def generate(
     top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="Sample only from the k likeliest tokens."),
     top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0,
                                           help="Sample from the smallest set of tokens with this total probability."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed; the same seed gives the same text."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed; the same seed gives the same text "
+                                                            "(sample i of --num-samples uses seed + i - 1)."),
     num_samples: int = typer.Option(1, "--num-samples", min=1, help="How many independent samples."),
     precision: str = _precision_option(),
     int8: bool = _int8_option(),
@@ -147,29 +148,21 @@ def generate(
 
     Example:  rnnkit generate runs/char_lm/best.pt --prime "ROMEO:" --temperature 0.8 --seed 1
     """
-    import torch
+    import rnnkit
 
-    from rnnkit.runs import load_task
-
-    if temperature <= 0:
-        _bad_option(f"--temperature must be > 0, got {temperature}")
-    if top_p is not None and top_p <= 0:
-        _bad_option(f"--top-p must be in (0, 1], got {top_p}")
-    with user_errors(), contextlib.ExitStack() as stack:
-        task = load_task(checkpoint, device)
-        stack.enter_context(_arithmetic(task, precision, int8))
-        if not hasattr(task, "generate"):
-            raise CheckpointError(f"{checkpoint}: a '{task.cfg.task}' checkpoint cannot generate text; "
+    with user_errors():
+        m = rnnkit.load(checkpoint, device, precision, int8, note=_note)
+        if m.kind != "lm":
+            raise CheckpointError(f"{checkpoint}: a '{m.kind}' checkpoint cannot generate text; "
                                   f"use 'rnnkit translate' for translation models")
-        gen = torch.Generator(device=task.device)
-        gen.manual_seed(seed if seed is not None else torch.seed())
         out = sys.stdout
         for i in range(num_samples):
             if num_samples > 1:
                 err_console.rule(f"sample {i + 1}")
-            word = task.cfg.data.tokenizer == "word"
+            word = m.task.cfg.data.tokenizer == "word"
+            pieces = m.stream(prime, length, temperature, top_k, top_p, None if seed is None else seed + i)
             out.write(prime + (" " if word and prime and not prime[-1].isspace() else ""))
-            for piece in task.generate(prime, length, temperature, top_k, top_p, gen):
+            for piece in pieces:
                 out.write(piece)
                 out.flush()
             out.write("\n")

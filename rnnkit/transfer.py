@@ -86,7 +86,9 @@ def copy_recurrent_layers(rnn: nn.Module, lm: dict[str, Any], backward: bool = F
     """The LM's recurrent layers into one direction of ``rnn``'s lowest layers: weights of the
     same shape as they are; an input matrix wider than the LM's (a bidirectional layer's input
     holds both directions, a tagger's first layer also character vectors) takes the LM's
-    columns where that direction's input lies. Returns the number of layers copied."""
+    columns where that direction's input lies. Above the first layer the other direction's
+    columns start at zero (random ones would add noise as large as the LM's own signal to
+    every pretrained layer); they get gradients and learn. Returns the number of layers copied."""
     state = {k[len("rnn."):]: v for k, v in lm["model"].items() if k.startswith("rnn.")}
     layers = lm["config"]["model"]["num_layers"]
     suffix = "_reverse" if backward else ""
@@ -100,6 +102,8 @@ def copy_recurrent_layers(rnn: nn.Module, lm: dict[str, Any], backward: bool = F
                     target.copy_(source)
                 elif name == "weight_ih" and source.size(0) == target.size(0):
                     start = source.size(1) if backward and layer > 0 else 0
+                    if layer > 0:      # the other direction's input starts with no say: the layer
+                        target.zero_()  # computes what it computed in the LM, and learns the rest
                     target[:, start:start + source.size(1)] = source
                 else:
                     raise ConfigError("model.init_from", f"layer {layer}'s {name} is {tuple(source.shape)} in the "

@@ -57,6 +57,8 @@ def test_init_from_copies_known_words_and_recurrent_layers(tmp_path):
     # a bidirectional layer's input holds both directions: each LM's columns where its direction's lie
     assert torch.equal(rnn.weight_ih_l1[:, :16], lm_f.model.rnn.weight_ih_l1)
     assert torch.equal(rnn.weight_ih_l1_reverse[:, 16:], lm_b.model.rnn.weight_ih_l1)
+    # and the other direction's columns start at zero: layer 2 computes what the LM's layer 2 did
+    assert not rnn.weight_ih_l1[:, 16:].any() and not rnn.weight_ih_l1_reverse[:, :16].any()
 
 
 def test_init_from_tied_adaptive_lm_uses_its_input_vectors(tmp_path):

@@ -134,18 +134,30 @@ class Batcher:
             items = [x for p in batch for x in p.items]
             try:
                 results = await loop.run_in_executor(self.executor, self.run, key, items)
-            except Exception as err:  # noqa: BLE001 - each request of the batch hears it
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(err)
+            except Exception as err:  # noqa: BLE001 - a merged batch failed: find whose request it was
+                if len(batch) == 1:
+                    self._settle(batch[0], error=err)
+                    continue
+                for p in batch:         # each alone, so that one bad request fails only itself
+                    try:
+                        self._settle(p, await loop.run_in_executor(self.executor, self.run, key, p.items))
+                    except Exception as alone:  # noqa: BLE001
+                        self._settle(p, error=alone)
                 continue
             self.batches += 1
             self.items_done += len(items)
             start = 0
             for p in batch:
-                if not p.future.done():     # a client that went away leaves a cancelled future
-                    p.future.set_result(results[start:start + len(p.items)])
+                self._settle(p, results[start:start + len(p.items)])
                 start += len(p.items)
+
+    def _settle(self, p: _Pending, results: list | None = None, error: Exception | None = None) -> None:
+        if p.future.done():             # a client that went away leaves a cancelled future
+            return
+        if error is not None:
+            p.future.set_exception(error)
+        else:
+            p.future.set_result(results)
 
 
 # ---------------------------------------------------------------------- request bodies

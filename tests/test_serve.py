@@ -200,6 +200,25 @@ def test_a_full_queue_answers_busy():
     assert asyncio.run(scenario()) == ([["a", "b"], ["c", "d"]], 2)
 
 
+def test_one_bad_request_in_a_merged_batch_fails_alone():
+    def run(key, items):
+        if "bad" in items:
+            raise ValueError("cannot decode 'bad'")
+        return [x.upper() for x in items]
+
+    async def scenario():
+        batcher = Batcher(run, Limits(max_batch=8, max_wait_ms=50), ThreadPoolExecutor(1))
+        worker = asyncio.create_task(batcher.serve_forever())
+        answers = await asyncio.gather(*(batcher.submit("k", items) for items in (["a"], ["bad"], ["b", "c"])),
+                                       return_exceptions=True)
+        worker.cancel()
+        return answers
+
+    good, bad, more = asyncio.run(scenario())
+    assert good == ["A"] and more == ["B", "C"]
+    assert isinstance(bad, ValueError)
+
+
 def test_names_and_bad_checkpoints_are_one_line_errors(tmp_path):
     assert model_names(["runs/en_fr/best.pt", "big=runs/x/last.pt"]) == {"en_fr": "runs/en_fr/best.pt",
                                                                       "big": "runs/x/last.pt"}

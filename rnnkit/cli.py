@@ -680,6 +680,7 @@ def evaluate(
     Example:  rnnkit eval runs/adding/best.pt --gradient-flow --plot flow.png
     Example:  rnnkit eval runs/forecast_etth1/best.pt --data ETTh1.csv --split test
     """
+    import rnnkit
     from rnnkit.data.vocab import read_text
     from rnnkit.runs import load_task
     from rnnkit.training import distributed
@@ -688,19 +689,20 @@ def evaluate(
         _bad_option(f"--split must be train, valid or test, got {split!r}")
     if plot is not None and not gradient_flow:
         _bad_option("--plot draws the gradient-flow curve; add --gradient-flow")
-    with user_errors(), contextlib.ExitStack() as stack:
+    with user_errors():
         _output_file(plot, "--plot")
-        task = load_task(checkpoint, device, with_data=gradient_flow)
-        stack.enter_context(_arithmetic(task, precision, int8))
-        kind = task.cfg.task
-        if gradient_flow:
+        if gradient_flow:            # needs the task's training data: not an inference model
+            task = load_task(checkpoint, device, with_data=True)
             if not hasattr(task, "gradient_flow"):
-                raise CheckpointError(f"{checkpoint}: task '{kind}' does not measure gradient flow")
-            _print_gradient_flow(task.gradient_flow(), plot, f"{kind}, {checkpoint}", as_json)
+                raise CheckpointError(f"{checkpoint}: task '{task.cfg.task}' does not measure gradient flow")
+            with _arithmetic(task, precision, int8):
+                _print_gradient_flow(task.gradient_flow(), plot, f"{task.cfg.task}, {checkpoint}", as_json)
             return
+        m = rnnkit.load(checkpoint, device, precision, int8, note=_note)
+        kind = m.kind
         if split is not None and kind != "forecast":
             _bad_option("--split is for forecast checkpoints")
-        if cache and (kind != "lm" or task.cfg.data.tokenizer != "word"):
+        if cache and (kind != "lm" or m.task.cfg.data.tokenizer != "word"):
             _bad_option("--cache is for word-level language models")
         if kind in ("lm", "tagging", "classification", "forecast"):
             if data is None:
@@ -708,11 +710,11 @@ def evaluate(
             if not data.is_file():
                 raise DataError(f"--data: file not found: {data}")
             if kind == "lm":
-                results = task.evaluate_text(read_text(str(data)), streams, cache, cache_theta, cache_lambda)
+                results = m.score(read_text(str(data)), streams, cache, cache_theta, cache_lambda)
             elif kind == "forecast":
-                results = task.evaluate_file(str(data), batch_size, split)
+                results = m.score(data, split, batch_size)
             else:
-                results = task.evaluate_file(str(data), batch_size)
+                results = m.score(data, batch_size)
         elif kind == "translation":
             if src is None or ref is None:
                 _bad_option("--src FILE and --ref FILE are required to evaluate a translation model")
@@ -721,10 +723,11 @@ def evaluate(
 
             sources, refs = read_parallel(str(src), str(ref))
             rank = distributed.init()    # under torchrun: each rank decodes and scores a share
-            hyps = _split_across_ranks(sources, rank, lambda part: [
-                t.text for t in task.translate(part, beam=beam, batch_size=batch_size)])
-            scored = _split_across_ranks(list(zip(sources, refs)), rank, lambda part: [
-                task.score_pairs([s for s, _ in part], [r for _, r in part], batch_size)] if part else [])
+            hyps = _split_across_ranks(sources, rank, lambda part: m.translate(part, beam=beam,
+                                                                               batch_size=batch_size))
+            with m.running():
+                scored = _split_across_ranks(list(zip(sources, refs)), rank, lambda part: [
+                    m.task.score_pairs([s for s, _ in part], [r for _, r in part], batch_size)] if part else [])
             tokens = sum(n for _, n in scored)
             loss = sum(v * n for v, n in scored) / max(1, tokens)
             distributed.finish()
@@ -733,7 +736,8 @@ def evaluate(
             results = {"bleu": bleu(hyps, refs), "chrf": chrf(hyps, refs), "loss": loss,
                        "ppl": perplexity(loss), "sentences": len(sources), "beam": beam}
         else:   # generated tasks: the test set their seed fixes
-            results = task.evaluate_split("test")
+            with m.running():
+                results = m.task.evaluate_split("test")
     _print_results(results, as_json)
 
 

@@ -202,14 +202,7 @@ def train_all(args, work: Path, bin_: Path) -> dict:
     if "onmt" in args.peers:
         for old in (work / "onmt").glob("model_step_*.pt"):   # an earlier, longer run's would be decoded
             old.unlink()
-        cfg = peer_config("onmt", work, args.steps)
-        timed([str(bin_ / "onmt_build_vocab"), "-config", str(cfg), "-n_sample", "-1"], work / "onmt" / "vocab.log",
-              work)
-        for f in ("vocab.src", "vocab.tgt"):   # drop tokens its own reader rejects (see the peers' README)
-            p = work / "onmt" / f
-            p.write_text("".join(ln + "\n" for ln in p.read_text(encoding="utf-8").split("\n")[:-1]
-                                 if len(ln.split(None, 1)) == 2), encoding="utf-8")
-        rc, rss, _ = timed([str(bin_ / "onmt_train"), "-config", str(cfg)], work / "onmt" / "train.log", work)
+        rc, rss = train_onmt(work, args.steps, bin_)
         results[PEER_NAMES["onmt"]] = {**throughput("onmt", work / "onmt" / "train.log", 20, args.steps),
                                        "peak_gb": rss}
     if "joey" in args.peers:
@@ -221,6 +214,19 @@ def train_all(args, work: Path, bin_: Path) -> dict:
     for precision in args.precision:
         results[f"rnnkit {precision}"] = train_rnnkit(work / f"rnnkit-{precision}", args.steps, precision)
     return results
+
+
+def train_onmt(work: Path, steps: int, bin_: Path) -> tuple[int, float | None]:
+    """OpenNMT-py's copy of the shared model, ``steps`` updates, into ``work``/onmt; (exit code, peak RSS GB)."""
+    (work / "onmt").mkdir(parents=True, exist_ok=True)
+    cfg = peer_config("onmt", work, steps)
+    timed([str(bin_ / "onmt_build_vocab"), "-config", str(cfg), "-n_sample", "-1"], work / "onmt" / "vocab.log", work)
+    for f in ("vocab.src", "vocab.tgt"):   # drop tokens its own reader rejects (see the peers' README)
+        p = work / "onmt" / f
+        p.write_text("".join(ln + "\n" for ln in p.read_text(encoding="utf-8").split("\n")[:-1]
+                             if len(ln.split(None, 1)) == 2), encoding="utf-8")
+    rc, rss, _ = timed([str(bin_ / "onmt_train"), "-config", str(cfg)], work / "onmt" / "train.log", work)
+    return rc, rss
 
 
 def train_rnnkit(run_dir: Path, steps: int, precision: str) -> dict:

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import cpu_description  # noqa: E402
-from bench.peers import OUT, SHARED, peer_config, train_rnnkit  # noqa: E402
+from bench.peers import OUT, SHARED, train_onmt, train_rnnkit  # noqa: E402
 
 TEST = SHARED / "data" / "multi30k" / "test_2016_flickr.en"
 REF = SHARED / "data" / "multi30k" / "test_2016_flickr.fr"
@@ -206,20 +206,12 @@ def train_models(steps: int, out: Path, want_onmt: bool) -> tuple[Path, Path | N
     venv = OUT / "peers-venv" / "bin"
     if want_onmt and (venv / "onmt_server").exists():
         work = out / "onmt-run"
-        (work / "onmt").mkdir(parents=True, exist_ok=True)
         onmt = work / "onmt" / f"model_step_{steps}.pt"
         if not onmt.exists():
             print(f"training OpenNMT-py's shared model for {steps} steps ...", flush=True)
-            cfg = peer_config("onmt", work, steps)
-            subprocess.run([str(venv / "onmt_build_vocab"), "-config", str(cfg), "-n_sample", "-1"], cwd=work,
-                           check=True, capture_output=True)
-            for f in ("vocab.src", "vocab.tgt"):   # drop tokens its own reader rejects (see the peers' README)
-                p = work / "onmt" / f
-                p.write_text("".join(ln + "\n" for ln in p.read_text(encoding="utf-8").split("\n")[:-1]
-                                     if len(ln.split(None, 1)) == 2), encoding="utf-8")
-            with (work / "onmt" / "train.log").open("w") as log:
-                subprocess.run([str(venv / "onmt_train"), "-config", str(cfg)], cwd=work, check=True,
-                               stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "2"})
+            rc, _ = train_onmt(work, steps, venv)
+            if rc != 0:
+                raise SystemExit(f"OpenNMT-py training failed (exit {rc}); see {work / 'onmt' / 'train.log'}")
     elif want_onmt:
         print("onmt_server: skipped (run bench/peers.py once to install the peers into bench/out/peers-venv)")
     return ckpt, onmt

@@ -1,7 +1,6 @@
 """The ``rnnkit`` command: thin commands that parse, load, call and print."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys

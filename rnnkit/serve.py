@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import itertools
 import tempfile
-import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -88,7 +87,6 @@ class Batcher:
     limits: Limits
     executor: ThreadPoolExecutor
     queue: deque = field(default_factory=deque)
-    waiting: int = 0              # items queued (not yet running)
     batches: int = 0
     items_done: int = 0
     _wake: asyncio.Event | None = None
@@ -98,7 +96,6 @@ class Batcher:
             raise Busy()
         future = asyncio.get_running_loop().create_future()
         self.queue.append(_Pending(key, items, future))
-        self.waiting += len(items)
         self._event().set()
         return await future
 
@@ -106,6 +103,11 @@ class Batcher:
         if self._wake is None:
             self._wake = asyncio.Event()
         return self._wake
+
+    @property
+    def waiting(self) -> int:
+        """Items queued, not yet running."""
+        return sum(len(p.items) for p in self.queue)
 
     def _room(self, key: Hashable) -> int:
         return sum(len(p.items) for p in self.queue if p.key == key)
@@ -130,7 +132,6 @@ class Batcher:
                     batch.append(p)
                     size += len(p.items)
                     self.queue.remove(p)
-            self.waiting -= size
             items = [x for p in batch for x in p.items]
             try:
                 results = await loop.run_in_executor(self.executor, self.run, key, items)
@@ -371,7 +372,6 @@ def build_app(models: dict[str, Model], limits: Limits = Limits(),
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         workers = [asyncio.create_task(s.batcher.serve_forever()) for s in served.values()]
-        app.state.started = time.time()
         yield
         for w in workers:
             w.cancel()
@@ -386,7 +386,6 @@ def build_app(models: dict[str, Model], limits: Limits = Limits(),
                   lifespan=lifespan)
     app.add_middleware(_BodyLimit, limit=limits.max_body)
     app.add_middleware(_Counted, counts=counts)      # outermost: sees every request
-    app.state.counts = counts
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

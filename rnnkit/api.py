@@ -103,6 +103,28 @@ def _lines(lines: str | Sequence[str]) -> list[str]:
     return list(lines)
 
 
+class Stream:
+    """A task's stream (``add``, ``step``, ``room``, ``live``) whose calls run in the model's
+    arithmetic, as the other methods of :class:`Model` do."""
+
+    def __init__(self, model: Model, inner: Any):
+        self._model, self._inner = model, inner
+
+    @property
+    def room(self) -> int:
+        return self._inner.room
+
+    @property
+    def live(self) -> int:
+        return self._inner.live
+
+    def add(self, lines: Sequence[str], tags: Sequence[Any]) -> list[tuple[Any, Any]]:
+        return self._model._run(lambda: self._inner.add(lines, tags))
+
+    def step(self) -> list[tuple[Any, Any]]:
+        return self._model._run(self._inner.step)
+
+
 class Translator(Model):
     def translate(self, lines: str | Sequence[str], beam: int = 1, n_best: int = 1, batch_size: int = 64,
                   length_penalty: float = 0.0, replace_unk: bool = False) -> list[str] | list[list[str]]:
@@ -115,15 +137,25 @@ class Translator(Model):
                      length_penalty: float = 0.0, replace_unk: bool = False) -> list:
         """As :meth:`translate`, with each hypothesis's score, tokens and attention
         (:class:`rnnkit.tasks.translation.Translation`)."""
+        self._check(beam, n_best, batch_size, replace_unk)
+        items = _lines(lines)
+        return self._run(lambda: self.task.translate(items, beam=beam, n_best=n_best, batch_size=batch_size,
+                                                     alpha=length_penalty, replace_unk=replace_unk))
+
+    def stream(self, beam: int = 1, n_best: int = 1, length_penalty: float = 0.0, replace_unk: bool = False,
+               capacity: int = 32) -> "Stream":
+        """Continuous batching for a server: up to ``capacity`` sentences decoded together,
+        joining and leaving between steps (:class:`rnnkit.tasks.translation.TranslationStream`)."""
+        self._check(beam, n_best, capacity, replace_unk)
+        return Stream(self, self.task.stream(beam, n_best, length_penalty, replace_unk, capacity))
+
+    def _check(self, beam: int, n_best: int, batch_size: int, replace_unk: bool) -> None:
         if beam < 1 or n_best < 1 or batch_size < 1:
             raise ConfigError("", "beam, n_best and batch_size must be at least 1")
         if n_best > beam:
             raise ConfigError("", f"--n-best ({n_best}) cannot exceed --beam ({beam})")
         if replace_unk and self.task.cfg.model.decoder.attention == "none":
             raise ConfigError("", "--replace-unk and --attention-plots need a model with attention")
-        items = _lines(lines)
-        return self._run(lambda: self.task.translate(items, beam=beam, n_best=n_best, batch_size=batch_size,
-                                                     alpha=length_penalty, replace_unk=replace_unk))
 
     def score(self, sources: Sequence[str], references: Sequence[str], beam: int = 1,
               batch_size: int = 64) -> dict[str, Any]:

@@ -8,9 +8,11 @@ Routes: ``POST /v1/{model}/translate | predict | generate | forecast`` (JSON in 
 a page to try the models.
 
 Concurrent requests for one model with the same options wait in one queue and are decoded
-together: the worker takes up to ``max_batch`` sentences, waiting at most ``max_wait_ms`` for
-more to arrive when fewer are queued, so a busy server decodes at batch speed and an idle one
-answers at once. One worker thread runs every model call, so the models share the cores
+together. Translations are batched continuously: up to ``max_batch`` sentences share one beam
+search, newcomers join it between steps as others finish, and each request is answered when
+its own sentences are done. Other tasks merge requests: the worker takes up to ``max_batch``
+sentences, waiting at most ``max_wait_ms`` for more to arrive when fewer are queued, so a
+busy server decodes at batch speed and an idle one answers at once. One worker thread runs every model call, so the models share the cores
 instead of fighting over them. A full queue answers 503; a malformed or oversized request
 gets a 4xx with ``{"error": "one line"}``; SIGTERM stops accepting connections, answers every
 request already accepted, then exits.
@@ -71,21 +73,30 @@ class RequestError(Exception):
         self.status = status
 
 
-@dataclass
+@dataclass(eq=False)            # compared and hashed by identity: a stream's tags hold it
 class _Pending:
     key: Hashable
     items: list
     future: asyncio.Future
+    taken: int = 0                      # items handed to a stream so far
+    results: list = field(default_factory=list)
+    remaining: int = 0                  # items a stream has not answered yet
 
 
 @dataclass
 class Batcher:
     """Merges concurrent requests that share a key into one call of ``run(key, items)``, which
     returns one result per item. Requests are served in arrival order; a batch takes the oldest
-    request and every later one with the same key while it has room."""
+    request and every later one with the same key while it has room.
+
+    Where ``stream(key)`` gives a stream (``add(items, tags)``, ``step()``, ``room``, ``live``:
+    :meth:`rnnkit.api.Translator.stream`), requests are batched continuously instead: items join
+    the running decode between its steps as others finish, and each request is answered as soon
+    as its own items are done."""
     run: Callable[[Hashable, list], list]
     limits: Limits
     executor: ThreadPoolExecutor
+    stream: Callable[[Hashable], Any] | None = None
     queue: deque = field(default_factory=deque)
     batches: int = 0
     items_done: int = 0
@@ -107,7 +118,20 @@ class Batcher:
     @property
     def waiting(self) -> int:
         """Items queued, not yet running."""
-        return sum(len(p.items) for p in self.queue)
+        return sum(len(p.items) - p.taken for p in self.queue)
+
+    @property
+    def _join_group(self) -> int:
+        return max(1, self.limits.max_batch // 4)
+
+    def _leading(self, key: Hashable) -> int:
+        """Items not yet started in the requests with ``key`` at the head of the queue."""
+        n = 0
+        for p in self.queue:
+            if p.key != key:
+                break
+            n += len(p.items) - p.taken
+        return n
 
     def _room(self, key: Hashable) -> int:
         return sum(len(p.items) for p in self.queue if p.key == key)
@@ -120,6 +144,10 @@ class Batcher:
                 wake.clear()
                 await wake.wait()
             key = self.queue[0].key
+            stream = self.stream(key) if self.stream is not None else None
+            if stream is not None:
+                await self._run_stream(key, stream)
+                continue
             deadline = loop.time() + self.limits.max_wait_ms / 1000
             while self._room(key) < self.limits.max_batch and loop.time() < deadline:
                 wake.clear()
@@ -152,6 +180,56 @@ class Batcher:
                 self._settle(p, results[start:start + len(p.items)])
                 start += len(p.items)
 
+    async def _run_stream(self, key: Hashable, stream: Any) -> None:
+        """Decode with ``stream`` while requests with ``key`` lead the queue or it has items in
+        flight. A request whose items cannot start fails alone; a failed step fails every
+        request in flight."""
+        loop = asyncio.get_running_loop()
+        flight: dict[int, _Pending] = {}
+        while True:
+            new: list[tuple[_Pending, list, list]] = []
+            room = stream.room
+            if stream.live >= self.limits.max_batch // 2 and self._leading(key) < min(room, self._join_group):
+                room = 0     # a busy decode takes newcomers a few at a time: each join costs a step's worth
+            while self.queue and self.queue[0].key == key and (room or not self.queue[0].items):
+                p = self.queue[0]
+                if not p.taken:
+                    p.results, p.remaining = [None] * len(p.items), len(p.items)
+                take = p.items[p.taken:p.taken + room]
+                new.append((p, take, [(p, p.taken + i) for i in range(len(take))]))
+                flight[id(p)] = p
+                p.taken += len(take)
+                room -= len(take)
+                if p.taken == len(p.items):
+                    self.queue.popleft()
+            if not new and not stream.live:
+                return
+            try:
+                done, failed = await loop.run_in_executor(self.executor, _stream_tick, stream, new)
+            except Exception as err:  # noqa: BLE001 - the decode itself failed
+                for p in flight.values():
+                    self._settle(p, error=err)
+                    with contextlib.suppress(ValueError):
+                        self.queue.remove(p)
+                return
+            if new:
+                self.batches += 1
+            for p, err in failed:
+                self._settle(p, error=err)
+                flight.pop(id(p), None)
+                with contextlib.suppress(ValueError):
+                    self.queue.remove(p)
+            for p in [p for p, _, _ in new if not p.items]:
+                self._settle(p, [])
+                flight.pop(id(p), None)
+            self.items_done += len(done)
+            for (p, i), result in done:
+                p.results[i] = result
+                p.remaining -= 1
+                if not p.remaining:
+                    self._settle(p, p.results)
+                    flight.pop(id(p), None)
+
     def _settle(self, p: _Pending, results: list | None = None, error: Exception | None = None) -> None:
         if p.future.done():             # a client that went away leaves a cancelled future
             return
@@ -159,6 +237,24 @@ class Batcher:
             p.future.set_exception(error)
         else:
             p.future.set_result(results)
+
+
+def _stream_tick(stream: Any, new: list[tuple[_Pending, list, list]]) -> tuple[list, list]:
+    """In the worker thread: start the new items (each request alone if together they fail),
+    then one step. Returns the finished ``(tag, result)`` pairs and the requests that failed."""
+    done, failed = [], []
+    if new:
+        try:
+            done += stream.add([x for _, items, _ in new for x in items], [t for _, _, tags in new for t in tags])
+        except Exception:  # noqa: BLE001 - find whose items they were
+            for p, items, tags in new:
+                try:
+                    done += stream.add(items, tags)
+                except Exception as err:  # noqa: BLE001
+                    failed.append((p, err))
+    if stream.live:
+        done += stream.step()
+    return done, failed
 
 
 # ---------------------------------------------------------------------- request bodies
@@ -217,7 +313,7 @@ class Served:
 
     def __init__(self, name: str, model: Model, limits: Limits, executor: ThreadPoolExecutor):
         self.name, self.model, self.limits = name, model, limits
-        self.batcher = Batcher(self._run, limits, executor)
+        self.batcher = Batcher(self._run, limits, executor, self._stream)
         self._solo = itertools.count()     # keys that never merge (generate, forecast)
         self._card: dict[str, Any] | None = None
 
@@ -230,6 +326,12 @@ class Served:
         if kind == "predict":
             return self.model.predict(items, batch_size=self.limits.max_batch)
         return [item() for item in items]     # a solo call
+
+    def _stream(self, key: Hashable) -> Any:
+        if key[0] != "translate":
+            return None
+        _, beam, n_best, alpha, replace_unk = key
+        return self.model.stream(beam, n_best, alpha, replace_unk, capacity=self.limits.max_batch)
 
     async def translate(self, req: TranslateRequest) -> dict[str, Any]:
         self._expect("translation", "translate")

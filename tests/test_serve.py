@@ -277,3 +277,66 @@ def test_sigterm_answers_every_accepted_request_then_exits(checkpoints):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+class CountdownStream:
+    """A fake stream: an item is done after as many steps as it has characters; 'bad' cannot start."""
+
+    def __init__(self, capacity: int, log: list):
+        self.capacity, self.log, self.items = capacity, log, {}
+
+    @property
+    def room(self) -> int:
+        return self.capacity - len(self.items)
+
+    @property
+    def live(self) -> int:
+        return len(self.items)
+
+    def add(self, items, tags):
+        if any(x == "bad" for x in items):
+            raise ValueError("cannot start 'bad'")
+        assert len(items) <= self.room
+        self.log.append(list(items))
+        self.items.update({tag: [x, len(x)] for x, tag in zip(items, tags)})
+        return []
+
+    def step(self):
+        for entry in self.items.values():
+            entry[1] -= 1
+        done = [(tag, x.upper()) for tag, (x, left) in self.items.items() if left <= 0]
+        for tag, _ in done:
+            del self.items[tag]
+        return done
+
+
+def test_a_stream_answers_requests_as_their_items_finish_and_a_bad_one_fails_alone():
+    """Continuous batching in the batcher: items join as others leave (never more than the
+    capacity at once), a request longer than the capacity is fed in parts, each request gets
+    its answers in order, a request that cannot start fails alone, and another key waits its turn."""
+    log: list = []
+    streams: list = []
+
+    def stream(key):
+        if key != "s":
+            return None
+        streams.append(CountdownStream(3, log))
+        return streams[-1]
+
+    async def scenario():
+        batcher = Batcher(lambda key, items: [f"plain {x}" for x in items], Limits(max_batch=3, max_wait_ms=0),
+                          ThreadPoolExecutor(1), stream)
+        worker = asyncio.create_task(batcher.serve_forever())
+        requests = [("s", ["aaaaaa"]), ("s", ["b", "cc", "ddd", "e", "ff"]), ("s", ["bad"]), ("s", []),
+                    ("other", ["x"]), ("s", ["g"])]
+        answers = await asyncio.gather(*(batcher.submit(k, items) for k, items in requests), return_exceptions=True)
+        worker.cancel()
+        return answers, batcher
+
+    answers, batcher = asyncio.run(scenario())
+    assert answers[0] == ["AAAAAA"] and answers[1] == ["B", "CC", "DDD", "E", "FF"]
+    assert isinstance(answers[2], ValueError) and answers[3] == []
+    assert answers[4] == ["plain x"] and answers[5] == ["G"]
+    assert sorted(x for group in log for x in group) == sorted(["aaaaaa", "b", "cc", "ddd", "e", "ff", "g"])
+    assert len(log[0]) == 3 and len(streams) == 2      # the first group fills the capacity; "other" split the run
+    assert batcher.items_done == 8 and not batcher.queue           # 7 streamed, 1 plain

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rnnkit.config import TeacherForcingConfig
-from rnnkit.decoding.search import beam_search, greedy_search
+from rnnkit.decoding.search import BeamSearch, beam_search, greedy_search
 from rnnkit.models.seq2seq import Bridge, Decoder, Encoder, Seq2Seq
 from rnnkit.training.teacher_forcing import TeacherForcingSchedule
 
@@ -121,7 +121,7 @@ class ChainState:
 def chain_step(table, by_time):
     def step(tokens, st):
         logits = table[st.sentence, tokens] + by_time[st.sentence, st.t]
-        return logits, ChainState(st.sentence, tokens, st.t + 1), None
+        return logits, type(st)(st.sentence, tokens, st.t + 1), None
     return step
 
 
@@ -142,6 +142,76 @@ def test_batched_search_equals_one_sentence_at_a_time(seed, beam):
         tokens, score = one_sentence_search(step, alone, beam, int(lengths[i] * 1.5 + 2), bos, eos)
         assert hyp.tokens == tokens
         assert hyp.score == pytest.approx(score, abs=1e-4)
+
+
+class JoinableChain(ChainState):
+    def select(self, index):
+        return JoinableChain(self.sentence[index], self.prev[index], self.t[index])
+
+    def join(self, other):
+        return JoinableChain(*(torch.cat([a, b]) for a, b in ((self.sentence, other.sentence),
+                                                              (self.prev, other.prev), (self.t, other.t))))
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("beam,n_best", [(1, 1), (3, 1), (4, 2)])
+def test_sentences_joining_a_running_search_get_what_they_get_alone(seed, beam, n_best):
+    """Continuous batching: sentences join between steps as others leave (slots are reused,
+    the history is trimmed); each gets the hypotheses of one batch holding it from the start."""
+    g = torch.Generator().manual_seed(seed)
+    n, vocab, bos, eos = 14, 7, 6, 1
+    table, by_time = torch.randn(n, vocab, vocab, generator=g) * 2, torch.randn(n, 40, vocab, generator=g)
+    lengths = torch.randint(1, 8, (n,), generator=g)
+    step = chain_step(table, by_time)
+    start = JoinableChain(torch.arange(n), torch.full((n,), bos), torch.zeros(n, dtype=torch.long))
+    kw = dict(bos=bos, eos=eos, device=torch.device("cpu"), beam=beam, n_best=n_best, max_len_ratio=1.5,
+              max_len_extra=2)
+    expected = beam_search(step, start, n, src_lengths=lengths, **kw)
+    search = BeamSearch(step, capacity=4, **kw)
+    found, owner, waiting, longest_history = {}, {}, list(range(n)), 0
+    while waiting or search.live:
+        take = waiting[:min(search.room, int(torch.randint(0, 3, (1,), generator=g)) or 1)]
+        if take and search.room:
+            del waiting[:len(take)]
+            owner.update(zip(search.add(start.select(torch.tensor(take)), lengths[take]), take))
+        done = search.step()
+        for slot, hyps in zip(done, search.finish(done)):
+            found[owner.pop(slot)] = hyps
+        longest_history = max(longest_history, len(search._tok))
+    assert search.room == 4 and not search._tok                      # every slot free, no history kept
+    assert longest_history <= int(lengths.max() * 1.5 + 2) + 1       # trimmed as sentences leave
+    for i in range(n):
+        assert [h.tokens for h in found[i]] == [h.tokens for h in expected[i]]
+        assert [h.score for h in found[i]] == pytest.approx([h.score for h in expected[i]], abs=1e-5)
+
+
+def test_a_translation_stream_gives_the_batch_decode_translations():
+    """Seq2seq states join (sources padded to the longer, then narrowed as the long ones leave):
+    a stream with sentences arriving over time decodes each as the batch decode does, attention too."""
+    model = make_model("general", input_feeding=True).double()
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(1, 9, (10,), generator=g)
+    src = torch.randint(4, V_SRC, (10, int(lengths.max())), generator=g)
+    kw = dict(bos=BOS, eos=EOS, device=torch.device("cpu"), beam=3, max_len_ratio=2.0, max_len_extra=3)
+    with torch.no_grad():
+        expected = beam_search(model.decoder.step, model.encode(src, lengths), 10, src_lengths=lengths, **kw)
+        search = BeamSearch(model.decoder.step, capacity=3, **kw)
+        found, owner, nxt = {}, {}, 0
+        while nxt < 10 or search.live:
+            if search.room and nxt < 10:
+                i = nxt
+                n = int(lengths[i])
+                owner[search.add(model.encode(src[i:i + 1, :n], lengths[i:i + 1]), lengths[i:i + 1])[0]] = i
+                nxt += 1
+            done = search.step()
+            for slot, (hyp,) in zip(done, search.finish(done)):
+                found[owner.pop(slot)] = hyp
+    for i in range(10):
+        n = int(lengths[i])
+        assert found[i].tokens == expected[i][0].tokens
+        assert found[i].score == pytest.approx(expected[i][0].score, abs=1e-9)
+        assert torch.allclose(found[i].attention[:, :n], expected[i][0].attention[:, :n], atol=1e-9)
+        assert torch.all(found[i].attention[:, n:] == 0)
 
 
 @pytest.mark.parametrize("attention,input_feeding", [("general", True), ("additive", False), ("none", False)])

@@ -87,6 +87,33 @@ class DecoderState(NamedTuple):
         return DecoderState(rnn, pick(self.feed), pick(self.memory), pick(self.keys), pick(self.mask),
                             pick(self.context), masks)
 
+    def join(self, other: "DecoderState") -> "DecoderState":
+        """This state's rows, then ``other``'s, sources padded to the longer (search only)."""
+        if self.masks is not None or other.masks is not None:
+            raise ValueError("states with recurrent-dropout masks (training) cannot be joined")
+        width = max(self.mask.size(1), other.mask.size(1))
+        cat = lambda a, b, dim=0: None if a is None else torch.cat([a, b], dim)  # noqa: E731
+        source = lambda a, b: torch.cat([_pad_source(a, width), _pad_source(b, width)])  # noqa: E731
+        rnn = tuple(cat(a, b, 1) for a, b in zip(self.rnn, other.rnn)) if isinstance(self.rnn, tuple) \
+            else cat(self.rnn, other.rnn, 1)
+        return DecoderState(rnn, cat(self.feed, other.feed), source(self.memory, other.memory),
+                            source(self.keys, other.keys), source(self.mask, other.mask),
+                            cat(self.context, other.context))
+
+    def narrow_source(self, width: int) -> "DecoderState":
+        """Source positions past ``width`` dropped (views; no row may have a real token there)."""
+        if width >= self.mask.size(1):
+            return self
+        return self._replace(memory=self.memory[:, :width], keys=self.keys[:, :width], mask=self.mask[:, :width])
+
+
+def _pad_source(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``t`` (N, S, ...) padded with zeros (False for a mask) to ``width`` source positions."""
+    extra = width - t.size(1)
+    if not extra:
+        return t
+    return torch.cat([t, t.new_zeros(t.size(0), extra, *t.shape[2:])], 1)
+
 
 class Decoder(nn.Module):
     def __init__(self, vocab_size: int, embedding_dim: int, cell: str, hidden_size: int, num_layers: int,

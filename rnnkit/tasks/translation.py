@@ -17,7 +17,7 @@ from rnnkit.data.prepare import ensure_store
 from rnnkit.data.store import Batches, Store, StoreWriter, TokenArray, bucket_batches
 from rnnkit.data.tokenizers import tokenizer_from_state
 from rnnkit.data.vocab import BOS, EOS, UNK
-from rnnkit.decoding.search import Hypothesis, beam_search, greedy_search
+from rnnkit.decoding.search import BeamSearch, Hypothesis, beam_search, greedy_search
 from rnnkit.gradient_flow import GradientFlow, measure
 from rnnkit.metrics import bleu, chrf, perplexity
 from rnnkit.models.seq2seq import Bridge, Decoder, Encoder, Seq2Seq
@@ -242,6 +242,12 @@ class TranslationTask:
         self.model.train(was_training)
         return results if n_best > 1 else [r[0] for r in results]
 
+    def stream(self, beam: int = 1, n_best: int = 1, alpha: float = 0.0, replace_unk: bool = False,
+               capacity: int = 32) -> "TranslationStream":
+        """Continuous batching (see :class:`TranslationStream`); for inference only."""
+        self.model.eval()
+        return TranslationStream(self, beam, n_best, alpha, replace_unk, capacity)
+
     def _search(self, batch: Batch, beam: int, n_best: int, alpha: float) -> list[list[Hypothesis]]:
         m = self.cfg.model
         state = self.model.encode(batch.src, batch.src_lengths)
@@ -268,6 +274,57 @@ class TranslationTask:
                                   TokenArray.from_lists([b for _, b in pairs])), batch_size)
         self.model.train(was_training)
         return result
+
+
+class TranslationStream:
+    """Sentences decoded together while they come and go (continuous batching): :meth:`add`
+    lines whenever there is :attr:`room`, call :meth:`step` while :attr:`live`; each step
+    advances every sentence by one token and returns those that are done, so a server's batch
+    stays full instead of waiting for its longest sentence. A line's translation is the one
+    :meth:`TranslationTask.translate` gives, up to float rounding in the padded batch."""
+
+    def __init__(self, task: TranslationTask, beam: int, n_best: int, alpha: float, replace_unk: bool,
+                 capacity: int):
+        m = task.cfg.model
+        self.task, self.n_best, self.replace_unk = task, n_best, replace_unk
+        self.search = BeamSearch(task.model.decoder.step, task.bos, task.eos, task.device, capacity, beam, n_best,
+                                 alpha, m.max_len_ratio, m.max_len_extra)
+        self._lines: dict[int, tuple[Any, list[str]]] = {}    # slot -> (tag, source tokens)
+
+    @property
+    def room(self) -> int:
+        return self.search.room
+
+    @property
+    def live(self) -> int:
+        return self.search.live
+
+    @torch.no_grad()
+    def add(self, lines: Sequence[str], tags: Sequence[Any]) -> list[tuple[Any, Any]]:
+        """Start decoding ``lines`` (at most :attr:`room`), each known by its tag from then on.
+        Returns ``(tag, result)`` for the lines done at once (empty ones)."""
+        tokens = [self.task.src_tok.split(line) for line in lines]
+        done = [(tag, self._result([Translation("", 0.0, [], [], None)])) for tag, t in zip(tags, tokens) if not t]
+        todo = [(tag, t) for tag, t in zip(tags, tokens) if t]
+        if todo:
+            ids = [self.task.src_tok.vocab.encode(t) for _, t in todo]
+            batch = make_batch(ids, None, range(len(ids)), self.task.bos, self.task.eos).to(self.task.device)
+            slots = self.search.add(self.task.model.encode(batch.src, batch.src_lengths), batch.src_lengths)
+            self._lines.update(zip(slots, todo))
+        return done
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[Any, Any]]:
+        """One token for every live sentence; ``(tag, result)`` for each sentence now done."""
+        slots = self.search.step()
+        out = []
+        for slot, hyps in zip(slots, self.search.finish(slots)):
+            tag, src_tokens = self._lines.pop(slot)
+            out.append((tag, self._result([self.task._finish(h, src_tokens, self.replace_unk) for h in hyps])))
+        return out
+
+    def _result(self, found: list[Translation]) -> Translation | list[Translation]:
+        return found if self.n_best > 1 else found[0]
 
 
 def build(cfg: Config, device: torch.device, extras: dict[str, Any] | None = None,

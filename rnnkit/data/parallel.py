@@ -59,18 +59,22 @@ class Batch:
 IGNORE = -100       # cross_entropy's ignore_index
 
 
-def pad(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequences of ids (lists or arrays) as one zero-padded (B, longest) tensor, and their lengths."""
+def pad(seqs: Sequence[Sequence[int]], multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences of ids (lists or arrays) as one zero-padded (B, longest) tensor, and their
+    lengths; the width rounded up to a multiple of ``multiple``."""
     lengths = np.fromiter((len(s) for s in seqs), np.int64, len(seqs))
-    out = np.zeros((len(seqs), int(lengths.max()) if len(seqs) else 0), np.int64)
+    width = int(lengths.max()) if len(seqs) else 0
+    out = np.zeros((len(seqs), width + -width % multiple), np.int64)
     if lengths.sum():
         out[np.arange(out.shape[1]) < lengths[:, None]] = np.concatenate([np.asarray(s, np.int64) for s in seqs])
     return torch.from_numpy(out), torch.from_numpy(lengths)
 
 
 def make_batch(src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]] | None, index: Sequence[int],
-               bos: int, eos: int) -> Batch:
-    s, s_len = pad(src)
+               bos: int, eos: int, src_multiple: int = 1) -> Batch:
+    """A batch; the sources' width rounded up to a multiple of ``src_multiple`` (see
+    rnnkit.hardware.LENGTH_MULTIPLE)."""
+    s, s_len = pad(src, src_multiple)
     if tgt is None:
         empty = torch.zeros(len(src), 0, dtype=torch.long)
         return Batch(s, s_len, empty, empty, 0, torch.as_tensor(index), empty[0], empty[0])

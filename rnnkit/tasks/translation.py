@@ -19,6 +19,7 @@ from rnnkit.data.tokenizers import tokenizer_from_state
 from rnnkit.data.vocab import BOS, EOS, UNK
 from rnnkit.decoding.search import BeamSearch, Hypothesis, beam_search, greedy_search
 from rnnkit.gradient_flow import GradientFlow, measure
+from rnnkit.hardware import LENGTH_MULTIPLE
 from rnnkit.metrics import bleu, chrf, perplexity
 from rnnkit.models.seq2seq import Bridge, Decoder, Encoder, Seq2Seq
 from rnnkit.training.teacher_forcing import TeacherForcingSchedule
@@ -164,7 +165,7 @@ class TranslationTask:
 
     def _batch(self, pairs: Pairs, indices: Sequence[int]) -> Batch:
         return make_batch(pairs[0].gather(indices), pairs[1].gather(indices), indices,
-                          self.bos, self.eos).to(self.device)
+                          self.bos, self.eos, LENGTH_MULTIPLE).to(self.device)
 
     def _loss(self, batch: Batch, ratio: float = 1.0) -> torch.Tensor:
         """Mean cross-entropy per target token; the output layer runs on real tokens only."""

@@ -785,9 +785,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     except ImportError:     # typer versions that use click itself
         from click import exceptions as click_exceptions
 
-    from rnnkit.hardware import keep_freed_memory
+    from rnnkit.hardware import bound_kernel_cache, keep_freed_memory
 
     keep_freed_memory()
+    bound_kernel_cache()
     try:
         code = app(args=argv, prog_name="rnnkit", standalone_mode=False)
     except click_exceptions.ClickException as err:

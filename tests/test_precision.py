@@ -112,3 +112,14 @@ def test_allocator_tuning_applies_on_glibc_and_yields_to_the_user(monkeypatch):
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")          # the user tunes malloc: leave it alone
     assert keep_freed_memory() is False
 
+
+
+def test_the_kernel_cache_is_bounded_unless_the_user_sets_it(monkeypatch):
+    from rnnkit.hardware import KERNEL_CACHE, bound_kernel_cache
+    for key in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY"):
+        monkeypatch.delenv(key, raising=False)
+    assert bound_kernel_cache() is True
+    assert __import__("os").environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(KERNEL_CACHE)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "1024")      # the user's choice stays
+    assert bound_kernel_cache() is False
+    assert __import__("os").environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "1024"

@@ -417,3 +417,29 @@ def test_blockwise_top_k_equals_torch_topk(width):
         assert all(len(set(row.tolist())) == k for row in index)         # k distinct columns
         distinct = [r for r in range(x.size(0)) if r not in (4, 5)]
         assert torch.equal(index[distinct], expected.indices[distinct])
+
+
+@pytest.mark.parametrize("input_feeding", [False, True])
+def test_sources_padded_to_a_length_multiple_change_no_loss_or_gradient(input_feeding):
+    """Training batches round the source width up (rnnkit.hardware.LENGTH_MULTIPLE) so that
+    the encoder sees few shapes; the extra positions are padding, masked everywhere."""
+    import torch.nn.functional as F
+
+    from rnnkit.data.parallel import IGNORE, make_batch
+
+    model = make_model("general", input_feeding).double().train()
+    g = torch.Generator().manual_seed(3)
+    src = [torch.randint(4, V_SRC, (n,), generator=g).tolist() for n in (5, 3, 1, 6)]
+    tgt = [torch.randint(4, V_TGT, (n,), generator=g).tolist() for n in (4, 6, 2, 3)]
+    results = []
+    for multiple in (1, 8):
+        b = make_batch(src, tgt, range(4), BOS, EOS, src_multiple=multiple)
+        assert b.src.size(1) == (6 if multiple == 1 else 8)
+        model.zero_grad()
+        feats = model.features(b.src, b.src_lengths, b.tgt_in).reshape(-1, 10).index_select(0, b.positions)
+        loss = F.cross_entropy(model.decoder.project(feats), b.gold, ignore_index=IGNORE)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (a, grads_a), (b_, grads_b) = results
+    assert torch.allclose(a, b_, atol=1e-12)
+    assert all(torch.allclose(x, y, atol=1e-10) for x, y in zip(grads_a, grads_b))

@@ -66,7 +66,7 @@ def rss_mb(pid: int) -> float:
 
 
 def train(name: str, data: tuple[Path, Path], valid: tuple[Path, Path], steps: int, batch: int,
-          env: dict[str, str]) -> dict:
+          env: dict[str, str], precision: str = "fp32") -> dict:
     run = OUT / "runs" / name
     cmd = [sys.executable, "-m", "rnnkit", "train", str(ROOT / "configs" / "translate_attention.yaml"),
            "--set", f"run_dir={run}", "--set", f"data.train_src={data[0]}", "--set", f"data.train_tgt={data[1]}",
@@ -74,7 +74,7 @@ def train(name: str, data: tuple[Path, Path], valid: tuple[Path, Path], steps: i
            "--set", "data.min_freq=1", "--set", "data.cache=false", "--set", f"train.batch_size={batch}",
            "--set", f"train.max_steps={steps}", "--set", f"train.eval_every={steps}", "--set", "train.max_time=null",
            "--set", "train.metric=valid_loss", "--set", "train.metric_mode=min", "--set", "train.log_every=50",
-           "--set", "train.num_threads=2"]
+           "--set", "train.num_threads=2", "--set", f"train.precision={precision}"]
     if run.exists():
         import shutil
         shutil.rmtree(run)
@@ -119,6 +119,7 @@ def main() -> int:
     ap.add_argument("--only-variants", action="store_true", help="leave the two main runs out")
     ap.add_argument("--only-variable", action="store_true", help="leave the fixed-length run out")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     args = ap.parse_args()
     set_out(args.out)
     fixed = args.fixed_length or args.max_length
@@ -128,16 +129,18 @@ def main() -> int:
     valid = corpus(OUT / "valid", 64, list(range(1, args.max_length + 1)), 3)
     runs = []
     if not args.only_variants:
-        runs.append(train("variable", variable, valid, args.steps, args.batch_size, {}))
+        runs.append(train("variable", variable, valid, args.steps, args.batch_size, {}, args.precision))
     if not args.only_variants and not args.only_variable:
-        runs.append(train(f"fixed{fixed}", same, valid, args.steps, args.batch_size, {}))
+        runs.append(train(f"fixed{fixed}", same, valid, args.steps, args.batch_size, {}, args.precision))
     for spec in args.env:
         key, _, value = spec.partition("=")
-        runs.append(train(f"variable_{key}_{value}", variable, valid, args.steps, args.batch_size, {key: value}))
+        runs.append(train(f"variable_{key}_{value}", variable, valid, args.steps, args.batch_size, {key: value},
+                          args.precision))
     (OUT / "results.json").write_text(json.dumps(runs, indent=1))
     import torch
 
-    print(f"\nTraining memory, shared translation model, {args.steps} steps of {args.batch_size} sentences, "
+    print(f"\nTraining memory, shared translation model, {args.precision}, {args.steps} steps of "
+          f"{args.batch_size} sentences, "
           f"CPU {cpu_description()}, torch {torch.__version__}, 2 threads")
     print("| run | lengths | peak RSS | max RSS in the first quarter | peak reached (s of run) | target tokens/s |")
     print("| --- | --- | --- | --- | --- | --- |")

@@ -190,10 +190,13 @@ class BeamSearch:
             offset += ix.numel()
         if hasattr(state, "narrow_source"):
             state = state.narrow_source(int(self.src_lengths[self.active].max()))
-        # padded to a row count oneDNN has seen before; the copies' results are dropped in step
-        index = pad_rows(torch.cat(rows))
+        # under CPU autocast, padded to a row count oneDNN has built a bf16 kernel for (see
+        # rnnkit.hardware.ROW_MULTIPLE); the copies' results are dropped in step. fp32 and int8
+        # products build no kernel per shape, so there the copies would be work for nothing.
+        pad = pad_rows if torch.is_autocast_enabled(self.device.type) else _unpadded
+        index = pad(torch.cat(rows))
         self.state, self._state_rows = state.select(index), index.numel()
-        self.tokens = pad_rows(torch.cat(tokens))
+        self.tokens = pad(torch.cat(tokens))
 
     @torch.no_grad()
     def step(self) -> list[int]:
@@ -280,6 +283,10 @@ class BeamSearch:
             del self._tok[:cut], self._origin[:cut], self._attn[:cut]
             self._first += cut
         return found
+
+
+def _unpadded(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def _backtrack(ix, order, normalised, tok_hist, origin_hist, attn_hist, starts, eos) -> list[list[Hypothesis]]:

@@ -18,6 +18,7 @@ from rich.table import Table
 from tqdm import tqdm
 
 from rnnkit.config import Config, ConfigError, config_to_dict
+from rnnkit.hardware import RELEASE_EVERY, release_freed_memory
 from rnnkit.training import distributed
 from rnnkit.training.checkpoint import load_checkpoint, save_checkpoint
 from rnnkit.training.run_lock import RunLock
@@ -533,6 +534,8 @@ class Trainer:
                     raise TrainingError("the training data yields no batches; check data and batch size")
                 while p.batch_index < len(batches) and not stop:
                     out, norm, lr = self._step(batches[p.batch_index], params)
+                    if p.step % RELEASE_EVERY == 0:
+                        release_freed_memory()
                     if p.nonfinite_run == 0:
                         window.add(out)
                     p.elapsed = elapsed_before + time.perf_counter() - clock

@@ -244,18 +244,24 @@ def train_rnnkit(run_dir: Path, steps: int, precision: str) -> dict:
     tokens = sum(rows[s]["tokens"] for s in chosen)
     dt = rows[steps]["elapsed"] - rows[20]["elapsed"]
     valid = [r for r in records if r["kind"] == "eval"][-1]["valid_loss"]
-    return {"s_per_step": dt / (steps - 20), "tokens_per_s": tokens / dt, "peak_gb": rss, "valid_loss": valid}
+    before_eval = rows[steps].get("peak_rss_mb")      # the training's own peak, before the final validation
+    return {"s_per_step": dt / (steps - 20), "tokens_per_s": tokens / dt, "peak_gb": rss, "valid_loss": valid,
+            "train_peak_gb": before_eval / 1000 if before_eval else None}
 
 
 def print_training(results: dict, steps: int) -> None:
     print(f"translation training, shared model, CPU (OMP_NUM_THREADS=2), steps 20->{steps}:")
-    print(f"{'toolkit':<18} {'s/step':>7} {'tgt tok/s':>10} {'peak RSS GB':>12} {'valid loss':>11}")
+    print("peak RSS: the whole process's; 'before eval': rnnkit's at its last training step, before the one")
+    print("validation it runs at the end (OpenNMT-py's runs here do not validate)")
+    print(f"{'toolkit':<18} {'s/step':>7} {'tgt tok/s':>10} {'peak RSS GB':>12} {'before eval':>12} {'valid loss':>11}")
     for name, r in results.items():
         if "error" in r:
             print(f"{name:<18} error: {r['error']}")
             continue
         loss = f"{r['valid_loss']:>11.4f}" if "valid_loss" in r else f"{'-':>11}"
-        print(f"{name:<18} {r['s_per_step']:>7.3f} {r['tokens_per_s']:>10.0f} {r['peak_gb'] or 0:>12.2f} {loss}")
+        train_peak = f"{r['train_peak_gb']:>12.2f}" if r.get("train_peak_gb") else f"{'-':>12}"
+        print(f"{name:<18} {r['s_per_step']:>7.3f} {r['tokens_per_s']:>10.0f} {r['peak_gb'] or 0:>12.2f} "
+              f"{train_peak} {loss}")
     print_ratios(results, "tokens_per_s", "training")
 
 

@@ -24,7 +24,7 @@ from tests.conftest import ROOT, tiny_lm_config, write_yaml
 from tests.test_forecast import forecast_config, seasonal_series, write_csv
 from tests.test_translation_task import translation_config
 
-TIMING = {"elapsed", "tokens_per_s"}
+TIMING = {"elapsed", "tokens_per_s", "peak_rss_mb"}
 
 
 def records(run: Path) -> list[dict]:

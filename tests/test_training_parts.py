@@ -169,3 +169,31 @@ def test_gradient_clipping_rescales_only_norms_over_the_limit(tmp_path, limit):
     assert 0.01 < float(norm) < 1e6                           # the gradient's norm before clipping
     expected = min(float(norm), limit) if limit else float(norm)   # plain SGD, lr 1: the step is the gradient
     assert moved.item() == pytest.approx(expected, rel=1e-3)
+
+
+@pytest.mark.parametrize("chunk", [3, 64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_chunked_linear_cross_entropy_equals_the_plain_layer_and_loss(chunk, bias):
+    """The output layer's loss a chunk of rows at a time (gradients computed in the forward
+    pass): the value and every gradient of F.cross_entropy(F.linear(...)), ignored rows left out."""
+    import torch.nn.functional as F
+
+    from rnnkit.training.losses import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    layer = torch.nn.Linear(6, 17, bias=bias).double()
+    y = torch.randint(0, 17, (10,), generator=g)
+    y[[2, 7]] = -100
+    results = []
+    for fn in (lambda: F.cross_entropy(layer(x) * 1.0, y, ignore_index=-100),
+               lambda: linear_cross_entropy(x, layer.weight, layer.bias, y, -100, chunk=chunk) * 1.0):
+        x.grad = None
+        layer.zero_grad()
+        loss = fn()
+        (loss * 3.0).backward()                      # an upstream factor reaches every gradient
+        results.append([loss.detach(), x.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
+        with torch.no_grad():                        # the forward-only path (evaluation)
+            results[-1].append(fn())
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-12)

@@ -4,11 +4,13 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rnnkit.models.attention import Attention
 from rnnkit.models.dropout import Dropout
 from rnnkit.models.rnn import LSTMSteps, State, length_mask, make_rnn, rnn_step, run_padded, step_masks
+from rnnkit.training.losses import linear_cross_entropy
 
 
 class Encoder(nn.Module):
@@ -157,6 +159,14 @@ class Decoder(nn.Module):
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Output-layer logits for decoder vectors of any leading shape."""
         return self.output(self.dropout(features))
+
+    def loss(self, features: torch.Tensor, gold: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        """Mean cross-entropy of the output layer over ``features`` (rows, H) against ``gold``,
+        a chunk of rows at a time (:func:`rnnkit.training.losses.linear_cross_entropy`); a
+        quantised output layer (int8 evaluation) takes the plain path."""
+        if type(self.output) is not nn.Linear:
+            return F.cross_entropy(self.project(features), gold, ignore_index=ignore_index)
+        return linear_cross_entropy(self.dropout(features), self.output.weight, self.output.bias, gold, ignore_index)
 
     def advance(self, x: torch.Tensor, st: DecoderState):
         """One step from embedded inputs (N, E) -> attentional vector (N, H), next state, weights."""

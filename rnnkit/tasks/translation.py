@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from rnnkit.config import (MAX_DIM, MAX_LAYERS, MAX_VOCAB, Config, ConfigError, RecurrentConfig, check_recurrent, num,
@@ -171,7 +170,7 @@ class TranslationTask:
         """Mean cross-entropy per target token; the output layer runs on real tokens only."""
         feats = self.model.features(batch.src, batch.src_lengths, batch.tgt_in, ratio)
         feats = feats.reshape(-1, feats.size(-1)).index_select(0, batch.positions)
-        return F.cross_entropy(self.model.decoder.project(feats), batch.gold, ignore_index=IGNORE)
+        return self.model.decoder.loss(feats, batch.gold, IGNORE)
 
     def train_step(self, indices: list[int], index: int, step: int) -> StepResult:
         batch = self._batch(self.train_pairs, indices)

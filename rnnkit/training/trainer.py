@@ -18,7 +18,7 @@ from rich.table import Table
 from tqdm import tqdm
 
 from rnnkit.config import Config, ConfigError, config_to_dict
-from rnnkit.hardware import RELEASE_EVERY, release_freed_memory
+from rnnkit.hardware import RELEASE_EVERY, peak_rss_mb, release_freed_memory
 from rnnkit.training import distributed
 from rnnkit.training.checkpoint import load_checkpoint, save_checkpoint
 from rnnkit.training.run_lock import RunLock
@@ -204,6 +204,9 @@ class LogWindow:
                   "tokens_per_s": tokens / max(1e-9, now - self.start)}
         if norm is not None:
             record["grad_norm"] = float(norm)
+        peak = peak_rss_mb()
+        if peak is not None:
+            record["peak_rss_mb"] = peak
         record.update(logs or {})
         self.loss.zero_()
         self.tokens, self.start = 0, now

@@ -197,3 +197,28 @@ def test_chunked_linear_cross_entropy_equals_the_plain_layer_and_loss(chunk, bia
             results[-1].append(fn())
     for a, b in zip(*results):
         assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_chunked_linear_cross_entropy_under_bf16_autocast_stays_close():
+    """Under CPU autocast the chunked loss runs its products in bf16 and its softmax in fp32,
+    as the plain layer and loss do: the same loss and gradients up to bf16 rounding, in fp32."""
+    import torch.nn.functional as F
+
+    from rnnkit.training.losses import linear_cross_entropy
+
+    torch.manual_seed(0)
+    x = torch.randn(40, 16, requires_grad=True)
+    layer = torch.nn.Linear(16, 50)
+    y = torch.randint(0, 50, (40,))
+    found = []
+    for fn in (lambda: F.cross_entropy(layer(x), y), lambda: linear_cross_entropy(x, layer.weight, layer.bias, y)):
+        x.grad = None
+        layer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fn()
+        loss.backward()
+        found.append((loss.detach(), x.grad.clone(), layer.weight.grad.clone()))
+    (a, xa, wa), (b, xb, wb) = found
+    assert b.dtype == torch.float32 and xb.dtype == torch.float32 and wb.dtype == torch.float32
+    assert torch.allclose(a, b, atol=1e-3)
+    assert (xa - xb).norm() / xa.norm() < 0.02 and (wa - wb).norm() / wa.norm() < 0.02

@@ -114,14 +114,6 @@ def keep_freed_memory() -> bool:
 _KEEPING = False
 
 
-def peak_rss_mb() -> float | None:
-    """This process's peak resident memory so far, in MB (None where unknown)."""
-    try:
-        import resource
-    except ImportError:      # not on Unix
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)   # bytes on macOS, KB elsewhere
 # How often (training steps) the memory kept by keep_freed_memory is handed back.
 RELEASE_EVERY = 50
 
@@ -137,3 +129,13 @@ def release_freed_memory() -> bool:
         return False
     ctypes.CDLL(None).malloc_trim(0)
     return True
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far, in MB (None where unknown)."""
+    try:
+        import resource
+    except ImportError:      # not on Unix
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)   # bytes on macOS, KB elsewhere

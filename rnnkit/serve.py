@@ -12,10 +12,10 @@ together. Translations are batched continuously: up to ``max_batch`` sentences s
 search, newcomers join it between steps as others finish, and each request is answered when
 its own sentences are done. Other tasks merge requests: the worker takes up to ``max_batch``
 sentences, waiting at most ``max_wait_ms`` for more to arrive when fewer are queued, so a
-busy server decodes at batch speed and an idle one answers at once. One worker thread runs every model call, so the models share the cores
-instead of fighting over them. A full queue answers 503; a malformed or oversized request
-gets a 4xx with ``{"error": "one line"}``; SIGTERM stops accepting connections, answers every
-request already accepted, then exits.
+busy server decodes at batch speed and an idle one answers at once. One worker thread runs
+every model call, so the models share the cores instead of fighting over them. A full queue
+answers 503; a malformed or oversized request gets a 4xx with ``{"error": "one line"}``;
+SIGTERM stops accepting connections, answers every request already accepted, then exits.
 """
 from __future__ import annotations
 
@@ -185,7 +185,7 @@ class Batcher:
         flight. A request whose items cannot start fails alone; a failed step fails every
         request in flight."""
         loop = asyncio.get_running_loop()
-        flight: dict[int, _Pending] = {}
+        flight: set[_Pending] = set()
         while True:
             new: list[tuple[_Pending, list, list]] = []
             room = stream.room
@@ -197,7 +197,7 @@ class Batcher:
                     p.results, p.remaining = [None] * len(p.items), len(p.items)
                 take = p.items[p.taken:p.taken + room]
                 new.append((p, take, [(p, p.taken + i) for i in range(len(take))]))
-                flight[id(p)] = p
+                flight.add(p)
                 p.taken += len(take)
                 room -= len(take)
                 if p.taken == len(p.items):
@@ -207,7 +207,7 @@ class Batcher:
             try:
                 done, failed = await loop.run_in_executor(self.executor, _stream_tick, stream, new)
             except Exception as err:  # noqa: BLE001 - the decode itself failed
-                for p in flight.values():
+                for p in flight:
                     self._settle(p, error=err)
                     with contextlib.suppress(ValueError):
                         self.queue.remove(p)
@@ -216,19 +216,19 @@ class Batcher:
                 self.batches += 1
             for p, err in failed:
                 self._settle(p, error=err)
-                flight.pop(id(p), None)
+                flight.discard(p)
                 with contextlib.suppress(ValueError):
                     self.queue.remove(p)
             for p in [p for p, _, _ in new if not p.items]:
                 self._settle(p, [])
-                flight.pop(id(p), None)
+                flight.discard(p)
             self.items_done += len(done)
             for (p, i), result in done:
                 p.results[i] = result
                 p.remaining -= 1
                 if not p.remaining:
                     self._settle(p, p.results)
-                    flight.pop(id(p), None)
+                    flight.discard(p)
 
     def _settle(self, p: _Pending, results: list | None = None, error: Exception | None = None) -> None:
         if p.future.done():             # a client that went away leaves a cancelled future

@@ -125,15 +125,20 @@ def chain_step(table, by_time):
     return step
 
 
+def random_chain(g, n, state=ChainState, vocab=7, bos=6):
+    """``n`` sentences for a random chain decoder: its step, their start state and source lengths."""
+    table, by_time = torch.randn(n, vocab, vocab, generator=g) * 2, torch.randn(n, 40, vocab, generator=g)
+    lengths = torch.randint(1, 8, (n,), generator=g)
+    start = state(torch.arange(n), torch.full((n,), bos), torch.zeros(n, dtype=torch.long))
+    return chain_step(table, by_time), start, lengths
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("beam", [1, 2, 4])
 def test_batched_search_equals_one_sentence_at_a_time(seed, beam):
     g = torch.Generator().manual_seed(seed)
-    n, vocab, bos, eos = 6, 7, 6, 1
-    table, by_time = torch.randn(n, vocab, vocab, generator=g) * 2, torch.randn(n, 40, vocab, generator=g)
-    lengths = torch.randint(1, 8, (n,), generator=g)
-    step = chain_step(table, by_time)
-    start = ChainState(torch.arange(n), torch.full((n,), bos), torch.zeros(n, dtype=torch.long))
+    n, bos, eos = 6, 6, 1
+    step, start, lengths = random_chain(g, n)
     kw = dict(step=step, batch_size=n, bos=bos, eos=eos, src_lengths=lengths, device=torch.device("cpu"),
               max_len_ratio=1.5, max_len_extra=2)
     found = [[h] for h in greedy_search(state=start, **kw)] if beam == 1 else beam_search(state=start, beam=beam, **kw)
@@ -159,11 +164,8 @@ def test_sentences_joining_a_running_search_get_what_they_get_alone(seed, beam, 
     """Continuous batching: sentences join between steps as others leave (slots are reused,
     the history is trimmed); each gets the hypotheses of one batch holding it from the start."""
     g = torch.Generator().manual_seed(seed)
-    n, vocab, bos, eos = 14, 7, 6, 1
-    table, by_time = torch.randn(n, vocab, vocab, generator=g) * 2, torch.randn(n, 40, vocab, generator=g)
-    lengths = torch.randint(1, 8, (n,), generator=g)
-    step = chain_step(table, by_time)
-    start = JoinableChain(torch.arange(n), torch.full((n,), bos), torch.zeros(n, dtype=torch.long))
+    n, bos, eos = 14, 6, 1
+    step, start, lengths = random_chain(g, n, JoinableChain)
     kw = dict(bos=bos, eos=eos, device=torch.device("cpu"), beam=beam, n_best=n_best, max_len_ratio=1.5,
               max_len_extra=2)
     expected = beam_search(step, start, n, src_lengths=lengths, **kw)

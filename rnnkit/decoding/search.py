@@ -128,6 +128,7 @@ class BeamSearch:
         self.row_sent = torch.zeros(0, dtype=torch.long, device=device)
         self.row_slot = torch.zeros(0, dtype=torch.long, device=device)
         self.state: Any = None
+        self.tokens = torch.zeros(0, dtype=torch.long, device=device)   # each live row's last token
         self._state_rows = 0                   # rows of `state`, padding included
         self._next: tuple[torch.Tensor, torch.Tensor] | None = None   # rows of `state` to go on with, their tokens
         self._joining: list[tuple[Any, torch.Tensor]] = []
@@ -169,6 +170,8 @@ class BeamSearch:
         """The state and tokens for this step: the surviving rows, then the joining sentences."""
         joining, self._joining = self._joining, []
         going_on = self._next is not None and self._next[0].numel() > 0
+        if not going_on and not joining:              # every sentence has left: nothing to run
+            return
         if not going_on and len(joining) == 1:        # a fresh batch: the encoder's rows as they are
             state, ix = joining[0]
             self.state, self._state_rows = state, ix.numel()

@@ -31,11 +31,17 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         total = x.new_zeros((), dtype=acc)
         for start in range(0, x.size(0), chunk):
             logits = F.linear(x[start:start + chunk], weight, bias).to(acc)
-            y = target[start:start + chunk]
-            keep = y != ignore_index
-            picked = logits.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
-            total += ((torch.logsumexp(logits, -1) - picked) * keep).sum()
+            total += _chunk_loss(logits, target[start:start + chunk], ignore_index)[0]
         return total / (target != ignore_index).sum().clamp(min=1)
+
+
+def _chunk_loss(logits: torch.Tensor, y: torch.Tensor, ignore_index: int):
+    """One chunk's summed loss, and what its gradient needs: the log-sum-exp (rows, 1), the
+    kept rows (rows, 1) and the targets as indices (rows, 1)."""
+    keep = (y != ignore_index).unsqueeze(1)
+    safe = y.clamp(min=0).unsqueeze(1)
+    lse = torch.logsumexp(logits, -1, keepdim=True)
+    return ((lse - logits.gather(1, safe)) * keep).sum(), lse, keep, safe
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -52,15 +58,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=acc, device=x.device)
         grad_b = None if bias is None else torch.zeros(bias.shape, dtype=acc, device=x.device)
         for start in range(0, x.size(0), chunk):
-            xc, y = x[start:start + chunk].to(dtype), target[start:start + chunk]
-            keep = (y != ignore_index).unsqueeze(1)
-            safe = y.clamp(min=0).unsqueeze(1)
+            xc = x[start:start + chunk].to(dtype)
             probs = F.linear(xc, w, None if bias is None else bias.to(dtype)).to(acc)
-            picked = probs.gather(1, safe)
-            lse = torch.logsumexp(probs, -1, keepdim=True)
-            total += ((lse - picked) * keep).sum()
+            loss, lse, keep, safe = _chunk_loss(probs, target[start:start + chunk], ignore_index)
+            total += loss
             # d loss / d logits = (softmax - one-hot) / count on kept rows, in the logits' memory
-            probs.sub_(lse).exp_().scatter_add_(1, safe, torch.full_like(picked, -1.0)).mul_(keep * scale)
+            probs.sub_(lse).exp_().scatter_add_(1, safe, torch.full_like(lse, -1.0)).mul_(keep * scale)
             dz = probs.to(dtype)
             grad_x[start:start + chunk] = dz.mm(w)
             if dtype == acc:

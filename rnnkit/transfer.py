@@ -133,19 +133,23 @@ def initialise_encoder(section: Any, embedding: nn.Embedding, words: list[str], 
     return notes
 
 
-def build_lm_features(paths: list[str], extras: dict[str, Any] | None):
+def build_lm_features(paths: list[str], extras: dict[str, Any] | None, cache_mb: float = 0.0):
     """``model.lm_features``: the frozen LMs of a new run, read from their checkpoints, or of a
-    saved one, rebuilt from its ``extras`` (the weights then come with the model). None if unused."""
+    saved one, rebuilt from its ``extras`` (the weights then come with the model). None if unused.
+    ``cache_mb``: how much of the features of sentences seen to keep (training)."""
     from rnnkit.models.lm_features import LMFeatures
 
     if extras is not None:
         specs = extras.get("lm_features") or []
-        return LMFeatures(specs) if specs else None
-    if not paths:
+        features = LMFeatures(specs) if specs else None
+    elif paths:
+        lms = [read_language_model(path, f"model.lm_features[{i}]", backward=None, tokenizer=None)
+               for i, path in enumerate(paths)]      # word or character, either direction
+        features = LMFeatures(lms)
+        for module, lm in zip(features.lms, lms):
+            module.load_state_dict(lm["model"])
+    else:
         return None
-    lms = [read_language_model(path, f"model.lm_features[{i}]", backward=None, tokenizer=None)
-           for i, path in enumerate(paths)]      # word or character, either direction
-    features = LMFeatures(lms)
-    for module, lm in zip(features.lms, lms):
-        module.load_state_dict(lm["model"])
+    if features is not None:
+        features.use_cache(cache_mb)
     return features

@@ -122,6 +122,45 @@ def test_lm_features_are_frozen_and_depend_only_on_the_sentence(tmp_path):
     assert not torch.allclose(other[0, 3], alone[0, 3])                           # the context does
 
 
+def test_cached_lm_features_equal_computed_ones_and_stay_bounded(tmp_path):
+    fwd, char = _lm(tmp_path, "fwd"), _lm(tmp_path, "char", tokenizer="char", reverse=True)
+    trainer = _classifier(tmp_path, "feat", lm_features=[str(fwd), str(char)], lm_features_cache_mb=0)
+    lm, device = trainer.task.model.lm, trainer.task.device
+    sentences = ["the harbour was calm".split(), "a calm morning in the harbour and the boats".split(),
+                 "cold wind".split(), "the harbour was calm".split()]
+    batch = lm.collate([lm.encode(s) for s in sentences], device)
+    plain = lm(batch, 9)
+    assert not plain[2, 2:].any() and plain[2, :2].abs().sum(-1).min() > 0     # padding is zeros
+    lm.use_cache(1.0)
+    first = lm(batch, 9)                      # every sentence computed (one twice in the batch), then kept
+    assert (lm.misses, lm.hits) == (4, 0) and len(lm._cache) == 3
+    assert torch.allclose(first, plain, atol=1e-6)
+    again = lm(lm.collate([lm.encode(s) for s in sentences[2:0:-1]], device), 9)
+    assert lm.hits == 2 and torch.equal(again[0, :2], first[2, :2]) and torch.equal(again[1], first[1])
+    row_bytes = lm.output_size * 4
+    lm.use_cache(11 * row_bytes / 2 ** 20)    # room for 11 words' features: the least recently used goes
+    assert lm._cache_bytes == 11 * row_bytes and list(lm._cache) == [batch.keys[2], batch.keys[1]]
+    lm.use_cache(0)
+    assert not lm._cache and torch.allclose(lm(batch, 9), plain, atol=1e-6)
+
+
+def test_training_with_cached_lm_features_matches_computing_them(tmp_path):
+    import json
+
+    fwd = _lm(tmp_path, "fwd")
+    losses = []
+    for name, mb in (("cached", 64), ("computed", 0)):
+        trainer = _classifier(tmp_path, name, lm_features=[str(fwd)], lm_features_cache_mb=mb)
+        trainer.cfg.train.max_steps = trainer.cfg.train.eval_every = 8
+        trainer.cfg.train.log_every = 1
+        trainer.fit()
+        assert (trainer.task.model.lm.hits > 0) == (mb > 0)
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        losses.append([r["loss"] for r in rows if r["kind"] == "train"])
+    assert len(losses[0]) == 8 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert load_task(tmp_path / "cached" / "best.pt").model.lm.cache_mb == 0     # inference keeps nothing
+
+
 def test_lm_feature_positions_are_word_boundaries():
     from rnnkit.models.lm_features import LMFeatures
 

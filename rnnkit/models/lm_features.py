@@ -7,17 +7,33 @@ state where the LM has just read it: for a word LM, after the word; for a charac
 after the word's last character (forward) or first character (backward). The states of all
 LMs are concatenated. The LMs are frozen: no gradient reaches them and they stay in
 evaluation mode (no dropout), so a word in the same sentence always gets the same features.
+
+That makes them worth keeping: with a cache (``cache_mb`` > 0, as training runs set it from
+``model.lm_features_cache_mb``) each distinct sentence is read by the LMs once, and every
+later epoch and evaluation takes its features from memory (Flair keeps its embeddings the same
+way). The least recently used sentences go first when the cache is full.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections import OrderedDict
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from rnnkit.data.vocab import EOS
 
 LMInput = tuple[list[int], list[int]]     # one LM's token ids for a sentence, and each word's position
+
+
+class LMBatch(NamedTuple):
+    """A collated batch: per LM, padded ids (B, S) and word positions (B, L); per sentence, its
+    key (every LM's ids) and word count; per LM, each sentence's id count."""
+    inputs: list[tuple[torch.Tensor, torch.Tensor]]
+    keys: list[tuple]
+    words: list[int]
+    id_lengths: list[list[int]]
 
 
 class LMFeatures(nn.Module):
@@ -38,6 +54,21 @@ class LMFeatures(nn.Module):
         self.lms.requires_grad_(False)
         self._index = [{w: i for i, w in enumerate(s["vocab"])} for s in self.specs]
         self.output_size = sum(s["config"]["model"]["hidden_size"] for s in self.specs)
+        self.cache_mb = 0.0
+        self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._cache_bytes = 0
+        self.hits = self.misses = 0
+
+    def use_cache(self, megabytes: float) -> None:
+        """Keep up to ``megabytes`` of features (0: none) for the sentences seen."""
+        self.cache_mb = float(megabytes)
+        self._evict()
+
+    def _evict(self) -> None:
+        limit = self.cache_mb * 2 ** 20
+        while self._cache and self._cache_bytes > limit:
+            _, t = self._cache.popitem(last=False)
+            self._cache_bytes -= t.numel() * t.element_size()
 
     def train(self, mode: bool = True) -> "LMFeatures":
         super().train(mode)
@@ -68,8 +99,8 @@ class LMFeatures(nn.Module):
             out.append((ids, positions))
         return out
 
-    def collate(self, items: Sequence[list[LMInput]], device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per LM: padded ids (B, S) and positions (B, L) of a batch of encoded sentences."""
+    def collate(self, items: Sequence[list[LMInput]], device: torch.device) -> LMBatch:
+        """A batch of encoded sentences (see :class:`LMBatch`)."""
         batch = []
         for k in range(len(self.specs)):
             ids = [item[k][0] for item in items]
@@ -80,14 +111,44 @@ class LMFeatures(nn.Module):
                 x[i, :len(a)] = torch.as_tensor(a)
                 p[i, :len(b)] = torch.as_tensor(b)
             batch.append((x.to(device), p.to(device)))
-        return batch
+        keys = [tuple(tuple(ids) for ids, _ in item) for item in items]
+        return LMBatch(batch, keys, [len(item[0][1]) for item in items],
+                       [[len(item[k][0]) for item in items] for k in range(len(self.specs))])
 
     @torch.no_grad()
-    def forward(self, batch: list[tuple[torch.Tensor, torch.Tensor]], width: int) -> torch.Tensor:
-        """Features (B, width, D) of the collated batch (positions past a sentence are padding)."""
+    def forward(self, batch: LMBatch, width: int) -> torch.Tensor:
+        """Features (B, width, D) of the collated batch (positions past a sentence are zeros)."""
+        if self.cache_mb <= 0:
+            return self._compute(batch.inputs, width, batch.words)
+        cache = self._cache
+        missing = [i for i, key in enumerate(batch.keys) if key not in cache]
+        self.misses += len(missing)
+        self.hits += len(batch.keys) - len(missing)
+        if missing:
+            rows = torch.as_tensor(missing, device=batch.inputs[0][0].device)
+            inputs = [(ids.index_select(0, rows)[:, :max(lengths[i] for i in missing)], pos.index_select(0, rows))
+                      for (ids, pos), lengths in zip(batch.inputs, batch.id_lengths)]
+            found = self._compute(inputs, max(batch.words[i] for i in missing), [batch.words[i] for i in missing])
+            for j, i in enumerate(missing):
+                if batch.keys[i] in cache:           # the same sentence twice in one batch
+                    continue
+                t = found[j, :batch.words[i]].clone()
+                cache[batch.keys[i]] = t
+                self._cache_bytes += t.numel() * t.element_size()
+        out = torch.zeros(len(batch.keys), width, self.output_size, device=batch.inputs[0][0].device)
+        for i, key in enumerate(batch.keys):
+            t = cache[key][:width]
+            cache.move_to_end(key)
+            out[i, :t.size(0)] = t
+        self._evict()
+        return out
+
+    def _compute(self, batch: list[tuple[torch.Tensor, torch.Tensor]], width: int, words: list[int]) -> torch.Tensor:
         parts = []
         for lm, (ids, positions) in zip(self.lms, batch):
             hidden = lm.features(ids).hidden                                  # (B, S, H)
-            take = positions[:, :width].unsqueeze(-1).expand(-1, -1, hidden.size(-1))
+            take = positions[:, :width]
+            take = F.pad(take, (0, width - take.size(1))).unsqueeze(-1).expand(-1, -1, hidden.size(-1))
             parts.append(hidden.gather(1, take))
-        return torch.cat(parts, -1).float()
+        real = torch.arange(width, device=ids.device) < torch.as_tensor(words, device=ids.device).unsqueeze(1)
+        return torch.cat(parts, -1).float() * real.unsqueeze(-1)

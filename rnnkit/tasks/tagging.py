@@ -52,6 +52,7 @@ class ModelConfig(RecurrentConfig):
     init_from: Optional[str] = None            # a word LM's checkpoint: word vectors and forward layers from it
     init_from_backward: Optional[str] = None   # a backward word LM's (data.reverse): the backward direction
     lm_features: list[str] = field(default_factory=list)   # frozen LMs whose states join the word vectors
+    lm_features_cache_mb: float = num(2048.0, 0)   # training keeps each seen sentence's LM features (0: none)
 
 
 def check_config(cfg: Config) -> None:
@@ -79,7 +80,7 @@ class TaggingTask(LabelingTask):
         chars = (len(self.chars), m.char_embedding_dim, m.char_hidden_size) if m.char_encoder else None
         self.model = Tagger(len(self.words), len(self.tags), m.embedding_dim, m.cell, m.hidden_size, m.num_layers,
                             m.dropout, chars, m.output == "crf", recurrent_options(m),
-                            build_lm_features(m.lm_features, extras)).to(device)
+                            build_lm_features(m.lm_features, extras, m.lm_features_cache_mb if with_data else 0)).to(device)
         if extras is None and with_data:
             for note in initialise_encoder(m, self.model.embedding, self.words.itos, self.model.encoder.rnn):
                 tqdm.write(note)

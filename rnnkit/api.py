@@ -126,6 +126,11 @@ class Stream:
 
 
 class Translator(Model):
+    @property
+    def has_attention(self) -> bool:
+        """Whether the decoder attends (attention weights, ``replace_unk``)."""
+        return self.task.cfg.model.decoder.attention != "none"
+
     def translate(self, lines: str | Sequence[str], beam: int = 1, n_best: int = 1, batch_size: int = 64,
                   length_penalty: float = 0.0, replace_unk: bool = False) -> list[str] | list[list[str]]:
         """The translation of each line, in order (an empty line gives ""); with ``n_best`` > 1
@@ -154,7 +159,7 @@ class Translator(Model):
             raise ConfigError("", "beam, n_best and batch_size must be at least 1")
         if n_best > beam:
             raise ConfigError("", f"--n-best ({n_best}) cannot exceed --beam ({beam})")
-        if replace_unk and self.task.cfg.model.decoder.attention == "none":
+        if replace_unk and not self.has_attention:
             raise ConfigError("", "--replace-unk and --attention-plots need a model with attention")
 
     def score(self, sources: Sequence[str], references: Sequence[str], beam: int = 1,

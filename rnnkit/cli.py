@@ -551,6 +551,9 @@ def serve(
     precision: str = _precision_option(),
     int8: bool = _int8_option(),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    in_process: bool = typer.Option(False, "--in-process",
+                                    help="Run the models in the server's own process (by default they run in a "
+                                         "process of their own, so that HTTP work does not hold them up)."),
 ) -> None:
     """Serve trained models over HTTP: JSON routes per model, batching of concurrent requests,
     OpenAPI docs at /docs and a page to try the models at /.
@@ -568,12 +571,24 @@ def serve(
         limits = Limits(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, max_body=max_body,
                         max_lines=max_lines, max_tokens=max_tokens)
         names = model_names(checkpoints)
-        models = {}
+        worker = None
+        if in_process:
+            models = {name: rnnkit.load(path, device=device, precision=precision, int8=int8, note=_note)
+                      for name, path in names.items()}
+        else:
+            from rnnkit.serve_worker import ModelProcess
+
+            worker = ModelProcess(names, device=device, precision=precision, int8=int8, note=_note)
+            models = worker.models
         for name, path in names.items():
-            models[name] = rnnkit.load(path, device=device, precision=precision, int8=int8, note=_note)
             err_console.print(f"loaded {name}: {models[name].kind} from {path}")
-        app_ = build_app(models, limits, on_shutdown=lambda c: err_console.print(
-            f"stopped: {c['received']} requests received, {c['answered']} answered"))
+
+        def stopped(counts: dict[str, int]) -> None:
+            if worker is not None:
+                worker.close()
+            err_console.print(f"stopped: {counts['received']} requests received, {counts['answered']} answered")
+
+        app_ = build_app(models, limits, on_shutdown=stopped)
     err_console.print(f"serving on http://{host}:{port} (docs: /docs, try it: /)")
     uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False)
 

@@ -303,8 +303,9 @@ def _check_lines(lines: Sequence[str], limits: Limits) -> None:
 def _translation(t: Any, attention: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"text": t.text, "score": round(float(t.score), 4)}
     if attention and t.attention is not None:
+        rows = t.attention.tolist() if hasattr(t.attention, "tolist") else t.attention  # a list from a model process
         out["attention"] = {"source": t.src_tokens, "target": t.tgt_tokens + ["</s>"],
-                            "weights": [[round(float(w), 4) for w in row] for row in t.attention.tolist()]}
+                            "weights": [[round(float(w), 4) for w in row] for row in rows]}
     return out
 
 
@@ -338,7 +339,7 @@ class Served:
         _check_lines(req.lines, self.limits)
         if req.n_best > req.beam:
             raise RequestError(f"n_best ({req.n_best}) cannot exceed beam ({req.beam})")
-        if (req.replace_unk or req.attention) and self.model.task.cfg.model.decoder.attention == "none":
+        if (req.replace_unk or req.attention) and not self.model.has_attention:
             raise RequestError("replace_unk and attention need a model with attention")
         key = ("translate", req.beam, req.n_best, req.length_penalty, req.replace_unk)
         results = await self.batcher.submit(key, list(req.lines))
@@ -394,7 +395,7 @@ class Served:
         if self._card is None:      # read from the checkpoint once
             self._card = {"name": self.name, **self.model.card()}
             if self.model.kind == "translation":
-                self._card["attention"] = self.model.task.cfg.model.decoder.attention != "none"
+                self._card["attention"] = self.model.has_attention
         return {**self._card, "batches": self.batcher.batches, "sentences_served": self.batcher.items_done}
 
 

@@ -26,6 +26,7 @@ from typer.testing import CliRunner  # noqa: E402
 import rnnkit  # noqa: E402
 from rnnkit.cli import app as cli_app  # noqa: E402
 from rnnkit.serve import Batcher, Busy, Limits, build_app, model_names  # noqa: E402
+from rnnkit.serve_worker import ModelProcess  # noqa: E402
 from tests.conftest import ROOT, tiny_lm_config, write_yaml  # noqa: E402
 from tests.test_api import _labelled_files  # noqa: E402
 from tests.test_forecast import seasonal_series, write_csv  # noqa: E402
@@ -77,10 +78,20 @@ def models(checkpoints):
     return {name: rnnkit.load(path) for name, path in checkpoints.items() if name != "series"}
 
 
-@pytest.fixture(scope="module")
-def client(models):
-    with TestClient(build_app(models, Limits(max_body=64 * 1024, max_tokens=200))) as c:
-        yield c
+@pytest.fixture(scope="module", params=["in_process", "model_process"])
+def client(request, models, checkpoints):
+    """The app on the models loaded here, and on the same checkpoints in a model process of
+    their own (what ``rnnkit serve`` runs): each test that uses it must hold for both."""
+    worker = None
+    if request.param == "model_process":
+        worker = ModelProcess({n: str(p) for n, p in checkpoints.items() if n != "series"})
+    try:
+        served = worker.models if worker else models
+        with TestClient(build_app(served, Limits(max_body=64 * 1024, max_tokens=200))) as c:
+            yield c
+    finally:
+        if worker:
+            worker.close()
 
 
 def test_the_server_answers_what_the_api_answers(client, models, checkpoints):
@@ -217,6 +228,27 @@ def test_one_bad_request_in_a_merged_batch_fails_alone():
     good, bad, more = asyncio.run(scenario())
     assert good == ["A"] and more == ["B", "C"]
     assert isinstance(bad, ValueError)
+
+
+def test_the_model_process_raises_what_loading_raises_and_exits_with_its_server(tmp_path, checkpoints):
+    from rnnkit.training.checkpoint import CheckpointError
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError) as raised:
+        ModelProcess({"bad": str(bad)})
+    with pytest.raises(CheckpointError) as alone:
+        rnnkit.load(bad)
+    assert str(raised.value) == str(alone.value)
+    from rnnkit.config import ConfigError
+
+    worker = ModelProcess({"pos": str(checkpoints["pos"])})
+    pos = worker.models["pos"]
+    with pytest.raises(ConfigError, match="^expected a string or a list of strings$"):   # raised there, here
+        pos.predict([1, 2])
+    assert pos.predict(["calm water"], 4) == rnnkit.load(checkpoints["pos"]).predict(["calm water"], 4)
+    worker.close()
+    assert worker.process.exitcode == 0
 
 
 def test_names_and_bad_checkpoints_are_one_line_errors(tmp_path):

@@ -12,8 +12,10 @@ together. Translations are batched continuously: up to ``max_batch`` sentences s
 search, newcomers join it between steps as others finish, and each request is answered when
 its own sentences are done. Other tasks merge requests: the worker takes up to ``max_batch``
 sentences, waiting at most ``max_wait_ms`` for more to arrive when fewer are queued, so a
-busy server decodes at batch speed and an idle one answers at once. One worker thread runs
-every model call, so the models share the cores instead of fighting over them. A full queue
+busy server decodes at batch speed and an idle one answers at once. One worker thread makes
+every model call, so the models share the cores instead of fighting over them; ``rnnkit
+serve`` runs the models themselves in a process of their own (:mod:`rnnkit.serve_worker`),
+so that the HTTP side does not hold them up (``build_app`` serves either). A full queue
 answers 503; a malformed or oversized request gets a 4xx with ``{"error": "one line"}``;
 SIGTERM stops accepting connections, answers every request already accepted, then exits.
 """
@@ -38,6 +40,7 @@ from starlette.exceptions import HTTPException
 from rnnkit.api import Model
 from rnnkit.config import ConfigError
 from rnnkit.data.vocab import DataError
+from rnnkit.serve_worker import ModelProcessError
 from rnnkit.training.checkpoint import CheckpointError
 
 PAGE = Path(__file__).with_name("serve_page.html")
@@ -518,6 +521,10 @@ def build_app(models: dict[str, Model], limits: Limits = Limits(),
     for user_error in (ConfigError, DataError, CheckpointError):
         app.add_exception_handler(user_error, _user)
 
+    @app.exception_handler(ModelProcessError)
+    async def _gone(request: Request, exc: ModelProcessError) -> JSONResponse:
+        return _error(503, str(exc))
+
     @app.exception_handler(Exception)
     async def _other(request: Request, exc: Exception) -> JSONResponse:   # logged by uvicorn too
         return _error(500, f"internal error: {type(exc).__name__}: {exc}".splitlines()[0])
@@ -531,8 +538,11 @@ def build_app(models: dict[str, Model], limits: Limits = Limits(),
     async def page() -> HTMLResponse:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
-    @app.get("/health", summary="Liveness: ok and the loaded models")
-    async def health() -> dict[str, Any]:
+    @app.get("/health", summary="Liveness: ok and the loaded models (503 once the model process has exited)")
+    async def health() -> Any:
+        down = sorted(n for n, s in served.items() if not getattr(s.model, "alive", True))
+        if down:      # the model process died (e.g. killed for memory): a supervisor should restart us
+            return _error(503, f"the model process has exited; not serving {', '.join(down)}")
         return {"status": "ok", "models": sorted(served),
                 "queued": {n: s.batcher.waiting for n, s in served.items()}}
 

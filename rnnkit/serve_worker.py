@@ -179,6 +179,11 @@ class RemoteModel:
         self.kind, self.path, self.has_attention = info["kind"], info["path"], info["attention"]
         self._card = info["card"]
 
+    @property
+    def alive(self) -> bool:
+        """Whether the model process still runs."""
+        return self._host.process.is_alive()
+
     def card(self) -> dict[str, Any]:
         return dict(self._card)
 

@@ -250,6 +250,17 @@ def test_the_model_process_raises_what_loading_raises_and_exits_with_its_server(
     worker.close()
     assert worker.process.exitcode == 0
 
+    worker = ModelProcess({"pos": str(checkpoints["pos"])})
+    with TestClient(build_app(worker.models), raise_server_exceptions=False) as c:
+        assert c.get("/health").status_code == 200
+        worker.process.kill()                   # as the kernel does to a process out of memory
+        worker.process.join()
+        r = c.post("/v1/pos/predict", json={"lines": ["calm water"]})
+        assert r.status_code == 503 and "model process exited" in r.json()["error"]
+        r = c.get("/health")
+        assert r.status_code == 503 and "model process has exited" in r.json()["error"]
+    worker.close()
+
 
 def test_names_and_bad_checkpoints_are_one_line_errors(tmp_path):
     assert model_names(["runs/en_fr/best.pt", "big=runs/x/last.pt"]) == {"en_fr": "runs/en_fr/best.pt",

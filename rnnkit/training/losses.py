@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CHUNK = 256      # rows at a time: 10 MB of fp32 logits for a 10,000-word vocabulary
+# rows at a time: 41 MB of fp32 logits for a 10,000-word vocabulary. On the shared translation
+# model (2 cores) 1,024 trained 5% faster than 256 (for 40-60 MB more at the peak) and than 4,096.
+CHUNK = 1024
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
@@ -36,12 +38,12 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 
 def _chunk_loss(logits: torch.Tensor, y: torch.Tensor, ignore_index: int):
-    """One chunk's summed loss, and what its gradient needs: the log-sum-exp (rows, 1), the
-    kept rows (rows, 1) and the targets as indices (rows, 1)."""
+    """One chunk's summed loss, its log-probabilities (rows, V; a new tensor), the kept rows
+    (rows, 1) and the targets as indices (rows, 1)."""
     keep = (y != ignore_index).unsqueeze(1)
     safe = y.clamp(min=0).unsqueeze(1)
-    lse = torch.logsumexp(logits, -1, keepdim=True)
-    return ((lse - logits.gather(1, safe)) * keep).sum(), lse, keep, safe
+    logp = torch.log_softmax(logits, -1)
+    return -(logp.gather(1, safe) * keep).sum(), logp, keep, safe
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -59,19 +61,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_b = None if bias is None else torch.zeros(bias.shape, dtype=acc, device=x.device)
         for start in range(0, x.size(0), chunk):
             xc = x[start:start + chunk].to(dtype)
-            probs = F.linear(xc, w, None if bias is None else bias.to(dtype)).to(acc)
-            loss, lse, keep, safe = _chunk_loss(probs, target[start:start + chunk], ignore_index)
+            logits = F.linear(xc, w, None if bias is None else bias.to(dtype)).to(acc)
+            loss, probs, keep, safe = _chunk_loss(logits, target[start:start + chunk], ignore_index)
+            del logits
             total += loss
-            # d loss / d logits = (softmax - one-hot) / count on kept rows, in the logits' memory
-            probs.sub_(lse).exp_().scatter_add_(1, safe, torch.full_like(lse, -1.0)).mul_(keep * scale)
+            # d loss / d logits = (softmax - one-hot) * row, row = kept / count: the softmax - one-hot
+            # in the log-probabilities' memory, and the row factor applied to the products' small
+            # sides (rows x hidden) rather than to the rows x vocabulary matrix
+            probs.exp_().scatter_add_(1, safe, torch.full_like(safe, -1, dtype=probs.dtype))
+            row = keep.to(acc) * scale
             dz = probs.to(dtype)
-            grad_x[start:start + chunk] = dz.mm(w)
+            grad_x[start:start + chunk] = dz.mm(w).to(acc) * row
             if dtype == acc:
-                grad_w.addmm_(dz.t(), xc)
+                grad_w.addmm_(dz.t(), xc * row)
             else:
-                grad_w += dz.t().mm(xc)
+                grad_w += dz.t().mm(xc * row.to(dtype))
             if grad_b is not None:
-                grad_b += probs.sum(0)
+                grad_b += row.t().mm(probs).squeeze(0)
         ctx.save_for_backward(grad_x, grad_w, grad_w.new_zeros(0) if grad_b is None else grad_b)
         ctx.has_bias, ctx.dtypes = bias is not None, (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total * scale

@@ -53,6 +53,8 @@ def _plain(x: Any) -> Any:
     """Results with their tensors as lists (a translation's attention), for the pipe."""
     if isinstance(x, list):
         return [_plain(v) for v in x]
+    if isinstance(x, tuple) and not hasattr(x, "_replace"):      # a stream's (tag, result) pairs
+        return tuple(_plain(v) for v in x)
     attention = getattr(x, "attention", None)
     if hasattr(attention, "tolist"):
         return x._replace(attention=attention.tolist())

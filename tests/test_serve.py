@@ -250,6 +250,17 @@ def test_the_model_process_raises_what_loading_raises_and_exits_with_its_server(
     worker.close()
     assert worker.process.exitcode == 0
 
+    import torch
+
+    from rnnkit.serve_worker import _plain
+    from rnnkit.tasks.translation import Translation
+
+    found = Translation("a b", -1.0, ["x"], ["a", "b"], torch.ones(3, 1))
+    sent = _plain([(7, found), (8, [found, found])])       # what a stream step and n-best return
+    assert sent == [(7, found._replace(attention=[[1.0]] * 3)), (8, [found._replace(attention=[[1.0]] * 3)] * 2)]
+    assert not any(isinstance(v, torch.Tensor) for _, r in sent for t in ([r] if isinstance(r, Translation) else r)
+                   for v in t)                              # no tensor goes over the pipe
+
     worker = ModelProcess({"pos": str(checkpoints["pos"])})
     with TestClient(build_app(worker.models), raise_server_exceptions=False) as c:
         assert c.get("/health").status_code == 200

@@ -5,14 +5,16 @@ import torch
 
 from rnnkit.hardware import cpu_model_and_flags
 
-FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
 
 
 def cpu_description() -> str:
-    """The CPU's model and which of the flags that matter for matrix products it has."""
+    """The CPU's model, which of the flags that matter for matrix products (fp32, int8, bf16)
+    it has, and which it lacks: ``Xeon (avx2, avx512f, avx512_vnni; no avx512_bf16, no amx_bf16)``."""
     model, flags = cpu_model_and_flags()
     have = [f for f in FLAGS if f in flags]
-    return f"{model} ({', '.join(have) if have else 'none of ' + '/'.join(FLAGS)})"
+    lacks = [f"no {f}" for f in FLAGS if f not in flags]
+    return f"{model} ({'; '.join(x for x in (', '.join(have), ', '.join(lacks)) if x)})"
 
 
 def describe(device: torch.device) -> str:

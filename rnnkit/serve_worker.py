@@ -107,7 +107,10 @@ def _child(conn: Any, checkpoints: dict[str, str], device: str, precision: str, 
         except Exception as err:  # noqa: BLE001 - every error goes back to its caller
             conn.send(("err", *_describe(err)))
             continue
-        conn.send(("ok", reply))
+        try:
+            conn.send(("ok", reply))
+        except Exception as err:  # noqa: BLE001 - a result that cannot be pickled (sent whole or not at all)
+            conn.send(("err", *_describe(err)))
 
 
 # ---------------------------------------------------------------------- in the front

@@ -93,8 +93,8 @@ def keep_freed_memory() -> bool:
     with fresh mappings and returns freed memory at the top of the heap to the system, so every
     step pays again for page faults on zeroed pages. With this, translation training here had
     half the system time, a quarter of the page faults and 5-17% more tokens/s (fp32 and bf16);
-    peak memory stayed within 0.1 GB in fp32 and grew by 0.6 GB over 1,000 bf16 steps, and memory
-    is not handed back before the process ends. The role jemalloc or tcmalloc play in PyTorch's
+    peak memory stayed within 0.1 GB in fp32 and grew by 0.6 GB over 1,000 bf16 steps; what is
+    kept goes back to the system only through :func:`release_freed_memory`. The role jemalloc or tcmalloc play in PyTorch's
     CPU tuning guides, without a preload.
     Skipped off Linux, when libc has no ``mallopt`` (not glibc), and when the environment already
     sets a ``MALLOC_*`` variable or ``LD_PRELOAD`` (the user chose). Returns whether it applied."""

@@ -140,11 +140,14 @@ class ModelProcess:
             break
         self.models = {name: RemoteModel(self, name, info) for name, info in rest[0].items()}
 
+    def _gone(self) -> ModelProcessError:
+        return ModelProcessError(f"the model process exited (code {self.process.exitcode})")
+
     def _receive(self) -> tuple:
         try:
             return self._conn.recv()
         except (EOFError, OSError):
-            raise ModelProcessError(f"the model process exited (code {self.process.exitcode})") from None
+            raise self._gone() from None
 
     def call(self, op: str, args: Any) -> Any:
         """One call in the child; its result, or its error raised here."""
@@ -152,7 +155,7 @@ class ModelProcess:
             try:
                 self._conn.send((op, args))
             except (OSError, ValueError):
-                raise ModelProcessError(f"the model process exited (code {self.process.exitcode})") from None
+                raise self._gone() from None
             kind, *rest = self._receive()
         if kind == "err":
             raise _rebuild(*rest)
@@ -223,7 +226,6 @@ class RemoteStream:
         self._tags: dict[int, Any] = {}
         self._ids = itertools.count()
         self.room, self.live = capacity, 0
-        self._capacity = capacity
 
     def add(self, lines: Sequence[str], tags: Sequence[Any]) -> list[tuple[Any, Any]]:
         if self._sid is None:

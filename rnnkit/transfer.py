@@ -133,15 +133,20 @@ def initialise_encoder(section: Any, embedding: nn.Embedding, words: list[str], 
     return notes
 
 
-def build_lm_features(paths: list[str], extras: dict[str, Any] | None, cache_mb: float = 0.0):
-    """``model.lm_features``: the frozen LMs of a new run, read from their checkpoints, or of a
-    saved one, rebuilt from its ``extras`` (the weights then come with the model). None if unused.
-    ``cache_mb``: how much of the features of sentences seen to keep (training)."""
+def build_lm_features(section: Any, extras: dict[str, Any] | None, training: bool = False):
+    """``model.lm_features`` of ``section`` (a task's model config): the frozen LMs of a new run,
+    read from their checkpoints, or of a saved one, rebuilt from its ``extras`` (the weights then
+    come with the model). None if unused. A ``training`` task keeps the features of the sentences
+    it sees, up to ``lm_features_cache_mb``; inference keeps none."""
     from rnnkit.models.lm_features import LMFeatures
+
+    paths = section.lm_features
 
     if extras is not None:
         specs = extras.get("lm_features") or []
-        features = LMFeatures(specs) if specs else None
+        if not specs:
+            return None
+        features = LMFeatures(specs)
     elif paths:
         lms = [read_language_model(path, f"model.lm_features[{i}]", backward=None, tokenizer=None)
                for i, path in enumerate(paths)]      # word or character, either direction
@@ -150,6 +155,5 @@ def build_lm_features(paths: list[str], extras: dict[str, Any] | None, cache_mb:
             module.load_state_dict(lm["model"])
     else:
         return None
-    if features is not None:
-        features.use_cache(cache_mb)
+    features.use_cache(section.lm_features_cache_mb if training else 0)
     return features

@@ -82,7 +82,7 @@ class ClassificationTask(LabelingTask):
         self.label_index = {label: i for i, label in enumerate(self.labels)}
         self.model = SentenceClassifier(len(self.words), len(self.labels), m.embedding_dim, m.cell, m.hidden_size,
                                         m.num_layers, m.dropout, m.pooling, recurrent_options(m),
-                                        build_lm_features(m.lm_features, extras, m.lm_features_cache_mb if with_data else 0)).to(device)
+                                        build_lm_features(m, extras, training=with_data)).to(device)
         if extras is None and with_data:
             for note in initialise_encoder(m, self.model.embedding, self.words.itos, self.model.encoder.rnn):
                 tqdm.write(note)

@@ -80,7 +80,7 @@ class TaggingTask(LabelingTask):
         chars = (len(self.chars), m.char_embedding_dim, m.char_hidden_size) if m.char_encoder else None
         self.model = Tagger(len(self.words), len(self.tags), m.embedding_dim, m.cell, m.hidden_size, m.num_layers,
                             m.dropout, chars, m.output == "crf", recurrent_options(m),
-                            build_lm_features(m.lm_features, extras, m.lm_features_cache_mb if with_data else 0)).to(device)
+                            build_lm_features(m, extras, training=with_data)).to(device)
         if extras is None and with_data:
             for note in initialise_encoder(m, self.model.embedding, self.words.itos, self.model.encoder.rnn):
                 tqdm.write(note)

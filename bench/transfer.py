@@ -6,7 +6,9 @@ Stages (each a plain ``rnnkit train`` run; a finished run in the output folder i
 1. pretraining text: WikiText-2 train plus the text of the labelled tasks' training splits
    (rt-polarity train, UD English-EWT train, Universal NER dev's first 1,801 sentences, the
    part the NER config trains on); never validation or test text.
-2. a forward and a backward word LM on it (configs/lm_wikitext2.yaml, ``--pretrain-minutes``).
+2. a forward and a backward word LM on it (configs/lm_wikitext2.yaml, ``--pretrain-minutes``),
+   and, for the feature sets with characters, a forward and a backward character LM
+   (configs/lm_char_flair.yaml, ``--char-pretrain-minutes``; Flair's kind of LM).
 3. rt-polarity: the shipped classifier; ULMFiT (both LMs fine-tuned on the task's training
    text, the classifier initialised from them, slanted triangular learning rates,
    discriminative rates by layer, gradual unfreezing); the shipped classifier with the LMs'
@@ -16,10 +18,14 @@ Stages (each a plain ``rnnkit train`` run; a finished run in the output folder i
    accuracy (``--upos-shipped`` also retrains the shipped tagger; else bench/RESULTS.md's
    40-minute figure, measured under the same conditions, is the baseline).
 
+The LM features of stages 3-5 come in the sets ``--features`` names: ``word`` (the two word
+LMs), ``char`` (the two character LMs), ``word+char`` (all four).
+
 Every run uses one thread and two run at once (``--threads``, ``--lanes``), the conditions
 under which the shipped configs' figures in bench/RESULTS.md were measured.
 
-    python bench/transfer.py [--pretrain-minutes 50] [--upos-minutes 40] [--stages ...] [--quick]
+    python bench/transfer.py [--pretrain-minutes 50] [--upos-minutes 40] [--stages ...]
+                             [--features word word+char] [--quick]
 
 ``--quick`` runs every stage for a few seconds (a check of the plumbing, not a result).
 Needs ../shared/data. Prints a table with the CPU and the minutes of each stage.
@@ -49,6 +55,10 @@ EWT = DATA / "ud-english-ewt"
 LM_STEPS_PER_MINUTE = 115   # configs/lm_wikitext2.yaml at one thread beside a second run, validation included (measured: 2.15 steps/s)
 LM_SIZE = 400          # configs/lm_wikitext2.yaml's embedding and hidden size: what init_from needs
 STAGES = ("pretrain", "sentiment", "ner", "upos")
+FEATURE_SETS = {"word": ("lm_fwd", "lm_bwd"), "char": ("clm_fwd", "clm_bwd"),
+                "word+char": ("lm_fwd", "lm_bwd", "clm_fwd", "clm_bwd")}
+SUFFIX = {"word": "", "char": "_c", "word+char": "_wc"}   # "word" keeps the first runs' names
+FEATURE_CACHE_MB = 4096      # four LMs' features (2,848 a word) of UD English-EWT train and dev: ~2.6 GB
 
 
 class Bench:
@@ -155,6 +165,10 @@ def main() -> int:
     ap.add_argument("--pretrain-minutes", type=float, default=50.0, help="each of the two LMs (trained side by side)")
     ap.add_argument("--pretrain-steps", type=int, default=None,
                     help="the LMs' cosine schedule length (default: what --pretrain-minutes allows at one thread)")
+    ap.add_argument("--char-pretrain-minutes", type=float, default=45.0,
+                    help="each of the two character LMs (trained side by side; steps: the config's)")
+    ap.add_argument("--features", nargs="+", default=["word", "word+char"], choices=list(FEATURE_SETS),
+                    help="LM feature sets for the sentiment, NER and UPOS runs")
     ap.add_argument("--finetune-minutes", type=float, default=4.0, help="each LM on the task's text (ULMFiT)")
     ap.add_argument("--task-minutes", type=float, default=10.0, help="sentiment and NER runs (as shipped)")
     ap.add_argument("--upos-minutes", type=float, default=40.0, help="the UPOS tagger with LM features")
@@ -176,7 +190,11 @@ def main() -> int:
     steps = args.pretrain_steps or int(LM_STEPS_PER_MINUTE * args.pretrain_minutes)
     lm = {d: args.out / f"lm_{d}" / "best.pt" for d in ("fwd", "bwd")}
     tuned = {d: args.out / f"lm_{d}_rt" / "best.pt" for d in ("fwd", "bwd")}
-    features = f"model.lm_features=[{lm['fwd']}, {lm['bwd']}]"
+    checkpoints = {f"{kind}_{d}": args.out / f"{kind}_{d}" / "best.pt" for kind in ("lm", "clm") for d in ("fwd", "bwd")}
+
+    def features(name: str) -> list[str]:
+        sets = [f"model.lm_features=[{', '.join(str(checkpoints[n]) for n in FEATURE_SETS[name])}]"]
+        return sets + ([f"model.lm_features_cache_mb={FEATURE_CACHE_MB}"] if name != "word" else [])
     jobs: dict[str, tuple[list[str], Callable[[], None]]] = {}
 
     def job(name: str, deps: list[str], config: str, sets: list[str], minutes: float,
@@ -191,6 +209,10 @@ def main() -> int:
         job(f"lm_{d}", [], "configs/lm_wikitext2.yaml",
             [f"data.train={text}", *wiki, f"data.reverse={reverse}", f"train.max_steps={steps}"],
             args.pretrain_minutes)
+        if any("char" in name for name in args.features):
+            job(f"clm_{d}", [], "configs/lm_char_flair.yaml",
+                [f"data.train={text}", f"data.valid={WIKI / 'valid.txt'}", f"data.reverse={reverse}"]
+                + (["train.max_steps=20", "train.warmup_steps=0", "model.hidden_size=64"] if args.quick else []), args.char_pretrain_minutes)
     if "sentiment" in args.stages:
         dev = ("--data", str(RT / "dev.tsv"))
         train_text, valid_text = task_text(args.out)
@@ -200,8 +222,9 @@ def main() -> int:
                  "data.test=null", f"data.reverse={reverse}", "train.lr_schedule=slanted_triangular",
                  "train.warmup_steps=0", "train.max_steps=400", "train.eval_every=100"], args.finetune_minutes)
     if "upos" in args.stages:
-        job("upos_features", ["lm_fwd", "lm_bwd"], "configs/tagger_upos.yaml", [features], args.upos_minutes,
-            "UPOS test accuracy, LM features", "--data", str(EWT / "en_ewt-ud-test.conllu"))
+        for name in args.features:
+            job(f"upos_features{SUFFIX[name]}", list(FEATURE_SETS[name]), "configs/tagger_upos.yaml", features(name),
+                args.upos_minutes, f"UPOS test accuracy, {name} LM features", "--data", str(EWT / "en_ewt-ud-test.conllu"))
     if "sentiment" in args.stages:
         job("sentiment_ulmfit", ["lm_fwd_rt", "lm_bwd_rt"], "configs/sentiment.yaml",
             [f"model.init_from={tuned['fwd']}", f"model.init_from_backward={tuned['bwd']}",
@@ -210,12 +233,14 @@ def main() -> int:
              "train.unfreeze_every=170", "train.early_stopping=null", "train.lr=0.01", "model.word_dropout=0.1"],
             args.task_minutes,   # 1,200 steps fit the 10 minutes at one thread; chosen on dev among 3 settings
             "rt-polarity dev accuracy, ULMFiT", *dev)
-        job("sentiment_features", ["lm_fwd", "lm_bwd"], "configs/sentiment.yaml", [features], args.task_minutes,
-            "rt-polarity dev accuracy, LM features", *dev)
+        for name in args.features:
+            job(f"sentiment_features{SUFFIX[name]}", list(FEATURE_SETS[name]), "configs/sentiment.yaml",
+                features(name), args.task_minutes, f"rt-polarity dev accuracy, {name} LM features", *dev)
     if "ner" in args.stages:
         test = ("--data", str(NER_TEST))
-        job("ner_features", ["lm_fwd", "lm_bwd"], "configs/tagger_ner.yaml", [features], args.task_minutes,
-            "UNER test span F1, LM features", *test)
+        for name in args.features:
+            job(f"ner_features{SUFFIX[name]}", list(FEATURE_SETS[name]), "configs/tagger_ner.yaml", features(name),
+                args.task_minutes, f"UNER test span F1, {name} LM features", *test)
         job("ner_shipped", [], "configs/tagger_ner.yaml", [], args.task_minutes, "UNER test span F1, shipped", *test)
     if "sentiment" in args.stages:
         job("sentiment_shipped", [], "configs/sentiment.yaml", [], args.task_minutes,
@@ -223,8 +248,9 @@ def main() -> int:
     if "upos" in args.stages and args.upos_shipped:
         job("upos_shipped", [], "configs/tagger_upos.yaml", [], args.upos_minutes,
             "UPOS test accuracy, shipped", "--data", str(EWT / "en_ewt-ud-test.conllu"))
-    # the two LMs first (everything else waits for them), then the longest runs
-    order = ["lm_fwd", "lm_bwd", "upos_features", "lm_fwd_rt", "lm_bwd_rt"]
+    # the LMs first (everything else waits for them), then the longest runs
+    order = ["lm_fwd", "lm_bwd", "clm_fwd", "clm_bwd", *(f"upos_features{SUFFIX[n]}" for n in args.features),
+             "lm_fwd_rt", "lm_bwd_rt"]
     jobs = {n: jobs[n] for n in order + [n for n in jobs if n not in order] if n in jobs}
     run_jobs(jobs, args.lanes)
 

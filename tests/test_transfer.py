@@ -172,7 +172,7 @@ def test_lm_feature_positions_are_word_boundaries():
     lm = LMFeatures([spec("char", False, chars), spec("char", True, chars), spec("word", False, words),
                      spec("word", True, words)])
     (f_ids, f_pos), (b_ids, b_pos), (w_ids, w_pos), (r_ids, r_pos) = lm.encode(["ab", "c"])
-    text = "\nab c "
+    text = "\nab c\n"      # a line of the LM's text; backward, "\nc ba\n" as the backward LM read its lines
     assert [chars[i] for i in f_ids] == list(text) and [text[p] for p in f_pos] == ["b", "c"]
     assert [chars[i] for i in b_ids] == list(text[::-1]) and [text[::-1][p] for p in b_pos] == ["a", "c"]
     assert [words[i] for i in w_ids] == ["</s>", "ab", "c"] and w_pos == [1, 2]

@@ -87,12 +87,15 @@ class LMFeatures(nn.Module):
                 n = len(words)
                 positions = [n - i for i in range(n)] if backward else [i + 1 for i in range(n)]
             else:
+                # the sentence as a line of the LM's training text, read from a line break to the
+                # next: a backward LM then sees "\n" + the line reversed + "\n", as it was trained
                 text, ends, starts = "\n", [], []
-                for w in words:
+                for i, w in enumerate(words):
                     starts.append(len(text))
                     text += w
                     ends.append(len(text) - 1)
-                    text += " "
+                    text += " " if i + 1 < len(words) else ""
+                text += "\n"
                 ids = [index.get(c, unk) for c in (text[::-1] if backward else text)]
                 last = len(text) - 1
                 positions = [last - s for s in starts] if backward else ends

@@ -169,6 +169,8 @@ def main() -> int:
                     help="each of the two character LMs (trained side by side; steps: the config's)")
     ap.add_argument("--features", nargs="+", default=["word", "word+char"], choices=list(FEATURE_SETS),
                     help="LM feature sets for the sentiment, NER and UPOS runs")
+    ap.add_argument("--upos-features", nargs="+", default=None, choices=list(FEATURE_SETS),
+                    help="the UPOS runs' sets, if not --features (each is --upos-minutes long)")
     ap.add_argument("--finetune-minutes", type=float, default=4.0, help="each LM on the task's text (ULMFiT)")
     ap.add_argument("--task-minutes", type=float, default=10.0, help="sentiment and NER runs (as shipped)")
     ap.add_argument("--upos-minutes", type=float, default=40.0, help="the UPOS tagger with LM features")
@@ -183,6 +185,7 @@ def main() -> int:
     if not (WIKI / "train.txt").is_file() or not (RT / "train.tsv").is_file():
         print(f"skipped: {DATA} is absent")
         return 0
+    args.upos_features = args.upos_features or args.features
     bench = Bench(args.out, args.quick, args.threads)
     results: dict[str, dict] = {}
     wiki = [f"data.valid={WIKI / 'valid.txt'}", f"data.test={WIKI / 'test.txt'}"]
@@ -209,7 +212,7 @@ def main() -> int:
         job(f"lm_{d}", [], "configs/lm_wikitext2.yaml",
             [f"data.train={text}", *wiki, f"data.reverse={reverse}", f"train.max_steps={steps}"],
             args.pretrain_minutes)
-        if any("char" in name for name in args.features):
+        if any("char" in name for name in args.features + args.upos_features):
             job(f"clm_{d}", [], "configs/lm_char_flair.yaml",
                 [f"data.train={text}", f"data.valid={WIKI / 'valid.txt'}", f"data.reverse={reverse}"]
                 + (["train.max_steps=20", "train.warmup_steps=0", "model.hidden_size=64"] if args.quick else []), args.char_pretrain_minutes)
@@ -222,7 +225,7 @@ def main() -> int:
                  "data.test=null", f"data.reverse={reverse}", "train.lr_schedule=slanted_triangular",
                  "train.warmup_steps=0", "train.max_steps=400", "train.eval_every=100"], args.finetune_minutes)
     if "upos" in args.stages:
-        for name in args.features:
+        for name in args.upos_features:
             job(f"upos_features{SUFFIX[name]}", list(FEATURE_SETS[name]), "configs/tagger_upos.yaml", features(name),
                 args.upos_minutes, f"UPOS test accuracy, {name} LM features", "--data", str(EWT / "en_ewt-ud-test.conllu"))
     if "sentiment" in args.stages:
@@ -249,7 +252,7 @@ def main() -> int:
         job("upos_shipped", [], "configs/tagger_upos.yaml", [], args.upos_minutes,
             "UPOS test accuracy, shipped", "--data", str(EWT / "en_ewt-ud-test.conllu"))
     # the LMs first (everything else waits for them), then the longest runs
-    order = ["lm_fwd", "lm_bwd", "clm_fwd", "clm_bwd", *(f"upos_features{SUFFIX[n]}" for n in args.features),
+    order = ["lm_fwd", "lm_bwd", "clm_fwd", "clm_bwd", *(f"upos_features{SUFFIX[n]}" for n in args.upos_features),
              "lm_fwd_rt", "lm_bwd_rt"]
     jobs = {n: jobs[n] for n in order + [n for n in jobs if n not in order] if n in jobs}
     run_jobs(jobs, args.lanes)

@@ -140,17 +140,18 @@ def build_lm_features(section: Any, extras: dict[str, Any] | None, training: boo
     it sees, up to ``lm_features_cache_mb``; inference keeps none."""
     from rnnkit.models.lm_features import LMFeatures
 
-    paths = section.lm_features
-
+    paths, size = section.lm_features, section.lm_features_size
+    if size and not paths and extras is None:
+        raise ConfigError("model.lm_features_size", "there are no model.lm_features to project")
     if extras is not None:
         specs = extras.get("lm_features") or []
         if not specs:
             return None
-        features = LMFeatures(specs)
+        features = LMFeatures(specs, size)
     elif paths:
         lms = [read_language_model(path, f"model.lm_features[{i}]", backward=None, tokenizer=None)
                for i, path in enumerate(paths)]      # word or character, either direction
-        features = LMFeatures(lms)
+        features = LMFeatures(lms, size)
         for module, lm in zip(features.lms, lms):
             module.load_state_dict(lm["model"])
     else:

@@ -94,7 +94,7 @@ class Tagger(nn.Module):
 
     def layer_groups(self) -> list[list[nn.Parameter]]:
         """Input to output: word and character vectors, each recurrent layer, the tag scorer."""
-        return stack_groups([self.embedding, self.chars], self.encoder.rnn, [self.output, self.crf])
+        return stack_groups([self.embedding, self.chars, self.lm], self.encoder.rnn, [self.output, self.crf])
 
     def loss(self, scores: torch.Tensor, tags: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Mean loss per word: cross-entropy, or the CRF's negative log-likelihood."""
@@ -134,7 +134,7 @@ class SentenceClassifier(nn.Module):
 
     def layer_groups(self) -> list[list[nn.Parameter]]:
         """Input to output: word vectors, each recurrent layer, pooling and the label scorer."""
-        return stack_groups([self.embedding], self.encoder.rnn, [self.attention, self.output])
+        return stack_groups([self.embedding, self.lm], self.encoder.rnn, [self.attention, self.output])
 
     def forward(self, words: torch.Tensor, lengths: torch.Tensor, lm: list | None = None):
         """-> label scores (B, C) and, with attention pooling, the weights (B, L) (else None);

@@ -37,9 +37,11 @@ class LMBatch(NamedTuple):
 
 
 class LMFeatures(nn.Module):
-    """``specs``: per LM its checkpoint's ``config`` and ``vocab`` (what ``extras`` keeps)."""
+    """``specs``: per LM its checkpoint's ``config`` and ``vocab`` (what ``extras`` keeps).
+    ``size``: a trained linear map of the concatenated states down to this width (Flair's
+    re-projection; the frozen states are kept, their projection computed every time)."""
 
-    def __init__(self, specs: Sequence[dict[str, Any]]):
+    def __init__(self, specs: Sequence[dict[str, Any]], size: int | None = None):
         super().__init__()
         from rnnkit.config import load_config
         from rnnkit.tasks import task_module
@@ -53,7 +55,9 @@ class LMFeatures(nn.Module):
         self.lms = nn.ModuleList(models)
         self.lms.requires_grad_(False)
         self._index = [{w: i for i, w in enumerate(s["vocab"])} for s in self.specs]
-        self.output_size = sum(s["config"]["model"]["hidden_size"] for s in self.specs)
+        states = sum(s["config"]["model"]["hidden_size"] for s in self.specs)
+        self.projection = nn.Linear(states, size) if size else None
+        self.output_size = size or states
         self.cache_mb = 0.0
         self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._cache_bytes = 0
@@ -118,9 +122,15 @@ class LMFeatures(nn.Module):
         return LMBatch(batch, keys, [len(item[0][1]) for item in items],
                        [[len(item[k][0]) for item in items] for k in range(len(self.specs))])
 
-    @torch.no_grad()
     def forward(self, batch: LMBatch, width: int) -> torch.Tensor:
-        """Features (B, width, D) of the collated batch (positions past a sentence are zeros)."""
+        """Features (B, width, D) of the collated batch (positions past a sentence are zeros,
+        before the projection)."""
+        states = self.states(batch, width)
+        return states if self.projection is None else self.projection(states)
+
+    @torch.no_grad()
+    def states(self, batch: LMBatch, width: int) -> torch.Tensor:
+        """The LMs' concatenated states (B, width, sum of their sizes), from the cache where kept."""
         if self.cache_mb <= 0:
             return self._compute(batch.inputs, width, batch.words)
         cache = self._cache
@@ -138,7 +148,7 @@ class LMFeatures(nn.Module):
                 t = found[j, :batch.words[i]].clone()
                 cache[batch.keys[i]] = t
                 self._cache_bytes += t.numel() * t.element_size()
-        out = torch.zeros(len(batch.keys), width, self.output_size, device=batch.inputs[0][0].device)
+        out = torch.zeros(len(batch.keys), width, cache[batch.keys[0]].size(-1), device=batch.inputs[0][0].device)
         for i, key in enumerate(batch.keys):
             t = cache[key][:width]
             cache.move_to_end(key)

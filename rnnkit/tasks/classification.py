@@ -44,6 +44,7 @@ class ModelConfig(RecurrentConfig):
     init_from_backward: Optional[str] = None   # a backward word LM's (data.reverse): the backward direction
     lm_features: list[str] = field(default_factory=list)   # frozen LMs whose states join the word vectors
     lm_features_cache_mb: float = num(2048.0, 0)   # training keeps each seen sentence's LM features (0: none)
+    lm_features_size: Optional[int] = num(None, 1, MAX_DIM)   # a trained projection of the LM features to this width
 
 
 def check_config(cfg: Config) -> None:

@@ -122,6 +122,29 @@ def test_lm_features_are_frozen_and_depend_only_on_the_sentence(tmp_path):
     assert not torch.allclose(other[0, 3], alone[0, 3])                           # the context does
 
 
+def test_projected_lm_features_train_the_projection_only_and_reload(tmp_path):
+    fwd, char = _lm(tmp_path, "fwd"), _lm(tmp_path, "char", tokenizer="char", reverse=True)
+    trainer = _classifier(tmp_path, "proj", lm_features=[str(fwd), str(char)], lm_features_size=8)
+    task = trainer.task
+    lm = task.model.lm
+    assert lm.output_size == 8 and task.model.encoder.rnn.input_size == 16 + 8
+    assert [q.requires_grad for q in lm.parameters()].count(True) == 2            # the projection's weight, bias
+    assert all(any(q is p for p in task.model.layer_groups()[0]) for q in lm.projection.parameters())
+    frozen = {k: v.clone() for k, v in lm.lms.state_dict().items()}
+    start = lm.projection.weight.detach().clone()
+    batch = lm.collate([lm.encode("the harbour was calm".split())], task.device)
+    assert torch.allclose(lm(batch, 4), lm.projection(lm.states(batch, 4)))
+    trainer.fit()
+    assert all(torch.equal(frozen[k], v) for k, v in lm.lms.state_dict().items())
+    assert not torch.equal(lm.projection.weight, start)                           # it was trained
+    loaded = load_task(tmp_path / "proj" / "last.pt").model.lm
+    assert torch.equal(loaded.projection.weight, lm.projection.weight)
+    assert torch.allclose(loaded(loaded.collate([loaded.encode("the harbour was calm".split())], task.device), 4),
+                          lm(batch, 4), atol=1e-6)
+    with pytest.raises(ConfigError, match="model.lm_features_size: there are no model.lm_features"):
+        _classifier(tmp_path, "none", lm_features_size=8)
+
+
 def test_cached_lm_features_equal_computed_ones_and_stay_bounded(tmp_path):
     fwd, char = _lm(tmp_path, "fwd"), _lm(tmp_path, "char", tokenizer="char", reverse=True)
     trainer = _classifier(tmp_path, "feat", lm_features=[str(fwd), str(char)], lm_features_cache_mb=0)

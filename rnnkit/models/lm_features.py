@@ -93,13 +93,11 @@ class LMFeatures(nn.Module):
             else:
                 # the sentence as a line of the LM's training text, read from a line break to the
                 # next: a backward LM then sees "\n" + the line reversed + "\n", as it was trained
-                text, ends, starts = "\n", [], []
-                for i, w in enumerate(words):
-                    starts.append(len(text))
-                    text += w
-                    ends.append(len(text) - 1)
-                    text += " " if i + 1 < len(words) else ""
-                text += "\n"
+                text, starts, ends, at = "\n" + " ".join(words) + "\n", [], [], 1
+                for w in words:
+                    starts.append(at)
+                    ends.append(at + len(w) - 1)
+                    at += len(w) + 1
                 ids = [index.get(c, unk) for c in (text[::-1] if backward else text)]
                 last = len(text) - 1
                 positions = [last - s for s in starts] if backward else ends

@@ -191,9 +191,9 @@ def main() -> int:
     wiki = [f"data.valid={WIKI / 'valid.txt'}", f"data.test={WIKI / 'test.txt'}"]
     text = pretraining_text(args.out)
     steps = args.pretrain_steps or int(LM_STEPS_PER_MINUTE * args.pretrain_minutes)
-    lm = {d: args.out / f"lm_{d}" / "best.pt" for d in ("fwd", "bwd")}
-    tuned = {d: args.out / f"lm_{d}_rt" / "best.pt" for d in ("fwd", "bwd")}
     checkpoints = {f"{kind}_{d}": args.out / f"{kind}_{d}" / "best.pt" for kind in ("lm", "clm") for d in ("fwd", "bwd")}
+    tuned = {d: args.out / f"lm_{d}_rt" / "best.pt" for d in ("fwd", "bwd")}
+    char_lms = any(n.startswith("clm") for s in args.features + args.upos_features for n in FEATURE_SETS[s])
 
     def features(name: str) -> list[str]:
         sets = [f"model.lm_features=[{', '.join(str(checkpoints[n]) for n in FEATURE_SETS[name])}]"]
@@ -212,16 +212,17 @@ def main() -> int:
         job(f"lm_{d}", [], "configs/lm_wikitext2.yaml",
             [f"data.train={text}", *wiki, f"data.reverse={reverse}", f"train.max_steps={steps}"],
             args.pretrain_minutes)
-        if any("char" in name for name in args.features + args.upos_features):
+        if char_lms:
+            quick = ["train.max_steps=20", "train.warmup_steps=0", "model.hidden_size=64"] if args.quick else []
             job(f"clm_{d}", [], "configs/lm_char_flair.yaml",
-                [f"data.train={text}", f"data.valid={WIKI / 'valid.txt'}", f"data.reverse={reverse}"]
-                + (["train.max_steps=20", "train.warmup_steps=0", "model.hidden_size=64"] if args.quick else []), args.char_pretrain_minutes)
+                [f"data.train={text}", f"data.valid={WIKI / 'valid.txt'}", f"data.reverse={reverse}", *quick],
+                args.char_pretrain_minutes)
     if "sentiment" in args.stages:
         dev = ("--data", str(RT / "dev.tsv"))
         train_text, valid_text = task_text(args.out)
         for d, reverse in (("fwd", "false"), ("bwd", "true")):
             job(f"lm_{d}_rt", [f"lm_{d}"], "configs/lm_wikitext2.yaml",
-                [f"model.init_from={lm[d]}", f"data.train={train_text}", f"data.valid={valid_text}",
+                [f"model.init_from={checkpoints[f'lm_{d}']}", f"data.train={train_text}", f"data.valid={valid_text}",
                  "data.test=null", f"data.reverse={reverse}", "train.lr_schedule=slanted_triangular",
                  "train.warmup_steps=0", "train.max_steps=400", "train.eval_every=100"], args.finetune_minutes)
     if "upos" in args.stages:

@@ -55,9 +55,9 @@ class LMFeatures(nn.Module):
         self.lms = nn.ModuleList(models)
         self.lms.requires_grad_(False)
         self._index = [{w: i for i, w in enumerate(s["vocab"])} for s in self.specs]
-        states = sum(s["config"]["model"]["hidden_size"] for s in self.specs)
-        self.projection = nn.Linear(states, size) if size else None
-        self.output_size = size or states
+        self.state_size = sum(s["config"]["model"]["hidden_size"] for s in self.specs)    # what the cache keeps
+        self.projection = nn.Linear(self.state_size, size) if size else None
+        self.output_size = size or self.state_size
         self.cache_mb = 0.0
         self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._cache_bytes = 0
@@ -146,7 +146,7 @@ class LMFeatures(nn.Module):
                 t = found[j, :batch.words[i]].clone()
                 cache[batch.keys[i]] = t
                 self._cache_bytes += t.numel() * t.element_size()
-        out = torch.zeros(len(batch.keys), width, cache[batch.keys[0]].size(-1), device=batch.inputs[0][0].device)
+        out = torch.zeros(len(batch.keys), width, self.state_size, device=batch.inputs[0][0].device)
         for i, key in enumerate(batch.keys):
             t = cache[key][:width]
             cache.move_to_end(key)

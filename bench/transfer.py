@@ -165,12 +165,18 @@ def main() -> int:
     ap.add_argument("--pretrain-minutes", type=float, default=50.0, help="each of the two LMs (trained side by side)")
     ap.add_argument("--pretrain-steps", type=int, default=None,
                     help="the LMs' cosine schedule length (default: what --pretrain-minutes allows at one thread)")
+    ap.add_argument("--more-pretrain-minutes", type=float, default=0.0,
+                    help="then train each word LM this much longer, from its checkpoint with a fresh cosine "
+                         "schedule at half the peak rate (runs lm_fwd_more, lm_bwd_more; the tasks use those)")
     ap.add_argument("--char-pretrain-minutes", type=float, default=45.0,
                     help="each of the two character LMs (trained side by side; steps: the config's)")
     ap.add_argument("--features", nargs="+", default=["word", "word+char"], choices=list(FEATURE_SETS),
                     help="LM feature sets for the sentiment, NER and UPOS runs")
     ap.add_argument("--upos-features", nargs="+", default=None, choices=list(FEATURE_SETS),
                     help="the UPOS runs' sets, if not --features (each is --upos-minutes long)")
+    ap.add_argument("--sentiment-features", nargs="+", default=None, choices=list(FEATURE_SETS),
+                    help="the sentiment runs' sets, if not --features")
+    ap.add_argument("--no-ulmfit", action="store_true", help="leave out the ULMFiT runs of the sentiment stage")
     ap.add_argument("--finetune-minutes", type=float, default=4.0, help="each LM on the task's text (ULMFiT)")
     ap.add_argument("--task-minutes", type=float, default=10.0, help="sentiment and NER runs (as shipped)")
     ap.add_argument("--upos-minutes", type=float, default=40.0, help="the UPOS tagger with LM features")
@@ -186,14 +192,24 @@ def main() -> int:
         print(f"skipped: {DATA} is absent")
         return 0
     args.upos_features = args.upos_features or args.features
+    args.sentiment_features = args.sentiment_features or args.features
     bench = Bench(args.out, args.quick, args.threads)
     results: dict[str, dict] = {}
     wiki = [f"data.valid={WIKI / 'valid.txt'}", f"data.test={WIKI / 'test.txt'}"]
     text = pretraining_text(args.out)
     steps = args.pretrain_steps or int(LM_STEPS_PER_MINUTE * args.pretrain_minutes)
-    checkpoints = {f"{kind}_{d}": args.out / f"{kind}_{d}" / "best.pt" for kind in ("lm", "clm") for d in ("fwd", "bwd")}
+    # the runs that give each LM of FEATURE_SETS (the word LMs' continuation, if asked for)
+    lm_runs = {f"{kind}_{d}": f"{kind}_{d}" for kind in ("lm", "clm") for d in ("fwd", "bwd")}
+    if args.more_pretrain_minutes > 0:
+        lm_runs.update(lm_fwd="lm_fwd_more", lm_bwd="lm_bwd_more")
+    checkpoints = {name: args.out / run / "best.pt" for name, run in lm_runs.items()}
     tuned = {d: args.out / f"lm_{d}_rt" / "best.pt" for d in ("fwd", "bwd")}
-    char_lms = any(n.startswith("clm") for s in args.features + args.upos_features for n in FEATURE_SETS[s])
+    char_lms = any(n.startswith("clm") for s in args.features + args.upos_features + args.sentiment_features
+                   for n in FEATURE_SETS[s])
+
+    def needs(name: str) -> list[str]:
+        """The runs a feature set's LMs come from."""
+        return [lm_runs[n] for n in FEATURE_SETS[name]]
 
     def features(name: str) -> list[str]:
         sets = [f"model.lm_features=[{', '.join(str(checkpoints[n]) for n in FEATURE_SETS[name])}]"]
@@ -212,24 +228,31 @@ def main() -> int:
         job(f"lm_{d}", [], "configs/lm_wikitext2.yaml",
             [f"data.train={text}", *wiki, f"data.reverse={reverse}", f"train.max_steps={steps}"],
             args.pretrain_minutes)
+        if args.more_pretrain_minutes > 0:
+            more = int(LM_STEPS_PER_MINUTE * args.more_pretrain_minutes)
+            job(f"lm_{d}_more", [f"lm_{d}"], "configs/lm_wikitext2.yaml",
+                [f"model.init_from={args.out / f'lm_{d}' / 'best.pt'}", f"data.train={text}", *wiki,
+                 f"data.reverse={reverse}", "train.lr=0.001", "train.warmup_steps=100", f"train.max_steps={more}"],
+                args.more_pretrain_minutes)
         if char_lms:
             quick = ["train.max_steps=20", "train.warmup_steps=0", "model.hidden_size=64"] if args.quick else []
             job(f"clm_{d}", [], "configs/lm_char_flair.yaml",
                 [f"data.train={text}", f"data.valid={WIKI / 'valid.txt'}", f"data.reverse={reverse}", *quick],
                 args.char_pretrain_minutes)
-    if "sentiment" in args.stages:
-        dev = ("--data", str(RT / "dev.tsv"))
+    ulmfit = "sentiment" in args.stages and not args.no_ulmfit
+    dev = ("--data", str(RT / "dev.tsv"))
+    if ulmfit:
         train_text, valid_text = task_text(args.out)
         for d, reverse in (("fwd", "false"), ("bwd", "true")):
-            job(f"lm_{d}_rt", [f"lm_{d}"], "configs/lm_wikitext2.yaml",
+            job(f"lm_{d}_rt", [lm_runs[f"lm_{d}"]], "configs/lm_wikitext2.yaml",
                 [f"model.init_from={checkpoints[f'lm_{d}']}", f"data.train={train_text}", f"data.valid={valid_text}",
                  "data.test=null", f"data.reverse={reverse}", "train.lr_schedule=slanted_triangular",
                  "train.warmup_steps=0", "train.max_steps=400", "train.eval_every=100"], args.finetune_minutes)
     if "upos" in args.stages:
         for name in args.upos_features:
-            job(f"upos_features{SUFFIX[name]}", list(FEATURE_SETS[name]), "configs/tagger_upos.yaml", features(name),
+            job(f"upos_features{SUFFIX[name]}", needs(name), "configs/tagger_upos.yaml", features(name),
                 args.upos_minutes, f"UPOS test accuracy, {name} LM features", "--data", str(EWT / "en_ewt-ud-test.conllu"))
-    if "sentiment" in args.stages:
+    if ulmfit:
         job("sentiment_ulmfit", ["lm_fwd_rt", "lm_bwd_rt"], "configs/sentiment.yaml",
             [f"model.init_from={tuned['fwd']}", f"model.init_from_backward={tuned['bwd']}",
              f"model.embedding_dim={LM_SIZE}", f"model.hidden_size={LM_SIZE}", "model.num_layers=2",
@@ -237,13 +260,14 @@ def main() -> int:
              "train.unfreeze_every=170", "train.early_stopping=null", "train.lr=0.01", "model.word_dropout=0.1"],
             args.task_minutes,   # 1,200 steps fit the 10 minutes at one thread; chosen on dev among 3 settings
             "rt-polarity dev accuracy, ULMFiT", *dev)
-        for name in args.features:
-            job(f"sentiment_features{SUFFIX[name]}", list(FEATURE_SETS[name]), "configs/sentiment.yaml",
+    if "sentiment" in args.stages:
+        for name in args.sentiment_features:
+            job(f"sentiment_features{SUFFIX[name]}", needs(name), "configs/sentiment.yaml",
                 features(name), args.task_minutes, f"rt-polarity dev accuracy, {name} LM features", *dev)
     if "ner" in args.stages:
         test = ("--data", str(NER_TEST))
         for name in args.features:
-            job(f"ner_features{SUFFIX[name]}", list(FEATURE_SETS[name]), "configs/tagger_ner.yaml", features(name),
+            job(f"ner_features{SUFFIX[name]}", needs(name), "configs/tagger_ner.yaml", features(name),
                 args.task_minutes, f"UNER test span F1, {name} LM features", *test)
         job("ner_shipped", [], "configs/tagger_ner.yaml", [], args.task_minutes, "UNER test span F1, shipped", *test)
     if "sentiment" in args.stages:
@@ -253,7 +277,7 @@ def main() -> int:
         job("upos_shipped", [], "configs/tagger_upos.yaml", [], args.upos_minutes,
             "UPOS test accuracy, shipped", "--data", str(EWT / "en_ewt-ud-test.conllu"))
     # the LMs first (everything else waits for them), then the longest runs
-    order = ["lm_fwd", "lm_bwd", "clm_fwd", "clm_bwd", *(f"upos_features{SUFFIX[n]}" for n in args.upos_features),
+    order = ["lm_fwd", "lm_bwd", "lm_fwd_more", "lm_bwd_more", "clm_fwd", "clm_bwd", *(f"upos_features{SUFFIX[n]}" for n in args.upos_features),
              "lm_fwd_rt", "lm_bwd_rt"]
     jobs = {n: jobs[n] for n in order + [n for n in jobs if n not in order] if n in jobs}
     run_jobs(jobs, args.lanes)

@@ -9,6 +9,8 @@ Stages (each a plain ``rnnkit train`` run; a finished run in the output folder i
 2. a forward and a backward word LM on it (configs/lm_wikitext2.yaml, ``--pretrain-minutes``),
    and, for the feature sets with characters, a forward and a backward character LM
    (configs/lm_char_flair.yaml, ``--char-pretrain-minutes``; Flair's kind of LM).
+   ``--more-pretrain-minutes`` then trains each word LM that much longer (``model.init_from``
+   its checkpoint, a fresh cosine schedule at half the peak rate) and the tasks use those.
 3. rt-polarity: the shipped classifier; ULMFiT (both LMs fine-tuned on the task's training
    text, the classifier initialised from them, slanted triangular learning rates,
    discriminative rates by layer, gradual unfreezing); the shipped classifier with the LMs'
@@ -24,8 +26,9 @@ LMs), ``char`` (the two character LMs), ``word+char`` (all four).
 Every run uses one thread and two run at once (``--threads``, ``--lanes``), the conditions
 under which the shipped configs' figures in bench/RESULTS.md were measured.
 
-    python bench/transfer.py [--pretrain-minutes 50] [--upos-minutes 40] [--stages ...]
-                             [--features word word+char] [--quick]
+    python bench/transfer.py [--pretrain-minutes 50] [--more-pretrain-minutes 60] [--upos-minutes 40]
+                             [--stages ...] [--features word word+char] [--upos-features word]
+                             [--sentiment-features word] [--no-ulmfit] [--quick]
 
 ``--quick`` runs every stage for a few seconds (a check of the plumbing, not a result).
 Needs ../shared/data. Prints a table with the CPU and the minutes of each stage.

@@ -9,8 +9,9 @@ Stages (each a plain ``rnnkit train`` run; a finished run in the output folder i
 2. a forward and a backward word LM on it (configs/lm_wikitext2.yaml, ``--pretrain-minutes``),
    and, for the feature sets with characters, a forward and a backward character LM
    (configs/lm_char_flair.yaml, ``--char-pretrain-minutes``; Flair's kind of LM).
-   ``--more-pretrain-minutes`` then trains each word LM that much longer (``model.init_from``
-   its checkpoint, a fresh cosine schedule at half the peak rate) and the tasks use those.
+   ``--more-pretrain-minutes`` (``--more-char-pretrain-minutes``) then trains each word
+   (character) LM that much longer (``model.init_from`` its checkpoint, a fresh cosine
+   schedule at half the peak rate) and the tasks use those.
 3. rt-polarity: the shipped classifier; ULMFiT (both LMs fine-tuned on the task's training
    text, the classifier initialised from them, slanted triangular learning rates,
    discriminative rates by layer, gradual unfreezing); the shipped classifier with the LMs'
@@ -56,6 +57,7 @@ NER_FILE = DATA / "uner-english-ewt" / "en_ewt-ud-dev.iob2"
 NER_TEST = DATA / "uner-english-ewt" / "en_ewt-ud-test.iob2"
 EWT = DATA / "ud-english-ewt"
 LM_STEPS_PER_MINUTE = 115   # configs/lm_wikitext2.yaml at one thread beside a second run, validation included (measured: 2.15 steps/s)
+CLM_STEPS_PER_MINUTE = 28  # configs/lm_char_flair.yaml likewise (measured: 1,256 steps in 45 minutes)
 LM_SIZE = 400          # configs/lm_wikitext2.yaml's embedding and hidden size: what init_from needs
 STAGES = ("pretrain", "sentiment", "ner", "upos")
 FEATURE_SETS = {"word": ("lm_fwd", "lm_bwd"), "char": ("clm_fwd", "clm_bwd"),
@@ -171,6 +173,8 @@ def main() -> int:
     ap.add_argument("--more-pretrain-minutes", type=float, default=0.0,
                     help="then train each word LM this much longer, from its checkpoint with a fresh cosine "
                          "schedule at half the peak rate (runs lm_fwd_more, lm_bwd_more; the tasks use those)")
+    ap.add_argument("--more-char-pretrain-minutes", type=float, default=0.0,
+                    help="the same for the character LMs (runs clm_fwd_more, clm_bwd_more)")
     ap.add_argument("--char-pretrain-minutes", type=float, default=45.0,
                     help="each of the two character LMs (trained side by side; steps: the config's)")
     ap.add_argument("--features", nargs="+", default=["word", "word+char"], choices=list(FEATURE_SETS),
@@ -203,8 +207,9 @@ def main() -> int:
     steps = args.pretrain_steps or int(LM_STEPS_PER_MINUTE * args.pretrain_minutes)
     # the runs that give each LM of FEATURE_SETS (the word LMs' continuation, if asked for)
     lm_runs = {f"{kind}_{d}": f"{kind}_{d}" for kind in ("lm", "clm") for d in ("fwd", "bwd")}
-    if args.more_pretrain_minutes > 0:
-        lm_runs.update(lm_fwd="lm_fwd_more", lm_bwd="lm_bwd_more")
+    for kind, minutes in (("lm", args.more_pretrain_minutes), ("clm", args.more_char_pretrain_minutes)):
+        if minutes > 0:
+            lm_runs.update({f"{kind}_{d}": f"{kind}_{d}_more" for d in ("fwd", "bwd")})
     checkpoints = {name: args.out / run / "best.pt" for name, run in lm_runs.items()}
     tuned = {d: args.out / f"lm_{d}_rt" / "best.pt" for d in ("fwd", "bwd")}
     char_lms = any(n.startswith("clm") for s in args.features + args.upos_features + args.sentiment_features
@@ -227,21 +232,25 @@ def main() -> int:
                 results[key] = bench.evaluate(run, *eval_args)
         jobs[name] = (deps, work)
 
+    def more(kind: str, d: str, config: str, data: list[str], minutes: float, per_minute: float, warmup: int) -> None:
+        """``{kind}_{d}`` trained ``minutes`` longer: from its checkpoint, a fresh cosine at half the peak rate."""
+        if minutes > 0:
+            job(f"{kind}_{d}_more", [f"{kind}_{d}"], config,
+                [f"model.init_from={args.out / f'{kind}_{d}' / 'best.pt'}", *data, "train.lr=0.001",
+                 f"train.warmup_steps={warmup}", f"train.max_steps={max(warmup + 1, int(per_minute * minutes))}"],
+                minutes)
+
     for d, reverse in (("fwd", "false"), ("bwd", "true")):
-        job(f"lm_{d}", [], "configs/lm_wikitext2.yaml",
-            [f"data.train={text}", *wiki, f"data.reverse={reverse}", f"train.max_steps={steps}"],
-            args.pretrain_minutes)
-        if args.more_pretrain_minutes > 0:
-            more = int(LM_STEPS_PER_MINUTE * args.more_pretrain_minutes)
-            job(f"lm_{d}_more", [f"lm_{d}"], "configs/lm_wikitext2.yaml",
-                [f"model.init_from={args.out / f'lm_{d}' / 'best.pt'}", f"data.train={text}", *wiki,
-                 f"data.reverse={reverse}", "train.lr=0.001", "train.warmup_steps=100", f"train.max_steps={more}"],
-                args.more_pretrain_minutes)
+        word_data = [f"data.train={text}", *wiki, f"data.reverse={reverse}"]
+        job(f"lm_{d}", [], "configs/lm_wikitext2.yaml", [*word_data, f"train.max_steps={steps}"], args.pretrain_minutes)
+        more("lm", d, "configs/lm_wikitext2.yaml", word_data, args.more_pretrain_minutes, LM_STEPS_PER_MINUTE, 100)
         if char_lms:
-            quick = ["train.max_steps=20", "train.warmup_steps=0", "model.hidden_size=64"] if args.quick else []
-            job(f"clm_{d}", [], "configs/lm_char_flair.yaml",
-                [f"data.train={text}", f"data.valid={WIKI / 'valid.txt'}", f"data.reverse={reverse}", *quick],
-                args.char_pretrain_minutes)
+            char_data = [f"data.train={text}", f"data.valid={WIKI / 'valid.txt'}", f"data.reverse={reverse}",
+                         *(["model.hidden_size=64"] if args.quick else [])]
+            quick = ["train.max_steps=20", "train.warmup_steps=0"] if args.quick else []
+            job(f"clm_{d}", [], "configs/lm_char_flair.yaml", [*char_data, *quick], args.char_pretrain_minutes)
+            more("clm", d, "configs/lm_char_flair.yaml", char_data, args.more_char_pretrain_minutes,
+                 CLM_STEPS_PER_MINUTE, 50)
     ulmfit = "sentiment" in args.stages and not args.no_ulmfit
     dev = ("--data", str(RT / "dev.tsv"))
     if ulmfit:
@@ -280,7 +289,7 @@ def main() -> int:
         job("upos_shipped", [], "configs/tagger_upos.yaml", [], args.upos_minutes,
             "UPOS test accuracy, shipped", "--data", str(EWT / "en_ewt-ud-test.conllu"))
     # the LMs first (everything else waits for them), then the longest runs
-    order = ["lm_fwd", "lm_bwd", "lm_fwd_more", "lm_bwd_more", "clm_fwd", "clm_bwd", *(f"upos_features{SUFFIX[n]}" for n in args.upos_features),
+    order = ["lm_fwd", "lm_bwd", "lm_fwd_more", "lm_bwd_more", "clm_fwd", "clm_bwd", "clm_fwd_more", "clm_bwd_more", *(f"upos_features{SUFFIX[n]}" for n in args.upos_features),
              "lm_fwd_rt", "lm_bwd_rt"]
     jobs = {n: jobs[n] for n in order + [n for n in jobs if n not in order] if n in jobs}
     run_jobs(jobs, args.lanes)

@@ -205,7 +205,7 @@ def main() -> int:
     wiki = [f"data.valid={WIKI / 'valid.txt'}", f"data.test={WIKI / 'test.txt'}"]
     text = pretraining_text(args.out)
     steps = args.pretrain_steps or int(LM_STEPS_PER_MINUTE * args.pretrain_minutes)
-    # the runs that give each LM of FEATURE_SETS (the word LMs' continuation, if asked for)
+    # the runs that give each LM of FEATURE_SETS (the continued ones, if asked for)
     lm_runs = {f"{kind}_{d}": f"{kind}_{d}" for kind in ("lm", "clm") for d in ("fwd", "bwd")}
     for kind, minutes in (("lm", args.more_pretrain_minutes), ("clm", args.more_char_pretrain_minutes)):
         if minutes > 0:

@@ -22,14 +22,15 @@ Stages (each a plain ``rnnkit train`` run; a finished run in the output folder i
    40-minute figure, measured under the same conditions, is the baseline).
 
 The LM features of stages 3-5 come in the sets ``--features`` names: ``word`` (the two word
-LMs), ``char`` (the two character LMs), ``word+char`` (all four).
+LMs), ``char`` (the two character LMs), ``word+char`` (all four); each LM gives its top layer,
+or with ``--lm-layers all`` a learned mix of all its layers (ELMo's; runs named ``..._mix``).
 
 Every run uses one thread and two run at once (``--threads``, ``--lanes``), the conditions
 under which the shipped configs' figures in bench/RESULTS.md were measured.
 
     python bench/transfer.py [--pretrain-minutes 50] [--more-pretrain-minutes 60] [--upos-minutes 40]
                              [--stages ...] [--features word word+char] [--upos-features word]
-                             [--sentiment-features word] [--no-ulmfit] [--quick]
+                             [--sentiment-features word] [--lm-layers top] [--no-ulmfit] [--quick]
 
 ``--quick`` runs every stage for a few seconds (a check of the plumbing, not a result).
 Needs ../shared/data. Prints a table with the CPU and the minutes of each stage.
@@ -183,6 +184,9 @@ def main() -> int:
                     help="the UPOS runs' sets, if not --features (each is --upos-minutes long)")
     ap.add_argument("--sentiment-features", nargs="+", default=None, choices=list(FEATURE_SETS),
                     help="the sentiment runs' sets, if not --features")
+    ap.add_argument("--lm-layers", choices=("top", "all"), default="top",
+                    help="the feature runs' model.lm_features_layers: each LM's top layer, or a learned mix "
+                         "of all its layers (runs named ..._mix)")
     ap.add_argument("--no-ulmfit", action="store_true", help="leave out the ULMFiT runs of the sentiment stage")
     ap.add_argument("--finetune-minutes", type=float, default=4.0, help="each LM on the task's text (ULMFiT)")
     ap.add_argument("--task-minutes", type=float, default=10.0, help="sentiment and NER runs (as shipped)")
@@ -220,8 +224,12 @@ def main() -> int:
         return [lm_runs[n] for n in FEATURE_SETS[name]]
 
     def features(name: str) -> list[str]:
-        sets = [f"model.lm_features=[{', '.join(str(checkpoints[n]) for n in FEATURE_SETS[name])}]"]
-        return sets + ([f"model.lm_features_cache_mb={FEATURE_CACHE_MB}"] if name != "word" else [])
+        sets = [f"model.lm_features=[{', '.join(str(checkpoints[n]) for n in FEATURE_SETS[name])}]",
+                f"model.lm_features_layers={args.lm_layers}"]
+        big = name != "word" or args.lm_layers == "all"     # all layers: three times the columns kept
+        return sets + ([f"model.lm_features_cache_mb={FEATURE_CACHE_MB}"] if big else [])
+
+    mix = "_mix" if args.lm_layers == "all" else ""
     jobs: dict[str, tuple[list[str], Callable[[], None]]] = {}
 
     def job(name: str, deps: list[str], config: str, sets: list[str], minutes: float,
@@ -262,8 +270,8 @@ def main() -> int:
                  "train.warmup_steps=0", "train.max_steps=400", "train.eval_every=100"], args.finetune_minutes)
     if "upos" in args.stages:
         for name in args.upos_features:
-            job(f"upos_features{SUFFIX[name]}", needs(name), "configs/tagger_upos.yaml", features(name),
-                args.upos_minutes, f"UPOS test accuracy, {name} LM features", "--data", str(EWT / "en_ewt-ud-test.conllu"))
+            job(f"upos_features{SUFFIX[name]}{mix}", needs(name), "configs/tagger_upos.yaml", features(name),
+                args.upos_minutes, f"UPOS test accuracy, {name} LM features{mix}", "--data", str(EWT / "en_ewt-ud-test.conllu"))
     if ulmfit:
         job("sentiment_ulmfit", ["lm_fwd_rt", "lm_bwd_rt"], "configs/sentiment.yaml",
             [f"model.init_from={tuned['fwd']}", f"model.init_from_backward={tuned['bwd']}",
@@ -274,13 +282,13 @@ def main() -> int:
             "rt-polarity dev accuracy, ULMFiT", *dev)
     if "sentiment" in args.stages:
         for name in args.sentiment_features:
-            job(f"sentiment_features{SUFFIX[name]}", needs(name), "configs/sentiment.yaml",
-                features(name), args.task_minutes, f"rt-polarity dev accuracy, {name} LM features", *dev)
+            job(f"sentiment_features{SUFFIX[name]}{mix}", needs(name), "configs/sentiment.yaml",
+                features(name), args.task_minutes, f"rt-polarity dev accuracy, {name} LM features{mix}", *dev)
     if "ner" in args.stages:
         test = ("--data", str(NER_TEST))
         for name in args.features:
-            job(f"ner_features{SUFFIX[name]}", needs(name), "configs/tagger_ner.yaml", features(name),
-                args.task_minutes, f"UNER test span F1, {name} LM features", *test)
+            job(f"ner_features{SUFFIX[name]}{mix}", needs(name), "configs/tagger_ner.yaml", features(name),
+                args.task_minutes, f"UNER test span F1, {name} LM features{mix}", *test)
         job("ner_shipped", [], "configs/tagger_ner.yaml", [], args.task_minutes, "UNER test span F1, shipped", *test)
     if "sentiment" in args.stages:
         job("sentiment_shipped", [], "configs/sentiment.yaml", [], args.task_minutes,
@@ -289,7 +297,7 @@ def main() -> int:
         job("upos_shipped", [], "configs/tagger_upos.yaml", [], args.upos_minutes,
             "UPOS test accuracy, shipped", "--data", str(EWT / "en_ewt-ud-test.conllu"))
     # the LMs first (everything else waits for them), then the longest runs
-    order = ["lm_fwd", "lm_bwd", "lm_fwd_more", "lm_bwd_more", "clm_fwd", "clm_bwd", "clm_fwd_more", "clm_bwd_more", *(f"upos_features{SUFFIX[n]}" for n in args.upos_features),
+    order = ["lm_fwd", "lm_bwd", "lm_fwd_more", "lm_bwd_more", "clm_fwd", "clm_bwd", "clm_fwd_more", "clm_bwd_more", *(f"upos_features{SUFFIX[n]}{mix}" for n in args.upos_features),
              "lm_fwd_rt", "lm_bwd_rt"]
     jobs = {n: jobs[n] for n in order + [n for n in jobs if n not in order] if n in jobs}
     run_jobs(jobs, args.lanes)

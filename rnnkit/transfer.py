@@ -140,20 +140,25 @@ def build_lm_features(section: Any, extras: dict[str, Any] | None, training: boo
     it sees, up to ``lm_features_cache_mb``; inference keeps none."""
     from rnnkit.models.lm_features import LMFeatures
 
-    paths, size = section.lm_features, section.lm_features_size
+    paths, size, layers = section.lm_features, section.lm_features_size, section.lm_features_layers
     if size and not paths and extras is None:
         raise ConfigError("model.lm_features_size", "there are no model.lm_features to project")
+    if layers != "top" and not paths and extras is None:
+        raise ConfigError("model.lm_features_layers", "there are no model.lm_features to mix")
     if extras is not None:
         specs = extras.get("lm_features") or []
         if not specs:
             return None
-        features = LMFeatures(specs, size)
+        features = LMFeatures(specs, size, layers)
     elif paths:
         lms = [read_language_model(path, f"model.lm_features[{i}]", backward=None, tokenizer=None)
                for i, path in enumerate(paths)]      # word or character, either direction
-        features = LMFeatures(lms, size)
-        for module, lm in zip(features.lms, lms):
+        features = LMFeatures(lms, size, layers)
+        for i, (module, lm) in enumerate(zip(features.lms, lms)):
             module.load_state_dict(lm["model"])
+            if layers == "all" and not isinstance(module.rnn, nn.RNNBase):
+                raise ConfigError(f"model.lm_features[{i}]", f"{paths[i]} has explicit recurrent layers "
+                                  "(model.impl: explicit); model.lm_features_layers 'all' needs fused ones")
     else:
         return None
     features.use_cache(section.lm_features_cache_mb if training else 0)

@@ -255,3 +255,43 @@ def test_tagger_with_characters_takes_the_lm_layer_in_its_word_columns(tmp_path)
     assert w.size(1) > 32 and torch.equal(w[:, :16], lm.model.rnn.weight_ih_l0)
     trainer.fit()
     assert trainer.task.predict(["the wind was cold"], 2)[0].count(" ") == 3
+
+
+def test_mixed_lm_layers_hold_every_layer_and_learn_only_the_mix(tmp_path):
+    from rnnkit.models.lm_features import LMFeatures
+
+    fwd, char = _lm(tmp_path, "fwd"), _lm(tmp_path, "char", tokenizer="char", reverse=True)
+    trainer = _classifier(tmp_path, "mix", lm_features=[str(fwd), str(char)], lm_features_layers="all")
+    task = trainer.task
+    lm = task.model.lm
+    # the word LM gives its word vector and both layers, the character LM its two layers; mixed: 16 each
+    assert lm.depths == [3, 2] and lm.state_size == 5 * 16 and lm.output_size == 32
+    assert task.model.encoder.rnn.input_size == 16 + 32
+    top = LMFeatures(lm.specs)
+    top.lms.load_state_dict(lm.lms.state_dict())
+    batch = lm.collate([lm.encode("the harbour was calm".split())], task.device)
+    states, plain = lm.states(batch, 4), top(batch, 4)
+    word_lm = lm.lms[0]
+    ids, positions = batch.inputs[0]
+    assert torch.allclose(states[0, :, :16], word_lm.embed(ids)[0, positions[0]])        # the word vectors
+    assert torch.allclose(states[0, :, 32:48], plain[0, :, :16], atol=1e-6)             # the word LM's top layer
+    assert torch.allclose(states[0, :, 64:80], plain[0, :, 16:], atol=1e-6)             # the character LM's
+    assert not torch.allclose(states[0, :, 16:32], states[0, :, 32:48])                 # a lower layer differs
+    with torch.no_grad():                     # all weight on the top layers, scaled: the top features, scaled
+        lm.mix.copy_(torch.tensor([[-1e4, -1e4, 0.0], [-1e4, 0.0, -1e4]]))
+        lm.scale.copy_(torch.tensor([2.0, 0.5]))
+    mixed = lm(batch, 4)
+    assert torch.allclose(mixed[..., :16], 2 * plain[..., :16], atol=1e-5)
+    assert torch.allclose(mixed[..., 16:], 0.5 * plain[..., 16:], atol=1e-5)
+    with torch.no_grad():
+        lm.mix.zero_()
+        lm.scale.fill_(1.0)
+    frozen = {k: v.clone() for k, v in lm.lms.state_dict().items()}
+    trainer.fit()
+    assert all(torch.equal(frozen[k], v) for k, v in lm.lms.state_dict().items())
+    assert lm.mix.abs().sum() > 0 and not torch.equal(lm.scale, torch.ones(2))        # the mix was trained
+    loaded = load_task(tmp_path / "mix" / "last.pt").model.lm
+    assert loaded.layers == "all" and torch.equal(loaded.mix, lm.mix)
+    assert torch.allclose(loaded(batch, 4), lm(batch, 4), atol=1e-6)
+    with pytest.raises(ConfigError, match="model.lm_features_layers: there are no model.lm_features to mix"):
+        _classifier(tmp_path, "none", lm_features_layers="all")

@@ -5,7 +5,11 @@ Each LM reads the sentence on its own from a zero state, in its direction (a bac
 trained with ``data.reverse``, reads it right to left), and each word gets the LM's top-layer
 state where the LM has just read it: for a word LM, after the word; for a character LM,
 after the word's last character (forward) or first character (backward). The states of all
-LMs are concatenated. The LMs are frozen: no gradient reaches them and they stay in
+LMs are concatenated. With ``layers="all"`` (ELMo's scalar mix, Peters et al. 2018) each LM
+gives instead a learned weighted sum of its layers: a word LM's vector for the word and every
+recurrent layer's output at that position (a character LM's recurrent layers only), weighted
+by a softmax over one learned scalar per layer and scaled by a learned factor; lower layers
+hold more syntax, upper ones more of what the LM predicts. The LMs are frozen: no gradient reaches them and they stay in
 evaluation mode (no dropout), so a word in the same sentence always gets the same features.
 
 That makes them worth keeping: with a cache (``cache_mb`` > 0, as training runs set it from
@@ -27,6 +31,9 @@ from rnnkit.data.vocab import EOS
 LMInput = tuple[list[int], list[int]]     # one LM's token ids for a sentence, and each word's position
 
 
+_TEMPLATES: dict[tuple, nn.Module] = {}    # one-layer recurrent modules whose forward runs an LM's layer
+
+
 class LMBatch(NamedTuple):
     """A collated batch: per LM, padded ids (B, S) and word positions (B, L); per sentence, its
     key (every LM's ids) and word count; per LM, each sentence's id count."""
@@ -39,9 +46,11 @@ class LMBatch(NamedTuple):
 class LMFeatures(nn.Module):
     """``specs``: per LM its checkpoint's ``config`` and ``vocab`` (what ``extras`` keeps).
     ``size``: a trained linear map of the concatenated states down to this width (Flair's
-    re-projection; the frozen states are kept, their projection computed every time)."""
+    re-projection; the frozen states are kept, their projection computed every time).
+    ``layers``: ``top`` (each LM's top layer) or ``all`` (a learned mix of its layers; the
+    cache then keeps every layer and the mix is computed every time)."""
 
-    def __init__(self, specs: Sequence[dict[str, Any]], size: int | None = None):
+    def __init__(self, specs: Sequence[dict[str, Any]], size: int | None = None, layers: str = "top"):
         super().__init__()
         from rnnkit.config import load_config
         from rnnkit.tasks import task_module
@@ -55,13 +64,30 @@ class LMFeatures(nn.Module):
         self.lms = nn.ModuleList(models)
         self.lms.requires_grad_(False)
         self._index = [{w: i for i, w in enumerate(s["vocab"])} for s in self.specs]
-        self.state_size = sum(s["config"]["model"]["hidden_size"] for s in self.specs)    # what the cache keeps
-        self.projection = nn.Linear(self.state_size, size) if size else None
-        self.output_size = size or self.state_size
+        if layers not in ("top", "all"):
+            raise ValueError(f"layers must be 'top' or 'all', not {layers!r}")
+        self.layers = layers
+        sizes = [s["config"]["model"]["hidden_size"] for s in self.specs]
+        # tensors per LM: the top layer's output; or the word vector (a word LM's, where it is as
+        # wide as the layers) and every layer's output
+        self.depths = [1 if layers == "top" else self._mixable(s) for s in self.specs]
+        self.state_size = sum(d * h for d, h in zip(self.depths, sizes))    # what the cache keeps
+        if layers == "all":
+            self.mix = nn.Parameter(torch.zeros(len(self.specs), max(self.depths)))   # softmax: equal weights first
+            self.scale = nn.Parameter(torch.ones(len(self.specs)))
+        self.projection = nn.Linear(sum(sizes), size) if size else None
+        self.output_size = size or sum(sizes)
         self.cache_mb = 0.0
         self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._cache_bytes = 0
         self.hits = self.misses = 0
+
+    @staticmethod
+    def _mixable(spec: dict[str, Any]) -> int:
+        """How many tensors an LM gives with ``layers="all"``."""
+        m = spec["config"]["model"]
+        word_vector = spec["config"]["data"]["tokenizer"] == "word" and m["embedding_dim"] == m["hidden_size"]
+        return m["num_layers"] + word_vector
 
     def use_cache(self, megabytes: float) -> None:
         """Keep up to ``megabytes`` of features (0: none) for the sentences seen."""
@@ -124,6 +150,15 @@ class LMFeatures(nn.Module):
         """Features (B, width, D) of the collated batch (positions past a sentence are zeros,
         before the projection)."""
         states = self.states(batch, width)
+        if self.layers == "all":
+            mixed, at = [], 0
+            for k, (depth, lm) in enumerate(zip(self.depths, self.lms)):
+                size = lm.rnn.hidden_size
+                stack = states[..., at:at + depth * size].unflatten(-1, (depth, size))
+                weights = torch.softmax(self.mix[k, :depth], 0) * self.scale[k]
+                mixed.append(torch.einsum("bwdh,d->bwh", stack, weights.to(stack.dtype)))
+                at += depth * size
+            states = torch.cat(mixed, -1)
         return states if self.projection is None else self.projection(states)
 
     @torch.no_grad()
@@ -156,10 +191,34 @@ class LMFeatures(nn.Module):
 
     def _compute(self, batch: list[tuple[torch.Tensor, torch.Tensor]], width: int, words: list[int]) -> torch.Tensor:
         parts = []
-        for lm, (ids, positions) in zip(self.lms, batch):
-            hidden = lm.features(ids).hidden                                  # (B, S, H)
+        for lm, depth, (ids, positions) in zip(self.lms, self.depths, batch):
+            hidden = lm.features(ids).hidden if self.layers == "top" else self._all_layers(lm, depth, ids)
             take = positions[:, :width]
             take = F.pad(take, (0, width - take.size(1))).unsqueeze(-1).expand(-1, -1, hidden.size(-1))
             parts.append(hidden.gather(1, take))
         real = torch.arange(width, device=ids.device) < torch.as_tensor(words, device=ids.device).unsqueeze(1)
         return torch.cat(parts, -1).float() * real.unsqueeze(-1)
+
+    @staticmethod
+    def _all_layers(lm: nn.Module, depth: int, ids: torch.Tensor) -> torch.Tensor:
+        """(B, S, depth * H): the word vectors (where mixed) and each layer's output, in that order.
+        The layers run one at a time with the LM's own weights (a one-layer template of the same
+        kind; its own parameters are never used)."""
+        from torch.func import functional_call
+
+        from rnnkit.models.rnn import make_rnn
+
+        rnn = lm.rnn
+        if not isinstance(rnn, nn.RNNBase):
+            raise ValueError("model.lm_features_layers 'all' needs LMs with fused recurrent layers (model.impl: fused)")
+        cell = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}[rnn.mode]
+        x = lm.embed(ids)
+        outs = [x] if depth > rnn.num_layers else []
+        for layer in range(rnn.num_layers):
+            key = (cell, x.size(-1), rnn.hidden_size, x.device)
+            template = _TEMPLATES.get(key) or _TEMPLATES.setdefault(key, make_rnn(*key[:3]).to(x.device))
+            weights = {name.replace(f"_l{layer}", "_l0"): getattr(rnn, name)
+                       for name in rnn._flat_weights_names if name.endswith(f"_l{layer}")}
+            x, _ = functional_call(template, weights, (x,))
+            outs.append(x)
+        return torch.cat(outs, -1)

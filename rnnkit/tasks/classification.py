@@ -45,6 +45,7 @@ class ModelConfig(RecurrentConfig):
     lm_features: list[str] = field(default_factory=list)   # frozen LMs whose states join the word vectors
     lm_features_cache_mb: float = num(2048.0, 0)   # training keeps each seen sentence's LM features (0: none)
     lm_features_size: Optional[int] = num(None, 1, MAX_DIM)   # a trained projection of the LM features to this width
+    lm_features_layers: Literal["top", "all"] = "top"   # each LM's top layer, or a learned mix of all its layers (ELMo)
 
 
 def check_config(cfg: Config) -> None:

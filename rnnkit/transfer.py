@@ -44,10 +44,11 @@ def read_language_model(path: str, key: str, backward: bool | None = False,
     return {"path": path, "config": cfg, "vocab": ckpt["task"]["vocab"], "model": ckpt["model"]}
 
 
-def check_sizes(lm: dict[str, Any], path: str, key: str, section: Any, prefix: str = "model") -> None:
-    """The LM's cell, embedding and hidden sizes must be the model's: one error naming both."""
+def check_sizes(lm: dict[str, Any], path: str, key: str, section: Any, prefix: str = "model",
+                names: tuple[str, ...] = ("cell", "embedding_dim", "hidden_size")) -> None:
+    """The LM's cell, embedding and hidden sizes (``names``) must be the model's: one error naming both."""
     theirs = lm["config"]["model"]
-    for name in ("cell", "embedding_dim", "hidden_size"):
+    for name in names:
         if theirs.get(name) != getattr(section, name):
             raise ConfigError(key, f"{path} has {name} {theirs.get(name)!r}, this model {prefix}.{name} "
                                    f"{getattr(section, name)!r}; set {prefix}.{name}: {theirs.get(name)!r}")
@@ -82,20 +83,21 @@ def copy_word_vectors(embedding: nn.Embedding, words: list[str], lm: dict[str, A
     return found
 
 
-def copy_recurrent_layers(rnn: nn.Module, lm: dict[str, Any], backward: bool = False) -> int:
+def copy_recurrent_layers(rnn: nn.Module, lm: dict[str, Any], backward: bool = False, limit: int | None = None) -> int:
     """The LM's recurrent layers into one direction of ``rnn``'s lowest layers: weights of the
     same shape as they are; an input matrix wider than the LM's (a bidirectional layer's input
     holds both directions, a tagger's first layer also character vectors) takes the LM's
     columns where that direction's input lies. Above the first layer the other direction's
     columns start at zero (random ones would add noise as large as the LM's own signal to
-    every pretrained layer); they get gradients and learn. Returns the number of layers copied."""
+    every pretrained layer); they get gradients and learn. ``limit``: copy at most this many
+    layers from the bottom. Returns the number of layers copied."""
     state = {k[len("rnn."):]: v for k, v in lm["model"].items() if k.startswith("rnn.")}
     layers = lm["config"]["model"]["num_layers"]
     suffix = "_reverse" if backward else ""
     params = dict(rnn.named_parameters())
     copied = 0
     with torch.no_grad():
-        for layer in range(min(layers, getattr(rnn, "num_layers", layers))):
+        for layer in range(min(layers, getattr(rnn, "num_layers", layers), layers if limit is None else limit)):
             for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
                 source, target = state[f"{name}_l{layer}"], params[f"{name}_l{layer}{suffix}"]
                 if source.shape == target.shape:
@@ -115,18 +117,23 @@ def copy_recurrent_layers(rnn: nn.Module, lm: dict[str, Any], backward: bool = F
 def initialise_encoder(section: Any, embedding: nn.Embedding, words: list[str], rnn: nn.Module) -> list[str]:
     """A tagger's or classifier's ``model.init_from`` / ``model.init_from_backward``: word
     vectors (from the forward LM when both are given) and one direction of the recurrent
-    layers from each. Returns a line per LM saying what was copied."""
+    layers from each (the lowest ``model.init_layers`` of them, where set; 0: word vectors only).
+    Returns a line per LM saying what was copied."""
     notes = []
+    limit = getattr(section, "init_layers", None)
+    if limit is not None and section.init_from is None and section.init_from_backward is None:
+        raise ConfigError("model.init_layers", "there is no model.init_from to copy layers from")
     for key, backward in (("init_from", False), ("init_from_backward", True)):
         path = getattr(section, key, None)
         if path is None:
             continue
         lm = read_language_model(path, f"model.{key}", backward)
-        check_sizes(lm, path, f"model.{key}", section)
+        check_sizes(lm, path, f"model.{key}", section, names=("embedding_dim",) if limit == 0 else
+                    ("cell", "embedding_dim", "hidden_size"))
         found = None
         if not backward or section.init_from is None:
             found = copy_word_vectors(embedding, words, lm)
-        layers = copy_recurrent_layers(rnn, lm, backward)
+        layers = copy_recurrent_layers(rnn, lm, backward, limit)
         vectors = f"{found:,} of {len(words):,} word vectors and " if found is not None else ""
         notes.append(f"model.{key}: {vectors}{layers} recurrent layer(s) "
                      f"({'backward' if backward else 'forward'} direction) from {path}")

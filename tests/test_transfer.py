@@ -295,3 +295,23 @@ def test_mixed_lm_layers_hold_every_layer_and_learn_only_the_mix(tmp_path):
     assert torch.allclose(loaded(batch, 4), lm(batch, 4), atol=1e-6)
     with pytest.raises(ConfigError, match="model.lm_features_layers: there are no model.lm_features to mix"):
         _classifier(tmp_path, "none", lm_features_layers="all")
+
+
+def test_init_layers_limits_what_init_from_copies(tmp_path):
+    fwd = _lm(tmp_path, "fwd")
+    lm = load_task(fwd)
+    fresh = _classifier(tmp_path, "fresh", hidden_size=24).task
+    # 0: the word vectors only, so the encoder may have any size
+    task = _classifier(tmp_path, "vectors", init_from=str(fwd), init_layers=0, hidden_size=24).task
+    row = task.words.stoi["harbour"]
+    assert torch.equal(task.model.embedding.weight[row], lm.model.embedding.weight[lm.vocab.stoi["harbour"]])
+    assert all(torch.equal(a, b) for a, b in zip(task.model.encoder.rnn.parameters(), fresh.model.encoder.rnn.parameters()))
+    # 1: the lowest layer too, not the second
+    task = _classifier(tmp_path, "one", init_from=str(fwd), init_layers=1).task
+    rnn = task.model.encoder.rnn
+    assert torch.equal(rnn.weight_hh_l0, lm.model.rnn.weight_hh_l0)
+    assert not torch.equal(rnn.weight_hh_l1, lm.model.rnn.weight_hh_l1)
+    with pytest.raises(ConfigError, match="model.init_from: .* has hidden_size 16, this model model.hidden_size 24"):
+        _classifier(tmp_path, "bad", init_from=str(fwd), init_layers=1, hidden_size=24)
+    with pytest.raises(ConfigError, match="model.init_layers: there is no model.init_from"):
+        _classifier(tmp_path, "none", init_layers=0)

@@ -51,6 +51,7 @@ class ModelConfig(RecurrentConfig):
     output: Literal["softmax", "crf"] = "softmax"
     init_from: Optional[str] = None            # a word LM's checkpoint: word vectors and forward layers from it
     init_from_backward: Optional[str] = None   # a backward word LM's (data.reverse): the backward direction
+    init_layers: Optional[int] = num(None, 0, MAX_LAYERS)   # recurrent layers init_from copies (default all; 0: word vectors only)
     lm_features: list[str] = field(default_factory=list)   # frozen LMs whose states join the word vectors
     lm_features_cache_mb: float = num(2048.0, 0)   # training keeps each seen sentence's LM features (0: none)
     lm_features_size: Optional[int] = num(None, 1, MAX_DIM)   # a trained projection of the LM features to this width

@@ -24,13 +24,16 @@ Stages (each a plain ``rnnkit train`` run; a finished run in the output folder i
 The LM features of stages 3-5 come in the sets ``--features`` names: ``word`` (the two word
 LMs), ``char`` (the two character LMs), ``word+char`` (all four); each LM gives its top layer,
 or with ``--lm-layers all`` a learned mix of all its layers (ELMo's; runs named ``..._mix``).
+``--init-vectors`` also starts those runs' word vectors from the forward word LM's
+(``model.init_from`` with ``model.init_layers: 0``; runs named ``..._vec``).
 
 Every run uses one thread and two run at once (``--threads``, ``--lanes``), the conditions
 under which the shipped configs' figures in bench/RESULTS.md were measured.
 
     python bench/transfer.py [--pretrain-minutes 50] [--more-pretrain-minutes 60] [--upos-minutes 40]
                              [--stages ...] [--features word word+char] [--upos-features word]
-                             [--sentiment-features word] [--lm-layers top] [--no-ulmfit] [--quick]
+                             [--sentiment-features word] [--lm-layers top] [--init-vectors]
+                             [--no-ulmfit] [--quick]
 
 ``--quick`` runs every stage for a few seconds (a check of the plumbing, not a result).
 Needs ../shared/data. Prints a table with the CPU and the minutes of each stage.
@@ -187,6 +190,9 @@ def main() -> int:
     ap.add_argument("--lm-layers", choices=("top", "all"), default="top",
                     help="the feature runs' model.lm_features_layers: each LM's top layer, or a learned mix "
                          "of all its layers (runs named ..._mix)")
+    ap.add_argument("--init-vectors", action="store_true",
+                    help="the feature runs' word vectors start as the forward word LM's (model.init_layers 0; "
+                         "runs named ..._vec)")
     ap.add_argument("--no-ulmfit", action="store_true", help="leave out the ULMFiT runs of the sentiment stage")
     ap.add_argument("--finetune-minutes", type=float, default=4.0, help="each LM on the task's text (ULMFiT)")
     ap.add_argument("--task-minutes", type=float, default=10.0, help="sentiment and NER runs (as shipped)")
@@ -220,16 +226,19 @@ def main() -> int:
                    for n in FEATURE_SETS[s])
 
     def needs(name: str) -> list[str]:
-        """The runs a feature set's LMs come from."""
-        return [lm_runs[n] for n in FEATURE_SETS[name]]
+        """The runs a feature set's LMs (and, with --init-vectors, the word vectors) come from."""
+        runs = [lm_runs[n] for n in FEATURE_SETS[name]]
+        return runs + ([lm_runs["lm_fwd"]] if args.init_vectors and lm_runs["lm_fwd"] not in runs else [])
 
     def features(name: str) -> list[str]:
         sets = [f"model.lm_features=[{', '.join(str(checkpoints[n]) for n in FEATURE_SETS[name])}]",
                 f"model.lm_features_layers={args.lm_layers}"]
         big = name != "word" or args.lm_layers == "all"     # all layers: three times the columns kept
+        if args.init_vectors:
+            sets += [f"model.init_from={checkpoints['lm_fwd']}", "model.init_layers=0", f"model.embedding_dim={LM_SIZE}"]
         return sets + ([f"model.lm_features_cache_mb={FEATURE_CACHE_MB}"] if big else [])
 
-    mix = "_mix" if args.lm_layers == "all" else ""
+    mix = ("_mix" if args.lm_layers == "all" else "") + ("_vec" if args.init_vectors else "")
     jobs: dict[str, tuple[list[str], Callable[[], None]]] = {}
 
     def job(name: str, deps: list[str], config: str, sets: list[str], minutes: float,

@@ -315,3 +315,15 @@ def test_init_layers_limits_what_init_from_copies(tmp_path):
         _classifier(tmp_path, "bad", init_from=str(fwd), init_layers=1, hidden_size=24)
     with pytest.raises(ConfigError, match="model.init_layers: there is no model.init_from"):
         _classifier(tmp_path, "none", init_layers=0)
+
+
+def test_frozen_embeddings_keep_the_lm_vectors_through_training(tmp_path):
+    fwd = _lm(tmp_path, "fwd")
+    trainer = _classifier(tmp_path, "static", init_from=str(fwd), init_layers=0, hidden_size=24,
+                          freeze_embeddings=True)
+    model = trainer.task.model
+    vectors, rnn = model.embedding.weight.detach().clone(), model.encoder.rnn.weight_hh_l0.detach().clone()
+    trainer.fit()
+    assert torch.equal(model.embedding.weight, vectors) and not torch.equal(model.encoder.rnn.weight_hh_l0, rnn)
+    loaded = load_task(tmp_path / "static" / "last.pt").model
+    assert torch.equal(loaded.embedding.weight, vectors) and not loaded.embedding.weight.requires_grad

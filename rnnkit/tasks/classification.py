@@ -43,6 +43,7 @@ class ModelConfig(RecurrentConfig):
     init_from: Optional[str] = None            # a word LM's checkpoint: word vectors and forward layers from it
     init_from_backward: Optional[str] = None   # a backward word LM's (data.reverse): the backward direction
     init_layers: Optional[int] = num(None, 0, MAX_LAYERS)   # recurrent layers init_from copies (default all; 0: word vectors only)
+    freeze_embeddings: bool = False            # word vectors never updated (with init_from: the LM's stay as they are)
     lm_features: list[str] = field(default_factory=list)   # frozen LMs whose states join the word vectors
     lm_features_cache_mb: float = num(2048.0, 0)   # training keeps each seen sentence's LM features (0: none)
     lm_features_size: Optional[int] = num(None, 1, MAX_DIM)   # a trained projection of the LM features to this width
@@ -89,6 +90,7 @@ class ClassificationTask(LabelingTask):
         if extras is None and with_data:
             for note in initialise_encoder(m, self.model.embedding, self.words.itos, self.model.encoder.rnn):
                 tqdm.write(note)
+        self.model.embedding.weight.requires_grad_(not m.freeze_embeddings)
         if with_data:
             self.train_set = [self.encode(s.tokens, s.label) for s in train]
             self.valid = self.read(d.valid)

@@ -135,6 +135,8 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"   # bf16/fp16: autocast; fp16 adds loss scaling
     gradient_flow_every: Optional[int] = num(None, 1)   # steps between gradient-flow records in metrics.jsonl
     keep_checkpoints: int = num(0, 0)      # also keep step{N}.pt of the last this many evaluations (averaging)
+    ema_decay: Optional[float] = num(None, 0, 1, lo_open=True, hi_open=True)   # evaluate and save an exponential
+                                           # moving average of the weights (0.999: about the last 1,000 steps)
     tensorboard: bool = False              # also write every logged value as TensorBoard scalars
     max_nonfinite: int = num(10, 1)        # non-finite losses or gradients in a row before training stops
     stop_grace: float = num(60.0, 0, lo_open=True)   # seconds from Ctrl-C/SIGTERM to exit, last.pt saved if in time

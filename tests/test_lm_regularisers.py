@@ -263,6 +263,56 @@ def test_nt_asgd_resumes_exactly(tmp_path):
     assert a["averaging"]["count"] == b["averaging"]["count"] == 6
 
 
+def _ema(tmp_path, name, max_steps, resume=False, record=None, **train):
+    cfg = _config(tmp_path, name, model={"dropout": 0.2},
+                  train={"ema_decay": 0.75, "lr": 0.01, "max_steps": max_steps, "eval_every": 2, "log_every": 1,
+                         **train})
+    trainer = prepare_trainer(cfg, resume=resume)
+    if record is not None:
+        update = Averager.update
+
+        def recording(self):
+            record.append([q.detach().clone() for q in self.params])
+            update(self)
+        Averager.update = recording
+    try:
+        trainer.fit()
+    finally:
+        if record is not None:
+            Averager.update = update
+    return trainer
+
+
+def test_ema_evaluates_and_saves_the_moving_average(tmp_path):
+    record = []
+    trainer = _ema(tmp_path, "full", 8, record=record)
+    assert len(record) == 8 and trainer.averager.count == 8
+    # the running mean for the first 1/(1 - 0.75) = 4 steps, then 0.75 * the average + 0.25 * the newest
+    expected = [torch.stack(ps).mean(0) for ps in zip(*record[:4])]
+    for ps in record[4:]:
+        expected = [0.75 * e + 0.25 * q for e, q in zip(expected, ps)]
+    names = [n for n, q in trainer.task.model.named_parameters()]
+    last = load_checkpoint(tmp_path / "full" / "last.pt")
+    for name, mean, raw in zip(names, expected, record[-1]):
+        assert torch.allclose(last["model"][name], mean, atol=1e-6), name
+        assert torch.equal(last["averaging"]["raw"][name], raw)          # training goes on from the raw weights
+    assert not torch.equal(last["model"][names[0]], last["averaging"]["raw"][names[0]])
+    with pytest.raises(ConfigError, match="train.ema_decay: nt_asgd averages the weights already"):
+        _ema(tmp_path, "both", 2, optimizer="nt_asgd")
+
+
+def test_ema_resumes_exactly(tmp_path):
+    _ema(tmp_path, "full", 8)
+    _ema(tmp_path, "part", 4)
+    _ema(tmp_path, "part", 8, resume=True)
+    a = load_checkpoint(tmp_path / "full" / "last.pt")
+    b = load_checkpoint(tmp_path / "part" / "last.pt")
+    for key in a["model"]:
+        assert torch.allclose(a["model"][key], b["model"][key], atol=1e-6), key
+        assert torch.allclose(a["averaging"]["raw"][key], b["averaging"]["raw"][key], atol=1e-6), key
+    assert a["averaging"]["count"] == b["averaging"]["count"] == 8
+
+
 # --------------------------------------------------------------------------- cache
 def _naive_cache(task, ids, size, theta, lam):
     """The cache written as its definition, one position at a time, one stream."""

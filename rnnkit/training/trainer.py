@@ -127,20 +127,26 @@ class Progress:
 
 
 class Averager:
-    """The running mean of the parameters over the steps since averaging began (NT-ASGD's
-    averaged iterate). Evaluation and checkpoints' ``model`` use the mean; training goes on
-    from the raw weights, which checkpoints keep beside it for resuming."""
+    """An average of the trained parameters over the steps since averaging began: their running
+    mean (NT-ASGD's averaged iterate), or with ``decay`` an exponential moving average (Polyak
+    averaging) whose first steps are the running mean, so it does not start from the random
+    initialisation: step n weighs the newest weights by max(1 - decay, 1/n). Evaluation and
+    checkpoints' ``model`` use the average; training goes on from the raw weights, which
+    checkpoints keep beside it for resuming. ``params``: the trained ones (others, such as
+    frozen LMs, are their own average); default every parameter of ``model``."""
 
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-        self.params = list(model.parameters())      # frozen ones too (their mean is themselves)
+    def __init__(self, model: torch.nn.Module, decay: float | None = None,
+                 params: list[torch.nn.Parameter] | None = None):
+        self.model, self.decay = model, decay
+        self.params = list(model.parameters()) if params is None else list(params)
         self.mean = [torch.zeros_like(q) for q in self.params]
         self.count = 0
 
     @torch.no_grad()
     def update(self) -> None:
         self.count += 1
-        torch._foreach_lerp_(self.mean, [q.detach() for q in self.params], 1.0 / self.count)
+        weight = 1.0 / self.count if self.decay is None else max(1.0 - self.decay, 1.0 / self.count)
+        torch._foreach_lerp_(self.mean, [q.detach() for q in self.params], weight)
 
     def averaged_state(self) -> dict[str, torch.Tensor]:
         """The model's state dict with the mean in place of each trained parameter."""
@@ -224,7 +230,11 @@ class Trainer:
         self.schedule = LRSchedule(cfg.train)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
         self.progress = Progress()
-        self.averager: Averager | None = None      # nt_asgd, once triggered
+        self.averager: Averager | None = None      # nt_asgd, once triggered; ema_decay: from the start
+        if cfg.train.ema_decay is not None:
+            if cfg.train.optimizer == "nt_asgd":
+                raise ConfigError("train.ema_decay", "nt_asgd averages the weights already; use one or the other")
+            self.averager = self._ema()
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.stop_signal: str | None = None     # the signal that asked training to stop
         self.exit_code = 0
@@ -297,7 +307,7 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.progress = Progress(**ckpt["progress"])
         if ckpt.get("averaging"):
-            self.averager = Averager(self.task.model)
+            self.averager = self._ema() if self.cfg.train.ema_decay is not None else Averager(self.task.model)
             self.averager.load(ckpt["averaging"])
         self.progress.nonfinite_run = 0     # a resumed run (say, with a lower lr) starts a fresh streak
         self.task.load_train_state(ckpt["train_state"])
@@ -373,6 +383,11 @@ class Trainer:
                 self._keep(payload)
             save_checkpoint(payload, self.run_dir / "last.pt")
         return t.early_stopping is not None and p.bad_evals >= t.early_stopping
+
+    def _ema(self) -> Averager:
+        """``train.ema_decay``'s average, over every parameter the optimizer may train."""
+        trained = [q for g in self.optimizer.param_groups for q in g["params"]]
+        return Averager(self.task.model, self.cfg.train.ema_decay, trained)
 
     def _maybe_start_averaging(self, value: float) -> None:
         """NT-ASGD's trigger (Merity et al.): average from now on once the metric is worse than

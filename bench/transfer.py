@@ -25,14 +25,15 @@ The LM features of stages 3-5 come in the sets ``--features`` names: ``word`` (t
 LMs), ``char`` (the two character LMs), ``word+char`` (all four); each LM gives its top layer,
 or with ``--lm-layers all`` a learned mix of all its layers (ELMo's; runs named ``..._mix``).
 ``--init-vectors`` also starts those runs' word vectors from the forward word LM's
-(``model.init_from`` with ``model.init_layers: 0``; runs named ``..._vec``).
+(``model.init_from`` with ``model.init_layers: 0``; runs named ``..._vec``), and
+``--ema-decay D`` trains them with ``train.ema_decay: D`` (runs named ``..._ema``).
 
 Every run uses one thread and two run at once (``--threads``, ``--lanes``), the conditions
 under which the shipped configs' figures in bench/RESULTS.md were measured.
 
     python bench/transfer.py [--pretrain-minutes 50] [--more-pretrain-minutes 60] [--upos-minutes 40]
                              [--stages ...] [--features word word+char] [--upos-features word]
-                             [--sentiment-features word] [--lm-layers top] [--init-vectors]
+                             [--sentiment-features word] [--lm-layers top] [--init-vectors] [--ema-decay D]
                              [--no-ulmfit] [--quick]
 
 ``--quick`` runs every stage for a few seconds (a check of the plumbing, not a result).
@@ -193,6 +194,8 @@ def main() -> int:
     ap.add_argument("--init-vectors", action="store_true",
                     help="the feature runs' word vectors start as the forward word LM's (model.init_layers 0; "
                          "runs named ..._vec)")
+    ap.add_argument("--ema-decay", type=float, default=None,
+                    help="the feature runs' train.ema_decay: a moving average of the weights (runs named ..._ema)")
     ap.add_argument("--no-ulmfit", action="store_true", help="leave out the ULMFiT runs of the sentiment stage")
     ap.add_argument("--finetune-minutes", type=float, default=4.0, help="each LM on the task's text (ULMFiT)")
     ap.add_argument("--task-minutes", type=float, default=10.0, help="sentiment and NER runs (as shipped)")
@@ -236,9 +239,12 @@ def main() -> int:
         big = name != "word" or args.lm_layers == "all"     # all layers: three times the columns kept
         if args.init_vectors:
             sets += [f"model.init_from={checkpoints['lm_fwd']}", "model.init_layers=0", f"model.embedding_dim={LM_SIZE}"]
+        if args.ema_decay is not None:
+            sets.append(f"train.ema_decay={args.ema_decay}")
         return sets + ([f"model.lm_features_cache_mb={FEATURE_CACHE_MB}"] if big else [])
 
-    mix = ("_mix" if args.lm_layers == "all" else "") + ("_vec" if args.init_vectors else "")
+    variant = ("_mix" if args.lm_layers == "all" else "") + ("_vec" if args.init_vectors else "") + \
+        ("_ema" if args.ema_decay is not None else "")
     jobs: dict[str, tuple[list[str], Callable[[], None]]] = {}
 
     def job(name: str, deps: list[str], config: str, sets: list[str], minutes: float,
@@ -279,8 +285,8 @@ def main() -> int:
                  "train.warmup_steps=0", "train.max_steps=400", "train.eval_every=100"], args.finetune_minutes)
     if "upos" in args.stages:
         for name in args.upos_features:
-            job(f"upos_features{SUFFIX[name]}{mix}", needs(name), "configs/tagger_upos.yaml", features(name),
-                args.upos_minutes, f"UPOS test accuracy, {name} LM features{mix}", "--data", str(EWT / "en_ewt-ud-test.conllu"))
+            job(f"upos_features{SUFFIX[name]}{variant}", needs(name), "configs/tagger_upos.yaml", features(name),
+                args.upos_minutes, f"UPOS test accuracy, {name} LM features{variant}", "--data", str(EWT / "en_ewt-ud-test.conllu"))
     if ulmfit:
         job("sentiment_ulmfit", ["lm_fwd_rt", "lm_bwd_rt"], "configs/sentiment.yaml",
             [f"model.init_from={tuned['fwd']}", f"model.init_from_backward={tuned['bwd']}",
@@ -291,13 +297,13 @@ def main() -> int:
             "rt-polarity dev accuracy, ULMFiT", *dev)
     if "sentiment" in args.stages:
         for name in args.sentiment_features:
-            job(f"sentiment_features{SUFFIX[name]}{mix}", needs(name), "configs/sentiment.yaml",
-                features(name), args.task_minutes, f"rt-polarity dev accuracy, {name} LM features{mix}", *dev)
+            job(f"sentiment_features{SUFFIX[name]}{variant}", needs(name), "configs/sentiment.yaml",
+                features(name), args.task_minutes, f"rt-polarity dev accuracy, {name} LM features{variant}", *dev)
     if "ner" in args.stages:
         test = ("--data", str(NER_TEST))
         for name in args.features:
-            job(f"ner_features{SUFFIX[name]}{mix}", needs(name), "configs/tagger_ner.yaml", features(name),
-                args.task_minutes, f"UNER test span F1, {name} LM features{mix}", *test)
+            job(f"ner_features{SUFFIX[name]}{variant}", needs(name), "configs/tagger_ner.yaml", features(name),
+                args.task_minutes, f"UNER test span F1, {name} LM features{variant}", *test)
         job("ner_shipped", [], "configs/tagger_ner.yaml", [], args.task_minutes, "UNER test span F1, shipped", *test)
     if "sentiment" in args.stages:
         job("sentiment_shipped", [], "configs/sentiment.yaml", [], args.task_minutes,
@@ -306,7 +312,7 @@ def main() -> int:
         job("upos_shipped", [], "configs/tagger_upos.yaml", [], args.upos_minutes,
             "UPOS test accuracy, shipped", "--data", str(EWT / "en_ewt-ud-test.conllu"))
     # the LMs first (everything else waits for them), then the longest runs
-    order = ["lm_fwd", "lm_bwd", "lm_fwd_more", "lm_bwd_more", "clm_fwd", "clm_bwd", "clm_fwd_more", "clm_bwd_more", *(f"upos_features{SUFFIX[n]}{mix}" for n in args.upos_features),
+    order = ["lm_fwd", "lm_bwd", "lm_fwd_more", "lm_bwd_more", "clm_fwd", "clm_bwd", "clm_fwd_more", "clm_bwd_more", *(f"upos_features{SUFFIX[n]}{variant}" for n in args.upos_features),
              "lm_fwd_rt", "lm_bwd_rt"]
     jobs = {n: jobs[n] for n in order + [n for n in jobs if n not in order] if n in jobs}
     run_jobs(jobs, args.lanes)

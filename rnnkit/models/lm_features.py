@@ -9,8 +9,9 @@ LMs are concatenated. With ``layers="all"`` (ELMo's scalar mix, Peters et al. 20
 gives instead a learned weighted sum of its layers: a word LM's vector for the word and every
 recurrent layer's output at that position (a character LM's recurrent layers only), weighted
 by a softmax over one learned scalar per layer and scaled by a learned factor; lower layers
-hold more syntax, upper ones more of what the LM predicts. The LMs are frozen: no gradient reaches them and they stay in
-evaluation mode (no dropout), so a word in the same sentence always gets the same features.
+hold more syntax, upper ones more of what the LM predicts. The LMs are frozen: no gradient
+reaches them and they stay in evaluation mode (no dropout), so a word in the same sentence
+always gets the same features.
 
 That makes them worth keeping: with a cache (``cache_mb`` > 0, as training runs set it from
 ``model.lm_features_cache_mb``) each distinct sentence is read by the LMs once, and every

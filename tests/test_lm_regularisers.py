@@ -208,6 +208,34 @@ def test_trainer_scales_the_learning_rate_by_the_window(tmp_path):
 
 
 # --------------------------------------------------------------------------- NT-ASGD
+def _fit_recording_averages(trainer, record=None):
+    """``trainer.fit()``; with ``record``, the averaged parameters at every averaging update."""
+    if record is None:
+        trainer.fit()
+        return trainer
+    update = Averager.update
+
+    def recording(self):
+        update(self)          # the parameters are the same before and after: update only reads them
+        record.append([q.detach().clone() for q in self.params])
+    Averager.update = recording
+    try:
+        trainer.fit()
+    finally:
+        Averager.update = update
+    return trainer
+
+
+def _assert_same_last(tmp_path, a, b, count):
+    """Two runs' last.pt: the same averaged and raw weights, after ``count`` averaging updates."""
+    a = load_checkpoint(tmp_path / a / "last.pt")
+    b = load_checkpoint(tmp_path / b / "last.pt")
+    for key in a["model"]:
+        assert torch.allclose(a["model"][key], b["model"][key], atol=1e-6), key
+        assert torch.allclose(a["averaging"]["raw"][key], b["averaging"]["raw"][key], atol=1e-6), key
+    assert a["averaging"]["count"] == b["averaging"]["count"] == count
+
+
 SCRIPT = {2: 5.0, 4: 4.0, 6: 3.0, 8: 3.5, 10: 3.6, 12: 2.0, 14: 2.5, 16: 2.6}   # a plateau, then better
 
 
@@ -217,19 +245,7 @@ def _nt_asgd(tmp_path, name, max_steps, resume=False, record=None):
                          "eval_every": 2, "log_every": 1})
     trainer = prepare_trainer(cfg, resume=resume)
     trainer.task.evaluate = lambda: {"loss": SCRIPT[trainer.progress.step]}
-    if record is not None:
-        update = Averager.update
-
-        def recording(self):
-            update(self)
-            record.append([q.detach().clone() for q in self.params])
-        Averager.update = recording
-    try:
-        trainer.fit()
-    finally:
-        if record is not None:
-            Averager.update = update
-    return trainer
+    return _fit_recording_averages(trainer, record)
 
 
 def test_nt_asgd_starts_averaging_on_a_plateau_and_saves_the_average(tmp_path):
@@ -255,32 +271,14 @@ def test_nt_asgd_resumes_exactly(tmp_path):
     _nt_asgd(tmp_path, "part", 12)                                     # stops while averaging
     part = _nt_asgd(tmp_path, "part", 16, resume=True)
     assert part.progress.averaging_from == full.progress.averaging_from == 10
-    a = load_checkpoint(tmp_path / "full" / "last.pt")
-    b = load_checkpoint(tmp_path / "part" / "last.pt")
-    for key in a["model"]:
-        assert torch.allclose(a["model"][key], b["model"][key], atol=1e-6), key
-        assert torch.allclose(a["averaging"]["raw"][key], b["averaging"]["raw"][key], atol=1e-6), key
-    assert a["averaging"]["count"] == b["averaging"]["count"] == 6
+    _assert_same_last(tmp_path, "full", "part", 6)
 
 
 def _ema(tmp_path, name, max_steps, resume=False, record=None, **train):
     cfg = _config(tmp_path, name, model={"dropout": 0.2},
                   train={"ema_decay": 0.75, "lr": 0.01, "max_steps": max_steps, "eval_every": 2, "log_every": 1,
                          **train})
-    trainer = prepare_trainer(cfg, resume=resume)
-    if record is not None:
-        update = Averager.update
-
-        def recording(self):
-            record.append([q.detach().clone() for q in self.params])
-            update(self)
-        Averager.update = recording
-    try:
-        trainer.fit()
-    finally:
-        if record is not None:
-            Averager.update = update
-    return trainer
+    return _fit_recording_averages(prepare_trainer(cfg, resume=resume), record)
 
 
 def test_ema_evaluates_and_saves_the_moving_average(tmp_path):
@@ -305,12 +303,7 @@ def test_ema_resumes_exactly(tmp_path):
     _ema(tmp_path, "full", 8)
     _ema(tmp_path, "part", 4)
     _ema(tmp_path, "part", 8, resume=True)
-    a = load_checkpoint(tmp_path / "full" / "last.pt")
-    b = load_checkpoint(tmp_path / "part" / "last.pt")
-    for key in a["model"]:
-        assert torch.allclose(a["model"][key], b["model"][key], atol=1e-6), key
-        assert torch.allclose(a["averaging"]["raw"][key], b["averaging"]["raw"][key], atol=1e-6), key
-    assert a["averaging"]["count"] == b["averaging"]["count"] == 8
+    _assert_same_last(tmp_path, "full", "part", 8)
 
 
 # --------------------------------------------------------------------------- cache

@@ -44,8 +44,11 @@ def read_language_model(path: str, key: str, backward: bool | None = False,
     return {"path": path, "config": cfg, "vocab": ckpt["task"]["vocab"], "model": ckpt["model"]}
 
 
+SIZES = ("cell", "embedding_dim", "hidden_size")     # what an LM and the model it starts must share
+
+
 def check_sizes(lm: dict[str, Any], path: str, key: str, section: Any, prefix: str = "model",
-                names: tuple[str, ...] = ("cell", "embedding_dim", "hidden_size")) -> None:
+                names: tuple[str, ...] = SIZES) -> None:
     """The LM's cell, embedding and hidden sizes (``names``) must be the model's: one error naming both."""
     theirs = lm["config"]["model"]
     for name in names:
@@ -128,8 +131,7 @@ def initialise_encoder(section: Any, embedding: nn.Embedding, words: list[str], 
         if path is None:
             continue
         lm = read_language_model(path, f"model.{key}", backward)
-        check_sizes(lm, path, f"model.{key}", section, names=("embedding_dim",) if limit == 0 else
-                    ("cell", "embedding_dim", "hidden_size"))
+        check_sizes(lm, path, f"model.{key}", section, names=("embedding_dim",) if limit == 0 else SIZES)
         found = None
         if not backward or section.init_from is None:
             found = copy_word_vectors(embedding, words, lm)

@@ -366,6 +366,8 @@ def _check(cfg: Config, with_task: bool = True) -> None:
         raise ConfigError("train.betas", f"expected two numbers in [0, 1), got {t.betas!r}")
     if t.lr_schedule in ("cosine", "slanted_triangular") and t.warmup_steps >= t.max_steps:
         raise ConfigError("train.warmup_steps", f"{t.warmup_steps} must be below train.max_steps ({t.max_steps})")
+    if t.ema_decay is not None and t.optimizer == "nt_asgd":
+        raise ConfigError("train.ema_decay", "nt_asgd averages the weights already; use one or the other")
     if (t.ar or t.tar) and not getattr(task_module(cfg.task), "ACTIVATION_REGULARISATION", False):
         raise ConfigError("train.ar" if t.ar else "train.tar", f"task '{cfg.task}' does not offer activation "
                                                                f"regularisation (task lm does)")

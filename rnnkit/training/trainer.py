@@ -232,8 +232,6 @@ class Trainer:
         self.progress = Progress()
         self.averager: Averager | None = None      # nt_asgd, once triggered; ema_decay: from the start
         if cfg.train.ema_decay is not None:
-            if cfg.train.optimizer == "nt_asgd":
-                raise ConfigError("train.ema_decay", "nt_asgd averages the weights already; use one or the other")
             self.averager = self._ema()
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.stop_signal: str | None = None     # the signal that asked training to stop
@@ -307,7 +305,7 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.progress = Progress(**ckpt["progress"])
         if ckpt.get("averaging"):
-            self.averager = self._ema() if self.cfg.train.ema_decay is not None else Averager(self.task.model)
+            self.averager = self.averager or Averager(self.task.model)     # ema_decay's exists from the start
             self.averager.load(ckpt["averaging"])
         self.progress.nonfinite_run = 0     # a resumed run (say, with a lower lr) starts a fresh streak
         self.task.load_train_state(ckpt["train_state"])

@@ -39,7 +39,7 @@ def main() -> int:
     if not CORPUS.exists():
         print(f"skipped: {CORPUS} is absent (the shared corpora are needed)")
         return 0
-    from rnnkit.training.trainer import resolve_device
+    from rnnkit.training.interface import resolve_device
 
     device = resolve_device(args.device)
     seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}

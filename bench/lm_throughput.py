@@ -85,7 +85,7 @@ def main() -> int:
     if not CORPUS.exists():
         print(f"skipped: {CORPUS} is absent (the shared corpora are needed)")
         return 0
-    from rnnkit.training.trainer import resolve_device
+    from rnnkit.training.interface import resolve_device
     from rnnkit.data.vocab import UNK, CharTokenizer, Vocab
     from rnnkit.tasks.language_model import batchify
 

@@ -47,7 +47,7 @@ def main() -> int:
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     from rnnkit.plots import save_gradient_flow_panels
-    from rnnkit.training.trainer import resolve_device
+    from rnnkit.training.interface import resolve_device
 
     rows, panels = [], {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,7 +13,8 @@ from rnnkit.tasks import task_module
 from rnnkit.training.checkpoint import CheckpointError, load_checkpoint
 from rnnkit.training import distributed
 from rnnkit.training.run_lock import RunLock
-from rnnkit.training.trainer import Trainer, resolve_device
+from rnnkit.training.interface import resolve_device
+from rnnkit.training.trainer import Trainer
 
 
 def _first_difference(a: Any, b: Any, prefix: str) -> str | None:

@@ -15,15 +15,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from rnnkit.config import ConfigError
+from rnnkit.config import ConfigError, load_config
+from rnnkit.models.language_model import RNNLanguageModel, build_language_model
+from rnnkit.models.lm_features import LMFeatures
+from rnnkit.training.checkpoint import CheckpointError, load_checkpoint
 
 
 def read_language_model(path: str, key: str, backward: bool | None = False,
                         tokenizer: str | None = "word") -> dict[str, Any]:
     """An LM checkpoint, checked for what ``key`` needs (its level and direction, where given);
     its config, vocabulary and model."""
-    from rnnkit.training.checkpoint import CheckpointError, load_checkpoint
-
     if not Path(path).is_file():
         raise ConfigError(key, f"file not found: {path!r}")
     try:
@@ -57,11 +58,19 @@ def check_sizes(lm: dict[str, Any], path: str, key: str, section: Any, prefix: s
                                    f"{getattr(section, name)!r}; set {prefix}.{name}: {theirs.get(name)!r}")
 
 
+def language_model(spec: dict[str, Any]) -> RNNLanguageModel:
+    """The LM of a checkpoint's ``config`` and ``vocab``, with its weights where ``spec`` has them
+    (a saved run's features carry theirs in the run's own weights)."""
+    cfg = load_config(None, base=spec["config"])
+    model = build_language_model(cfg.model, len(spec["vocab"]))
+    if "model" in spec:
+        model.load_state_dict(spec["model"])
+    return model
+
+
 def lm_word_vectors(lm: dict[str, Any]) -> torch.Tensor:
     """The LM's input vector of every word of its vocabulary (V, E)."""
-    from rnnkit.runs import load_task
-
-    model = load_task(lm["path"], "cpu").model
+    model = language_model(lm)
     with torch.no_grad():
         return model.embed(torch.arange(len(lm["vocab"]))).detach()
 
@@ -147,8 +156,6 @@ def build_lm_features(section: Any, extras: dict[str, Any] | None, training: boo
     read from their checkpoints, or of a saved one, rebuilt from its ``extras`` (the weights then
     come with the model). None if unused. A ``training`` task keeps the features of the sentences
     it sees, up to ``lm_features_cache_mb``; inference keeps none."""
-    from rnnkit.models.lm_features import LMFeatures
-
     paths, size, layers = section.lm_features, section.lm_features_size, section.lm_features_layers
     if size and not paths and extras is None:
         raise ConfigError("model.lm_features_size", "there are no model.lm_features to project")
@@ -158,13 +165,13 @@ def build_lm_features(section: Any, extras: dict[str, Any] | None, training: boo
         specs = extras.get("lm_features") or []
         if not specs:
             return None
-        features = LMFeatures(specs, size, layers)
+        features = LMFeatures(specs, [language_model({k: s[k] for k in ("config", "vocab")}) for s in specs],
+                              size, layers)
     elif paths:
         lms = [read_language_model(path, f"model.lm_features[{i}]", backward=None, tokenizer=None)
                for i, path in enumerate(paths)]      # word or character, either direction
-        features = LMFeatures(lms, size, layers)
-        for i, (module, lm) in enumerate(zip(features.lms, lms)):
-            module.load_state_dict(lm["model"])
+        features = LMFeatures(lms, [language_model(lm) for lm in lms], size, layers)
+        for i, module in enumerate(features.lms):
             if layers == "all" and not isinstance(module.rnn, nn.RNNBase):
                 raise ConfigError(f"model.lm_features[{i}]", f"{paths[i]} has explicit recurrent layers "
                                   "(model.impl: explicit); model.lm_features_layers 'all' needs fused ones")

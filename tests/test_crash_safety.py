@@ -19,7 +19,7 @@ from rnnkit.cli import main
 from rnnkit.config import load_config
 from rnnkit.runs import prepare_trainer
 from rnnkit.training.run_lock import RunLockError
-from rnnkit.training.trainer import TrainingError
+from rnnkit.training.interface import TrainingError
 from tests.conftest import ROOT, tiny_lm_config, write_yaml
 from tests.test_forecast import forecast_config, seasonal_series, write_csv
 from tests.test_translation_task import translation_config

@@ -16,7 +16,7 @@ from rnnkit.models.language_model import RNNLanguageModel
 from rnnkit.models.rnn import RegularisedLSTM, make_rnn
 from rnnkit.runs import load_task, prepare_trainer
 from rnnkit.training.checkpoint import load_checkpoint
-from rnnkit.training.trainer import Averager
+from rnnkit.training.optim import Averager
 from tests.conftest import SAMPLE_TEXT, tiny_lm_config, write_yaml
 
 

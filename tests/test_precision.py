@@ -82,7 +82,7 @@ def _eval_args(task: str, cfg: dict, ckpt) -> list[str]:
 
 @pytest.mark.parametrize("task", ["lm", "tagging", "classification", "forecast", "adding"])
 def test_int8_quantises_recurrent_and_linear_layers_of_every_task(tmp_path, task):
-    from rnnkit.cli import _arithmetic
+    from rnnkit.cli.common import arithmetic as _arithmetic
     from rnnkit.runs import load_task
 
     cfg = task_config(task, tmp_path, "run")

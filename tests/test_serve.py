@@ -26,7 +26,7 @@ from typer.testing import CliRunner  # noqa: E402
 import rnnkit  # noqa: E402
 from rnnkit.cli import app as cli_app  # noqa: E402
 from rnnkit.serve import Batcher, Busy, Limits, build_app, model_names  # noqa: E402
-from rnnkit.serve_worker import ModelProcess  # noqa: E402
+from rnnkit.serve import ModelProcess  # noqa: E402
 from tests.conftest import ROOT, tiny_lm_config, write_yaml  # noqa: E402
 from tests.test_api import _labelled_files  # noqa: E402
 from tests.test_forecast import seasonal_series, write_csv  # noqa: E402
@@ -252,7 +252,7 @@ def test_the_model_process_raises_what_loading_raises_and_exits_with_its_server(
 
     import torch
 
-    from rnnkit.serve_worker import _plain
+    from rnnkit.serve.worker import _plain
     from rnnkit.tasks.translation import Translation
 
     found = Translation("a b", -1.0, ["x"], ["a", "b"], torch.ones(3, 1))

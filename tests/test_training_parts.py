@@ -178,7 +178,7 @@ def test_chunked_linear_cross_entropy_equals_the_plain_layer_and_loss(chunk, bia
     pass): the value and every gradient of F.cross_entropy(F.linear(...)), ignored rows left out."""
     import torch.nn.functional as F
 
-    from rnnkit.training.losses import linear_cross_entropy
+    from rnnkit.models.losses import linear_cross_entropy
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(10, 6, generator=g, dtype=torch.float64, requires_grad=True)
@@ -204,7 +204,7 @@ def test_chunked_linear_cross_entropy_under_bf16_autocast_stays_close():
     as the plain layer and loss do: the same loss and gradients up to bf16 rounding, in fp32."""
     import torch.nn.functional as F
 
-    from rnnkit.training.losses import linear_cross_entropy
+    from rnnkit.models.losses import linear_cross_entropy
 
     torch.manual_seed(0)
     x = torch.randn(40, 16, requires_grad=True)

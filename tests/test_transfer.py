@@ -6,6 +6,7 @@ import torch
 
 from rnnkit.config import ConfigError, load_config
 from rnnkit.runs import load_task, prepare_trainer
+from rnnkit.transfer import language_model
 from tests.conftest import SAMPLE_TEXT, tiny_lm_config, write_yaml
 
 SIZES = {"cell": "lstm", "embedding_dim": 16, "hidden_size": 16, "num_layers": 2}
@@ -187,13 +188,15 @@ def test_training_with_cached_lm_features_matches_computing_them(tmp_path):
 def test_lm_feature_positions_are_word_boundaries():
     from rnnkit.models.lm_features import LMFeatures
 
+
     spec = lambda tokenizer, reverse, vocab: {   # noqa: E731
         "config": {"task": "lm", "data": {"tokenizer": tokenizer, "reverse": reverse, "path": str(SAMPLE_TEXT)},
                    "model": {"embedding_dim": 4, "hidden_size": 4, "num_layers": 1}}, "vocab": vocab}
     chars = ["<unk>", "\n", " ", "a", "b", "c"]
     words = ["<unk>", "</s>", "ab", "c"]
-    lm = LMFeatures([spec("char", False, chars), spec("char", True, chars), spec("word", False, words),
-                     spec("word", True, words)])
+    specs = [spec("char", False, chars), spec("char", True, chars), spec("word", False, words),
+             spec("word", True, words)]
+    lm = LMFeatures(specs, [language_model(s) for s in specs])
     (f_ids, f_pos), (b_ids, b_pos), (w_ids, w_pos), (r_ids, r_pos) = lm.encode(["ab", "c"])
     text = "\nab c\n"      # a line of the LM's text; backward, "\nc ba\n" as the backward LM read its lines
     assert [chars[i] for i in f_ids] == list(text) and [text[p] for p in f_pos] == ["b", "c"]
@@ -267,7 +270,7 @@ def test_mixed_lm_layers_hold_every_layer_and_learn_only_the_mix(tmp_path):
     # the word LM gives its word vector and both layers, the character LM its two layers; mixed: 16 each
     assert lm.depths == [3, 2] and lm.state_size == 5 * 16 and lm.output_size == 32
     assert task.model.encoder.rnn.input_size == 16 + 32
-    top = LMFeatures(lm.specs)
+    top = LMFeatures(lm.specs, [language_model(s) for s in lm.specs])
     top.lms.load_state_dict(lm.lms.state_dict())
     batch = lm.collate([lm.encode("the harbour was calm".split())], task.device)
     states, plain = lm.states(batch, 4), top(batch, 4)

@@ -30,7 +30,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from rnnkit.data.vocab import DataError
-from rnnkit.training.run_lock import process_alive
+from rnnkit.processes import process_alive
 
 FORMAT = 1
 MANIFEST = "manifest.json"

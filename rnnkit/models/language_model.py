@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rnnkit.config import recurrent_options
+from rnnkit.config.lm import ModelConfig
 from rnnkit.models.dropout import dropout, embedding_dropout, locked_dropout
 from rnnkit.models.rnn import State, make_rnn, stack_groups
 
@@ -115,3 +117,11 @@ class RNNLanguageModel(nn.Module):
         if self.adaptive:
             return self.log_probs(out), state
         return self.output(out), state
+
+
+def build_language_model(m: ModelConfig, vocab_size: int) -> RNNLanguageModel:
+    """The language model a ``task: lm`` config's model section describes."""
+    options = {**recurrent_options(m), "dropout": m.dropout if m.layer_dropout is None else m.layer_dropout}
+    return RNNLanguageModel(vocab_size, m.cell, m.embedding_dim, m.hidden_size, m.num_layers, m.dropout,
+                            m.tie_weights, options, input_dropout=m.input_dropout,
+                            embedding_dropout=m.embedding_dropout, output=m.output, cutoffs=m.cutoffs)

@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from rnnkit.data.vocab import EOS
+from rnnkit.models.rnn import make_rnn
 
 LMInput = tuple[list[int], list[int]]     # one LM's token ids for a sentence, and each word's position
 
@@ -45,24 +46,18 @@ class LMBatch(NamedTuple):
 
 
 class LMFeatures(nn.Module):
-    """``specs``: per LM its checkpoint's ``config`` and ``vocab`` (what ``extras`` keeps).
+    """``specs``: per LM its checkpoint's ``config`` and ``vocab`` (what ``extras`` keeps);
+    ``lms``: those LMs, built (by the task layer, which reads checkpoints).
     ``size``: a trained linear map of the concatenated states down to this width (Flair's
     re-projection; the frozen states are kept, their projection computed every time).
     ``layers``: ``top`` (each LM's top layer) or ``all`` (a learned mix of its layers; the
     cache then keeps every layer and the mix is computed every time)."""
 
-    def __init__(self, specs: Sequence[dict[str, Any]], size: int | None = None, layers: str = "top"):
+    def __init__(self, specs: Sequence[dict[str, Any]], lms: Sequence[nn.Module], size: int | None = None,
+                 layers: str = "top"):
         super().__init__()
-        from rnnkit.config import load_config
-        from rnnkit.tasks import task_module
-
         self.specs = [{"config": s["config"], "vocab": list(s["vocab"])} for s in specs]
-        models = []
-        for spec in self.specs:
-            cfg = load_config(None, base=spec["config"])
-            models.append(task_module("lm").build(cfg, torch.device("cpu"), extras={"vocab": spec["vocab"]},
-                                                  with_data=False).model)
-        self.lms = nn.ModuleList(models)
+        self.lms = nn.ModuleList(lms)
         self.lms.requires_grad_(False)
         self._index = [{w: i for i, w in enumerate(s["vocab"])} for s in self.specs]
         if layers not in ("top", "all"):
@@ -206,8 +201,6 @@ class LMFeatures(nn.Module):
         The layers run one at a time with the LM's own weights (a one-layer template of the same
         kind; its own parameters are never used)."""
         from torch.func import functional_call
-
-        from rnnkit.models.rnn import make_rnn
 
         rnn = lm.rnn
         if not isinstance(rnn, nn.RNNBase):

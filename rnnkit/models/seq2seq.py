@@ -10,7 +10,7 @@ from torch import nn
 from rnnkit.models.attention import Attention
 from rnnkit.models.dropout import Dropout
 from rnnkit.models.rnn import LSTMSteps, State, length_mask, make_rnn, rnn_step, run_padded, step_masks
-from rnnkit.training.losses import linear_cross_entropy
+from rnnkit.models.losses import linear_cross_entropy
 
 
 class Encoder(nn.Module):
@@ -162,7 +162,7 @@ class Decoder(nn.Module):
 
     def loss(self, features: torch.Tensor, gold: torch.Tensor, ignore_index: int) -> torch.Tensor:
         """Mean cross-entropy of the output layer over ``features`` (rows, H) against ``gold``,
-        a chunk of rows at a time (:func:`rnnkit.training.losses.linear_cross_entropy`); a
+        a chunk of rows at a time (:func:`rnnkit.models.losses.linear_cross_entropy`); a
         quantised output layer (int8 evaluation) takes the plain path."""
         if type(self.output) is not nn.Linear:
             return F.cross_entropy(self.project(features), gold, ignore_index=ignore_index)

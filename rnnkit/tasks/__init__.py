@@ -1,12 +1,15 @@
 """Tasks: each module turns a config into data, a model, a loss, metrics and inference.
 
-A task module provides ``DataConfig``, ``ModelConfig``, ``check_config(cfg)`` and
-``build(cfg, device, extras=None)`` returning an object the Trainer can drive.
+A task's config sections and rules live in the config layer (``rnnkit.config.tasks``); its
+module here provides ``build(cfg, device, extras=None, with_data=True)`` returning an object
+the Trainer can drive, and re-exports its ``DataConfig`` and ``ModelConfig``.
 """
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
+
+from rnnkit.config.tasks import task_names
 
 _MODULES = {
     "lm": "rnnkit.tasks.language_model",
@@ -19,14 +22,8 @@ _MODULES = {
 }
 
 
-def task_names() -> list[str]:
-    return list(_MODULES)
-
-
 def task_module(name: str) -> ModuleType:
     return importlib.import_module(_MODULES[name])
 
 
-def task_schema(name: str) -> tuple[type, type]:
-    mod = task_module(name)
-    return mod.DataConfig, mod.ModelConfig
+__all__ = ["task_module", "task_names"]

@@ -8,32 +8,19 @@ squared error of 1/6 (the variance of the sum of two uniform numbers): the basel
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rnnkit.config import Config, num
-from rnnkit.tasks.memory import ModelConfig  # noqa: F401  (this task's model section)
-from rnnkit.tasks.memory import MemoryTask, SequenceModel, check_metric
+from rnnkit.config import Config
+from rnnkit.config.memory import AddingDataConfig as DataConfig  # noqa: F401  (this task's sections)
+from rnnkit.config.memory import ModelConfig  # noqa: F401
+from rnnkit.tasks.memory import MemoryTask, SequenceModel
 
-METRICS = ("valid_loss", "valid_mse", "valid_mae")
 BASELINE_MSE = 1.0 / 6.0
 
-
-
-@dataclass
-class DataConfig:
-    length: int = num(100, 2)            # T: time steps per sequence
-    valid_size: int = num(1000, 1)       # sequences in the fixed validation set
-    test_size: int = num(1000, 1)        # ... and in the test set (rnnkit eval)
-    epoch_batches: int = num(1000, 1)    # fresh training batches per epoch
-
-
-def check_config(cfg: Config) -> None:
-    check_metric(cfg, METRICS)
 
 
 def generate_adding(n: int, length: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,58 +2,21 @@
 vector per sentence, then a label."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from rnnkit.config import (MAX_DIM, MAX_LAYERS, MAX_VOCAB, Config, RecurrentConfig, check_recurrent, num,
-                           recurrent_options)
+from rnnkit.config import (Config, recurrent_options)
+from rnnkit.config.labeling import ClassificationDataConfig as DataConfig  # noqa: F401  (this task's sections)
+from rnnkit.config.labeling import ClassificationModelConfig as ModelConfig  # noqa: F401
 from rnnkit.data.labeled import read_labeled
 from rnnkit.data.parallel import pad
 from rnnkit.models.labeling import SentenceClassifier
 from rnnkit.data.vocab import Vocab
-from rnnkit.tasks.labeling import LabelingTask, check_files, drop_words, label_list, word_vocab
+from rnnkit.tasks.labeling import LabelingTask, drop_words, label_list, word_vocab
 from rnnkit.transfer import build_lm_features, initialise_encoder
-
-METRICS = ("valid_loss", "valid_accuracy", "valid_macro_f1")
-
-
-@dataclass
-class DataConfig:
-    train: Optional[str] = None           # label<TAB>text lines
-    valid: Optional[str] = None
-    lowercase: bool = False
-    min_freq: int = num(1, 1)
-    max_vocab: Optional[int] = num(None, 3, MAX_VOCAB)
-
-
-@dataclass
-class ModelConfig(RecurrentConfig):
-    embedding_dim: int = num(300, 1, MAX_DIM)
-    hidden_size: int = num(150, 1, MAX_DIM)        # per direction
-    num_layers: int = num(1, 1, MAX_LAYERS)
-    dropout: float = num(0.5, 0, 1, hi_open=True)
-    word_dropout: float = num(0.0, 0, 1, hi_open=True)
-    weight_drop: float = num(0.0, 0, 1, hi_open=True)    # DropConnect on hidden-to-hidden weights (fused)
-    locked_dropout: bool = False                      # dropout between layers: one mask per sentence
-    pooling: Literal["final", "mean", "max", "attention"] = "max"
-    init_from: Optional[str] = None            # a word LM's checkpoint: word vectors and forward layers from it
-    init_from_backward: Optional[str] = None   # a backward word LM's (data.reverse): the backward direction
-    init_layers: Optional[int] = num(None, 0, MAX_LAYERS)   # recurrent layers init_from copies (default all; 0: word vectors only)
-    freeze_embeddings: bool = False            # word vectors never updated (with init_from: the LM's stay as they are)
-    lm_features: list[str] = field(default_factory=list)   # frozen LMs whose states join the word vectors
-    lm_features_cache_mb: float = num(2048.0, 0)   # training keeps each seen sentence's LM features (0: none)
-    lm_features_size: Optional[int] = num(None, 1, MAX_DIM)   # a trained projection of the LM features to this width
-    lm_features_layers: Literal["top", "all"] = "top"   # each LM's top layer, or a learned mix of all its layers (ELMo)
-
-
-def check_config(cfg: Config) -> None:
-    check_recurrent(cfg.model, "model")
-    check_files(cfg, METRICS)
-
 
 def classification_scores(gold: list[int], pred: list[int], labels: list[str]) -> dict[str, Any]:
     """Accuracy, macro-F1 (the mean of each label's F1) and the confusion matrix [gold][pred]."""

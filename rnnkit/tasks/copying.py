@@ -9,38 +9,18 @@ uniformly scores a loss of log(A) nats and an accuracy of 1/A: the baseline.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rnnkit.config import Config, num, MAX_DIM
-from rnnkit.tasks.memory import MemoryTask, SequenceModel, check_metric
-from rnnkit.tasks.memory import ModelConfig as _RecurrentModel
+from rnnkit.config import Config
+from rnnkit.config.memory import CopyDataConfig as DataConfig  # noqa: F401  (this task's sections)
+from rnnkit.config.memory import CopyModelConfig as ModelConfig  # noqa: F401
+from rnnkit.tasks.memory import MemoryTask, SequenceModel
 
-METRICS = ("valid_loss", "valid_accuracy")
 BLANK = 0
-
-
-@dataclass
-class DataConfig:
-    length: int = num(100, 1)            # T: blank steps between the symbols and the recall marker
-    symbols: int = num(10, 1)            # K: symbols to remember
-    alphabet: int = num(8, 2)            # A: distinct symbols
-    valid_size: int = num(1000, 1)
-    test_size: int = num(1000, 1)
-    epoch_batches: int = num(1000, 1)
-
-
-@dataclass
-class ModelConfig(_RecurrentModel):
-    embedding_dim: int = num(16, 1, MAX_DIM)
-
-
-def check_config(cfg: Config) -> None:
-    check_metric(cfg, METRICS)
 
 
 def generate_copy(n: int, symbols: int, delay: int, alphabet: int,

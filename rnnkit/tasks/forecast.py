@@ -10,77 +10,21 @@ statistics.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from rnnkit.config import Config, ConfigError, RecurrentConfig, check_recurrent, num, require_file, MAX_DIM, MAX_LAYERS
+from rnnkit.config import Config, ConfigError
+from rnnkit.config.forecast import DataConfig, ModelConfig  # noqa: F401  (this task's sections)
 from rnnkit.data.series import Scaler, Series, gather_windows, read_series, split_rows, window_starts
 from rnnkit.data.vocab import DataError
 from rnnkit.models.forecast import Forecaster
 from rnnkit.training.teacher_forcing import TeacherForcingSchedule
-from rnnkit.training.trainer import StepResult
+from rnnkit.training.interface import StepResult
 
-METRICS = ("valid_loss", "valid_mse", "valid_mae")
 SPLITS = ("train", "valid", "test")
-
-
-@dataclass
-class DataConfig:
-    path: Optional[str] = None                 # CSV: a time column and numeric columns
-    time_column: str = "date"
-    inputs: Optional[list[str]] = None         # columns the model reads; null: all but the time column
-    targets: Optional[list[str]] = None        # columns it forecasts (among the inputs); null: all inputs
-    split: list[float] = field(default_factory=lambda: [0.7, 0.8, 1.0])  # ends of train, valid, test:
-    #                                            rows, or fractions of the file when all are <= 1
-    input_length: int = num(96, 1)             # L: rows the model sees
-    horizon: int = num(96, 1)                  # H: rows it forecasts
-    season: int = num(24, 1)                   # the seasonal baseline's period (24 for hourly data)
-
-
-@dataclass
-class ModelConfig(RecurrentConfig):
-    cell: Literal["rnn_tanh", "rnn_relu", "lstm", "gru"] = "gru"
-    hidden_size: int = num(256, 1, MAX_DIM)
-    num_layers: int = num(1, 1, MAX_LAYERS)
-    dropout: float = num(0.0, 0, 1, hi_open=True)      # between layers and before the head
-    segment: int = num(1, 1)                           # rows per recurrent step (divides input_length)
-    channels: Literal["independent", "joint"] = "independent"
-    instance_norm: Literal["none", "last", "mean_std"] = "last"
-    decoder: Literal["direct", "recurrent"] = "direct"  # recurrent: train.teacher_forcing applies
-    loss: Literal["mse", "mae"] = "mse"
-
-
-def check_config(cfg: Config) -> None:
-    d, m = cfg.data, cfg.model
-    check_recurrent(m, "model")
-    if cfg.train.metric not in METRICS:
-        raise ConfigError("train.metric", f"expected one of {', '.join(METRICS)} for task 'forecast', "
-                                          f"got {cfg.train.metric!r}")
-    require_file("data.path", d.path)
-    s = d.split
-    fractions = max(s, default=0) <= 1
-    if len(s) != 3 or s[0] <= 0 or not s[0] < s[1] < s[2] \
-            or (not fractions and any(b != int(b) for b in s)):
-        raise ConfigError("data.split", f"expected the ends of train, validation and test, increasing: row "
-                                        f"numbers [8640, 11520, 14400] or fractions [0.7, 0.8, 1.0]; got {s!r}")
-    if d.input_length % m.segment:
-        raise ConfigError("model.segment", f"{m.segment} must divide data.input_length ({d.input_length})")
-    if d.season > d.input_length:
-        raise ConfigError("data.season", f"the seasonal baseline looks {d.season} rows back; "
-                                         f"needs data.input_length >= {d.season}")
-    if d.inputs is not None and d.targets is not None:
-        outside = [t for t in d.targets if t not in d.inputs]
-        if outside:
-            raise ConfigError("data.targets", f"{outside[0]!r} is not among data.inputs; the model forecasts "
-                                              f"columns it reads")
-    for key in ("inputs", "targets"):
-        names = getattr(d, key)
-        if names is not None and (not names or len(set(names)) != len(names)):
-            raise ConfigError(f"data.{key}", f"expected a non-empty list of distinct column names, got {names!r}")
 
 
 def seasonal_positions(input_length: int, horizon: int, season: int) -> torch.Tensor:

@@ -6,24 +6,12 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from rnnkit.config import Config, ConfigError, require_file
+from rnnkit.config import Config
 from rnnkit.data.parallel import length_batches
 from rnnkit.data.vocab import PAD, UNK, Vocab
-from rnnkit.training.trainer import StepResult
+from rnnkit.training.interface import StepResult
 
 SPECIALS = [PAD, UNK]    # padding is id 0, unknown id 1
-
-
-def check_files(cfg: Config, metrics: tuple[str, ...]) -> None:
-    if cfg.train.metric not in metrics:
-        raise ConfigError("train.metric", f"expected one of {', '.join(metrics)} for task '{cfg.task}', "
-                                          f"got {cfg.train.metric!r}")
-    require_file("data.train", cfg.data.train)
-    require_file("data.valid", cfg.data.valid)
-    for key in ("train_range", "valid_range"):
-        span = getattr(cfg.data, key, None)
-        if span is not None and (len(span) != 2 or span[0] < 0 or span[1] <= span[0]):
-            raise ConfigError(f"data.{key}", f"expected [first, last) with 0 <= first < last, got {span!r}")
 
 
 def word_vocab(sentences: Iterable[Sequence[str]], min_freq: int, max_size: int | None) -> Vocab:

@@ -3,16 +3,15 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from rnnkit.config import (MAX_DIM, MAX_LAYERS, MAX_VOCAB, Config, ConfigError, RecurrentConfig, check_recurrent, num,
-                           recurrent_options, require_file)
+from rnnkit.config import Config, ConfigError
+from rnnkit.config.lm import DataConfig, ModelConfig  # noqa: F401  (this task's sections)
 from rnnkit.data.builders import char_cuts, prepare_stream
 from rnnkit.data.prepare import ensure_store
 from rnnkit.data.store import Store, StoreWriter
@@ -20,76 +19,11 @@ from rnnkit.data.vocab import EOS, DataError, Vocab, make_tokenizer
 from rnnkit.decoding.sampling import sample_next
 from rnnkit.gradient_flow import GradientFlow, measure
 from rnnkit.metrics import perplexity
-from rnnkit.models.language_model import RNNLanguageModel
+from rnnkit.models.language_model import build_language_model
 from rnnkit.models.rnn import detach_state
 from rnnkit.training import distributed
-from rnnkit.training.trainer import StepResult
+from rnnkit.training.interface import StepResult
 from rnnkit.transfer import read_language_model
-
-METRICS = ("valid_loss", "valid_ppl", "valid_bpc")
-ACTIVATION_REGULARISATION = True     # train.ar / train.tar apply to the top layer's outputs
-
-
-@dataclass
-class DataConfig:
-    path: Optional[str] = None          # one text file, cut into train/valid/test by ``split``
-    split: list[float] = field(default_factory=lambda: [0.9, 0.05, 0.05])  # fractions of characters
-    train: Optional[str] = None         # or: separate files (``path`` unset)
-    valid: Optional[str] = None
-    test: Optional[str] = None
-    tokenizer: Literal["char", "word"] = "char"
-    min_freq: int = num(1, 1)
-    max_vocab: Optional[int] = num(None, 2, MAX_VOCAB)
-    bptt: int = num(64, 1)               # tokens per truncated-BPTT window
-    variable_bptt: bool = False          # AWD-LSTM's windows: bptt (p 0.95) or bptt/2, then ~N(that, 5),
-                                         # at least 5; each step's lr scaled by its length / bptt
-    reverse: bool = False                # a backward LM: every stream read right to left
-    cache: bool = True                   # keep the prepared store in the data cache (false: per run)
-
-
-@dataclass
-class ModelConfig(RecurrentConfig):
-    embedding_dim: int = num(128, 1, MAX_DIM)
-    hidden_size: int = num(256, 1, MAX_DIM)
-    num_layers: int = num(2, 1, MAX_LAYERS)
-    dropout: float = num(0.0, 0, 1, hi_open=True)            # on the top layer's output; default of the next two
-    input_dropout: Optional[float] = num(None, 0, 1, hi_open=True)   # on the embedded words
-    layer_dropout: Optional[float] = num(None, 0, 1, hi_open=True)   # between recurrent layers
-    locked_dropout: bool = False         # all three: one mask per sequence (variational dropout)
-    embedding_dropout: float = num(0.0, 0, 1, hi_open=True)   # whole words dropped from the vocabulary
-    weight_drop: float = num(0.0, 0, 1, hi_open=True)         # DropConnect on hidden-to-hidden weights
-    tie_weights: bool = False
-    output: Literal["softmax", "adaptive"] = "softmax"   # adaptive: an adaptive softmax with ``cutoffs``
-                                                         # (with tie_weights: also the input layer)
-    cutoffs: list[int] = field(default_factory=lambda: [2000, 10000])   # frequency-rank cluster bounds
-    init_from: Optional[str] = None      # a pretrained LM to fine-tune: its vocabulary and every weight
-
-
-def check_config(cfg: Config) -> None:
-    d, m = cfg.data, cfg.model
-    check_recurrent(m, "model")
-    if m.output == "adaptive":
-        if not m.cutoffs or any(b <= a for a, b in zip(m.cutoffs, m.cutoffs[1:])) or m.cutoffs[0] < 1:
-            raise ConfigError("model.cutoffs", f"expected increasing positive word ranks, got {m.cutoffs!r}")
-    if d.variable_bptt and d.bptt < 10:
-        raise ConfigError("data.variable_bptt", f"needs data.bptt >= 10, got {d.bptt}")
-    if cfg.train.metric not in METRICS:
-        raise ConfigError("train.metric",
-                          f"expected one of {', '.join(METRICS)} for task 'lm', got {cfg.train.metric!r}")
-    if d.path is not None and d.train is not None:
-        raise ConfigError("data.train", "set either data.path (one file, split) or data.train/valid/test, not both")
-    if d.path is None:
-        require_file("data.train", d.train)
-        require_file("data.valid", d.valid)
-        if d.test is not None:
-            require_file("data.test", d.test)
-        return
-    require_file("data.path", d.path)
-    if len(d.split) != 3 or any(f < 0 for f in d.split) or d.split[0] <= 0 or d.split[1] <= 0 \
-            or sum(d.split) > 1 + 1e-9:
-        raise ConfigError("data.split", f"expected three fractions [train, valid, test], train and valid > 0, "
-                                        f"summing to at most 1, got {d.split!r}")
-
 
 def batchify(ids: np.ndarray, rows: int) -> np.ndarray:
     """Lay a token stream out as ``rows`` contiguous streams: a (rows, length) view."""
@@ -139,11 +73,7 @@ class LanguageModelTask:
         if m.output == "adaptive" and m.cutoffs[-1] >= len(self.vocab):
             raise ConfigError("model.cutoffs", f"the last cut-off ({m.cutoffs[-1]}) must be below the vocabulary "
                                                f"size ({len(self.vocab)})")
-        options = {**recurrent_options(m), "dropout": m.dropout if m.layer_dropout is None else m.layer_dropout}
-        self.model = RNNLanguageModel(len(self.vocab), m.cell, m.embedding_dim, m.hidden_size, m.num_layers,
-                                      m.dropout, m.tie_weights, options, input_dropout=m.input_dropout,
-                                      embedding_dropout=m.embedding_dropout, output=m.output,
-                                      cutoffs=m.cutoffs).to(device)
+        self.model = build_language_model(m, len(self.vocab)).to(device)
         if pretrained is not None:
             try:
                 self.model.load_state_dict(pretrained["model"])

@@ -7,34 +7,19 @@ one would. The validation and test sets are fixed by the seed alone.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from rnnkit.config import (MAX_DIM, MAX_LAYERS, Config, ConfigError, RecurrentConfig, check_recurrent, num,
-                           recurrent_options)
+from rnnkit.config import (Config, recurrent_options)
+from rnnkit.config.memory import ModelConfig
 from rnnkit.gradient_flow import GradientFlow, measure
 from rnnkit.models.rnn import make_rnn
 from rnnkit.training import distributed
-from rnnkit.training.trainer import StepResult
+from rnnkit.training.interface import StepResult
 
 SPLITS = {"valid": 1, "test": 2}
-
-
-@dataclass
-class ModelConfig(RecurrentConfig):
-    hidden_size: int = num(128, 1, MAX_DIM)
-    num_layers: int = num(1, 1, MAX_LAYERS)
-    dropout: float = num(0.0, 0, 1, hi_open=True)   # between stacked layers
-
-
-def check_metric(cfg: Config, metrics: tuple[str, ...]) -> None:
-    check_recurrent(cfg.model, "model")
-    if cfg.train.metric not in metrics:
-        raise ConfigError("train.metric", f"expected one of {', '.join(metrics)} for task '{cfg.task}', "
-                                          f"got {cfg.train.metric!r}")
 
 
 class SequenceModel(nn.Module):

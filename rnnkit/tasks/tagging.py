@@ -2,67 +2,21 @@
 bidirectional RNN, an optional character-level word encoder and a softmax or CRF output."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 from tqdm import tqdm
 
-from rnnkit.config import (MAX_DIM, MAX_LAYERS, MAX_VOCAB, Config, RecurrentConfig, check_recurrent, num,
-                           recurrent_options)
+from rnnkit.config import (Config, recurrent_options)
+from rnnkit.config.labeling import TaggingDataConfig as DataConfig  # noqa: F401  (this task's sections)
+from rnnkit.config.labeling import TaggingModelConfig as ModelConfig  # noqa: F401
 from rnnkit.data.labeled import read_tagged, select
 from rnnkit.data.parallel import pad
 from rnnkit.data.vocab import PAD, UNK, Vocab
 from rnnkit.models.labeling import Tagger
 from rnnkit.spans import is_span_scheme, span_scores
-from rnnkit.tasks.labeling import LabelingTask, check_files, drop_words, label_list, word_vocab
+from rnnkit.tasks.labeling import LabelingTask, drop_words, label_list, word_vocab
 from rnnkit.transfer import build_lm_features, initialise_encoder
-
-METRICS = ("valid_loss", "valid_accuracy", "valid_f1")
-
-
-@dataclass
-class DataConfig:
-    format: Literal["conllu", "columns"] = "conllu"   # columns: tab/space separated, '#' comments
-    train: Optional[str] = None
-    valid: Optional[str] = None
-    train_range: Optional[list[int]] = None           # [first, last) sentences of the file; null: all
-    valid_range: Optional[list[int]] = None
-    token_column: int = num(2, 1)                     # columns count from 1 (CoNLL-U: 2 is FORM)
-    tag_column: int = num(4, 1)                       # CoNLL-U: 4 is UPOS, 5 XPOS
-    lowercase: bool = False                           # word embeddings of lowercased words (characters keep case)
-    min_freq: int = num(1, 1)                         # rarer training words become <unk>
-    max_vocab: Optional[int] = num(None, 3, MAX_VOCAB)
-    max_word_length: int = num(30, 1)                 # characters the character encoder reads per word
-
-
-@dataclass
-class ModelConfig(RecurrentConfig):
-    embedding_dim: int = num(100, 1, MAX_DIM)
-    hidden_size: int = num(200, 1, MAX_DIM)                    # per direction
-    num_layers: int = num(2, 1, MAX_LAYERS)
-    dropout: float = num(0.33, 0, 1, hi_open=True)    # on inputs, between layers, before the output
-    word_dropout: float = num(0.0, 0, 1, hi_open=True)   # training words replaced by <unk>
-    weight_drop: float = num(0.0, 0, 1, hi_open=True)    # DropConnect on hidden-to-hidden weights (fused)
-    locked_dropout: bool = False                      # dropout between layers: one mask per sentence
-    char_encoder: bool = True                         # build a vector from each word's letters
-    char_embedding_dim: int = num(30, 1, MAX_DIM)
-    char_hidden_size: int = num(50, 1, MAX_DIM)                # per direction
-    output: Literal["softmax", "crf"] = "softmax"
-    init_from: Optional[str] = None            # a word LM's checkpoint: word vectors and forward layers from it
-    init_from_backward: Optional[str] = None   # a backward word LM's (data.reverse): the backward direction
-    init_layers: Optional[int] = num(None, 0, MAX_LAYERS)   # recurrent layers init_from copies (default all; 0: word vectors only)
-    freeze_embeddings: bool = False            # word vectors never updated (with init_from: the LM's stay as they are)
-    lm_features: list[str] = field(default_factory=list)   # frozen LMs whose states join the word vectors
-    lm_features_cache_mb: float = num(2048.0, 0)   # training keeps each seen sentence's LM features (0: none)
-    lm_features_size: Optional[int] = num(None, 1, MAX_DIM)   # a trained projection of the LM features to this width
-    lm_features_layers: Literal["top", "all"] = "top"   # each LM's top layer, or a learned mix of all its layers (ELMo)
-
-
-def check_config(cfg: Config) -> None:
-    check_recurrent(cfg.model, "model")
-    check_files(cfg, METRICS)
-
 
 Encoded = tuple[list[int], list[list[int]], list[int]]   # word ids, character ids per word, tag ids
 

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from tqdm import tqdm
 
-from rnnkit.config import (MAX_DIM, MAX_LAYERS, MAX_VOCAB, Config, ConfigError, RecurrentConfig, check_recurrent, num,
-                           recurrent_options, require_file)
+from rnnkit.config import (Config, recurrent_options)
+from rnnkit.config.translation import DataConfig, ModelConfig  # noqa: F401  (this task's sections)
 from rnnkit.data.builders import prepare_pairs
 from rnnkit.data.parallel import IGNORE, Batch, make_batch, read_parallel
 from rnnkit.data.prepare import ensure_store
@@ -22,70 +21,9 @@ from rnnkit.hardware import LENGTH_MULTIPLE
 from rnnkit.metrics import bleu, chrf, perplexity
 from rnnkit.models.seq2seq import Bridge, Decoder, Encoder, Seq2Seq
 from rnnkit.training.teacher_forcing import TeacherForcingSchedule
-from rnnkit.training.trainer import StepResult
+from rnnkit.training.interface import StepResult
 
-METRICS = ("valid_loss", "valid_ppl", "valid_bleu", "valid_chrf")
-Tokenizer = Literal["word", "char", "bpe", "unigram"]
 Pairs = tuple[TokenArray, TokenArray]   # (sources, targets) of encoded sentence pairs
-
-
-@dataclass
-class DataConfig:
-    train_src: Optional[str] = None
-    train_tgt: Optional[str] = None
-    valid_src: Optional[str] = None
-    valid_tgt: Optional[str] = None
-    src_tokenizer: Tokenizer = "word"
-    tgt_tokenizer: Tokenizer = "word"
-    src_vocab_size: Optional[int] = num(None, 8, MAX_VOCAB)   # word/char: most frequent kept; bpe/unigram: pieces
-    tgt_vocab_size: Optional[int] = num(None, 8, MAX_VOCAB)
-    min_freq: int = num(1, 1)                       # word/char: rarer tokens become <unk>
-    max_len: int = num(100, 1)                      # training pairs longer than this (tokens) are dropped
-    batch_tokens: Optional[int] = num(None, 1)      # batch by padded tokens instead of train.batch_size sentences
-    cache: bool = True                              # keep the prepared store in the data cache (false: per run)
-
-
-@dataclass
-class EncoderConfig(RecurrentConfig):
-    hidden_size: int = num(256, 1, MAX_DIM)       # per direction
-    num_layers: int = num(1, 1, MAX_LAYERS)
-    bidirectional: bool = True
-    dropout: float = num(0.3, 0, 1, hi_open=True)
-
-
-@dataclass
-class DecoderConfig(RecurrentConfig):
-    hidden_size: int = num(512, 1, MAX_DIM)
-    num_layers: int = num(1, 1, MAX_LAYERS)
-    dropout: float = num(0.3, 0, 1, hi_open=True)
-    attention: Literal["none", "dot", "general", "additive"] = "general"
-    input_feeding: bool = True
-
-
-@dataclass
-class ModelConfig:
-    embedding_dim: int = num(256, 1, MAX_DIM)
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    decoder: DecoderConfig = field(default_factory=DecoderConfig)
-    bridge: Literal["linear", "zeros", "mean", "max"] = "linear"
-    max_len_ratio: float = num(2.0, 0, lo_open=True)   # decoding stops at ratio * source length + extra
-    max_len_extra: int = num(10, 0)
-    init_range: Optional[float] = num(None, 0, lo_open=True)   # uniform(-r, r) for every weight; null: torch's
-
-
-def check_config(cfg: Config) -> None:
-    d, m = cfg.data, cfg.model
-    check_recurrent(m.encoder, "model.encoder")
-    check_recurrent(m.decoder, "model.decoder")
-    if cfg.train.metric not in METRICS:
-        raise ConfigError("train.metric", f"expected one of {', '.join(METRICS)} for task 'translation', "
-                                          f"got {cfg.train.metric!r}")
-    for key in ("train_src", "train_tgt", "valid_src", "valid_tgt"):
-        require_file(f"data.{key}", getattr(d, key))
-    memory = m.encoder.hidden_size * (2 if m.encoder.bidirectional else 1)
-    if m.decoder.attention == "dot" and memory != m.decoder.hidden_size:
-        raise ConfigError("model.decoder.hidden_size", f"dot attention needs it equal to the encoder's output size "
-                                                       f"({memory}), got {m.decoder.hidden_size}; or use 'general'")
 
 
 def build_model(cfg: Config, src_vocab: int, tgt_vocab: int) -> Seq2Seq:

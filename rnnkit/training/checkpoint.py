@@ -4,8 +4,12 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from rnnkit.config.tasks import task_names
+from rnnkit.version import __version__
 
 if TYPE_CHECKING:
     import torch
@@ -43,7 +47,6 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
-    from rnnkit import __version__
 
     atomic_save({"format": FORMAT, "rnnkit_version": __version__, **payload}, path)
 
@@ -61,14 +64,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # a truncated file, not a torch file, or unsafe content
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable rnnkit checkpoint ({first[:160]})") from None
+        raise CheckpointError(f"{path}: not a readable rnnkit checkpoint ({_unreadable(path, err)})") from None
     fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
     if not isinstance(fmt, str) or not fmt.startswith(FORMAT_NAME + "-"):
         raise CheckpointError(f"{path}: not an rnnkit checkpoint (expected format {FORMAT})")
     if fmt != FORMAT:
-        from rnnkit import __version__
-
         raise CheckpointError(f"{path}: checkpoint format version {fmt[len(FORMAT_NAME) + 1:]!r}, written by "
                               f"rnnkit {ckpt.get('rnnkit_version', '?')}; this rnnkit ({__version__}) reads "
                               f"version {FORMAT_VERSION}")
@@ -76,11 +76,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     if missing or not isinstance(ckpt["config"], dict):
         raise CheckpointError(f"{path}: an incomplete rnnkit checkpoint (no {missing[0] if missing else 'config'})")
     task = ckpt["config"].get("task")
-    from rnnkit.tasks import task_names
-
     if task not in task_names():
-        from rnnkit import __version__
-
         raise CheckpointError(f"{path}: a checkpoint of task {task!r}, which this rnnkit ({__version__}) does not "
                               f"know (it knows {', '.join(task_names())})")
     return ckpt
+
+
+def _unreadable(path: Path, err: Exception) -> str:
+    """Why torch could not read ``path``, in rnnkit's words (torch's own text is about its API)."""
+    if not zipfile.is_zipfile(path):
+        return "not a PyTorch checkpoint file, or a truncated one"
+    if "weights only" in str(err).lower() or "weights_only" in str(err).lower():
+        return "it holds Python objects besides tensors and plain data; rnnkit loads checkpoints without running code"
+    return "a damaged PyTorch file"

@@ -13,6 +13,8 @@ import socket
 import time
 from pathlib import Path
 
+from rnnkit.processes import process_alive
+
 try:
     import fcntl
 except ImportError:   # not on POSIX: the process-id check alone
@@ -23,17 +25,6 @@ _HELD: dict[str, int] = {}    # locks this process holds: path -> file descripto
 
 class RunLockError(RuntimeError):
     """Another live process trains in this run directory; shown as one line, exit code 2."""
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process with this id exists (on this machine)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RunLock:

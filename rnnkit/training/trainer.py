@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol, Sequence
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -18,206 +16,16 @@ from rich.table import Table
 from tqdm import tqdm
 
 from rnnkit.config import Config, ConfigError, config_to_dict
-from rnnkit.hardware import RELEASE_EVERY, peak_rss_mb, release_freed_memory
+from rnnkit.hardware import RELEASE_EVERY, release_freed_memory
 from rnnkit.training import distributed
 from rnnkit.training.checkpoint import load_checkpoint, save_checkpoint
 from rnnkit.training.run_lock import RunLock
 from rnnkit.training.schedules import LRSchedule
+from rnnkit.training.interface import StepResult, Task, TrainingError
+from rnnkit.training.optim import Averager, build_optimizer, parameter_groups
+from rnnkit.training.progress import LogWindow, Progress, format_number
 
 STOP_SIGNALS = {signal.SIGINT: ("Ctrl-C", 130), signal.SIGTERM: ("SIGTERM", 143)}   # name, exit code
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss stays non-finite); shown as one line, exit code 1."""
-
-
-def format_number(v: float) -> str:
-    """Four decimals, or four significant digits for values too small to show that way."""
-    return f"{v:.4f}" if not math.isfinite(v) or v == 0 or abs(v) >= 0.01 else f"{v:.4g}"
-
-
-class StepResult(NamedTuple):
-    loss: torch.Tensor           # mean loss over the step's tokens, with a graph
-    tokens: int                  # how many tokens the loss covers (for throughput)
-    logs: dict[str, float] | None = None  # extra values worth logging (e.g. teacher forcing)
-    penalty: torch.Tensor | None = None   # regularisation terms minimised with the loss, not logged as it
-    lr_scale: float = 1.0        # this step's learning rate relative to the schedule's (e.g. a shorter window)
-
-
-class Task(Protocol):
-    """What the Trainer needs from a task; it knows nothing else about it."""
-
-    model: torch.nn.Module
-
-    def train_batches(self, epoch: int) -> Sequence[Any]: ...
-    def train_step(self, batch: Any, index: int, step: int) -> StepResult: ...
-    def evaluate(self) -> dict[str, float]: ...
-    def extras(self) -> dict[str, Any]: ...
-    def train_state(self) -> dict[str, Any]: ...
-    def load_train_state(self, state: dict[str, Any]) -> None: ...
-    # optional: def gradient_flow(self) -> rnnkit.gradient_flow.GradientFlow (train.gradient_flow_every)
-
-
-def resolve_device(spec: str, key: str = "train.device") -> torch.device:
-    """``auto`` is CUDA when present, else CPU; asking for a missing device is a ConfigError."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise ConfigError(key, f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}") from None
-    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        raise ConfigError(key, f"{spec!r} asks for a CUDA device, but this machine has "
-                               f"{torch.cuda.device_count()}; use 'auto' or 'cpu'")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(key, "'mps' is not available on this machine; use 'auto' or 'cpu'")
-    return dev
-
-
-def parameter_groups(cfg: Config, model: torch.nn.Module) -> list[dict[str, Any]]:
-    """The optimizer's parameter groups. With ``train.layer_lr_decay`` or ``train.unfreeze_every``
-    one per layer group of the model (its ``layer_groups()``, input to output), each with its
-    ``depth`` below the top and its learning-rate multiplier ``decay ** depth``."""
-    t = cfg.train
-    if t.layer_lr_decay is None and t.unfreeze_every is None:
-        return [{"params": [q for q in model.parameters() if q.requires_grad], "lr_mult": 1.0, "depth": 0}]
-    if not hasattr(model, "layer_groups"):
-        key = "train.layer_lr_decay" if t.layer_lr_decay is not None else "train.unfreeze_every"
-        raise ConfigError(key, f"task '{cfg.task}' does not divide its model into layers")
-    groups = [[q for q in g if q.requires_grad] for g in model.layer_groups()]
-    groups = [g for g in groups if g]
-    decay = t.layer_lr_decay or 1.0
-    return [{"params": g, "lr_mult": decay ** (len(groups) - 1 - i), "depth": len(groups) - 1 - i}
-            for i, g in enumerate(groups)]
-
-
-def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
-    """``params``: parameters, or parameter groups (:func:`parameter_groups`)."""
-    t = cfg.train
-    params = list(params)
-    if params and not isinstance(params[0], dict):
-        params = [q for q in params if q.requires_grad]
-    if t.optimizer in ("sgd", "nt_asgd"):
-        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    cls = torch.optim.Adam if t.optimizer == "adam" else torch.optim.AdamW
-    kwargs = dict(lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-    try:   # one fused kernel over all parameters (CPU and CUDA, torch >= 2.4): a few times faster
-        return cls(params, fused=True, **kwargs)
-    except (RuntimeError, TypeError, ValueError):
-        return cls(params, **kwargs)
-
-
-@dataclass
-class Progress:
-    step: int = 0
-    epoch: int = 0
-    batch_index: int = 0           # next batch of ``epoch`` to train on
-    elapsed: float = 0.0           # training seconds over all sessions of this run
-    best: float | None = None
-    best_step: int | None = None
-    bad_evals: int = 0
-    last_eval: dict[str, float] = field(default_factory=dict)
-    nonfinite: int = 0             # updates skipped for a non-finite loss or gradient, in all
-    nonfinite_run: int = 0         # ... in a row, up to now
-    window_loss: float = 0.0       # the log window's running sums, so a resumed run logs the
-    window_tokens: int = 0         # very records an uninterrupted one does
-    eval_due: bool = False         # stopped by a signal at a step that was to be evaluated
-    history: list[float] = field(default_factory=list)   # every evaluation's metric (nt_asgd's trigger)
-    averaging_from: int | None = None   # nt_asgd: the step weight averaging began at
-
-
-class Averager:
-    """An average of the trained parameters over the steps since averaging began: their running
-    mean (NT-ASGD's averaged iterate), or with ``decay`` an exponential moving average (Polyak
-    averaging) whose first steps are the running mean, so it does not start from the random
-    initialisation: step n weighs the newest weights by max(1 - decay, 1/n). Evaluation and
-    checkpoints' ``model`` use the average; training goes on from the raw weights, which
-    checkpoints keep beside it for resuming. ``params``: the trained ones (others, such as
-    frozen LMs, are their own average); default every parameter of ``model``."""
-
-    def __init__(self, model: torch.nn.Module, decay: float | None = None,
-                 params: list[torch.nn.Parameter] | None = None):
-        self.model, self.decay = model, decay
-        self.params = list(model.parameters()) if params is None else list(params)
-        self.mean = [torch.zeros_like(q) for q in self.params]
-        self.count = 0
-
-    @torch.no_grad()
-    def update(self) -> None:
-        self.count += 1
-        weight = 1.0 / self.count if self.decay is None else max(1.0 - self.decay, 1.0 / self.count)
-        torch._foreach_lerp_(self.mean, [q.detach() for q in self.params], weight)
-
-    def averaged_state(self) -> dict[str, torch.Tensor]:
-        """The model's state dict with the mean in place of each trained parameter."""
-        if self.count == 0:
-            return self.model.state_dict()
-        by_id = {id(q): m for q, m in zip(self.params, self.mean)}
-        return {k: by_id.get(id(v), v).detach() for k, v in self.model.state_dict(keep_vars=True).items()}
-
-    @contextlib.contextmanager
-    def swapped_in(self):
-        """The mean in the model's parameters for the block, the raw weights back after it."""
-        if self.count == 0:
-            yield
-            return
-        with torch.no_grad():
-            raw = [q.detach().clone() for q in self.params]
-            torch._foreach_copy_(self.params, self.mean)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                torch._foreach_copy_(self.params, raw)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"count": self.count, "raw": self.model.state_dict()}
-
-    def load(self, state: dict[str, Any]) -> None:
-        """After the model was loaded with a checkpoint's (averaged) weights: those are the
-        mean; the raw weights go back into the model."""
-        with torch.no_grad():
-            torch._foreach_copy_(self.mean, [q.detach() for q in self.params])
-        self.count = state["count"]
-        self.model.load_state_dict(state["raw"])
-
-
-class LogWindow:
-    """Loss and tokens since the last log record, summed on the device (no sync per step)."""
-
-    def __init__(self, device: torch.device, loss: float = 0.0, tokens: int = 0):
-        self.loss = torch.tensor(loss, device=device)
-        self.tokens, self.start = tokens, time.perf_counter()
-
-    def add(self, out: StepResult) -> None:
-        self.loss += out.loss.detach().float() * out.tokens
-        self.tokens += out.tokens
-
-    def totals(self, rank: distributed.Rank = distributed.SINGLE) -> tuple[float, int]:
-        """The summed loss and tokens of the window, over every rank (a collective when several)."""
-        loss, tokens = self.loss.item(), self.tokens
-        if rank.world > 1:
-            loss, tokens = distributed.all_sum([loss, float(tokens)], self.loss.device)
-        return loss, int(tokens)
-
-    def flush(self, step: int, elapsed: float, lr: float, norm, logs,
-              rank: distributed.Rank = distributed.SINGLE) -> dict[str, Any]:
-        """The record of the window (every rank's tokens together); resets the sums."""
-        now = time.perf_counter()
-        loss, tokens = self.totals(rank)
-        record = {"kind": "train", "step": step, "elapsed": round(elapsed, 4),
-                  "loss": loss / max(1, tokens), "lr": lr, "tokens": tokens,
-                  "tokens_per_s": tokens / max(1e-9, now - self.start)}
-        if norm is not None:
-            record["grad_norm"] = float(norm)
-        peak = peak_rss_mb()
-        if peak is not None:
-            record["peak_rss_mb"] = peak
-        record.update(logs or {})
-        self.loss.zero_()
-        self.tokens, self.start = 0, now
-        return record
-
 
 class Trainer:
     def __init__(self, cfg: Config, task: Task, run_dir: Path, device: torch.device,
@@ -241,7 +49,7 @@ class Trainer:
         self.tensorboard = None
         if cfg.train.tensorboard:
             try:
-                import tensorboard  # noqa: F401
+                import tensorboard  # noqa: F401  (only whether it is installed)
             except ImportError:
                 raise ConfigError("train.tensorboard", "needs the tensorboard package: "
                                                        "pip install tensorboard (or rnnkit[tensorboard])") from None

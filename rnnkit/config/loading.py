@@ -1,8 +1,7 @@
-"""Typed, validated configuration: YAML files and ``--set`` overrides become dataclasses.
+"""YAML files and ``--set`` overrides become validated dataclasses.
 
-Every section is a dataclass. Field types drive parsing (``int``, ``float``, ``bool``,
-``str``, ``Optional[...]``, ``Literal[...]``, ``list[...]``); numeric bounds live in the
-field metadata (see :func:`num`). Anything wrong raises :class:`ConfigError`, whose message
+Field types drive parsing (``int``, ``float``, ``bool``, ``str``, ``Optional[...]``,
+``Literal[...]``, ``list[...]``). Anything wrong raises :class:`ConfigError`, whose message
 names the file, the dotted key, the bad value and what is allowed.
 """
 from __future__ import annotations
@@ -13,153 +12,16 @@ import math
 import re
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A user's configuration mistake; the CLI prints it as one line and exits with 2."""
-
-    def __init__(self, key: str, message: str, source: str = ""):
-        self.key, self.message, self.source = key, message, source
-        super().__init__(self.render())
-
-    def render(self) -> str:
-        where = f"{self.source}: " if self.source else ""
-        return f"{where}{self.key}: {self.message}" if self.key else f"{where}{self.message}"
+from rnnkit.config.core import DEVICE_PATTERN, Config, ConfigError, describe_range
+from rnnkit.config.tasks import task_names, task_schema
 
 
-MAX_DIM = 65_536          # upper bounds on sizes: a typo such as hidden_size: 5120000 is an error,
-MAX_LAYERS = 64           # not an allocation that takes the machine down
-MAX_VOCAB = 10_000_000
-
-
-def num(default: Any, lo: float | None = None, hi: float | None = None,
-        lo_open: bool = False, hi_open: bool = False) -> Any:
-    """A numeric field with bounds; ``lo_open``/``hi_open`` exclude the bound itself."""
-    return field(default=default, metadata={"range": (lo, hi, lo_open, hi_open)})
-
-
-def _describe_range(lo, hi, lo_open, hi_open) -> str:
-    parts = []
-    if lo is not None:
-        parts.append(f"{'>' if lo_open else '>='} {lo}")
-    if hi is not None:
-        parts.append(f"{'<' if hi_open else '<='} {hi}")
-    return " and ".join(parts)
-
-
-# --------------------------------------------------------------------------- sections
-@dataclass
-class RecurrentConfig:
-    """A recurrent layer's cell and implementation; every task's recurrent sections extend it."""
-
-    cell: Literal["rnn_tanh", "rnn_relu", "lstm", "gru"] = "lstm"
-    impl: Literal["fused", "explicit"] = "fused"   # torch.nn's kernels, or cells from their equations
-    layer_norm: bool = False                        # explicit only: layer-normalised cells
-    recurrent_dropout: float = num(0.0, 0, 1, hi_open=True)   # explicit only: one mask per sequence
-    residual: bool = False                          # explicit only: layers above the first add their input
-
-
-RECURRENT_EXTRAS = {"layer_norm": False, "recurrent_dropout": 0.0, "residual": False}
-
-
-REGULARISERS = {"weight_drop": 0.0, "locked_dropout": False}   # fused layers' options, where a task offers them
-
-
-def check_recurrent(section: RecurrentConfig, prefix: str) -> None:
-    """The extras need the explicit implementation, the regularisers the fused one; residual
-    connections need a stack."""
-    if section.impl == "explicit":
-        for key, off in REGULARISERS.items():
-            if getattr(section, key, off) != off:
-                raise ConfigError(f"{prefix}.{key}", f"applies to fused layers ({prefix}.impl: fused); explicit "
-                                                     f"cells have {prefix}.recurrent_dropout")
-    if section.impl == "fused":
-        for key, off in RECURRENT_EXTRAS.items():
-            if getattr(section, key) != off:
-                raise ConfigError(f"{prefix}.{key}", f"needs {prefix}.impl: explicit "
-                                                     f"(torch.nn's fused kernels cannot do it)")
-    if section.residual and getattr(section, "num_layers", 1) < 2:
-        raise ConfigError(f"{prefix}.residual", f"connects stacked layers; needs {prefix}.num_layers >= 2")
-
-
-def recurrent_options(section: RecurrentConfig) -> dict[str, Any]:
-    """The keyword arguments ``make_rnn`` takes besides sizes (all but ``cell``)."""
-    return {"impl": section.impl, **{k: getattr(section, k) for k in RECURRENT_EXTRAS},
-            **{k: getattr(section, k) for k in REGULARISERS if hasattr(section, k)}}
-
-
-@dataclass
-class TeacherForcingConfig:
-    """The probability of feeding the gold previous token (sequence-to-sequence tasks)."""
-
-    schedule: Literal["constant", "linear", "exponential", "inverse_sigmoid"] = "constant"
-    start: float = num(1.0, 0, 1)
-    end: float = num(0.0, 0, 1)
-    steps: int = num(10000, 1)   # the decay's length in training steps
-
-
-@dataclass
-class TrainConfig:
-    """The shared training loop's settings (the same for every task)."""
-
-    device: str = "auto"
-    max_steps: int = num(1000, 1)
-    max_time: Optional[float] = num(None, 0, lo_open=True)  # seconds; stops at whichever comes first
-    batch_size: int = num(32, 1)
-    eval_batch_size: int = num(32, 1)
-    optimizer: Literal["sgd", "adam", "adamw", "nt_asgd"] = "adam"   # nt_asgd: SGD, then averaged (AWD-LSTM)
-    nt_asgd_patience: int = num(5, 1)     # nt_asgd: average once the metric is worse than the best of the
-                                          # evaluations before the last this many
-    lr: float = num(0.002, 0, lo_open=True)
-    momentum: float = num(0.0, 0, 1)
-    weight_decay: float = num(0.0, 0)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    lr_schedule: Literal["constant", "step", "plateau", "cosine", "slanted_triangular"] = "constant"
-    warmup_steps: int = num(0, 0)
-    lr_step_size: int = num(1000, 1)       # step: multiply by lr_gamma every lr_step_size steps
-    lr_gamma: float = num(0.5, 0, 1, lo_open=True)  # step and plateau decay factor
-    lr_patience: int = num(2, 0)           # plateau: evaluations without improvement before decay
-    min_lr: float = num(0.0, 0)
-    clip_grad_norm: Optional[float] = num(5.0, 0, lo_open=True)
-    log_every: int = num(50, 1)
-    eval_every: int = num(500, 1)
-    metric: str = "valid_loss"
-    metric_mode: Literal["min", "max"] = "min"
-    early_stopping: Optional[int] = num(None, 1)  # evaluations without improvement before stopping
-    num_threads: Optional[int] = num(None, 1)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"   # bf16/fp16: autocast; fp16 adds loss scaling
-    gradient_flow_every: Optional[int] = num(None, 1)   # steps between gradient-flow records in metrics.jsonl
-    keep_checkpoints: int = num(0, 0)      # also keep step{N}.pt of the last this many evaluations (averaging)
-    ema_decay: Optional[float] = num(None, 0, 1, lo_open=True, hi_open=True)   # evaluate and save an exponential
-                                           # moving average of the weights (0.999: about the last 1,000 steps)
-    tensorboard: bool = False              # also write every logged value as TensorBoard scalars
-    max_nonfinite: int = num(10, 1)        # non-finite losses or gradients in a row before training stops
-    stop_grace: float = num(60.0, 0, lo_open=True)   # seconds from Ctrl-C/SIGTERM to exit, last.pt saved if in time
-    layer_lr_decay: Optional[float] = num(None, 0, 1, lo_open=True)  # each layer down: lr times this (ULMFiT: 1/2.6)
-    unfreeze_every: Optional[int] = num(None, 1)   # gradual unfreezing: the top layer first, one more every N steps
-    ar: float = num(0.0, 0)                # activation regularisation: ar * mean(h_t^2) of the top layer
-    tar: float = num(0.0, 0)               # temporal AR: tar * mean((h_t - h_{t-1})^2) (tasks that say so)
-    teacher_forcing: TeacherForcingConfig = field(default_factory=TeacherForcingConfig)
-
-
-@dataclass
-class Config:
-    """A whole run: task, where it writes, seed, and the task's data/model plus training."""
-
-    task: str = "lm"
-    run_dir: str = "runs/default"
-    seed: int = num(1234, 0)
-    data: Any = None
-    model: Any = None
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+_DEVICE = re.compile(DEVICE_PATTERN)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -246,7 +108,7 @@ def build_section(cls: type, raw: Any, prefix: str) -> Any:
             too_low = lo is not None and (v <= lo if lo_open else v < lo)
             too_high = hi is not None and (v >= hi if hi_open else v > hi)
             if too_low or too_high:
-                raise ConfigError(key, f"{v!r} is out of range; allowed: {_describe_range(*rng)}")
+                raise ConfigError(key, f"{v!r} is out of range; allowed: {describe_range(*rng)}")
         values[name] = v
     return cls(**values)
 
@@ -300,8 +162,6 @@ def _string_keys(cls: type, prefix: str = "") -> set[str]:
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
                 base: dict | None = None) -> Config:
     """Load a YAML file (or a ``base`` dict, e.g. from a checkpoint), apply overrides, validate."""
-    from rnnkit.tasks import task_schema, task_names  # tasks import config; avoid a cycle
-
     source = str(path) if path is not None else "checkpoint config"
     if base is not None:
         tree = yaml.safe_load(yaml.safe_dump(base))  # a deep copy of plain data
@@ -330,7 +190,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
                 task = value
         if task not in task_names():
             raise ConfigError("task", f"expected one of {', '.join(map(repr, task_names()))}, got {task!r}")
-        data_cls, model_cls = task_schema(task)
+        schema = task_schema(task)
+        data_cls, model_cls = schema.data, schema.model
         text_keys = _string_keys(Config) | {f"data.{k}" for k in _string_keys(data_cls)} \
             | {f"model.{k}" for k in _string_keys(model_cls)}
         for key, value, raw in parsed:
@@ -357,8 +218,6 @@ def _build(tree: dict, data_cls: type, model_cls: type) -> Config:
 
 def _check(cfg: Config, with_task: bool = True) -> None:
     """Cross-field rules: those of the training loop, then the task's own (files included)."""
-    from rnnkit.tasks import task_module
-
     t = cfg.train
     if not _DEVICE.match(t.device):
         raise ConfigError("train.device", f"expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {t.device!r}")
@@ -368,11 +227,11 @@ def _check(cfg: Config, with_task: bool = True) -> None:
         raise ConfigError("train.warmup_steps", f"{t.warmup_steps} must be below train.max_steps ({t.max_steps})")
     if t.ema_decay is not None and t.optimizer == "nt_asgd":
         raise ConfigError("train.ema_decay", "nt_asgd averages the weights already; use one or the other")
-    if (t.ar or t.tar) and not getattr(task_module(cfg.task), "ACTIVATION_REGULARISATION", False):
+    if (t.ar or t.tar) and not task_schema(cfg.task).activation_regularisation:
         raise ConfigError("train.ar" if t.ar else "train.tar", f"task '{cfg.task}' does not offer activation "
                                                                f"regularisation (task lm does)")
     if with_task:
-        task_module(cfg.task).check_config(cfg)
+        task_schema(cfg.task).check(cfg)
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -382,12 +241,3 @@ def config_to_dict(cfg: Config) -> dict:
 
 def save_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
-
-
-def require_file(key: str, value: str | None) -> None:
-    """A data path that must exist (used by tasks' ``check_config``)."""
-    if value is None:
-        raise ConfigError(key, "is required (a path to a text file)")
-    p = Path(value)
-    if not p.is_file():
-        raise ConfigError(key, f"file not found: {value!r}")

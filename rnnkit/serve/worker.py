@@ -23,16 +23,11 @@ from typing import Any, Callable, Sequence
 
 from rnnkit.config import ConfigError
 from rnnkit.data.vocab import DataError
+from rnnkit.serve.errors import ModelProcessError, RequestError
 from rnnkit.training.checkpoint import CheckpointError
 
 
-class ModelProcessError(RuntimeError):
-    """The model process failed (it died, or an unexpected error in a call)."""
-
-
 def _describe(err: BaseException) -> tuple[str, str, int]:
-    from rnnkit.serve import RequestError
-
     kind = next((c.__name__ for c in (ConfigError, DataError, CheckpointError, RequestError) if isinstance(err, c)),
                 "other")
     message = str(err) if kind != "other" else f"{type(err).__name__}: {err}"
@@ -40,8 +35,6 @@ def _describe(err: BaseException) -> tuple[str, str, int]:
 
 
 def _rebuild(kind: str, message: str, status: int) -> Exception:
-    from rnnkit.serve import RequestError
-
     if kind == "ConfigError":
         return ConfigError("", message)
     if kind == "RequestError":

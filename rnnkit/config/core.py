@@ -1,0 +1,216 @@
+"""The sections every task shares, the error type, and the helpers task schemas are built from.
+
+Every section is a dataclass; each field's docstring (the string literal under it) is its
+description in ``rnnkit schema`` and the generated reference. Numeric bounds live in the field
+metadata (see :func:`num`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+
+class ConfigError(ValueError):
+    """A user's configuration mistake; the CLI prints it as one line and exits with 2."""
+
+    def __init__(self, key: str, message: str, source: str = ""):
+        self.key, self.message, self.source = key, message, source
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        where = f"{self.source}: " if self.source else ""
+        return f"{where}{self.key}: {self.message}" if self.key else f"{where}{self.message}"
+
+
+MAX_DIM = 65_536          # upper bounds on sizes: a typo such as hidden_size: 5120000 is an error,
+MAX_LAYERS = 64           # not an allocation that takes the machine down
+MAX_VOCAB = 10_000_000
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?|mps)$"
+
+
+def num(default: Any, lo: float | None = None, hi: float | None = None,
+        lo_open: bool = False, hi_open: bool = False) -> Any:
+    """A numeric field with bounds; ``lo_open``/``hi_open`` exclude the bound itself."""
+    return field(default=default, metadata={"range": (lo, hi, lo_open, hi_open)})
+
+
+def describe_range(lo, hi, lo_open, hi_open) -> str:
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>' if lo_open else '>='} {lo}")
+    if hi is not None:
+        parts.append(f"{'<' if hi_open else '<='} {hi}")
+    return " and ".join(parts)
+
+
+# --------------------------------------------------------------------------- shared sections
+@dataclass
+class RecurrentConfig:
+    """A recurrent layer's cell and implementation; every task's recurrent sections extend it."""
+
+    cell: Literal["rnn_tanh", "rnn_relu", "lstm", "gru"] = "lstm"
+    """The recurrent cell: Elman RNN with tanh or ReLU, LSTM or GRU."""
+    impl: Literal["fused", "explicit"] = "fused"
+    """`fused`: torch.nn's kernels (cuDNN on GPU, oneDNN on CPU); `explicit`: cells written from their equations, with the same parameter names, so a checkpoint moves between the two."""
+    layer_norm: bool = False
+    """Explicit cells only: layer-normalised gates (Ba et al. 2016), and an LSTM's cell state before its tanh."""
+    recurrent_dropout: float = num(0.0, 0, 1, hi_open=True)
+    """Explicit cells only: variational dropout on the recurrent state, one mask per sequence for all its steps."""
+    residual: bool = False
+    """Explicit cells only: layers above the first add their input to their output (needs two layers or more)."""
+
+
+RECURRENT_EXTRAS = {"layer_norm": False, "recurrent_dropout": 0.0, "residual": False}
+
+
+REGULARISERS = {"weight_drop": 0.0, "locked_dropout": False}   # fused layers' options, where a task offers them
+
+
+def check_recurrent(section: RecurrentConfig, prefix: str) -> None:
+    """The extras need the explicit implementation, the regularisers the fused one; residual
+    connections need a stack."""
+    if section.impl == "explicit":
+        for key, off in REGULARISERS.items():
+            if getattr(section, key, off) != off:
+                raise ConfigError(f"{prefix}.{key}", f"applies to fused layers ({prefix}.impl: fused); explicit "
+                                                     f"cells have {prefix}.recurrent_dropout")
+    if section.impl == "fused":
+        for key, off in RECURRENT_EXTRAS.items():
+            if getattr(section, key) != off:
+                raise ConfigError(f"{prefix}.{key}", f"needs {prefix}.impl: explicit "
+                                                     f"(torch.nn's fused kernels cannot do it)")
+    if section.residual and getattr(section, "num_layers", 1) < 2:
+        raise ConfigError(f"{prefix}.residual", f"connects stacked layers; needs {prefix}.num_layers >= 2")
+
+
+def recurrent_options(section: RecurrentConfig) -> dict[str, Any]:
+    """The keyword arguments ``make_rnn`` takes besides sizes (all but ``cell``)."""
+    return {"impl": section.impl, **{k: getattr(section, k) for k in RECURRENT_EXTRAS},
+            **{k: getattr(section, k) for k in REGULARISERS if hasattr(section, k)}}
+
+
+@dataclass
+class TeacherForcingConfig:
+    """The probability of feeding the gold previous token (sequence-to-sequence tasks)."""
+
+    schedule: Literal["constant", "linear", "exponential", "inverse_sigmoid"] = "constant"
+    """How the probability of feeding the gold previous token (translation) or segment (forecast decoder) moves from `start` to `end`: `constant` keeps `start`; the others are scheduled sampling's decays."""
+    start: float = num(1.0, 0, 1)
+    """The probability at step 0."""
+    end: float = num(0.0, 0, 1)
+    """The probability the decay ends at."""
+    steps: int = num(10000, 1)
+    """The decay's length in training steps."""
+
+
+@dataclass
+class TrainConfig:
+    """The shared training loop's settings (the same for every task)."""
+
+    device: str = field(default="auto", metadata={"pattern": DEVICE_PATTERN})
+    """`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:N` or `mps`."""
+    max_steps: int = num(1000, 1)
+    """Stop after this many optimizer steps."""
+    max_time: Optional[float] = num(None, 0, lo_open=True)
+    """Stop after this many seconds of training; whichever of this and `max_steps` comes first."""
+    batch_size: int = num(32, 1)
+    """Sentences (or sequences) per training batch; for `lm`, the parallel streams the corpus is laid out in."""
+    eval_batch_size: int = num(32, 1)
+    """The same for evaluation."""
+    optimizer: Literal["sgd", "adam", "adamw", "nt_asgd"] = "adam"
+    """`sgd` (with `momentum`), `adam`, `adamw` (`betas`, `weight_decay`), or `nt_asgd`: AWD-LSTM's non-monotonically triggered averaged SGD."""
+    nt_asgd_patience: int = num(5, 1)
+    """`nt_asgd`: start averaging once the metric is worse than the best of the evaluations before the last this many."""
+    lr: float = num(0.002, 0, lo_open=True)
+    """The learning rate (the peak one under a schedule)."""
+    momentum: float = num(0.0, 0, 1)
+    """`sgd`'s momentum."""
+    weight_decay: float = num(0.0, 0)
+    """L2 penalty (`adamw`: decoupled weight decay)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam's two moment decays, each in [0, 1)."""
+    lr_schedule: Literal["constant", "step", "plateau", "cosine", "slanted_triangular"] = "constant"
+    """`constant`; `step` (times `lr_gamma` every `lr_step_size` steps); `plateau` (times `lr_gamma` after `lr_patience` evaluations without improvement); `cosine` (to `min_lr` at `max_steps`); `slanted_triangular` (ULMFiT's short rise and long fall)."""
+    warmup_steps: int = num(0, 0)
+    """Steps of linear warm-up before the schedule."""
+    lr_step_size: int = num(1000, 1)
+    """`step`: steps between decays."""
+    lr_gamma: float = num(0.5, 0, 1, lo_open=True)
+    """`step` and `plateau`: the factor each decay multiplies the learning rate by."""
+    lr_patience: int = num(2, 0)
+    """`plateau`: evaluations without improvement before a decay."""
+    min_lr: float = num(0.0, 0)
+    """The floor of `cosine` and `plateau`."""
+    clip_grad_norm: Optional[float] = num(5.0, 0, lo_open=True)
+    """Clip the global gradient norm to this (logged as `grad_norm`); null turns clipping off."""
+    log_every: int = num(50, 1)
+    """Steps between log records in `metrics.jsonl`."""
+    eval_every: int = num(500, 1)
+    """Steps between evaluations (each also writes `last.pt`, and `best.pt` when the metric improves)."""
+    metric: str = "valid_loss"
+    """What `best.pt` and early stopping follow; each task lists the metrics it reports."""
+    metric_mode: Literal["min", "max"] = "min"
+    """Whether a lower or a higher `metric` is better."""
+    early_stopping: Optional[int] = num(None, 1)
+    """Stop after this many evaluations without improvement; null: never."""
+    num_threads: Optional[int] = num(None, 1)
+    """CPU threads for torch; null: torch's default."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """`bf16`: autocast for the matrix products with fp32 master weights (CPU and CUDA); `fp16`: the same with loss scaling (CUDA)."""
+    gradient_flow_every: Optional[int] = num(None, 1)
+    """Every this many steps, write the gradient-flow summary (decay per step, gradient norm at the loss and farthest back) into `metrics.jsonl`."""
+    keep_checkpoints: int = num(0, 0)
+    """Also keep `step{N}.pt` of the last this many evaluations (for `rnnkit average`)."""
+    ema_decay: Optional[float] = num(None, 0, 1, lo_open=True, hi_open=True)
+    """Evaluate and save an exponential moving average of the weights (0.999: about the last 1,000 steps); `last.pt` keeps the raw weights beside it. Not with `nt_asgd`."""
+    tensorboard: bool = False
+    """Also write every logged value as TensorBoard scalars in `run_dir/tensorboard`."""
+    max_nonfinite: int = num(10, 1)
+    """Non-finite losses or gradients in a row (each skips its update) before training stops."""
+    stop_grace: float = num(60.0, 0, lo_open=True)
+    """Seconds from Ctrl-C or SIGTERM to exit; `last.pt` is saved if that fits."""
+    layer_lr_decay: Optional[float] = num(None, 0, 1, lo_open=True)
+    """Discriminative fine-tuning: each layer down gets the learning rate of the one above times this (ULMFiT: 1/2.6)."""
+    unfreeze_every: Optional[int] = num(None, 1)
+    """Gradual unfreezing: train the top layer group first and one more every this many steps."""
+    ar: float = num(0.0, 0)
+    """Activation regularisation: `ar * mean(h_t^2)` of the top layer's dropped-out output, added to the loss for the gradient (task `lm`)."""
+    tar: float = num(0.0, 0)
+    """Temporal activation regularisation: `tar * mean((h_t - h_(t-1))^2)` of the top layer before dropout (task `lm`)."""
+    teacher_forcing: TeacherForcingConfig = field(default_factory=TeacherForcingConfig)
+    """Scheduled sampling for the sequence decoders (translation, the forecast decoder)."""
+
+
+@dataclass
+class Config:
+    """A whole run: task, where it writes, seed, and the task's data/model plus training."""
+
+    task: str = "lm"
+    """What to train: `lm`, `translation`, `tagging`, `classification`, `forecast`, or the memory lab's `adding` and `copy`."""
+    run_dir: str = "runs/default"
+    """Where the config, metrics and checkpoints go."""
+    seed: int = num(1234, 0)
+    """Seeds model initialisation, dropout and batch order."""
+    data: Any = None
+    """The task's data section."""
+    model: Any = None
+    """The task's model section."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The training loop (the same for every task)."""
+
+
+def require_file(key: str, value: str | None) -> None:
+    """A data path that must exist (used by tasks' ``check_config``)."""
+    if value is None:
+        raise ConfigError(key, "is required (a path to a text file)")
+    p = Path(value)
+    if not p.is_file():
+        raise ConfigError(key, f"file not found: {value!r}")
+
+
+def check_metric(cfg: Config, metrics: tuple[str, ...]) -> None:
+    """``train.metric`` must be one the task reports."""
+    if cfg.train.metric not in metrics:
+        raise ConfigError("train.metric", f"expected one of {', '.join(metrics)} for task '{cfg.task}', "
+                                          f"got {cfg.train.metric!r}")

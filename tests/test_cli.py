@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from rnnkit.cli import app
@@ -80,11 +81,25 @@ def test_eval_table_and_missing_data(trained, tmp_path):
     assert missing.exit_code == 2 and "file not found" in missing.output
 
 
+def _tiny_checkpoint_bytes(tmp_path) -> bytes:
+    from rnnkit.training.checkpoint import save_checkpoint
+
+    path = tmp_path / "whole.pt"
+    save_checkpoint({"config": {"task": "lm"}, "model": {"w": torch.zeros(64, 64)}, "task": {}}, path)
+    return path.read_bytes()
+
+
 def test_broken_checkpoint_is_a_clear_error(tmp_path):
     bad = tmp_path / "broken.pt"
     bad.write_bytes(b"not a checkpoint at all")
     result = runner.invoke(app, ["generate", str(bad)])
     assert result.exit_code == 2 and "not a readable rnnkit checkpoint" in result.output
+    assert "not a PyTorch checkpoint file" in result.output and "torch" not in result.output.replace("PyTorch", "")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((trained_checkpoint_bytes := _tiny_checkpoint_bytes(tmp_path))[: len(trained_checkpoint_bytes) // 2])
+    cut = runner.invoke(app, ["info", str(truncated)])
+    assert cut.exit_code == 2 and "not a readable rnnkit checkpoint" in cut.output
+    assert len(cut.output.strip().splitlines()) == 1 and "Weights only" not in cut.output
     gone = runner.invoke(app, ["eval", str(tmp_path / "none.pt"), "--data", str(SAMPLE_TEXT)])
     assert gone.exit_code == 2 and "checkpoint not found" in gone.output
 

@@ -284,6 +284,29 @@ def test_names_and_bad_checkpoints_are_one_line_errors(tmp_path):
     assert result.exit_code == 2 and "missing.pt" in result.output
 
 
+def test_a_port_in_use_is_one_line_before_any_model_loads(checkpoints):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = runner.invoke(cli_app, ["serve", str(checkpoints["en_fr"]), "--port", str(port)])
+    assert result.exit_code == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in result.output and "another server" in result.output
+    assert "loaded" not in result.output and "Errno" not in result.output
+
+
+@pytest.mark.parametrize("route, body, task, right", [
+    ("generate", {"lines": ["a"]}, "translation", "translate"),
+    ("translate", {"length": 5}, "lm", "generate"),
+    ("predict", {"lines": ["a"], "beam": 2}, "translation", "translate"),
+])
+def test_a_route_the_model_lacks_names_its_task_and_route(client, route, body, task, right):
+    name = "en_fr" if task == "translation" else "chars"
+    r = client.post(f"/v1/{name}/{route}", json=body)
+    assert r.status_code == 404, r.text
+    assert r.json()["error"] == f"model '{name}' is a {task} model: it has no /{route}; use /v1/{name}/{right}"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -312,18 +335,23 @@ def test_sigterm_answers_every_accepted_request_then_exits(checkpoints):
                 time.sleep(0.1)
         else:
             pytest.fail("the server did not start: " + proc.stdout.read())
-        lines = SENTENCES[:4]
-        expected = [t["text"] for t in _post(base + "/v1/en_fr/translate", {"lines": lines, "beam": 3})["translations"]]
+        lines = SENTENCES * 8          # 64 sentences a request, beam 5: each request takes a while
+        expected = [t["text"] for t in _post(base + "/v1/en_fr/translate", {"lines": lines, "beam": 5})["translations"]]
 
         def ask(i: int):
-            return _post(base + "/v1/en_fr/translate", {"lines": lines, "beam": 3})
+            return _post(base + "/v1/en_fr/translate", {"lines": lines, "beam": 5}), time.perf_counter()
 
         with ThreadPoolExecutor(8) as pool:
             pending = [pool.submit(ask, i) for i in range(8)]
-            time.sleep(0.3)                  # accepted and queued behind one another
+            time.sleep(0.5)                  # accepted and queued behind one another
+            unanswered = sum(not p.done() for p in pending)
+            signalled = time.perf_counter()
             proc.send_signal(signal.SIGTERM)
             answers = [p.result(timeout=120) for p in pending]
-        assert all([t["text"] for t in a["translations"]] == expected for a in answers)
+        # the signal went out while requests were still pending, and those were answered after it
+        assert unanswered >= 2, f"only {unanswered} requests were pending at SIGTERM; the test proves nothing"
+        assert sum(done > signalled for _, done in answers) >= 2
+        assert all([t["text"] for t in a["translations"]] == expected for a, _ in answers)
         assert proc.wait(timeout=60) in (0, -signal.SIGTERM)    # uvicorn ends as SIGTERM would, once drained
         with pytest.raises((urllib.error.URLError, ConnectionError)):
             urllib.request.urlopen(base + "/health", timeout=2)

@@ -49,8 +49,9 @@ def test_checkpoint_refuses_code_and_foreign_files(tmp_path):
             return (print, ("pwned",))
 
     torch.save({"format": "rnnkit-checkpoint-1", "x": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError, match="not a readable rnnkit checkpoint"):
+    with pytest.raises(CheckpointError, match="not a readable rnnkit checkpoint") as refused:
         load_checkpoint(tmp_path / "evil.pt")
+    assert "without running code" in str(refused.value) and "Weights only" not in str(refused.value)
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not an rnnkit checkpoint"):
         load_checkpoint(tmp_path / "other.pt")

@@ -1,11 +1,14 @@
 """``rnnkit serve``: trained models over HTTP."""
 from __future__ import annotations
 
+import errno
+import socket
+
 from typing import List
 
 import typer
 
-from rnnkit.cli.common import (err_console, int8_option, note,
+from rnnkit.cli.common import (bad_option, err_console, int8_option, note,
                                precision_option, user_errors)
 
 
@@ -39,6 +42,7 @@ def serve(
     Then:     curl -s localhost:8000/v1/en_fr/translate -d '{"lines": ["a man is riding a bike ."], "beam": 5}'
     """
     with user_errors():
+        check_port_free(host, port)     # before minutes of loading, not after
         import uvicorn
 
         import rnnkit
@@ -67,3 +71,19 @@ def serve(
         app_ = build_app(models, limits, on_shutdown=stopped)
     err_console.print(f"serving on http://{host}:{port} (docs: /docs, try it: /)")
     uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """One line and exit 2 when the address cannot be listened on (a server already there)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as err:
+        bad_option(f"--host {host}: {err.strerror}")
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)    # as uvicorn does: a closed server's port is free
+        try:
+            probe.bind(address)
+        except OSError as err:
+            hint = "; another server is listening there: stop it or choose another --port" \
+                if err.errno == errno.EADDRINUSE else ""
+            bad_option(f"cannot listen on {host}:{port}: {err.strerror}{hint}")

@@ -43,6 +43,8 @@ from rnnkit.serve.errors import Busy, ModelProcessError, RequestError
 from rnnkit.training.checkpoint import CheckpointError
 
 PAGE = Path(__file__).with_name("serve_page.html")
+ROUTES = {"translate": ("translation",), "generate": ("lm",), "predict": ("tagging", "classification"),
+          "forecast": ("forecast",)}     # each model route and the tasks that answer it
 
 
 class _Body(BaseModel):
@@ -122,7 +124,7 @@ class Served:
         return self.model.stream(beam, n_best, alpha, replace_unk, capacity=self.limits.max_batch)
 
     async def translate(self, req: TranslateRequest) -> dict[str, Any]:
-        self._expect("translation", "translate")
+        self.check_route("translate")
         _check_lines(req.lines, self.limits)
         if req.n_best > req.beam:
             raise RequestError(f"n_best ({req.n_best}) cannot exceed beam ({req.beam})")
@@ -136,7 +138,7 @@ class Served:
         return {"translations": [_translation(t, req.attention) for t in results]}
 
     async def predict(self, req: PredictRequest) -> dict[str, Any]:
-        self._expect(("tagging", "classification"), "predict")
+        self.check_route("predict")
         _check_lines(req.lines, self.limits)
         results = await self.batcher.submit(("predict",), list(req.lines))
         if self.model.kind == "tagging":
@@ -144,7 +146,7 @@ class Served:
         return {"predictions": results}
 
     async def generate(self, req: GenerateRequest) -> dict[str, Any]:
-        self._expect("lm", "generate")
+        self.check_route("generate")
         if req.length > self.limits.max_length:
             raise RequestError(f"length {req.length}; at most {self.limits.max_length} (--max-length)", 413)
         if len(req.prime.split()) > self.limits.max_tokens * 10:
@@ -155,7 +157,7 @@ class Served:
         return {"text": text}
 
     async def forecast(self, req: ForecastRequest) -> dict[str, Any]:
-        self._expect("forecast", "forecast")
+        self.check_route("forecast")
 
         def call() -> list:
             with tempfile.TemporaryDirectory() as tmp:
@@ -169,12 +171,10 @@ class Served:
         [rows] = await self.batcher.submit(("solo", next(self._solo)), [call])
         return {"forecasts": rows}
 
-    def _expect(self, kinds: str | tuple[str, ...], route: str) -> None:
-        kinds = (kinds,) if isinstance(kinds, str) else kinds
-        if self.model.kind not in kinds:
-            routes = {"translation": "translate", "lm": "generate", "tagging": "predict",
-                      "classification": "predict", "forecast": "forecast"}
-            hint = routes.get(self.model.kind)
+    def check_route(self, route: str) -> None:
+        """A model answers only its task's route; any other gets a 404 that names the right one."""
+        if self.model.kind not in ROUTES[route]:
+            hint = next((r for r, k in ROUTES.items() if self.model.kind in k), None)
             raise RequestError(f"model '{self.name}' is a {self.model.kind} model: it has no /{route}"
                                + (f"; use /v1/{self.name}/{hint}" if hint else ""), 404)
 
@@ -279,6 +279,13 @@ def build_app(models: dict[str, Model], limits: Limits = Limits(),
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # a body meant for another route fails validation first: name the model's task and route instead
+        parts = request.url.path.strip("/").split("/")
+        if len(parts) == 3 and parts[0] == "v1" and parts[2] in ROUTES:
+            try:
+                get(parts[1]).check_route(parts[2])
+            except RequestError as err:
+                return _error(err.status, str(err))
         return _error(*_one_line(exc))
 
     @app.exception_handler(HTTPException)

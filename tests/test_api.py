@@ -6,6 +6,7 @@ import io
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import rnnkit
@@ -44,8 +45,33 @@ def test_translator_matches_the_command(tmp_path):
     printed = cli("translate", str(ckpt), "--beam", "3", "--n-best", "2", stdin="\n".join(lines) + "\n")
     assert "".join(" ||| ".join(h) + "\n" for h in nbest) == printed
     assert m.translate("the dog") == m.translate(["the dog"])
+    # computed apart from the decoder: greedy output is the argmax at every step of a teacher-forced
+    # pass over it, and each hypothesis's score is its log-probability under that pass
+    task = m.task
+    for line in lines:
+        if not line:
+            continue
+        for beam in (1, 3):
+            hyp = m.translations([line], beam=beam)[0]
+            ids, logp = _teacher_forced(task, line, hyp.tgt_tokens)
+            if beam == 1:
+                assert logp[: len(ids)].argmax(-1).tolist() == ids
+            gold = ids + [task.eos]
+            with_eos = sum(logp[i, g].item() for i, g in enumerate(gold))
+            assert hyp.score == pytest.approx(with_eos, abs=1e-3) or \
+                hyp.score == pytest.approx(with_eos - logp[len(ids), task.eos].item(), abs=1e-3)   # cut at the cap
     with pytest.raises(ConfigError, match="cannot exceed"):
         m.translate(lines, beam=1, n_best=2)
+
+
+def _teacher_forced(task, line: str, tokens: list[str]) -> tuple[list[int], torch.Tensor]:
+    """Target ids of ``tokens`` and the model's log-probabilities (T + 1, V) for them given ``line``."""
+    src = task.src_tok.vocab.encode(task.src_tok.split(line))
+    ids = task.tgt_tok.vocab.encode(tokens)
+    task.model.eval()
+    with torch.no_grad():
+        logits = task.model(torch.tensor([src]), torch.tensor([len(src)]), torch.tensor([[task.bos] + ids]))
+    return ids, logits.log_softmax(-1)[0]
 
 
 def test_language_model_matches_the_command(lm_checkpoint, tmp_path):
@@ -56,6 +82,21 @@ def test_language_model_matches_the_command(lm_checkpoint, tmp_path):
     sample.write_text("The harbour was quiet in the morning.\n" * 20, encoding="utf-8")
     printed = json.loads(cli("eval", str(lm_checkpoint), "--data", str(sample), "--json"))
     assert m.score(sample.read_text(encoding="utf-8")) == printed
+    # computed apart from the scorer: one forward pass over the text as one stream
+    task = m.task
+    task.model.eval()
+    ids = task.encode(sample.read_text(encoding="utf-8"))
+    with torch.no_grad():
+        logp = task.model.log_probs(task.model.features(torch.tensor([ids[:-1]])).output)[0]
+    nll = -logp.gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).mean().item()
+    one = json.loads(cli("eval", str(lm_checkpoint), "--data", str(sample), "--streams", "1", "--json"))
+    assert one["loss"] == pytest.approx(nll, rel=1e-5)
+    # and sampling from the single likeliest token is the argmax chain of a forward pass over it
+    greedy = cli("generate", str(lm_checkpoint), "--prime", "The", "--length", "30", "--top-k", "1")
+    chain = task.encode(greedy.rstrip("\n"))
+    with torch.no_grad():
+        best = task.model.log_probs(task.model.features(torch.tensor([chain[:-1]])).output)[0].argmax(-1)
+    assert len(chain) == 33 and best[2:].tolist() == chain[3:]
     with pytest.raises(ConfigError, match="temperature"):
         m.generate("x", 3, temperature=0)
 
@@ -92,11 +133,31 @@ def test_tagger_and_classifier_match_the_command(tmp_path):
     from rnnkit.tasks.classification import format_prediction
 
     assert "".join(format_prediction(d, True, True) + "\n" for d in got) == printed
+    task = cls.task
+    task.model.eval()
+    for line, d in zip(lines, got):       # computed apart: the model on the sentence's word ids alone
+        if not line:
+            continue
+        words = torch.tensor([task.words.encode(line.split())])
+        with torch.no_grad():
+            scores, weights = task.model(words, torch.tensor([words.size(1)]))
+        probs = scores.softmax(-1)[0]
+        assert d["probabilities"] == pytest.approx(dict(zip(task.labels, probs.tolist())), abs=1e-5)
+        assert d["label"] == task.labels[int(probs.argmax())]
+        assert [w for _, w in d["attention"]] == pytest.approx(weights[0].tolist(), abs=1e-5)
     assert cls.score(labels) == json.loads(cli("eval", str(tmp_path / "cls" / "best.pt"), "--data", str(labels),
                                                "--json"))
     tagger = rnnkit.load(tmp_path / "tag" / "best.pt")
     printed = cli("predict", str(tmp_path / "tag" / "best.pt"), stdin=stdin)
     assert "".join(" ".join(t) + "\n" for t in tagger.predict(lines)) == printed
+    tagger.task.model.eval()
+    for line, tags_out in zip(lines, tagger.predict(lines)):    # a softmax tagger: each word's argmax
+        if not line:
+            continue
+        batch = tagger.task.collate([tagger.task.encode(line.split())])
+        with torch.no_grad():
+            scores = tagger.task.model(batch["words"], batch["lengths"], batch["chars"])
+        assert tags_out == [tagger.task.tags[int(i)] for i in scores[0].argmax(-1)]
     assert tagger.score(tags) == json.loads(cli("eval", str(tmp_path / "tag" / "best.pt"), "--data", str(tags),
                                                 "--json"))
     with pytest.raises(DataError, match="file not found"):

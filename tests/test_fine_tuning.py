@@ -63,7 +63,8 @@ def test_slanted_triangular_schedule():
 def test_resume_is_exact_with_every_fine_tuning_control(tmp_path):
     train = {"layer_lr_decay": 0.4, "unfreeze_every": 2, "lr_schedule": "slanted_triangular", "max_steps": 12,
              "eval_every": 3}
-    _trainer(tmp_path, "full", train=train).fit()
+    full = _trainer(tmp_path, "full", train=train)
+    full.fit()
     part = _trainer(tmp_path, "part", train=train)
     step = part._step
 
@@ -76,13 +77,22 @@ def test_resume_is_exact_with_every_fine_tuning_control(tmp_path):
     part._step = stop_after_six
     part.fit()
     assert part.progress.step == 6
-    _trainer(tmp_path, "part", resume=True, train=train).fit()
+    resumed = _trainer(tmp_path, "part", resume=True, train=train)
+    resumed.fit()
     losses = {}
     for name in ("full", "part"):
         rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         losses[name] = [(r["step"], r["loss"], r["lr"]) for r in rows if r["kind"] == "train"]
     assert [s for s, _, _ in losses["full"]] == list(range(1, 13)) == [s for s, _, _ in losses["part"]]
     assert [x for _, x, _ in losses["full"]] == pytest.approx([x for _, x, _ in losses["part"]], rel=1e-5)
+    lrs = [lr for _, _, lr in losses["full"]]
+    assert len(set(lrs)) > 4                      # the slanted triangle moves the rate every step
+    assert lrs == pytest.approx([lr for _, _, lr in losses["part"]], rel=1e-9)
+    groups = [[g["lr"] for g in t.optimizer.param_groups] for t in (full, resumed)]
+    assert len(groups[0]) > 2 and len(set(groups[0])) > 2      # one rate per layer group, decayed downwards
+    assert groups[0] == pytest.approx(groups[1], rel=1e-9)
+    trainable = [[p.requires_grad for p in t.task.model.parameters()] for t in (full, resumed)]
+    assert trainable[0] == trainable[1]           # the same layers unfrozen at the end
 
 
 def test_a_model_without_layers_is_a_clear_error(tmp_path):

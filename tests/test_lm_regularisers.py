@@ -2,6 +2,7 @@
 NT-ASGD, variable BPTT windows, the continuous cache and backward LMs."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -17,7 +18,7 @@ from rnnkit.models.rnn import RegularisedLSTM, make_rnn
 from rnnkit.runs import load_task, prepare_trainer
 from rnnkit.training.checkpoint import load_checkpoint
 from rnnkit.training.optim import Averager
-from tests.conftest import SAMPLE_TEXT, tiny_lm_config, write_yaml
+from tests.conftest import tiny_lm_config, write_yaml
 
 
 def _config(tmp_path, name="run", overrides=(), **sections):
@@ -162,18 +163,38 @@ def test_tied_adaptive_softmax_is_its_own_input_layer():
 
 # --------------------------------------------------------------------------- AR/TAR, windows
 def test_activation_regularisers_add_a_penalty_to_the_gradient_not_the_loss(tmp_path):
-    cfg = _config(tmp_path, train={"ar": 2.0, "tar": 1.0})
-    task = prepare_trainer(cfg).task
-    window = task.train_batches(0)[0]
-    torch.manual_seed(0)
-    out = task.train_step(window, 0, 0)
-    assert out.penalty is not None and out.penalty.item() > 0
-    plain = _config(tmp_path, "plain")
-    task2 = prepare_trainer(plain).task
-    task2.model.load_state_dict(task.model.state_dict())
-    torch.manual_seed(0)
-    base = task2.train_step(window, 0, 0)
-    assert base.penalty is None and base.loss.item() == pytest.approx(out.loss.item())
+    """One SGD step of the Trainer with AR/TAR and one without, from the same weights on the same
+    window: their updates differ by exactly lr times the gradient of the penalty's formula, and
+    the logged loss is the same."""
+    lr, ar, tar = 0.5, 2.0, 1.0
+    train = {"optimizer": "sgd", "lr": lr, "clip_grad_norm": None, "max_steps": 1, "log_every": 1}
+    runs = {}
+    for name, extra in (("plain", {}), ("regularised", {"ar": ar, "tar": tar})):
+        trainer = prepare_trainer(_config(tmp_path, name, train={**train, **extra}))
+        start = {k: v.clone() for k, v in trainer.task.model.state_dict().items()}
+        window = trainer.task.train_batches(0)[0]
+        x, _ = trainer.task._window(trainer.task.train_stream, *window)
+        trainer.fit()
+        logged = next(r for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+                      if r["kind"] == "train")
+        runs[name] = (start, x, trainer.task.model.state_dict(), logged["loss"])
+    start, x, plain_end, plain_loss = runs["plain"]
+    start2, x2, reg_end, reg_loss = runs["regularised"]
+    assert all(torch.equal(start[k], start2[k]) for k in start) and torch.equal(x, x2)
+    assert reg_loss == pytest.approx(plain_loss, rel=1e-6)          # the penalty is not in the logged loss
+
+    model = RNNLanguageModel(len(load_task(tmp_path / "plain" / "last.pt").vocab), "lstm", 16, 32, 1, 0.0, False)
+    model.load_state_dict(start)
+    h = model.rnn(model.embed(x))[0]           # the top layer's output from a zero state (dropout 0)
+    penalty = ar * h.pow(2).mean() + tar * (h[:, 1:] - h[:, :-1]).pow(2).mean()
+    names = [n for n, _ in model.named_parameters()]
+    grads = dict(zip(names, torch.autograd.grad(penalty, list(model.parameters()), allow_unused=True)))
+    moved = 0
+    for n in names:
+        expected = -lr * (grads[n] if grads[n] is not None else torch.zeros_like(start[n]))
+        assert torch.allclose(reg_end[n] - plain_end[n], expected, atol=2e-6), n
+        moved += int(grads[n] is not None and grads[n].abs().max() > 1e-4)
+    assert moved >= 3          # the recurrent and embedding weights all felt it
     with pytest.raises(ConfigError, match="train.ar"):
         load_config(write_yaml(tmp_path / "c.yaml", {"task": "copy", "train": {"ar": 1.0}}))
 
@@ -335,17 +356,23 @@ def test_cache_matches_its_definition_and_lowers_perplexity_on_repeated_text(tmp
     task = load_task(tmp_path / "run" / "best.pt")
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
+    # three streams of 329 positions: past the 128-position chunks the cache is computed in, with a
+    # history (150) that reaches back across a chunk boundary; each stream has its own cache
+    rows = []
+    for _ in range(3):
+        words = [task.vocab.itos[i] for i in rng.integers(2, len(task.vocab), 10)]
+        rows.append(task.encode((" ".join(words) + "\n") * 30))
+    plain, cached, n = task.cache_loss(torch.tensor(rows), size=150, theta=1.0, lam=0.3)
+    naive = [_naive_cache(task, ids, 150, 1.0, 0.3) for ids in rows]
+    assert n == 3 * 329 and all(len(r) == 330 for r in rows)
+    assert plain == pytest.approx(np.mean([p for p, _ in naive]), rel=1e-4)
+    assert cached == pytest.approx(np.mean([c for _, c in naive]), rel=1e-4)
     words = [task.vocab.itos[i] for i in rng.integers(2, len(task.vocab), 15)]
     text = (" ".join(words) + "\n") * 6                                # a text that repeats itself
-    ids = task.encode(text)
-    stream = torch.tensor([ids])
-    plain, cached, n = task.cache_loss(stream, size=30, theta=1.0, lam=0.3)
-    ref_plain, ref_cached = _naive_cache(task, ids, 30, 1.0, 0.3)
-    assert n == len(ids) - 1
-    assert plain == pytest.approx(ref_plain, rel=1e-4) and cached == pytest.approx(ref_cached, rel=1e-4)
+    one, _, _ = task.cache_loss(torch.tensor([task.encode(text)]), size=30, theta=1.0, lam=0.3)
     result = task.evaluate_text(text, rows=1, cache=30, theta=1.0, lam=0.3)
     assert result["cache_ppl"] < 0.7 * result["ppl"]
-    assert result["ppl"] == pytest.approx(math.exp(plain), rel=1e-5)
+    assert result["ppl"] == pytest.approx(math.exp(one), rel=1e-5)
 
 
 # --------------------------------------------------------------------------- backward LM

@@ -3,7 +3,6 @@ configs, the reference's descriptions, and `--help` that reads whole at any widt
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 

@@ -16,22 +16,19 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from fastapi.encoders import jsonable_encoder
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
-pytest.importorskip("fastapi", reason="rnnkit serve needs fastapi (a dependency; absent only on bare GPU images)")
-
-from fastapi.encoders import jsonable_encoder  # noqa: E402
-from fastapi.testclient import TestClient  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
-
-import rnnkit  # noqa: E402
-from rnnkit.cli import app as cli_app  # noqa: E402
-from rnnkit.serve import Batcher, Busy, Limits, build_app, model_names  # noqa: E402
-from rnnkit.serve import ModelProcess  # noqa: E402
-from tests.conftest import ROOT, tiny_lm_config, write_yaml  # noqa: E402
-from tests.test_api import _labelled_files  # noqa: E402
-from tests.test_forecast import seasonal_series, write_csv  # noqa: E402
-from tests.test_forecast import train as train_forecaster  # noqa: E402
-from tests.test_translation_task import train as train_translator  # noqa: E402
+import rnnkit
+from rnnkit.cli import app as cli_app
+from rnnkit.serve import Batcher, Busy, Limits, build_app, model_names
+from rnnkit.serve import ModelProcess
+from tests.conftest import ROOT, tiny_lm_config, write_yaml
+from tests.test_api import _labelled_files
+from tests.test_forecast import seasonal_series, write_csv
+from tests.test_forecast import train as train_forecaster
+from tests.test_translation_task import train as train_translator
 
 runner = CliRunner()
 SENTENCES = ["the cat sees the dog", "a small bird sings", "the dog", "a man is riding a bike",

@@ -1,6 +1,7 @@
 """Run the benchmark suite and print one table of the ratios each part measured.
 
     python -m bench            (or: make bench)
+    python -m bench --quick    (each part at its --quick size, the peers left out: checks the plumbing)
 
 Each part runs as its own process, rnnkit and its baseline one after the other inside it.
 """
@@ -27,11 +28,19 @@ PARTS = [
 ]
 
 
+NEEDS_PEERS = {"peers.py"}      # the peer toolkits, installed by ../shared/bench/peers
+
+
 def main() -> int:
+    quick = "--quick" in sys.argv[1:]
     outputs: dict[str, str] = {}
     for script in dict.fromkeys(p[1] for p in PARTS):
         print(f"== {script}", flush=True)
-        res = subprocess.run([sys.executable, str(HERE / script)], capture_output=True, text=True, cwd=HERE.parent)
+        if quick and script in NEEDS_PEERS:
+            print(f"{script}: skipped under --quick (it installs and trains the peer toolkits)")
+            continue
+        cmd = [sys.executable, str(HERE / script), *(["--quick"] if quick else [])]
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
         outputs[script] = res.stdout
         print(res.stdout, end="", flush=True)
         if res.returncode != 0:

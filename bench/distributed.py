@@ -24,9 +24,13 @@ sys.path.insert(0, str(ROOT))
 from bench.machine import describe  # noqa: E402
 
 
-def run(procs: int, config: str, steps: int, run_dir: Path, threads: int) -> float:
+QUICK = ["model.hidden_size=32", "model.embedding_dim=16", "train.batch_size=8", "data.bptt=16"]
+
+
+def run(procs: int, config: str, steps: int, run_dir: Path, threads: int, extra: list[str] = ()) -> float:
+    log_every = max(1, min(10, steps // 4))
     overrides = [f"run_dir={run_dir}", f"train.max_steps={steps}", f"train.eval_every={steps}",
-                 "train.log_every=10", "train.max_time=null", f"train.num_threads={threads}"]
+                 f"train.log_every={log_every}", "train.max_time=null", f"train.num_threads={threads}", *extra]
     sets = [x for o in overrides for x in ("--set", o)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
            "-m", "rnnkit", "train", config, *sets]
@@ -43,15 +47,19 @@ def main() -> int:
     ap.add_argument("--procs", type=int, default=2)
     ap.add_argument("--config", default="configs/char_lm.yaml")
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--quick", action="store_true", help="a small model, 12 steps: checks that it runs")
     args = ap.parse_args()
+    extra = QUICK if args.quick else []
+    if args.quick:
+        args.steps = 12
     import torch
 
     cores = os.cpu_count() or 1
     gpus = torch.cuda.device_count()
     with tempfile.TemporaryDirectory() as tmp:
-        one = run(1, args.config, args.steps, Path(tmp) / "one", cores if not gpus else 1)
+        one = run(1, args.config, args.steps, Path(tmp) / "one", cores if not gpus else 1, extra)
         many = run(args.procs, args.config, args.steps, Path(tmp) / "many",
-                   max(1, cores // args.procs) if not gpus else 1)
+                   max(1, cores // args.procs) if not gpus else 1, extra)
     print(describe(torch.device("cuda" if gpus else "cpu")))
     print(f"{args.config}, {args.steps} steps, global batch as configured; "
           f"{'GPUs: ' + str(gpus) if gpus else f'CPU, {cores} cores shared by the processes'}")

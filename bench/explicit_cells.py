@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.lm_throughput import BATCH, BPTT, CORPUS, rnnkit_loop  # noqa: E402
+from bench import lm_throughput  # noqa: E402
+from bench.lm_throughput import CORPUS, rnnkit_loop  # noqa: E402
 from bench.machine import describe  # noqa: E402
 
 VARIANTS = {
@@ -35,7 +36,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--cell", default="lstm", choices=["lstm", "gru", "rnn_tanh"])
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--quick", action="store_true", help="a small model, one short round: checks that it runs")
     args = ap.parse_args()
+    extra = lm_throughput.use_quick_shapes() if args.quick else []
+    if args.quick:
+        args.steps, args.warmup, args.rounds = 2, 1, 1
     if not CORPUS.exists():
         print(f"skipped: {CORPUS} is absent (the shared corpora are needed)")
         return 0
@@ -47,11 +52,12 @@ def main() -> int:
         for r in range(args.rounds):
             for name, overrides in VARIANTS.items():
                 run = Path(tmp) / f"r{r}-{name.replace(' ', '_')}"
-                tok_s = rnnkit_loop(device, args.warmup, args.steps, run, [f"model.cell={args.cell}", *overrides])
-                seconds[name].append(BATCH * BPTT / tok_s)
+                tok_s = rnnkit_loop(device, args.warmup, args.steps, run, [f"model.cell={args.cell}", *overrides, *extra])
+                seconds[name].append(lm_throughput.BATCH * lm_throughput.BPTT / tok_s)
                 print(f"round {r + 1}: {name}: {seconds[name][-1]:.3f} s/step", file=sys.stderr)
     print(describe(device))
-    print(f"{args.cell} character LM, 2x512, batch {BATCH}, bptt {BPTT}; best of {args.rounds} rounds "
+    shape = f"2x{lm_throughput.HIDDEN}, batch {lm_throughput.BATCH}, bptt {lm_throughput.BPTT}"
+    print(f"{args.cell} character LM, {shape}; best of {args.rounds} rounds "
           f"of {args.steps} steps")
     fused = min(seconds["fused"])
     for name in VARIANTS:

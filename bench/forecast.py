@@ -52,7 +52,11 @@ def main() -> int:
     ap.add_argument("--horizons", type=int, nargs="+", default=[96, 192, 336, 720])
     ap.add_argument("--minutes", type=float, default=15.0, help="training time per horizon")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--quick", action="store_true", help="one horizon, a small model, 3 steps: checks that it runs")
     args = ap.parse_args()
+    if args.quick:
+        args.horizons = [96]
+        args.overrides += ["model.hidden_size=16", "train.max_steps=3", "train.eval_every=3"]
     if not DATA.is_file():
         print(f"skipped: {DATA} is absent")
         return 0

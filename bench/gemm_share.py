@@ -54,7 +54,10 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10, help="training steps profiled (after 3 warm-up steps)")
     ap.add_argument("--checkpoint", help="a trained translate_attention checkpoint, for the decoding part")
     ap.add_argument("--sentences", type=int, default=300, help="test_2016_flickr sentences decoded")
+    ap.add_argument("--quick", action="store_true", help="one short round on a few sentences: checks that it runs")
     args = ap.parse_args()
+    if args.quick:
+        args.steps, args.sentences = 1, 4
     if not DATA.exists():
         print(f"skipped: {DATA} is absent (the shared corpora are needed)")
         return 0

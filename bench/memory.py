@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import os
 import random
 import subprocess
@@ -108,6 +109,10 @@ def train(name: str, data: tuple[Path, Path], valid: tuple[Path, Path], steps: i
             "within_3pct_of_peak_at_s": first_at, "samples": samples[::8]}
 
 
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} MB"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=1000)
@@ -120,7 +125,11 @@ def main() -> int:
     ap.add_argument("--only-variable", action="store_true", help="leave the fixed-length run out")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--quick", action="store_true", help="5 steps on 200 short pairs: checks that it runs")
     args = ap.parse_args()
+    if args.quick:
+        args.steps, args.pairs, args.max_length = 5, 200, 12
+        args.out = Path(tempfile.mkdtemp())
     set_out(args.out)
     fixed = args.fixed_length or args.max_length
     OUT.mkdir(parents=True, exist_ok=True)
@@ -148,8 +157,8 @@ def main() -> int:
         lengths = f"fixed {fixed}" if r["name"].startswith("fixed") else f"uniform 1-{args.max_length}"
         env = ", ".join(f"{k}={v}" for k, v in r["env"].items())
         print(f"| {r['name']}{' (' + env + ')' if env else ''} | {lengths} | {r['peak_mb']:.0f} MB | "
-              f"{r['rss_first_quarter_mb']:.0f} MB | {r['within_3pct_of_peak_at_s']:.0f} of {r['wall_s']:.0f} | "
-              f"{r['tokens_per_s']:.0f} |")
+              f"{_mb(r['rss_first_quarter_mb'])} | {r['within_3pct_of_peak_at_s']:.0f} of {r['wall_s']:.0f} | "
+              f"{'-' if r['tokens_per_s'] is None else format(r['tokens_per_s'], '.0f')} |")
     if len(runs) > 1 and runs[1]["name"].startswith("fixed"):
         ratio = runs[0]["peak_mb"] / runs[1]["peak_mb"]
         print(f"\nvariable / fixed peak RSS: {ratio:.3f} (goal: within 15%, 0.87-1.15)")

@@ -45,18 +45,25 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--png", type=Path, default=ROOT / "bench" / "memory_lab.png")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--quick", action="store_true", help="3 steps each, no figure kept: checks that it runs")
     args = ap.parse_args()
+    settings, extra = SETTINGS, []
+    if args.quick:
+        args.steps = 3
+        args.png = Path(tempfile.mkdtemp()) / "memory_lab.png"
+        settings = [("adding", 20, "configs/adding.yaml"), ("copy", 10, "configs/copy.yaml")]
+        extra = ["model.hidden_size=16", "data.valid_size=32", "train.batch_size=8"]
     from rnnkit.plots import save_gradient_flow_panels
     from rnnkit.training.interface import resolve_device
 
     rows, panels = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        for task, length, config in SETTINGS:
+        for task, length, config in settings:
             setting = f"{task} T={length}"
             panels[setting] = {}
             for cell, overrides in CELLS.items():
                 run = Path(tmp) / f"{task}{length}-{cell.replace(' ', '_')}"
-                last, flow, seconds = train_one(config, length, overrides, args.steps, args.device, run)
+                last, flow, seconds = train_one(config, length, [*overrides, *extra], args.steps, args.device, run)
                 if task == "adding":
                     shown = f"MSE {last['valid_mse']:.4f} (baseline {last['valid_baseline_mse']:.4f})"
                 else:

@@ -232,7 +232,8 @@ def train_onmt(work: Path, steps: int, bin_: Path) -> tuple[int, float | None]:
 def train_rnnkit(run_dir: Path, steps: int, precision: str) -> dict:
     """configs/translate_attention.yaml for ``steps`` steps; one validation at the end (outside the timing)."""
     subprocess.call(["rm", "-rf", str(run_dir)])
-    sets = [f"run_dir={run_dir}", f"train.max_steps={steps}", "train.log_every=20", f"train.eval_every={steps}",
+    warm = min(20, steps // 2)      # steps before the timing starts (and the log interval)
+    sets = [f"run_dir={run_dir}", f"train.max_steps={steps}", f"train.log_every={warm}", f"train.eval_every={steps}",
             "train.max_time=null", "train.num_threads=2", "train.device=cpu", f"train.precision={precision}"]
     rc, rss, _ = timed([sys.executable, "-m", "rnnkit", "train", str(ROOT / "configs" / "translate_attention.yaml"),
                         *[x for s in sets for x in ("--set", s)]], run_dir.with_suffix(".log"), ROOT)
@@ -240,12 +241,12 @@ def train_rnnkit(run_dir: Path, steps: int, precision: str) -> dict:
         return {"error": f"rnnkit training failed (exit {rc}); see {run_dir.with_suffix('.log')}"}
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = {r["step"]: r for r in records if r["kind"] == "train"}
-    chosen = [s for s in rows if 20 < s <= steps]
+    chosen = [s for s in rows if warm < s <= steps]
     tokens = sum(rows[s]["tokens"] for s in chosen)
-    dt = rows[steps]["elapsed"] - rows[20]["elapsed"]
+    dt = rows[steps]["elapsed"] - rows[warm]["elapsed"]
     valid = [r for r in records if r["kind"] == "eval"][-1]["valid_loss"]
     before_eval = rows[steps].get("peak_rss_mb")      # the training's own peak, before the final validation
-    return {"s_per_step": dt / (steps - 20), "tokens_per_s": tokens / dt, "peak_gb": rss, "valid_loss": valid,
+    return {"s_per_step": dt / (steps - warm), "tokens_per_s": tokens / dt, "peak_gb": rss, "valid_loss": valid,
             "train_peak_gb": before_eval / 1000 if before_eval else None}
 
 

@@ -27,6 +27,7 @@ import signal
 import socket
 import statistics
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -319,7 +320,7 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--no-onmt", action="store_true", help="leave OpenNMT-py's onmt_server out")
     ap.add_argument("--out", type=Path, default=OUT / "serve")
-    ap.add_argument("--quick", action="store_true", help="100 sentences and few requests: checks the plumbing")
+    ap.add_argument("--quick", action="store_true", help="20 sentences and few requests: checks the plumbing")
     ap.add_argument("--onmt-only", action="store_true", help="only the onmt_server load (for checking it)")
     args = ap.parse_args()
     if not TEST.is_file():
@@ -328,7 +329,9 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     lines = TEST.read_text(encoding="utf-8").splitlines()
     if args.quick:
-        lines, args.requests, args.steps = lines[:100], 300, min(args.steps, 40)
+        lines, args.requests, args.steps, args.clients = lines[:20], 60, min(args.steps, 4), 8
+        args.out = Path(tempfile.mkdtemp())
+        args.out.mkdir(parents=True, exist_ok=True)
     n = len(lines)
     ckpt, onmt_model = train_models(args.steps, args.out, not args.no_onmt)
     rows: list[tuple[str, str]] = []

@@ -84,8 +84,8 @@ class Bench:
         else:
             seconds = 5 if self.quick else minutes * 60
             args = [f"run_dir={run}", f"train.max_time={seconds}", f"train.num_threads={self.threads}", *sets]
-            if self.quick:
-                args += ["train.eval_every=5", "train.log_every=5"]
+            if self.quick:     # a few steps of a small model: the plumbing, not a result
+                args += ["train.eval_every=2", "train.log_every=2", "train.max_steps=3", "train.warmup_steps=0"]
             start = time.perf_counter()
             cmd = [sys.executable, "-m", "rnnkit", "train", str(ROOT / config), *[x for s in args for x in ("--set", s)]]
             print("$ rnnkit train " + " ".join(cmd[4:]), flush=True)
@@ -214,6 +214,9 @@ def main() -> int:
     args.upos_features = args.upos_features or args.features
     args.sentiment_features = args.sentiment_features or args.features
     bench = Bench(args.out, args.quick, args.threads)
+    if args.quick:
+        global LM_SIZE
+        LM_SIZE = 32
     results: dict[str, dict] = {}
     wiki = [f"data.valid={WIKI / 'valid.txt'}", f"data.test={WIKI / 'test.txt'}"]
     text = pretraining_text(args.out)
@@ -264,7 +267,8 @@ def main() -> int:
                 minutes)
 
     for d, reverse in (("fwd", "false"), ("bwd", "true")):
-        word_data = [f"data.train={text}", *wiki, f"data.reverse={reverse}"]
+        word_data = [f"data.train={text}", *wiki, f"data.reverse={reverse}",
+                     *([f"model.embedding_dim={LM_SIZE}", f"model.hidden_size={LM_SIZE}"] if args.quick else [])]
         job(f"lm_{d}", [], "configs/lm_wikitext2.yaml", [*word_data, f"train.max_steps={steps}"], args.pretrain_minutes)
         more("lm", d, "configs/lm_wikitext2.yaml", word_data, args.more_pretrain_minutes, LM_STEPS_PER_MINUTE, 100)
         if char_lms:
@@ -282,7 +286,9 @@ def main() -> int:
             job(f"lm_{d}_rt", [lm_runs[f"lm_{d}"]], "configs/lm_wikitext2.yaml",
                 [f"model.init_from={checkpoints[f'lm_{d}']}", f"data.train={train_text}", f"data.valid={valid_text}",
                  "data.test=null", f"data.reverse={reverse}", "train.lr_schedule=slanted_triangular",
-                 "train.warmup_steps=0", "train.max_steps=400", "train.eval_every=100"], args.finetune_minutes)
+                 "train.warmup_steps=0", "train.max_steps=400", "train.eval_every=100",
+                 *([f"model.embedding_dim={LM_SIZE}", f"model.hidden_size={LM_SIZE}"] if args.quick else [])],
+                args.finetune_minutes)
     if "upos" in args.stages:
         for name in args.upos_features:
             job(f"upos_features{SUFFIX[name]}{variant}", needs(name), "configs/tagger_upos.yaml", features(name),

@@ -125,7 +125,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--sentences", type=int, default=300, help="test_2016_flickr sentences to decode")
     ap.add_argument("--checkpoint", help="decode with these trained weights (e.g. a run's best.pt)")
+    ap.add_argument("--quick", action="store_true", help="one short round on a few sentences: checks that it runs")
     args = ap.parse_args()
+    if args.quick:
+        args.steps, args.warmup, args.rounds, args.sentences = 1, 1, 1, 4
     if not DATA.exists():
         print(f"skipped: {DATA} is absent (the shared corpora are needed)")
         return 0
@@ -151,13 +154,14 @@ def main() -> int:
             torch.manual_seed(0)
             raw = RawSeq2Seq(len(task.src_tok.vocab), len(task.tgt_tok.vocab))
             opt = torch.optim.Adam(raw.parameters(), lr=1e-3)
-            batches = task.train_batches(0)[: args.warmup + args.steps]
+            every = task.train_batches(0)
+            batches = [every[i] for i in range(args.warmup + args.steps)]
             tokens = 0
             for i, indices in enumerate(batches):
                 if i == args.warmup:
                     start = time.perf_counter()
-                pairs = [task.train_pairs[j] for j in indices]
-                b = make_batch([p[0] for p in pairs], [p[1] for p in pairs], indices, task.bos, task.eos)
+                sources, targets = task.train_pairs
+                b = make_batch(sources.gather(indices), targets.gather(indices), indices, task.bos, task.eos)
                 logits = raw(b.src, b.src_lengths, b.tgt_in)
                 loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), b.tgt_out.reshape(-1), ignore_index=0)
                 opt.zero_grad(set_to_none=True)

@@ -36,6 +36,9 @@ CONFIG = ROOT / "configs" / "lm_wikitext2.yaml"
 PLAIN = ["model.dropout=0", "model.input_dropout=0", "model.layer_dropout=0", "model.locked_dropout=false",
          "model.embedding_dropout=0", "model.weight_drop=0", "train.ar=0", "train.tar=0", "data.variable_bptt=false"]
 RUNS = {"regularised": [], "plain": PLAIN}
+QUICK = ["model.embedding_dim=16", "model.hidden_size=16", "model.num_layers=1", "train.max_steps=2",
+         "train.eval_every=2", "train.warmup_steps=0", "train.lr_schedule=constant", "train.batch_size=4",
+         "data.bptt=10"]   # --quick: checks that it runs
 THETAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
 LAMBDAS = (0.02, 0.05, 0.08, 0.1, 0.15, 0.2, 0.25, 0.3)
 
@@ -46,8 +49,11 @@ def rnnkit(*args: str) -> None:
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
+EXTRA: list[str] = []     # --quick's overrides, given to every run
+
+
 def data_overrides() -> list[str]:
-    return [f"data.{split}={DATA / f'{split}.txt'}" for split in ("train", "valid", "test")]
+    return [f"data.{split}={DATA / f'{split}.txt'}" for split in ("train", "valid", "test")] + EXTRA
 
 
 def train(name: str, overrides: list[str], minutes: float, out: Path) -> Path:
@@ -159,7 +165,16 @@ def main() -> int:
     ap.add_argument("--streams", type=int, default=1, help="parallel streams when scoring (1: the literature's)")
     ap.add_argument("--cache", type=int, default=2000, help="cache size (positions)")
     ap.add_argument("--speed-steps", type=int, default=40, help="steps of each softmax speed run (0: skip)")
+    ap.add_argument("--quick", action="store_true", help="tiny models, 2 steps, a small cache: checks that it runs")
     args = ap.parse_args()
+    figure = ROOT / "bench" / "wikitext2_curve.png"
+    if args.quick:
+        import tempfile
+
+        EXTRA.extend(QUICK)
+        args.out, args.streams, args.cache, args.speed_steps = Path(tempfile.mkdtemp()), 16, 50, 2
+        args.runs = ["regularised"]
+        figure = args.out / "curve.png"
     if not (DATA / "train.txt").is_file():
         print(f"skipped: {DATA} is absent")
         return 0
@@ -186,10 +201,10 @@ def main() -> int:
                                  "best_step": p["best_step"], "curve": curves[name]}
         path.write_text(json.dumps(results, indent=1))
     if args.speed_steps:
-        results["tokens_per_s"] = softmax_speed(args.out, args.speed_steps, 2)
+        results["tokens_per_s"] = softmax_speed(args.out, args.speed_steps, 1 if args.quick else 2)
         path.write_text(json.dumps(results, indent=1))
     if curves:
-        plot({n: r["curve"] for n, r in results["runs"].items()}, ROOT / "bench" / "wikitext2_curve.png")
+        plot({n: r["curve"] for n, r in results["runs"].items()}, figure)
 
     print(f"\nWikiText-2, {args.minutes:g} minutes of training each; CPU {results['machine']}, "
           f"{results['threads']} threads, torch {results['torch']}; scored with {args.streams} stream(s)")

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch pinned to the CPU build that installs from local disk; on a GPU machine install the CUDA build first.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup quickstart test bench clean
+.PHONY: setup quickstart test docs docs-serve bench clean
 
 $(BIN)/rnnkit: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,19 @@ quickstart: setup
 test: setup
 	$(BIN)/python -m pytest tests
 
+# the documentation site (docs/, mkdocs.yml): reference pages are generated from the code at build time
+$(BIN)/mkdocs: $(BIN)/rnnkit
+	$(BIN)/pip install -q -e ".[docs]"
+	touch $@
+
+docs: $(BIN)/mkdocs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-serve: $(BIN)/mkdocs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
 bench: setup
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache site

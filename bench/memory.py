@@ -1,4 +1,4 @@
-"""Training memory against the variety of sentence lengths (issue 30).
+"""Training memory against the variety of sentence lengths.
 
 Trains the shared translation model (configs/translate_attention.yaml) with ``rnnkit train``
 on synthetic parallel text, once on sentences whose lengths vary uniformly over 1..100

@@ -8,7 +8,7 @@ on a validation batch. It prints one table (final validation metric beside the b
 fitted gradient decay per time step, training seconds) and writes one PNG that overlays
 the gradient-flow curves, one panel per task setting.
 
-    python bench/memory_lab.py [--steps 1500] [--png bench/memory_lab.png] [--device auto]
+    python bench/memory_lab.py [--steps 1500] [--png docs/images/memory_lab.png] [--device auto]
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def train_one(config: str, length: int, cell_overrides: list[str], steps: int, d
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--png", type=Path, default=ROOT / "bench" / "memory_lab.png")
+    ap.add_argument("--png", type=Path, default=ROOT / "docs" / "images" / "memory_lab.png")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quick", action="store_true", help="3 steps each, no figure kept: checks that it runs")
     args = ap.parse_args()

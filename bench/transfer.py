@@ -18,7 +18,7 @@ Stages (each a plain ``rnnkit train`` run; a finished run in the output folder i
    states as features. Dev accuracy (the selection metric; the held-back test is checked elsewhere).
 4. Universal NER: the shipped BiLSTM-CRF with and without the LM features; test span F1.
 5. UD English-EWT UPOS: the shipped tagger with the LM features for ``--upos-minutes``; test
-   accuracy (``--upos-shipped`` also retrains the shipped tagger; else bench/RESULTS.md's
+   accuracy (``--upos-shipped`` also retrains the shipped tagger; else docs/benchmarks.md's
    40-minute figure, measured under the same conditions, is the baseline).
 
 The LM features of stages 3-5 come in the sets ``--features`` names: ``word`` (the two word
@@ -29,7 +29,7 @@ or with ``--lm-layers all`` a learned mix of all its layers (ELMo's; runs named 
 ``--ema-decay D`` trains them with ``train.ema_decay: D`` (runs named ``..._ema``).
 
 Every run uses one thread and two run at once (``--threads``, ``--lanes``), the conditions
-under which the shipped configs' figures in bench/RESULTS.md were measured.
+under which the shipped configs' figures in docs/benchmarks.md were measured.
 
     python bench/transfer.py [--pretrain-minutes 50] [--more-pretrain-minutes 60] [--upos-minutes 40]
                              [--stages ...] [--features word word+char] [--upos-features word]
@@ -201,7 +201,7 @@ def main() -> int:
     ap.add_argument("--task-minutes", type=float, default=10.0, help="sentiment and NER runs (as shipped)")
     ap.add_argument("--upos-minutes", type=float, default=40.0, help="the UPOS tagger with LM features")
     ap.add_argument("--upos-shipped", action="store_true",
-                    help="also train the shipped UPOS tagger for --upos-minutes (else bench/RESULTS.md's 40-minute figure)")
+                    help="also train the shipped UPOS tagger for --upos-minutes (else docs/benchmarks.md's 40-minute figure)")
     ap.add_argument("--threads", type=int, default=1, help="threads per run (the shipped figures used 1)")
     ap.add_argument("--lanes", type=int, default=2, help="runs at once")
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)

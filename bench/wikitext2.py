@@ -11,7 +11,7 @@ applied to test. Last, training tokens/s with a full softmax against the adaptiv
 
     python bench/wikitext2.py [--minutes 60] [--runs regularised plain] [--out bench/out/wikitext2]
 
-Needs ../shared/data/wikitext-2. Writes a table, results.json, and bench/wikitext2_curve.png.
+Needs ../shared/data/wikitext-2. Writes a table, results.json, and docs/images/wikitext2_curve.png.
 """
 from __future__ import annotations
 
@@ -167,7 +167,7 @@ def main() -> int:
     ap.add_argument("--speed-steps", type=int, default=40, help="steps of each softmax speed run (0: skip)")
     ap.add_argument("--quick", action="store_true", help="tiny models, 2 steps, a small cache: checks that it runs")
     args = ap.parse_args()
-    figure = ROOT / "bench" / "wikitext2_curve.png"
+    figure = ROOT / "docs" / "images" / "wikitext2_curve.png"
     if args.quick:
         import tempfile
 

@@ -65,7 +65,7 @@ def precision_option():
 
 def int8_option():
     return typer.Option(False, "--int8", help="CPU: dynamic int8 quantisation of the linear and LSTM/GRU layers "
-                                              "(faster; close to fp32, see the README).")
+                                              "(faster; close to fp32, see docs/arithmetic.md).")
 
 
 def bad_option(message: str) -> NoReturn:

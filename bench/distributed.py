@@ -54,6 +54,15 @@ def main() -> int:
         args.steps = 12
     import torch
 
+    from rnnkit.config import ConfigError, load_config
+
+    try:
+        load_config(ROOT / args.config)
+    except ConfigError as err:
+        if "file not found" not in str(err):
+            raise
+        print(f"skipped: {err} (the shared corpora are needed)")
+        return 0
     cores = os.cpu_count() or 1
     gpus = torch.cuda.device_count()
     with tempfile.TemporaryDirectory() as tmp:

@@ -184,16 +184,20 @@ class LanguageModel(Model):
 
     def stream(self, prime: str = "", length: int = 100, temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, seed: int | None = None) -> Iterator[str]:
-        """As :meth:`generate`, a piece of text at a time (the options are checked at the call)."""
-        import torch
-
+        """As :meth:`generate`, a piece of text at a time (the options are checked at the call).
+        The same seed gives the same text with the same backend (torch or onnxruntime), not
+        across the two."""
         if temperature <= 0:
             raise ConfigError("", f"--temperature must be > 0, got {temperature}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ConfigError("", f"--top-p must be in (0, 1], got {top_p}")
-        gen = torch.Generator(device=self.task.device)
-        gen.manual_seed(seed if seed is not None else torch.seed())
-        return self._pieces(self.task.generate(prime, length, temperature, top_k, top_p, gen))
+        return self._pieces(self.task.generate(prime, length, temperature, top_k, top_p, seed))
+
+    def incremental(self):
+        """Text fed a piece at a time, the state kept: ``feed(text)`` returns the next token's
+        probabilities (one step per token), ``log_probs`` each fed token's log-probability,
+        ``top(k)`` the likeliest next tokens (:class:`rnnkit.decoding.lm_loop.Incremental`)."""
+        return _Running(self, self.task.incremental())
 
     def _pieces(self, pieces: Iterator[str]) -> Iterator[str]:
         while True:
@@ -251,6 +255,19 @@ class Forecaster(Model):
         if split is not None and split not in ("train", "valid", "test"):
             raise ConfigError("", f"--split must be train, valid or test, got {split!r}")
         return self._run(lambda: self.task.evaluate_file(str(_existing(csv)), batch_size, split))
+
+
+class _Running:
+    """An object whose method calls run in the model's context (no autograd, its arithmetic)."""
+
+    def __init__(self, model: Model, inner: Any):
+        self._model, self._inner = model, inner
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._inner, name)
+        if not callable(value):
+            return value
+        return lambda *args, **kwargs: self._model._run(lambda: value(*args, **kwargs))
 
 
 def _existing(path: str | Path) -> Path:

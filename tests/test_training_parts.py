@@ -2,11 +2,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from rnnkit.config import TrainConfig
-from rnnkit.decoding.sampling import filter_logits, sample_next
+from rnnkit.decoding.lm_loop import filter_log_probs, sample_next
 from rnnkit.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from rnnkit.training.schedules import LRSchedule
 
@@ -85,26 +86,26 @@ def test_plateau_decays_after_patience_and_resumes():
 
 
 def test_top_k_and_top_p_filtering():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    assert torch.isinf(filter_logits(logits, top_k=2)[0, 2:]).all()
-    kept = filter_logits(logits, top_p=0.7)
-    assert torch.isfinite(kept[0, :2]).all() and torch.isinf(kept[0, 2:]).all()
-    kept = filter_logits(logits, top_p=0.5)
-    assert torch.isfinite(kept[0, 0]) and torch.isinf(kept[0, 1:]).all()
-    g = torch.Generator().manual_seed(0)
-    draws = [int(sample_next(logits, 1.0, top_k=2, generator=g)) for _ in range(200)]
+    log_probs = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    assert np.isinf(filter_log_probs(log_probs, top_k=2)[2:]).all()
+    kept = filter_log_probs(log_probs, top_p=0.7)
+    assert np.isfinite(kept[:2]).all() and np.isinf(kept[2:]).all()
+    kept = filter_log_probs(log_probs, top_p=0.5)
+    assert np.isfinite(kept[0]) and np.isinf(kept[1:]).all()
+    rng = np.random.default_rng(0)
+    draws = [sample_next(log_probs, 1.0, 2, None, rng) for _ in range(200)]
     assert set(draws) == {0, 1}
-    cold = [int(sample_next(logits, 0.01, generator=g)) for _ in range(50)]
+    cold = [sample_next(log_probs, 0.01, None, None, rng) for _ in range(50)]
     assert set(cold) == {0}
     with pytest.raises(ValueError):
-        sample_next(logits, 0.0)
+        sample_next(log_probs, 0.0, None, None, rng)
 
 
 def test_low_temperature_sharpens():
-    logits = torch.tensor([[2.0, 1.0, 0.0]])
-    g = torch.Generator().manual_seed(1)
-    hot = sum(int(sample_next(logits, 5.0, generator=g)) != 0 for _ in range(400))
-    cold = sum(int(sample_next(logits, 0.3, generator=g)) != 0 for _ in range(400))
+    log_probs = np.array([2.0, 1.0, 0.0])
+    rng = np.random.default_rng(1)
+    hot = sum(sample_next(log_probs, 5.0, None, None, rng) != 0 for _ in range(400))
+    cold = sum(sample_next(log_probs, 0.3, None, None, rng) != 0 for _ in range(400))
     assert cold < hot and math.isfinite(hot)
 
 

@@ -1,9 +1,8 @@
 """Character- and word-level language modeling with truncated backpropagation through time."""
 from __future__ import annotations
 
-import math
 import sys
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,14 +14,13 @@ from rnnkit.config.lm import DataConfig, ModelConfig  # noqa: F401  (this task's
 from rnnkit.data.builders import char_cuts, prepare_stream
 from rnnkit.data.prepare import ensure_store
 from rnnkit.data.store import Store, StoreWriter
-from rnnkit.data.vocab import EOS, DataError, Vocab, make_tokenizer
-from rnnkit.decoding.sampling import sample_next
+from rnnkit.data.vocab import DataError, Vocab, make_tokenizer
 from rnnkit.gradient_flow import GradientFlow, measure
-from rnnkit.metrics import perplexity
 from rnnkit.models.language_model import build_language_model
 from rnnkit.models.rnn import detach_state
 from rnnkit.training import distributed
 from rnnkit.training.interface import StepResult
+from rnnkit.tasks.lm_text import LanguageModelText
 from rnnkit.transfer import read_language_model
 
 def batchify(ids: np.ndarray, rows: int) -> np.ndarray:
@@ -57,7 +55,7 @@ def prepare_data(cfg: Config, extras: dict[str, Any] | None = None, workers: int
                         lambda store: store.tokenizer_state("vocab")["vocab"])
 
 
-class LanguageModelTask:
+class LanguageModelTask(LanguageModelText):
     def __init__(self, cfg: Config, device: torch.device, extras: dict[str, Any] | None = None,
                  with_data: bool = True):
         self.cfg, self.device = cfg, device
@@ -92,11 +90,6 @@ class LanguageModelTask:
 
     def _directed(self, ids: np.ndarray) -> np.ndarray:
         """A stream as the model reads it: reversed (a view) for a backward LM."""
-        return ids[::-1] if self.cfg.data.reverse else ids
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` in reading order (right to left for a backward LM)."""
-        ids = self.vocab.encode(self.tokenizer.split(text))
         return ids[::-1] if self.cfg.data.reverse else ids
 
     # ------------------------------------------------------------------ training interface
@@ -233,12 +226,6 @@ class LanguageModelTask:
         p_cache, seen = self.cache_probs(hidden, words, size, theta)
         return -p_model.double().log().mean().item(), cache_mix_loss(p_model, p_cache, seen, lam), p_model.numel()
 
-    def metrics(self, loss: float, tokens: int) -> dict[str, float]:
-        out = {"loss": loss, "ppl": perplexity(loss)}
-        if self.cfg.data.tokenizer == "char":
-            out["bpc"] = loss / math.log(2)
-        return out
-
     def evaluate(self) -> dict[str, float]:
         loss, tokens = self.stream_loss(self.valid_stream)
         return self.metrics(loss, tokens)
@@ -270,25 +257,12 @@ class LanguageModelTask:
                 "tokens": tokens}
 
     @torch.no_grad()
-    def generate(self, prime: str, length: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, generator: torch.Generator | None = None) -> Iterator[str]:
-        """Yield ``length`` sampled tokens (as text pieces) after feeding ``prime``."""
+    def step(self, ids: np.ndarray, state: Any) -> tuple[np.ndarray, Any]:
+        """The backend interface of :mod:`rnnkit.decoding.lm_loop`: log-probabilities (B, T, V)
+        of ids (B, T) continuing ``state``."""
         self.model.eval()
-        ids = self.encode(prime) if prime else []
-        if not ids:  # start from a line break (or the first ordinary token)
-            start = "\n" if self.cfg.data.tokenizer == "char" else EOS
-            ids = [self.vocab.stoi.get(start, len(self.vocab) - 1)]
-        logits, state = self.model(torch.tensor([ids], device=self.device))
-        last = logits[:, -1]
-        word = self.cfg.data.tokenizer == "word"
-        for _ in range(length):
-            last[:, self.vocab.unk] = float("-inf")   # never emit <unk>
-            nxt = sample_next(last, temperature, top_k, top_p, generator)
-            tok = self.vocab.itos[int(nxt)]
-            yield ("\n" if tok == EOS else tok + " ") if word else tok
-            logits, state = self.model(nxt.view(1, 1), state)
-            last = logits[:, -1]
-
+        out, _, _, state = self.model.features(torch.from_numpy(ids).to(self.device), state)
+        return self.model.log_probs(out).float().cpu().numpy(), state
 
 def build(cfg: Config, device: torch.device, extras: dict[str, Any] | None = None,
           with_data: bool = True) -> LanguageModelTask:

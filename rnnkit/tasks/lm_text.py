@@ -1,0 +1,65 @@
+"""What a language model does with text, whatever runs its arithmetic: the torch task and the
+onnxruntime runtime share it (it imports neither torch nor onnxruntime).
+
+A class that mixes it in has ``cfg`` (the run's config), ``vocab``, ``tokenizer`` and
+``step(ids, state) -> (log_probs, state)`` (see :mod:`rnnkit.decoding.lm_loop`).
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Iterator
+
+import numpy as np
+
+from rnnkit.config import ConfigError
+from rnnkit.data.vocab import EOS
+from rnnkit.decoding import lm_loop
+from rnnkit.metrics import perplexity
+
+
+class LanguageModelText:
+    cfg: Any
+    vocab: Any
+    tokenizer: Any
+
+    def step(self, ids: np.ndarray, state: Any) -> tuple[np.ndarray, Any]:
+        raise NotImplementedError
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` in reading order (right to left for a backward LM)."""
+        ids = self.vocab.encode(self.tokenizer.split(text))
+        return ids[::-1] if self.cfg.data.reverse else ids
+
+    def encode_piece(self, text: str) -> list[int]:
+        """Token ids of a piece of a longer text: a word LM ends a line only at a line break in
+        the piece (``encode`` ends every text's last line)."""
+        if self.cfg.data.tokenizer == "char":
+            return self.vocab.encode(list(text))
+        return self.vocab.encode([EOS if t == "\n" else t for t in re.findall(r"[^\s]+|\n", text)])
+
+    def metrics(self, loss: float, tokens: int) -> dict[str, float]:
+        out = {"loss": loss, "ppl": perplexity(loss)}
+        if self.cfg.data.tokenizer == "char":
+            out["bpc"] = loss / math.log(2)
+        return out
+
+    def generate(self, prime: str, length: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None) -> Iterator[str]:
+        """Yield ``length`` sampled tokens (as text pieces) after feeding ``prime``; the same
+        seed gives the same text on the same backend."""
+        ids = self.encode(prime) if prime else []
+        if not ids:  # start from a line break (or the first ordinary token)
+            start = "\n" if self.cfg.data.tokenizer == "char" else EOS
+            ids = [self.vocab.stoi.get(start, len(self.vocab) - 1)]
+        word = self.cfg.data.tokenizer == "word"
+        for token in lm_loop.generate(self, ids, length, temperature, top_k, top_p, seed, banned=[self.vocab.unk]):
+            text = self.vocab.itos[token]
+            yield ("\n" if text == EOS else text + " ") if word else text
+
+    def incremental(self) -> lm_loop.Incremental:
+        """Feed text a piece at a time and read the next-token distribution after each."""
+        if self.cfg.data.reverse:
+            raise ConfigError("", "a backward LM (data.reverse) reads text right to left; it cannot be fed "
+                                  "left to right")
+        return lm_loop.Incremental(self, self.encode_piece, self.vocab.itos)

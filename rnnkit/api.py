@@ -72,8 +72,15 @@ class Model:
 
         return config_to_dict(self.task.cfg)
 
+    @property
+    def backend(self) -> str:
+        """``torch`` for a checkpoint, ``onnxruntime`` for an export folder."""
+        return getattr(self.task, "backend", "torch")
+
     def card(self) -> dict[str, Any]:
         """What the model is: task, parameters, vocabulary sizes, and the run's training summary."""
+        if self.backend != "torch":
+            return self.task.card()
         from rnnkit.reports import model_card
 
         return model_card(self.path)
@@ -82,6 +89,9 @@ class Model:
     def running(self):
         """The context every call of this model runs in: no autograd, the chosen arithmetic.
         For code that calls ``task`` directly."""
+        if self.backend != "torch":
+            yield
+            return
         import torch
 
         with torch.inference_mode(), self._arithmetic():
@@ -287,7 +297,18 @@ def load(checkpoint: str | Path, device: str = "auto", precision: str = "fp32", 
          note: Callable[[str], None] | None = None) -> Model:
     """The model in ``checkpoint`` (``best.pt`` or ``last.pt``) ready for inference on
     ``device`` (``auto``: CUDA when present), in ``precision`` fp32 or bf16, or with ``int8``
-    layers (CPU)."""
+    layers (CPU). ``checkpoint`` may also be a folder written by ``rnnkit export``: the same
+    object comes back, run by onnxruntime without torch (its arithmetic was chosen at export)."""
+    from rnnkit.runtime import is_export, load_export
+
+    if is_export(checkpoint):
+        chosen = [o for o, v, d in (("--device", device, "auto"), ("--precision", precision, "fp32"),
+                                    ("--int8", int8, False)) if v != d]
+        if chosen:
+            raise ConfigError("", f"{', '.join(chosen)} apply to checkpoints; an export runs as it was exported "
+                                  f"(rnnkit export --int8 chooses int8)")
+        task = load_export(checkpoint)
+        return KINDS.get(task.cfg.task, Model)(task, contextlib.nullcontext, str(checkpoint))
     from rnnkit.runs import load_task
 
     task = load_task(checkpoint, device)

@@ -22,9 +22,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models", ("rnnkit.models",)),
     ("decoding", ("rnnkit.decoding",)),
     ("training", ("rnnkit.training", "rnnkit.gradient_flow")),
-    ("tasks", ("rnnkit.tasks", "rnnkit.transfer")),
+    ("tasks", ("rnnkit.tasks", "rnnkit.transfer", "rnnkit.runtime")),
     ("API", ("rnnkit.api", "rnnkit.runs", "rnnkit.reports")),
-    ("serve and export", ("rnnkit.serve",)),
+    ("serve and export", ("rnnkit.serve", "rnnkit.export")),
     ("CLI", ("rnnkit.cli", "rnnkit.__main__")),
 ]
 PACKAGE_INIT_LAYER = "API"     # ``import rnnkit`` runs rnnkit/__init__.py, which offers rnnkit.load

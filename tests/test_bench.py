@@ -32,6 +32,7 @@ QUICK = {
     "wikitext2.py": (["--quick"], "training tokens/s: full softmax"),
     "serve.py": (["--quick", "--no-onmt"], "SIGTERM under"),
     "distributed.py": (["--quick"], "scaling efficiency"),
+    "export.py": (["--quick"], "start-to-finish, checkpoint / export"),
     "transfer.py": (["--quick", "--stages", "pretrain", "sentiment", "--features", "word"],
                     "rt-polarity dev accuracy, ULMFiT"),
 }

@@ -58,8 +58,6 @@ def evaluate(
     """
     import rnnkit
     from rnnkit.data.vocab import read_text
-    from rnnkit.runs import load_task
-    from rnnkit.training import distributed
 
     if split is not None and split not in ("train", "valid", "test"):
         bad_option(f"--split must be train, valid or test, got {split!r}")
@@ -68,6 +66,11 @@ def evaluate(
     with user_errors():
         check_output_file(plot, "--plot")
         if gradient_flow:            # needs the task's training data: not an inference model
+            if checkpoint.is_dir():
+                raise CheckpointError(f"{checkpoint}: an export has no training data or gradients; "
+                                      f"--gradient-flow needs the checkpoint")
+            from rnnkit.runs import load_task
+
             task = load_task(checkpoint, device, with_data=True)
             if not hasattr(task, "gradient_flow"):
                 raise CheckpointError(f"{checkpoint}: task '{task.cfg.task}' does not measure gradient flow")
@@ -96,6 +99,7 @@ def evaluate(
                 bad_option("--src FILE and --ref FILE are required to evaluate a translation model")
             from rnnkit.data.parallel import read_parallel
             from rnnkit.metrics import bleu, chrf, perplexity
+            from rnnkit.training import distributed
 
             sources, refs = read_parallel(str(src), str(ref))
             rank = distributed.init()    # under torchrun: each rank decodes and scores a share

@@ -1,11 +1,12 @@
 """What the Trainer asks of a task, what a step returns, and where training runs."""
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, Sequence
 
 from rnnkit.config import ConfigError
+
+if TYPE_CHECKING:       # torch is imported where a device is resolved: the CLI's error handling
+    import torch        # reads TrainingError in processes that run exports without torch
 
 
 class TrainingError(RuntimeError):
@@ -36,6 +37,8 @@ class Task(Protocol):
 
 def resolve_device(spec: str, key: str = "train.device") -> torch.device:
     """``auto`` is CUDA when present, else CPU; asking for a missing device is a ConfigError."""
+    import torch
+
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

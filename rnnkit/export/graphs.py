@@ -1,0 +1,43 @@
+"""The ONNX graphs of each exportable task, written with torch.onnx (its TorchScript exporter,
+which keeps torch.nn's fused recurrent layers as ONNX LSTM, GRU and RNN operators)."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class LanguageModelStep(nn.Module):
+    """tokens (B, T) and the recurrent state -> log-probabilities (B, T, V) and the new state."""
+
+    def __init__(self, model: nn.Module, lstm: bool):
+        super().__init__()
+        self.model, self.lstm = model, lstm
+
+    def forward(self, tokens: torch.Tensor, *state: torch.Tensor):
+        out, _, _, new = self.model.features(tokens, tuple(state) if self.lstm else state[0])
+        new = new if self.lstm else (new,)
+        return (self.model.log_probs(out), *new)
+
+
+def language_model(task: Any, folder: Path, opset: int) -> dict[str, dict[str, Any]]:
+    """``lm_step.onnx``: one graph for scoring, sampling and incremental feeding; batch and
+    length are dynamic."""
+    model = task.model.eval()
+    lstm = task.cfg.model.cell == "lstm"
+    layers, hidden = task.cfg.model.num_layers, task.cfg.model.hidden_size
+    names = ["h", "c"] if lstm else ["h"]
+    tokens = torch.zeros(2, 5, dtype=torch.long)
+    state = tuple(torch.zeros(layers, 2, hidden) for _ in names)
+    axes = {"tokens": {0: "batch", 1: "time"}, "log_probs": {0: "batch", 1: "time"},
+            **{n: {1: "batch"} for n in names}, **{f"{n}_out": {1: "batch"} for n in names}}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")      # the exporter's notes on its own internals
+        torch.onnx.export(LanguageModelStep(model, lstm), (tokens, *state), str(folder / "lm_step.onnx"),
+                          input_names=["tokens", *names], output_names=["log_probs", *(f"{n}_out" for n in names)],
+                          dynamic_axes=axes, opset_version=opset, dynamo=False)
+    return {"step": {"file": "lm_step.onnx", "inputs": ["tokens", *names],
+                     "outputs": ["log_probs", *(f"{n}_out" for n in names)], "state_shape": [layers, hidden]}}

@@ -1,0 +1,95 @@
+"""Write an export folder: check that the checkpoint can be exported, build its graphs in a
+temporary folder beside the target, quantise them to int8 if asked, write the manifest, and
+rename the folder into place last (an interrupted or failed export leaves nothing at DIR)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from rnnkit.config import ConfigError, config_to_dict
+from rnnkit.export import graphs
+from rnnkit.runtime.manifest import EXPORTABLE, FORMAT, MANIFEST
+from rnnkit.training.checkpoint import CheckpointError, load_checkpoint
+from rnnkit.version import __version__
+
+BUILDERS = {"lm": graphs.language_model}
+
+
+def exportable(cfg: Any) -> None:
+    """One line saying why a checkpoint cannot be exported, or nothing."""
+    if cfg.task not in EXPORTABLE:
+        raise CheckpointError(f"a '{cfg.task}' checkpoint cannot be exported yet; rnnkit exports "
+                              f"{', '.join(EXPORTABLE)} models so far")
+    m = cfg.model
+    if m.impl != "fused":
+        raise CheckpointError("model.impl: explicit cells loop over time in Python and have no graph; export a "
+                              "model with fused layers")
+    if m.output == "adaptive":
+        raise CheckpointError("model.output: adaptive: the adaptive softmax has no export yet; export a model "
+                              "with a full softmax")
+
+
+def export(checkpoint: str | Path, folder: str | Path, opset: int = 17, int8: bool = False,
+           note: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Export ``checkpoint`` to ``folder`` (which must not exist yet, or be empty); the manifest."""
+    from rnnkit.reports import model_card
+    from rnnkit.runs import load_task
+
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise ConfigError("", f"-o {folder}: exists; choose a new folder (an export is never written over "
+                              f"anything)")
+    if not folder.parent.is_dir():
+        raise ConfigError("", f"-o {folder}: folder {folder.parent} does not exist")
+    if not 13 <= opset <= 20:
+        raise ConfigError("", f"--opset must be between 13 and 20, got {opset}")
+    ckpt = load_checkpoint(checkpoint)          # one line if it is not a checkpoint
+    task = load_task(checkpoint, "cpu")
+    exportable(task.cfg)
+    work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    work.chmod(0o777 & ~mask)         # mkdtemp's folder is private; an export is as any folder made here
+    try:
+        graph_specs = BUILDERS[task.cfg.task](task, work, opset)
+        if int8:
+            _quantise(work, graph_specs, task.cfg.model.cell, note)
+        manifest = {"format": FORMAT, "rnnkit_version": __version__, "task": task.cfg.task,
+                    "config": config_to_dict(task.cfg), "extras": task.extras(), "graphs": graph_specs,
+                    "int8": int8, "opset": opset, "card": _card(model_card, checkpoint, ckpt)}
+        (work / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        if folder.exists():
+            folder.rmdir()                       # empty, checked above
+        os.replace(work, folder)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _card(model_card: Callable, checkpoint: str | Path, ckpt: dict) -> dict[str, Any]:
+    card = model_card(Path(checkpoint))
+    return {k: v for k, v in card.items() if isinstance(v, (str, int, float, bool, type(None), list, dict))}
+
+
+def _quantise(work: Path, graph_specs: dict[str, dict[str, Any]], cell: str,
+              note: Callable[[str], None] | None) -> None:
+    """Dynamic int8 quantisation of the graphs' MatMul and LSTM weights (onnxruntime's)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    for spec in graph_specs.values():
+        path = work / spec["file"]
+        quantised = path.with_suffix(".int8.onnx")
+        quantize_dynamic(str(path), str(quantised), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Gemm", "LSTM"])
+        before, after = path.stat().st_size, quantised.stat().st_size
+        os.replace(quantised, path)
+        if note is not None:
+            note(f"{spec['file']}: int8, {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB")
+    if note is not None and cell in ("gru", "rnn_tanh", "rnn_relu"):
+        note(f"onnxruntime quantises LSTM weights but not {cell.upper()} ones: the recurrent layers stay fp32, "
+             f"the matrix products around them are int8")

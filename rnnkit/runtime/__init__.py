@@ -1,0 +1,25 @@
+"""Trained models exported to ONNX, run with onnxruntime and numpy alone (no torch).
+
+``manifest`` reads and checks an export folder, ``language_model`` runs a language model's
+step graph. :func:`load_export` gives the object ``rnnkit.load`` wraps, as the torch task
+objects are wrapped for a checkpoint.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rnnkit.runtime.manifest import MANIFEST, is_export, read_manifest
+
+
+def load_export(folder: str | Path) -> Any:
+    """The runtime object for an export folder (checked against its manifest)."""
+    manifest = read_manifest(folder)
+    if manifest["task"] == "lm":
+        from rnnkit.runtime.language_model import OnnxLanguageModel
+
+        return OnnxLanguageModel(Path(folder), manifest)
+    raise AssertionError(manifest["task"])     # read_manifest refuses other tasks
+
+
+__all__ = ["MANIFEST", "is_export", "load_export", "read_manifest"]

@@ -1,0 +1,72 @@
+"""An export folder: ``manifest.json`` beside the ONNX graphs it names.
+
+The manifest holds everything inference needs besides the graphs: the task, the resolved
+config, the vocabulary, the model card, the graphs with their inputs and outputs, and the
+format version. Any problem with a folder is a one-line :class:`CheckpointError`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rnnkit.training.checkpoint import CheckpointError
+
+MANIFEST = "manifest.json"
+FORMAT_NAME, FORMAT_VERSION = "rnnkit-export", 1
+FORMAT = f"{FORMAT_NAME}-{FORMAT_VERSION}"
+EXPORTABLE = ("lm",)      # tasks with graphs and a runtime so far
+
+
+def is_export(path: str | Path) -> bool:
+    """Whether ``path`` is meant as an export: a folder (a checkpoint is a file)."""
+    return Path(path).is_dir()
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """The checked manifest of an export folder."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: not an rnnkit export (no {MANIFEST}; 'rnnkit export' writes one)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: damaged (not JSON); export the checkpoint again") from None
+    fmt = manifest.get("format") if isinstance(manifest, dict) else None
+    if not isinstance(fmt, str) or not fmt.startswith(FORMAT_NAME + "-"):
+        raise CheckpointError(f"{path}: not an rnnkit export manifest (expected format {FORMAT})")
+    if fmt != FORMAT:
+        raise CheckpointError(f"{path}: export format version {fmt[len(FORMAT_NAME) + 1:]!r}, written by rnnkit "
+                              f"{manifest.get('rnnkit_version', '?')}; this rnnkit reads version {FORMAT_VERSION}")
+    for key in ("task", "config", "extras", "graphs"):
+        if key not in manifest:
+            raise CheckpointError(f"{path}: an incomplete manifest (no {key})")
+    if manifest["task"] not in EXPORTABLE:
+        raise CheckpointError(f"{path}: an export of task {manifest['task']!r}, which this rnnkit cannot run "
+                              f"(it runs {', '.join(EXPORTABLE)})")
+    for name, graph in manifest["graphs"].items():
+        if not (folder / graph["file"]).is_file():
+            raise CheckpointError(f"{folder}: graph {name!r} ({graph['file']}) is missing; export the checkpoint "
+                                  f"again")
+    return manifest
+
+
+def open_graph(folder: Path, graph: dict[str, Any]) -> Any:
+    """An onnxruntime session of ``graph``, checked against the inputs and outputs the manifest names."""
+    import onnxruntime as ort
+
+    path = folder / graph["file"]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3        # errors only: its warnings are about its own graph rewrites
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:      # onnxruntime's own exception types (Fail, InvalidGraph, ...)
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a readable ONNX graph ({first})") from None
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    if inputs != graph["inputs"] or outputs != graph["outputs"]:
+        raise CheckpointError(f"{path}: the graph does not match its manifest (inputs {inputs}, outputs {outputs}; "
+                              f"the manifest says {graph['inputs']}, {graph['outputs']})")
+    return session

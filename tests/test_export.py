@@ -1,0 +1,207 @@
+"""``rnnkit export``: language models as ONNX graphs run by onnxruntime without torch, giving
+what the checkpoint gives; incremental feeding; every bad input a line and nothing written."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import rnnkit
+from rnnkit.cli import app
+from rnnkit.config import ConfigError
+from rnnkit.training.checkpoint import CheckpointError
+from tests.conftest import ROOT, SAMPLE_TEXT, tiny_lm_config, write_yaml
+
+runner = CliRunner()
+TEXT = SAMPLE_TEXT.read_text(encoding="utf-8")[:3000]
+
+
+def _cli(*args: str) -> str:
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A character LSTM LM and a word GRU LM, each trained a few steps and exported."""
+    tmp = tmp_path_factory.mktemp("export")
+    out = {}
+    for name, sections in (("char", {"model": {"cell": "lstm", "num_layers": 2}}),
+                           ("word", {"data": {"tokenizer": "word", "bptt": 8}, "model": {"cell": "gru"}})):
+        cfg = tiny_lm_config(tmp, run_dir=str(tmp / name), **sections)
+        cfg["train"].update(max_steps=12, eval_every=12)
+        _cli("train", str(write_yaml(tmp / f"{name}.yaml", cfg)))
+        _cli("export", str(tmp / name / "best.pt"), "-o", str(tmp / f"{name}_onnx"))
+        out[name] = (tmp / name / "best.pt", tmp / f"{name}_onnx")
+    return out
+
+
+@pytest.mark.parametrize("name", ["char", "word"])
+def test_the_export_gives_the_checkpoints_log_probabilities(exported, name):
+    ckpt, folder = exported[name]
+    torch_model, onnx_model = rnnkit.load(ckpt), rnnkit.load(folder)
+    assert type(onnx_model) is type(torch_model) and onnx_model.backend == "onnxruntime"
+    rng = np.random.default_rng(0)
+    for batch, length in ((3, 13), (1, 1), (2, 40)):     # other shapes than the export's example (2, 5)
+        ids = rng.integers(0, len(torch_model.task.vocab), (batch, length))
+        a, state_a = torch_model.task.step(ids, None)
+        b, state_b = onnx_model.task.step(ids, None)
+        assert np.abs(a - b).max() < 1e-4
+        more = rng.integers(0, len(torch_model.task.vocab), (batch, 3))   # and continuing a state
+        assert np.abs(torch_model.task.step(more, state_a)[0] - onnx_model.task.step(more, state_b)[0]).max() < 1e-4
+    assert onnx_model.score(TEXT) == pytest.approx(torch_model.score(TEXT), rel=1e-5)
+    # greedy generation is the same on both backends; sampling is reproducible on each
+    assert onnx_model.generate("The", 40, top_k=1) == torch_model.generate("The", 40, top_k=1)
+    assert onnx_model.generate("The", 40, seed=4) == onnx_model.generate("The", 40, seed=4)
+
+
+@pytest.mark.parametrize("backend", ["checkpoint", "export"])
+def test_feeding_text_in_pieces_gives_the_log_probabilities_of_the_whole(exported, backend):
+    ckpt, folder = exported["char"]
+    m = rnnkit.load(ckpt if backend == "checkpoint" else folder)
+    text = TEXT[:400]
+    whole = m.incremental()
+    whole.feed(text)
+    pieces = m.incremental()
+    cuts = [0, 1, 7, 50, 51, 200, 400]
+    for a, b in zip(cuts, cuts[1:]):
+        probs = pieces.feed(text[a:b])
+    assert len(pieces.log_probs) == len(text) - 1
+    assert np.allclose(pieces.log_probs, whole.log_probs, atol=1e-5)
+    # and they are the model's log-probabilities of the text scored in one pass
+    ids = m.task.encode(text)
+    scored, _ = m.task.step(np.asarray([ids]), None)
+    expected = [scored[0, i, t] for i, t in enumerate(ids[1:])]
+    assert np.allclose(pieces.log_probs, expected, atol=1e-4)
+    assert probs.shape == (len(m.task.vocab),) and probs.sum() == pytest.approx(1.0, abs=1e-4)
+    assert np.allclose(probs, np.exp(scored[0, -1]), atol=1e-5)
+
+
+def test_word_pieces_continue_the_line(exported):
+    m = rnnkit.load(exported["word"][1])
+    pieces = m.incremental()
+    for piece in ("the lamp ", "was lit", " at dusk\nthe harbour"):
+        pieces.feed(piece)
+    whole = m.incremental()
+    whole.feed("the lamp was lit at dusk\nthe harbour")
+    assert pieces.tokens == whole.tokens and np.allclose(pieces.log_probs, whole.log_probs, atol=1e-6)
+
+
+def test_an_export_runs_where_importing_torch_fails(exported, tmp_path):
+    """rnnkit.load(DIR), rnnkit generate DIR and rnnkit eval DIR in a process that cannot import torch."""
+    folder = exported["char"][1]
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    script = f"""
+import importlib.abc, json, sys
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is refused here")
+sys.meta_path.insert(0, Refuse())
+import rnnkit
+m = rnnkit.load({str(folder)!r})
+print(json.dumps({{"score": m.score(open({str(text)!r}).read()), "text": m.generate("The", 20, seed=1)}}))
+from rnnkit.cli import main
+for args in (["generate", {str(folder)!r}, "--prime", "The", "--length", "10", "--seed", "2"],
+             ["eval", {str(folder)!r}, "--data", {str(text)!r}, "--json"]):
+    try:
+        main(args)
+    except SystemExit as done:
+        assert done.code in (0, None), done.code
+print("torch imported:", "torch" in sys.modules)
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.strip().splitlines()
+    first = json.loads(lines[0])
+    assert first["score"]["ppl"] > 1 and len(first["text"]) == 20
+    assert lines[-1] == "torch imported: False"
+    assert json.loads(lines[-2])["ppl"] == pytest.approx(first["score"]["ppl"])
+
+
+def test_int8_export_is_smaller_and_close(exported, tmp_path):
+    ckpt, fp32 = exported["char"]
+    result = runner.invoke(app, ["export", str(ckpt), "-o", str(tmp_path / "q"), "--int8"])
+    assert result.exit_code == 0, result.output
+    assert "int8" in result.output
+    assert (tmp_path / "q" / "lm_step.onnx").stat().st_size < 0.6 * (fp32 / "lm_step.onnx").stat().st_size
+    q = rnnkit.load(tmp_path / "q")
+    assert q.card()["int8"] is True
+    assert q.score(TEXT)["loss"] == pytest.approx(rnnkit.load(fp32).score(TEXT)["loss"], abs=0.05)
+
+
+def test_bad_exports_are_one_line_and_write_nothing(exported, tmp_path):
+    ckpt, folder = exported["char"]
+    # a folder that exists and holds something: refused, untouched
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    result = runner.invoke(app, ["export", str(ckpt), "-o", str(tmp_path / "busy")])
+    assert result.exit_code == 2 and "exists" in result.output
+    assert os.listdir(tmp_path / "busy") == ["keep.txt"]
+    # checkpoints that cannot be exported: one line naming why; nothing at DIR, no temporary left
+    tmp = tmp_path / "cfgs"
+    tmp.mkdir()
+    for name, sections, why in (("adaptive", {"data": {"tokenizer": "word", "bptt": 8},
+                                              "model": {"output": "adaptive", "cutoffs": [10, 40]}},
+                                 "adaptive softmax"),
+                                ("explicit", {"model": {"impl": "explicit"}}, "explicit cells")):
+        cfg = tiny_lm_config(tmp, run_dir=str(tmp / name), **sections)
+        cfg["train"].update(max_steps=2, eval_every=2)
+        _cli("train", str(write_yaml(tmp / f"{name}.yaml", cfg)))
+        result = runner.invoke(app, ["export", str(tmp / name / "best.pt"), "-o", str(tmp_path / f"out_{name}")])
+        assert result.exit_code == 2 and why in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+        assert not (tmp_path / f"out_{name}").exists()
+    not_ckpt = tmp_path / "x.pt"
+    not_ckpt.write_bytes(b"nothing")
+    result = runner.invoke(app, ["export", str(not_ckpt), "-o", str(tmp_path / "out_x")])
+    assert result.exit_code == 2 and "not a readable rnnkit checkpoint" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "cfgs", "data-cache", "x.pt"]  # no temporaries
+
+
+def _copy(folder: Path, to: Path) -> Path:
+    to.mkdir()
+    for f in folder.iterdir():
+        (to / f.name).write_bytes(f.read_bytes())
+    return to
+
+
+def test_damaged_exports_are_one_line(exported, tmp_path):
+    folder = exported["char"][1]
+    missing = _copy(folder, tmp_path / "missing")
+    (missing / "lm_step.onnx").unlink()
+    damaged = _copy(folder, tmp_path / "damaged")
+    (damaged / "lm_step.onnx").write_bytes(b"\x08\x01garbage")
+    future = _copy(folder, tmp_path / "future")
+    manifest = json.loads((future / "manifest.json").read_text())
+    (future / "manifest.json").write_text(json.dumps({**manifest, "format": "rnnkit-export-9"}))
+    mismatched = _copy(folder, tmp_path / "mismatched")
+    manifest["graphs"]["step"]["inputs"] = ["tokens", "hidden"]
+    (mismatched / "manifest.json").write_text(json.dumps(manifest))
+    for path, words in ((missing, "is missing"), (damaged, "not a readable ONNX graph"),
+                        (future, "format version '9'"), (mismatched, "does not match its manifest"),
+                        (tmp_path, "not an rnnkit export")):
+        with pytest.raises(CheckpointError, match=words):
+            rnnkit.load(path)
+        result = runner.invoke(app, ["generate", str(path), "--length", "3"])
+        assert result.exit_code == 2 and words in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_options_that_an_export_fixed_are_refused(exported):
+    folder = exported["char"][1]
+    for args in (["--precision", "bf16"], ["--int8"], ["--device", "cpu"]):
+        result = runner.invoke(app, ["generate", str(folder), "--length", "3", *args])
+        assert result.exit_code == 2 and "apply to checkpoints" in result.output
+    result = runner.invoke(app, ["eval", str(folder), "--gradient-flow"])
+    assert result.exit_code == 2 and "--gradient-flow needs the checkpoint" in result.output
+    with pytest.raises(ConfigError, match="--cache"):
+        rnnkit.load(folder).score(TEXT, cache=100)

@@ -62,7 +62,7 @@ def main() -> int:
         print(f"skipped: {DATA} is absent (the shared corpora are needed)")
         return 0
     from rnnkit.config import load_config
-    from rnnkit.data.parallel import read_lines
+    from rnnkit.data.vocab import read_lines
     from rnnkit.runs import load_task, prepare_trainer
 
     print(f"device: CPU, {torch.get_num_threads()} threads; torch {torch.__version__}")

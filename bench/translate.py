@@ -133,7 +133,8 @@ def main() -> int:
         print(f"skipped: {DATA} is absent (the shared corpora are needed)")
         return 0
     from rnnkit.config import load_config
-    from rnnkit.data.parallel import make_batch, read_lines
+    from rnnkit.data.parallel import make_batch
+    from rnnkit.data.vocab import read_lines
     from rnnkit.runs import load_task, prepare_trainer
 
     with tempfile.TemporaryDirectory() as tmp:

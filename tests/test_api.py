@@ -130,7 +130,7 @@ def test_tagger_and_classifier_match_the_command(tmp_path):
     assert got[1] is None and set(got[0]["probabilities"]) == {"pos", "neg"}
     assert abs(sum(got[0]["probabilities"].values()) - 1) < 1e-5
     printed = cli("predict", str(tmp_path / "cls" / "best.pt"), "--probs", "--attention", stdin=stdin)
-    from rnnkit.tasks.classification import format_prediction
+    from rnnkit.tasks.classifier_text import format_prediction
 
     assert "".join(format_prediction(d, True, True) + "\n" for d in got) == printed
     task = cls.task

@@ -43,6 +43,40 @@ def exported(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    """A BiLSTM classifier with attention pooling, trained a few steps and exported."""
+    from tests.test_api import _labelled_files
+
+    tmp = tmp_path_factory.mktemp("classifier")
+    labels, _ = _labelled_files(tmp)
+    cfg = {"task": "classification", "run_dir": str(tmp / "cls"), "data": {"train": str(labels), "valid": str(labels)},
+           "model": {"embedding_dim": 8, "hidden_size": 8, "num_layers": 2, "pooling": "attention"},
+           "train": {"max_steps": 6, "eval_every": 6, "batch_size": 4}}
+    _cli("train", str(write_yaml(tmp / "cls.yaml", cfg)))
+    _cli("export", str(tmp / "cls" / "best.pt"), "-o", str(tmp / "cls_onnx"))
+    return tmp / "cls" / "best.pt", tmp / "cls_onnx", labels
+
+
+def test_an_exported_classifier_predicts_what_the_checkpoint_does(classifier):
+    ckpt, folder, labels = classifier
+    a, b = rnnkit.load(ckpt), rnnkit.load(folder)
+    assert type(a) is type(b) and b.backend == "onnxruntime"
+    lines = ["calm grey water", "", "bright day", "unseen words here and more words than in training", "wind"]
+    for x, y in zip(a.predict(lines, batch_size=2), b.predict(lines, batch_size=2)):
+        if x is None:
+            assert y is None
+            continue
+        assert x["label"] == y["label"]
+        assert list(x["probabilities"].values()) == pytest.approx(list(y["probabilities"].values()), abs=1e-5)
+        assert [w for _, w in x["attention"]] == pytest.approx([w for _, w in y["attention"]], abs=1e-5)
+    got, want = b.score(labels), a.score(labels)
+    assert got["accuracy"] == want["accuracy"] and got["confusion"] == want["confusion"]
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    assert _cli("predict", str(folder), "--probs", "--attention") == _cli("predict", str(ckpt), "--probs",
+                                                                             "--attention")
+
+
 @pytest.mark.parametrize("name", ["char", "word"])
 def test_the_export_gives_the_checkpoints_log_probabilities(exported, name):
     ckpt, folder = exported[name]
@@ -94,9 +128,10 @@ def test_word_pieces_continue_the_line(exported):
     assert pieces.tokens == whole.tokens and np.allclose(pieces.log_probs, whole.log_probs, atol=1e-6)
 
 
-def test_an_export_runs_where_importing_torch_fails(exported, tmp_path):
-    """rnnkit.load(DIR), rnnkit generate DIR and rnnkit eval DIR in a process that cannot import torch."""
+def test_an_export_runs_where_importing_torch_fails(exported, classifier, tmp_path):
+    """rnnkit.load(DIR), rnnkit generate DIR, eval DIR and predict DIR in a process that cannot import torch."""
     folder = exported["char"][1]
+    cls_folder, labels = classifier[1], classifier[2]
     text = tmp_path / "text.txt"
     text.write_text(TEXT, encoding="utf-8")
     script = f"""
@@ -111,6 +146,8 @@ m = rnnkit.load({str(folder)!r})
 print(json.dumps({{"score": m.score(open({str(text)!r}).read()), "text": m.generate("The", 20, seed=1)}}))
 from rnnkit.cli import main
 for args in (["generate", {str(folder)!r}, "--prime", "The", "--length", "10", "--seed", "2"],
+             ["eval", {str(cls_folder)!r}, "--data", {str(labels)!r}, "--json"],
+             ["predict", {str(cls_folder)!r}, "--input", {str(text)!r}, "--probs"],
              ["eval", {str(folder)!r}, "--data", {str(text)!r}, "--json"]):
     try:
         main(args)

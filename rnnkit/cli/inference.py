@@ -80,7 +80,7 @@ def translate(
     Example:  rnnkit translate runs/en_fr/best.pt --beam 5 < input.en > output.fr
     """
     import rnnkit
-    from rnnkit.data.parallel import read_lines
+    from rnnkit.data.vocab import read_lines
     from rnnkit.training import distributed
 
     with user_errors():
@@ -151,7 +151,7 @@ def predict(
     Example:  rnnkit predict runs/forecast_etth1/best.pt --data ETTh1.csv --at 14304 -o f.csv --plot ot.png
     """
     import rnnkit
-    from rnnkit.tasks.classification import format_prediction
+    from rnnkit.tasks.classifier_text import format_prediction
 
     with user_errors():
         check_output_file(output, "--output")

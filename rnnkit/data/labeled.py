@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from rnnkit.data.parallel import read_lines
-from rnnkit.data.vocab import DataError
+from rnnkit.data.vocab import DataError, read_lines
 
 CONLLU_COLUMNS = 10
 

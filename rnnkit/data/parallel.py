@@ -8,21 +8,8 @@ import numpy as np
 import torch
 
 from rnnkit.data.store import bucket_batches
-from rnnkit.data.vocab import DataError, check_line_lengths, decode_text, split_lines
+from rnnkit.data.vocab import DataError, read_lines
 from rnnkit.hardware import pad_rows
-
-def read_lines(path: str) -> list[str]:
-    """Lines of a UTF-8 file without their line ends; errors name the file and line."""
-    try:
-        raw = open(path, "rb").read()
-    except OSError as err:
-        raise DataError(f"{path}: cannot read ({err.strerror})") from None
-    if not raw.strip():
-        raise DataError(f"{path}: file is empty")
-    lines = split_lines(decode_text(raw, path))
-    check_line_lengths(lines, path)
-    return lines
-
 
 def read_parallel(src_path: str, tgt_path: str) -> tuple[list[str], list[str]]:
     src, tgt = read_lines(src_path), read_lines(tgt_path)

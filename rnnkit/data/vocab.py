@@ -121,3 +121,16 @@ def read_text(path: str) -> str:
 
 class DataError(ValueError):
     """A problem with a user's data file; shown as one line, exit code 2."""
+
+
+def read_lines(path: str) -> list[str]:
+    """Lines of a UTF-8 file without their line ends; errors name the file and line."""
+    try:
+        raw = open(path, "rb").read()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror})") from None
+    if not raw.strip():
+        raise DataError(f"{path}: file is empty")
+    lines = split_lines(decode_text(raw, path))
+    check_line_lengths(lines, path)
+    return lines

@@ -41,3 +41,32 @@ def language_model(task: Any, folder: Path, opset: int) -> dict[str, dict[str, A
                           dynamic_axes=axes, opset_version=opset, dynamo=False)
     return {"step": {"file": "lm_step.onnx", "inputs": ["tokens", *names],
                      "outputs": ["log_probs", *(f"{n}_out" for n in names)], "state_shape": [layers, hidden]}}
+
+
+class ClassifierProbabilities(nn.Module):
+    """words (B, L) and lengths (B,) -> label probabilities (B, C) (and attention weights (B, L))."""
+
+    def __init__(self, model: nn.Module, attention: bool):
+        super().__init__()
+        self.model, self.attention = model, attention
+
+    def forward(self, words: torch.Tensor, lengths: torch.Tensor):
+        logits, weights = self.model(words, lengths)
+        probs = torch.softmax(logits.float(), -1)
+        return (probs, weights) if self.attention else probs
+
+
+def classifier(task: Any, folder: Path, opset: int) -> dict[str, dict[str, Any]]:
+    """``classifier.onnx``: batch and sentence length are dynamic; the packed recurrent layers
+    become ONNX recurrent operators with sequence lengths."""
+    attention = task.cfg.model.pooling == "attention"
+    outputs = ["probs", "weights"] if attention else ["probs"]
+    words, lengths = torch.ones(2, 5, dtype=torch.long), torch.tensor([5, 3])
+    axes = {"words": {0: "batch", 1: "time"}, "lengths": {0: "batch"}, "probs": {0: "batch"},
+            **({"weights": {0: "batch", 1: "time"}} if attention else {})}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(ClassifierProbabilities(task.model.eval(), attention), (words, lengths),
+                          str(folder / "classifier.onnx"), input_names=["words", "lengths"], output_names=outputs,
+                          dynamic_axes=axes, opset_version=opset, dynamo=False)
+    return {"classify": {"file": "classifier.onnx", "inputs": ["words", "lengths"], "outputs": outputs}}

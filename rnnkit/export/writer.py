@@ -16,7 +16,7 @@ from rnnkit.runtime.manifest import EXPORTABLE, FORMAT, MANIFEST
 from rnnkit.training.checkpoint import CheckpointError, load_checkpoint
 from rnnkit.version import __version__
 
-BUILDERS = {"lm": graphs.language_model}
+BUILDERS = {"lm": graphs.language_model, "classification": graphs.classifier}
 
 
 def exportable(cfg: Any) -> None:
@@ -28,7 +28,10 @@ def exportable(cfg: Any) -> None:
     if m.impl != "fused":
         raise CheckpointError("model.impl: explicit cells loop over time in Python and have no graph; export a "
                               "model with fused layers")
-    if m.output == "adaptive":
+    if getattr(m, "lm_features", None):
+        raise CheckpointError("model.lm_features: frozen LM features have no export yet; export a model without "
+                              "them")
+    if getattr(m, "output", None) == "adaptive":
         raise CheckpointError("model.output: adaptive: the adaptive softmax has no export yet; export a model "
                               "with a full softmax")
 

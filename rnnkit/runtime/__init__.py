@@ -1,7 +1,7 @@
 """Trained models exported to ONNX, run with onnxruntime and numpy alone (no torch).
 
 ``manifest`` reads and checks an export folder, ``language_model`` runs a language model's
-step graph. :func:`load_export` gives the object ``rnnkit.load`` wraps, as the torch task
+step graph, ``classifier`` a sentence classifier's. :func:`load_export` gives the object ``rnnkit.load`` wraps, as the torch task
 objects are wrapped for a checkpoint.
 """
 from __future__ import annotations
@@ -19,6 +19,10 @@ def load_export(folder: str | Path) -> Any:
         from rnnkit.runtime.language_model import OnnxLanguageModel
 
         return OnnxLanguageModel(Path(folder), manifest)
+    if manifest["task"] == "classification":
+        from rnnkit.runtime.classifier import OnnxClassifier
+
+        return OnnxClassifier(Path(folder), manifest)
     raise AssertionError(manifest["task"])     # read_manifest refuses other tasks
 
 

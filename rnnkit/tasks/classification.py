@@ -11,31 +11,14 @@ from tqdm import tqdm
 from rnnkit.config import (Config, recurrent_options)
 from rnnkit.config.labeling import ClassificationDataConfig as DataConfig  # noqa: F401  (this task's sections)
 from rnnkit.config.labeling import ClassificationModelConfig as ModelConfig  # noqa: F401
-from rnnkit.data.labeled import read_labeled
 from rnnkit.data.parallel import pad
 from rnnkit.models.labeling import SentenceClassifier
 from rnnkit.data.vocab import Vocab
+from rnnkit.tasks.classifier_text import ClassifierText
 from rnnkit.tasks.labeling import LabelingTask, drop_words, label_list, word_vocab
 from rnnkit.transfer import build_lm_features, initialise_encoder
 
-def classification_scores(gold: list[int], pred: list[int], labels: list[str]) -> dict[str, Any]:
-    """Accuracy, macro-F1 (the mean of each label's F1) and the confusion matrix [gold][pred]."""
-    k = len(labels)
-    confusion = [[0] * k for _ in range(k)]
-    for g, p in zip(gold, pred):
-        confusion[g][p] += 1
-    f1s = []
-    for c in range(k):
-        tp = confusion[c][c]
-        pred_c, gold_c = sum(confusion[r][c] for r in range(k)), sum(confusion[c])
-        prec = tp / pred_c if pred_c else 0.0
-        rec = tp / gold_c if gold_c else 0.0
-        f1s.append(2 * prec * rec / (prec + rec) if prec + rec else 0.0)
-    correct = sum(confusion[c][c] for c in range(k))
-    return {"accuracy": correct / max(1, len(gold)), "macro_f1": sum(f1s) / k, "confusion": confusion}
-
-
-class ClassificationTask(LabelingTask):
+class ClassificationTask(ClassifierText, LabelingTask):
     def __init__(self, cfg: Config, device: torch.device, extras: dict[str, Any] | None = None,
                  with_data: bool = True):
         super().__init__(cfg, device)
@@ -58,22 +41,12 @@ class ClassificationTask(LabelingTask):
             self.train_set = [self.encode(s.tokens, s.label) for s in train]
             self.valid = self.read(d.valid)
 
-    def read(self, path: str) -> list:
-        items = read_labeled(path)
-        if self.cfg.data.lowercase:
-            items = [s._replace(tokens=[w.lower() for w in s.tokens]) for s in items]
-        return items
-
     def extras(self) -> dict[str, Any]:
         lm = {"lm_features": self.model.lm.specs} if self.model.lm is not None else {}
         return {"words": self.words.itos, "labels": self.labels, **lm}
 
-    def encode(self, tokens: list[str], label: str | None = None) -> tuple[list[int], int]:
-        """Word ids and the label's id (-1 for a label the training data never showed)."""
-        if self.cfg.data.lowercase:
-            tokens = [w.lower() for w in tokens]
-        lm = (self.model.lm.encode(tokens),) if self.model.lm is not None else ()
-        return (self.words.encode(tokens), self.label_index.get(label, -1) if label is not None else 0, *lm)
+    def lm_inputs(self, tokens: list[str]) -> tuple:
+        return (self.model.lm.encode(tokens),) if self.model.lm is not None else ()
 
     def collate(self, items: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
         words, lengths = pad([x[0] for x in items])
@@ -115,55 +88,10 @@ class ClassificationTask(LabelingTask):
         self.model.train(was_training)
         return probs, weights, total / max(1, counted)
 
-    def score(self, sentences: list, batch_size: int) -> dict[str, Any]:
-        """Loss, accuracy, macro-F1 and confusion matrix; a label the training data never
-        showed is a class of its own (``<unseen>``) that no prediction matches."""
-        items = [self.encode(s.tokens, s.label) for s in sentences]
-        probs, _, loss = self.predict_encoded(items, batch_size)
-        labels = list(self.labels)
-        if any(x[1] < 0 for x in items):
-            labels.append("<unseen>")
-        gold = [x[1] if x[1] >= 0 else len(self.labels) for x in items]
-        return {"loss": loss, **classification_scores(gold, probs.argmax(-1).tolist(), labels)}
-
     def evaluate(self) -> dict[str, float]:
         results = self.score(self.valid, self.cfg.train.eval_batch_size)
         results.pop("confusion")
         return results
-
-    def evaluate_file(self, path: str, batch_size: int) -> dict[str, Any]:
-        sentences = self.read(path)
-        return {**self.score(sentences, batch_size), "labels": self.labels, "sentences": len(sentences)}
-
-    def predict_details(self, lines: list[str], batch_size: int) -> list[dict[str, Any] | None]:
-        """Per line of whitespace-separated words: the label, its probability, every label's,
-        and with attention pooling each word's weight; None for an empty line."""
-        items = [self.encode(line.split()) for line in lines]
-        todo = [i for i, x in enumerate(items) if x[0]]
-        p, weights, _ = self.predict_encoded([items[i] for i in todo], batch_size)
-        out: list[dict[str, Any] | None] = [None] * len(lines)
-        for row, i in enumerate(todo):
-            best = int(p[row].argmax())
-            out[i] = {"label": self.labels[best], "probability": float(p[row, best]),
-                      "probabilities": {label: float(q) for label, q in zip(self.labels, p[row])}}
-            if weights[row] is not None:
-                out[i]["attention"] = list(zip(lines[i].split(), weights[row]))
-        return out
-
-    def predict(self, lines: list[str], batch_size: int, probs: bool = False,
-                attention: bool = False) -> list[str]:
-        """One label per line (with ``probs`` its probability, with ``attention`` each word's weight)."""
-        return [format_prediction(d, probs, attention) for d in self.predict_details(lines, batch_size)]
-
-
-def format_prediction(d: dict[str, Any] | None, probs: bool = False, attention: bool = False) -> str:
-    """A :meth:`ClassificationTask.predict_details` entry as ``predict`` prints it."""
-    if d is None:
-        return ""
-    text = d["label"] + (f"\t{d['probability']:.4f}" if probs else "")
-    if attention and "attention" in d:
-        text += "\t" + " ".join(f"{w}:{a:.3f}" for w, a in d["attention"])
-    return text
 
 
 def build(cfg: Config, device: torch.device, extras: dict[str, Any] | None = None,

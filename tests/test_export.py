@@ -77,6 +77,49 @@ def test_an_exported_classifier_predicts_what_the_checkpoint_does(classifier):
                                                                              "--attention")
 
 
+@pytest.mark.parametrize("output", ["softmax", "crf"])
+def test_an_exported_tagger_tags_what_the_checkpoint_does(tmp_path, output):
+    from tests.test_api import _labelled_files
+
+    _, tags = _labelled_files(tmp_path)
+    cfg = {"task": "tagging", "run_dir": str(tmp_path / "tag"),
+           "data": {"format": "columns", "train": str(tags), "valid": str(tags), "token_column": 1, "tag_column": 2},
+           "model": {"embedding_dim": 8, "hidden_size": 8, "num_layers": 1, "output": output,
+                     "char_embedding_dim": 4, "char_hidden_size": 4},
+           "train": {"max_steps": 8, "eval_every": 8, "batch_size": 4}}
+    _cli("train", str(write_yaml(tmp_path / "tag.yaml", cfg)))
+    _cli("export", str(tmp_path / "tag" / "best.pt"), "-o", str(tmp_path / "tag_onnx"))
+    a, b = rnnkit.load(tmp_path / "tag" / "best.pt"), rnnkit.load(tmp_path / "tag_onnx")
+    assert type(a) is type(b) and b.backend == "onnxruntime"
+    lines = ["calm water", "", "grey wind bright day calm water grey", "Unseen-Words here"]
+    assert b.predict(lines, batch_size=2) == a.predict(lines, batch_size=2)
+    got, want = b.score(tags), a.score(tags)
+    assert got["accuracy"] == want["accuracy"] and got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    if output == "crf":
+        assert "crf" in json.loads((tmp_path / "tag_onnx" / "manifest.json").read_text())["graphs"]["tag"]
+
+
+def test_viterbi_and_the_crf_loss_match_the_torch_crf():
+    import torch
+
+    from rnnkit.models.crf import CRF
+    from rnnkit.tasks.tagger_text import crf_nll, viterbi
+
+    torch.manual_seed(0)
+    crf = CRF(5)
+    emissions = torch.randn(3, 7, 5)
+    lengths = [7, 4, 1]
+    mask = torch.arange(7)[None, :] < torch.tensor(lengths)[:, None]
+    params = [getattr(crf, k).detach().double().numpy() for k in ("transitions", "start", "end")]
+    paths = crf.decode(emissions, mask)
+    tags = torch.randint(0, 5, (3, 7))
+    nll = crf.nll(emissions, tags, mask).detach()
+    for b, n in enumerate(lengths):
+        e = emissions[b, :n].double().numpy()
+        assert viterbi(e, n, *params) == paths[b]
+        assert crf_nll(e, tags[b, :n].tolist(), *params) == pytest.approx(float(nll[b]), rel=1e-5)
+
+
 @pytest.mark.parametrize("name", ["char", "word"])
 def test_the_export_gives_the_checkpoints_log_probabilities(exported, name):
     ckpt, folder = exported[name]

@@ -70,3 +70,34 @@ def classifier(task: Any, folder: Path, opset: int) -> dict[str, dict[str, Any]]
                           str(folder / "classifier.onnx"), input_names=["words", "lengths"], output_names=outputs,
                           dynamic_axes=axes, opset_version=opset, dynamo=False)
     return {"classify": {"file": "classifier.onnx", "inputs": ["words", "lengths"], "outputs": outputs}}
+
+
+class TagScores(nn.Module):
+    """words (B, L), lengths (B,) [and characters (B, L, W)] -> tag scores (B, L, T)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, words: torch.Tensor, lengths: torch.Tensor, chars: torch.Tensor | None = None):
+        return self.model(words, lengths, chars).float()
+
+
+def tagger(task: Any, folder: Path, opset: int) -> dict[str, dict[str, Any]]:
+    """``tagger.onnx``: per-word tag scores (emissions of the CRF, which the runtime decodes);
+    batch, sentence and word lengths are dynamic."""
+    chars = task.cfg.model.char_encoder
+    inputs = ["words", "lengths", *(["chars"] if chars else [])]
+    example = (torch.ones(2, 5, dtype=torch.long), torch.tensor([5, 3]),
+               *([torch.ones(2, 5, 4, dtype=torch.long)] if chars else []))
+    axes = {"words": {0: "batch", 1: "time"}, "lengths": {0: "batch"}, "scores": {0: "batch", 1: "time"},
+            **({"chars": {0: "batch", 1: "time", 2: "letters"}} if chars else {})}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(TagScores(task.model.eval()), example, str(folder / "tagger.onnx"), input_names=inputs,
+                          output_names=["scores"], dynamic_axes=axes, opset_version=opset, dynamo=False)
+    spec: dict[str, Any] = {"file": "tagger.onnx", "inputs": inputs, "outputs": ["scores"]}
+    crf = task.model.crf
+    if crf is not None:       # the CRF's parameters: Viterbi runs outside the graph
+        spec["crf"] = {name: getattr(crf, name).detach().tolist() for name in ("transitions", "start", "end")}
+    return {"tag": spec}

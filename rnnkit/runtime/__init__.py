@@ -1,7 +1,8 @@
 """Trained models exported to ONNX, run with onnxruntime and numpy alone (no torch).
 
 ``manifest`` reads and checks an export folder, ``language_model`` runs a language model's
-step graph, ``classifier`` a sentence classifier's. :func:`load_export` gives the object ``rnnkit.load`` wraps, as the torch task
+step graph, ``classifier`` a sentence classifier's, ``tagger`` a tagger's (its CRF decoded
+in numpy). :func:`load_export` gives the object ``rnnkit.load`` wraps, as the torch task
 objects are wrapped for a checkpoint.
 """
 from __future__ import annotations
@@ -23,6 +24,10 @@ def load_export(folder: str | Path) -> Any:
         from rnnkit.runtime.classifier import OnnxClassifier
 
         return OnnxClassifier(Path(folder), manifest)
+    if manifest["task"] == "tagging":
+        from rnnkit.runtime.tagger import OnnxTagger
+
+        return OnnxTagger(Path(folder), manifest)
     raise AssertionError(manifest["task"])     # read_manifest refuses other tasks
 
 

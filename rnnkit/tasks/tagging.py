@@ -10,18 +10,18 @@ from tqdm import tqdm
 from rnnkit.config import (Config, recurrent_options)
 from rnnkit.config.labeling import TaggingDataConfig as DataConfig  # noqa: F401  (this task's sections)
 from rnnkit.config.labeling import TaggingModelConfig as ModelConfig  # noqa: F401
-from rnnkit.data.labeled import read_tagged, select
 from rnnkit.data.parallel import pad
 from rnnkit.data.vocab import PAD, UNK, Vocab
 from rnnkit.models.labeling import Tagger
-from rnnkit.spans import is_span_scheme, span_scores
+from rnnkit.spans import is_span_scheme
+from rnnkit.tasks.tagger_text import TaggerText
 from rnnkit.tasks.labeling import LabelingTask, drop_words, label_list, word_vocab
 from rnnkit.transfer import build_lm_features, initialise_encoder
 
 Encoded = tuple[list[int], list[list[int]], list[int]]   # word ids, character ids per word, tag ids
 
 
-class TaggingTask(LabelingTask):
+class TaggingTask(TaggerText, LabelingTask):
     def __init__(self, cfg: Config, device: torch.device, extras: dict[str, Any] | None = None,
                  with_data: bool = True):
         super().__init__(cfg, device)
@@ -47,24 +47,12 @@ class TaggingTask(LabelingTask):
             self.train_set = [self.encode(s.tokens, s.tags) for s in train]
             self.valid = self.read(d.valid, d.valid_range, "data.valid_range")
 
-    def read(self, path: str, span: list[int] | None = None, key: str = "") -> list:
-        d = self.cfg.data
-        return select(read_tagged(path, d.format, d.token_column, d.tag_column), span, key, path)
-
     def extras(self) -> dict[str, Any]:
         lm = {"lm_features": self.model.lm.specs} if self.model.lm is not None else {}
         return {"words": self.words.itos, "chars": self.chars.itos, "tags": self.tags, **lm}
 
-    def word_forms(self, tokens: Sequence[str]) -> list[str]:
-        return [w.lower() for w in tokens] if self.cfg.data.lowercase else list(tokens)
-
-    def encode(self, tokens: Sequence[str], tags: Sequence[str] | None = None) -> Encoded:
-        """Ids; a tag the training data never showed gets -1 (it counts as wrong, not in the loss)."""
-        limit = self.cfg.data.max_word_length
-        chars = [self.chars.encode(w[:limit]) for w in tokens]
-        tag_ids = [self.tag_index.get(t, -1) for t in tags] if tags is not None else [0] * len(tokens)
-        lm = (self.model.lm.encode(tokens),) if self.model.lm is not None else ()
-        return (self.words.encode(self.word_forms(tokens)), chars, tag_ids, *lm)
+    def lm_inputs(self, tokens: Sequence[str]) -> tuple:
+        return (self.model.lm.encode(tokens),) if self.model.lm is not None else ()
 
     def collate(self, items: list[Encoded]) -> dict[str, torch.Tensor]:
         words, lengths = pad([x[0] for x in items])
@@ -109,42 +97,12 @@ class TaggingTask(LabelingTask):
         self.model.train(was_training)
         return out, total, counted
 
-    def score(self, sentences: list, batch_size: int) -> dict[str, Any]:
-        """Loss, token accuracy and, for BIO/BIOES tag sets, span precision/recall/F1."""
-        items = [self.encode(s.tokens, s.tags) for s in sentences]
-        pred, total, counted = self.predict_encoded(items, batch_size)
-        gold = [s.tags for s in sentences]
-        tokens = sum(len(g) for g in gold)
-        correct = sum(p == g for ps, gs in zip(pred, gold) for p, g in zip(ps, gs))
-        out: dict[str, Any] = {"loss": total / max(1, counted), "accuracy": correct / tokens}
-        if self.spans:
-            scores = span_scores(gold, pred)
-            overall = scores.pop("overall")
-            out.update(precision=overall["precision"], recall=overall["recall"], f1=overall["f1"])
-            out["per_type"] = scores
-        return out
-
     def evaluate(self) -> dict[str, float]:
         results = self.score(self.valid, self.cfg.train.eval_batch_size)
         results.pop("per_type", None)
         if "f1" not in results:
             results["f1"] = results["accuracy"]    # one number to select on for any tag set
         return results
-
-    def evaluate_file(self, path: str, batch_size: int) -> dict[str, Any]:
-        sentences = self.read(path)
-        return {**self.score(sentences, batch_size), "sentences": len(sentences),
-                "tokens": sum(len(s.tokens) for s in sentences)}
-
-    def predict(self, lines: list[str], batch_size: int, probs: bool = False) -> list[str]:
-        """One line of space-separated tags per line of space-separated words."""
-        items = [self.encode(line.split()) for line in lines]
-        todo = [i for i, x in enumerate(items) if x[0]]
-        tags, _, _ = self.predict_encoded([items[i] for i in todo], batch_size)
-        out = [""] * len(lines)
-        for i, t in zip(todo, tags):
-            out[i] = " ".join(t)
-        return out
 
 
 def build(cfg: Config, device: torch.device, extras: dict[str, Any] | None = None,

@@ -285,3 +285,18 @@ def test_options_that_an_export_fixed_are_refused(exported):
     assert result.exit_code == 2 and "--gradient-flow needs the checkpoint" in result.output
     with pytest.raises(ConfigError, match="--cache"):
         rnnkit.load(folder).score(TEXT, cache=100)
+
+
+def test_serve_answers_from_an_export(exported, classifier):
+    from fastapi.testclient import TestClient
+
+    from rnnkit.serve import build_app
+
+    lm, cls = rnnkit.load(exported["char"][1]), rnnkit.load(classifier[1])
+    with TestClient(build_app({"lm": lm, "cls": cls})) as client:
+        r = client.post("/v1/lm/generate", json={"prime": "The", "length": 15, "seed": 3})
+        assert r.status_code == 200 and r.json()["text"] == lm.generate("The", 15, seed=3)
+        r = client.post("/v1/cls/predict", json={"lines": ["calm grey water"]})
+        assert r.status_code == 200 and r.json()["predictions"][0]["label"] == cls.predict(["calm grey water"])[0]["label"]
+        cards = {c["name"]: c for c in client.get("/v1/models").json()["models"]}
+        assert cards["lm"]["backend"] == "onnxruntime"

@@ -301,3 +301,14 @@ def test_serve_answers_from_an_export(exported, classifier):
         assert r.status_code == 200 and r.json()["predictions"][0]["label"] == expected
         cards = {c["name"]: c for c in client.get("/v1/models").json()["models"]}
         assert cards["lm"]["backend"] == "onnxruntime"
+
+
+@pytest.mark.parametrize("task", ["translation", "forecast", "adding", "copy"])
+def test_tasks_without_an_export_yet_say_so(task):
+    from types import SimpleNamespace
+
+    from rnnkit.export.writer import exportable
+
+    with pytest.raises(CheckpointError, match=f"a '{task}' checkpoint cannot be exported yet; rnnkit exports lm, "
+                                              f"classification, tagging models so far"):
+        exportable(SimpleNamespace(task=task, model=SimpleNamespace(impl="fused")))

@@ -303,12 +303,31 @@ def test_serve_answers_from_an_export(exported, classifier):
         assert cards["lm"]["backend"] == "onnxruntime"
 
 
-@pytest.mark.parametrize("task", ["translation", "forecast", "adding", "copy"])
+@pytest.mark.parametrize("task", ["translation", "adding", "copy"])
 def test_tasks_without_an_export_yet_say_so(task):
     from types import SimpleNamespace
 
     from rnnkit.export.writer import exportable
 
     with pytest.raises(CheckpointError, match=f"a '{task}' checkpoint cannot be exported yet; rnnkit exports lm, "
-                                              f"classification, tagging models so far"):
+                                              f"classification, tagging, forecast models so far"):
         exportable(SimpleNamespace(task=task, model=SimpleNamespace(impl="fused")))
+
+
+@pytest.mark.parametrize("decoder", ["direct", "recurrent"])
+def test_an_exported_forecaster_forecasts_what_the_checkpoint_does(tmp_path, decoder):
+    from tests.test_forecast import forecast_config, seasonal_series, write_csv
+
+    series = write_csv(tmp_path / "series.csv", seasonal_series(400))
+    cfg = forecast_config(tmp_path, series, model={"decoder": decoder})
+    cfg["train"].update(max_steps=4, eval_every=4)
+    _cli("train", str(write_yaml(tmp_path / "f.yaml", cfg)))
+    _cli("export", str(tmp_path / "run" / "best.pt"), "-o", str(tmp_path / "f_onnx"))
+    a, b = rnnkit.load(tmp_path / "run" / "best.pt"), rnnkit.load(tmp_path / "f_onnx")
+    assert type(a) is type(b) and b.backend == "onnxruntime"
+    for x, y in zip(a.forecast(series, at=300), b.forecast(series, at=300)):
+        assert {k: v for k, v in x.items() if k != "value"} == {k: v for k, v in y.items() if k != "value"}
+        assert x["value"] == pytest.approx(y["value"], rel=1e-4, abs=1e-4)
+    got, want = b.score(series, split="test"), a.score(series, split="test")
+    assert round(got["mse"], 4) == round(want["mse"], 4) and got["windows"] == want["windows"]
+    assert got["seasonal_mse"] == pytest.approx(want["seasonal_mse"], rel=1e-9)

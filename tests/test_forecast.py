@@ -17,7 +17,7 @@ from rnnkit.config import ConfigError, load_config
 from rnnkit.data.series import read_series, split_rows, window_starts
 from rnnkit.data.vocab import DataError
 from rnnkit.runs import load_task, prepare_trainer
-from rnnkit.tasks.forecast import seasonal_positions
+from rnnkit.tasks.forecast_text import seasonal_positions
 from tests.conftest import SHARED_DATA, write_yaml
 
 runner = CliRunner()
@@ -140,8 +140,8 @@ def test_no_validation_or_test_value_reaches_training(tmp_path):
         tmp_path, path, data={"split": [400, 500, 600]})))
     task = load_task_from_config(cfg)
     reference = torch.tensor([clean[k][:400] for k in clean], dtype=torch.float64).T
-    assert torch.allclose(task.scaler.mean, reference.mean(0))
-    assert torch.allclose(task.scaler.std, reference.std(0, correction=0))
+    assert torch.allclose(torch.from_numpy(task.scaler.mean), reference.mean(0))
+    assert torch.allclose(torch.from_numpy(task.scaler.std), reference.std(0, correction=0))
     seen = torch.cat([torch.cat([x.flatten(), y.flatten()]) for x, y in
                       (task.windows_at(task.values, b) for b in task.train_batches(0))])
     marker = task.scaler.transform(torch.full((1, 2), 1e6, dtype=torch.float64)).min().item()
@@ -259,7 +259,7 @@ def test_eval_and_predict_from_the_checkpoint(tmp_path, series_csv):
                        dtype=torch.float64)
     assert torch.allclose(task.scaler.transform(got), expected, atol=1e-5)
     truth = torch.tensor([[float(r["truth"]) for r in rows[k * 2:(k + 1) * 2]] for k in range(24)])
-    assert torch.allclose(truth.double(), task.series.values[1100:1124], atol=1e-6)
+    assert torch.allclose(truth.double(), torch.from_numpy(task.series.values[1100:1124]), atol=1e-6)
 
 
 def test_predict_past_the_end_and_every_window(tmp_path, series_csv):

@@ -17,7 +17,7 @@ def export(
 ) -> None:
     """Export a checkpoint to ONNX: graphs and a manifest that onnxruntime runs without torch.
 
-    The folder then works wherever a checkpoint does for inference: rnnkit.load(DIR), rnnkit generate | predict | eval | serve DIR. Language models, sentence classifiers and taggers export so far; other checkpoints get a one-line reason. Nothing is written at DIR unless the export finishes.
+    The folder then works wherever a checkpoint does for inference: rnnkit.load(DIR), rnnkit generate | predict | eval | serve DIR. Language models, sentence classifiers, taggers and forecasters export so far; other checkpoints get a one-line reason. Nothing is written at DIR unless the export finishes.
 
     Example:  rnnkit export runs/char_lm/best.pt -o exports/char_lm --int8
     """

@@ -24,7 +24,9 @@ def generate(
     top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0,
                                           help="Sample from the smallest set of tokens with this total probability."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed; the same seed gives the same text "
-                                                            "(sample i of --num-samples uses seed + i - 1)."),
+                                                            "with the same backend: a checkpoint and its export "
+                                                            "sample differently (sample i of --num-samples uses "
+                                                            "seed + i - 1)."),
     num_samples: int = typer.Option(1, "--num-samples", min=1, help="How many independent samples."),
     precision: str = precision_option(),
     int8: bool = int8_option(),

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Sequence
 
-import torch
+import numpy as np
 
 from rnnkit.data.vocab import DataError
 
@@ -28,7 +28,7 @@ class Series:
     path: str
     times: list[datetime]
     columns: list[str]
-    values: torch.Tensor     # (rows, columns), float64
+    values: np.ndarray       # (rows, columns), float64
 
     def __len__(self) -> int:
         return len(self.times)
@@ -109,7 +109,7 @@ def read_series(path: str | Path, time_column: str, columns: Sequence[str] | Non
         values.append([_parse_value(fields[i], path, r, name) for i, name in zip(at, names)])
     if not times:
         raise DataError(f"{path}: has a header but no rows")
-    return Series(path, times, names, torch.tensor(values, dtype=torch.float64))
+    return Series(path, times, names, np.asarray(values, dtype=np.float64).reshape(len(times), len(names)))
 
 
 def split_rows(bounds: Sequence[float], rows: int, path: str) -> list[tuple[int, int]]:
@@ -122,42 +122,49 @@ def split_rows(bounds: Sequence[float], rows: int, path: str) -> list[tuple[int,
     return list(zip(starts, ends))
 
 
-def window_starts(first: int, end: int, input_length: int, horizon: int) -> torch.Tensor:
+def window_starts(first: int, end: int, input_length: int, horizon: int) -> np.ndarray:
     """First target rows of every window whose targets lie in ``[first, end)`` and whose inputs
     lie in the file (they may reach back before ``first``)."""
-    return torch.arange(max(first, input_length), end - horizon + 1)
+    return np.arange(max(first, input_length), end - horizon + 1, dtype=np.int64)
 
 
-def gather_windows(values: torch.Tensor, starts: torch.Tensor, before: int, after: int) -> torch.Tensor:
+def gather_windows(values, starts, before: int, after: int):
     """Rows ``[t - before, t + after)`` of ``values`` (rows, C) for each ``t`` in ``starts``:
-    (len(starts), before + after, C)."""
-    offsets = torch.arange(-before, after, device=starts.device)
+    (len(starts), before + after, C). numpy arrays or torch tensors (on any device) alike."""
+    offsets = range(-before, after)
+    offsets = starts.new_tensor(list(offsets)) if hasattr(starts, "new_tensor") else np.asarray(offsets)
     return values[starts[:, None] + offsets[None, :]]
+
+
+def _like(array: np.ndarray, x):
+    """``array`` as ``x``'s kind: a torch tensor of its dtype and device, or a numpy array."""
+    return x.new_tensor(array) if hasattr(x, "new_tensor") else array
 
 
 @dataclass
 class Scaler:
-    """Per-column standardisation: (x - mean) / std, the statistics of the training rows."""
+    """Per-column standardisation: (x - mean) / std, the statistics of the training rows. It
+    transforms numpy arrays and torch tensors alike."""
 
-    mean: torch.Tensor     # (C,)
-    std: torch.Tensor      # (C,)
+    mean: np.ndarray     # (C,) float64
+    std: np.ndarray      # (C,)
 
     @classmethod
-    def fit(cls, values: torch.Tensor) -> "Scaler":
+    def fit(cls, values: np.ndarray) -> "Scaler":
         """Mean and population standard deviation (a constant column keeps std 1)."""
-        std = values.std(0, correction=0)
-        return cls(values.mean(0), torch.where(std > 0, std, torch.ones_like(std)))
+        std = values.std(0)
+        return cls(values.mean(0), np.where(std > 0, std, 1.0))
 
-    def transform(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean.to(x)) / self.std.to(x)
+    def transform(self, x):
+        return (x - _like(self.mean, x)) / _like(self.std, x)
 
-    def inverse(self, x: torch.Tensor, columns: Sequence[int] | None = None) -> torch.Tensor:
+    def inverse(self, x, columns: Sequence[int] | None = None):
         mean, std = (self.mean, self.std) if columns is None else (self.mean[list(columns)], self.std[list(columns)])
-        return x * std.to(x) + mean.to(x)
+        return x * _like(std, x) + _like(mean, x)
 
     def state(self) -> dict[str, list[float]]:
         return {"mean": self.mean.tolist(), "std": self.std.tolist()}
 
     @classmethod
     def from_state(cls, state: dict[str, list[float]]) -> "Scaler":
-        return cls(torch.tensor(state["mean"], dtype=torch.float64), torch.tensor(state["std"], dtype=torch.float64))
+        return cls(np.asarray(state["mean"], dtype=np.float64), np.asarray(state["std"], dtype=np.float64))

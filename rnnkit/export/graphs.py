@@ -101,3 +101,26 @@ def tagger(task: Any, folder: Path, opset: int) -> dict[str, dict[str, Any]]:
     if crf is not None:       # the CRF's parameters: Viterbi runs outside the graph
         spec["crf"] = {name: getattr(crf, name).detach().tolist() for name in ("transitions", "start", "end")}
     return {"tag": spec}
+
+
+class Forecasts(nn.Module):
+    """Standardised input windows (B, L, C) -> standardised forecasts (B, H, T)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        return self.model(x).float()
+
+
+def forecaster(task: Any, folder: Path, opset: int) -> dict[str, dict[str, Any]]:
+    """``forecaster.onnx``: the batch is dynamic; the window's length is the config's."""
+    d = task.cfg.data
+    x = torch.zeros(2, d.input_length, len(task.columns))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Forecasts(task.model.eval()), (x,), str(folder / "forecaster.onnx"), input_names=["x"],
+                          output_names=["forecasts"], dynamic_axes={"x": {0: "batch"}, "forecasts": {0: "batch"}},
+                          opset_version=opset, dynamo=False)
+    return {"forecast": {"file": "forecaster.onnx", "inputs": ["x"], "outputs": ["forecasts"]}}

@@ -16,7 +16,8 @@ from rnnkit.runtime.manifest import EXPORTABLE, FORMAT, MANIFEST
 from rnnkit.training.checkpoint import CheckpointError, load_checkpoint
 from rnnkit.version import __version__
 
-BUILDERS = {"lm": graphs.language_model, "classification": graphs.classifier, "tagging": graphs.tagger}
+BUILDERS = {"lm": graphs.language_model, "classification": graphs.classifier, "tagging": graphs.tagger,
+            "forecast": graphs.forecaster}
 
 
 def exportable(cfg: Any) -> None:

@@ -2,7 +2,7 @@
 
 ``manifest`` reads and checks an export folder, ``language_model`` runs a language model's
 step graph, ``classifier`` a sentence classifier's, ``tagger`` a tagger's (its CRF decoded
-in numpy). :func:`load_export` gives the object ``rnnkit.load`` wraps, as the torch task
+in numpy), ``forecaster`` a forecaster's. :func:`load_export` gives the object ``rnnkit.load`` wraps, as the torch task
 objects are wrapped for a checkpoint.
 """
 from __future__ import annotations
@@ -28,6 +28,10 @@ def load_export(folder: str | Path) -> Any:
         from rnnkit.runtime.tagger import OnnxTagger
 
         return OnnxTagger(Path(folder), manifest)
+    if manifest["task"] == "forecast":
+        from rnnkit.runtime.forecaster import OnnxForecaster
+
+        return OnnxForecaster(Path(folder), manifest)
     raise AssertionError(manifest["task"])     # read_manifest refuses other tasks
 
 

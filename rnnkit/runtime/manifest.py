@@ -15,7 +15,7 @@ from rnnkit.training.checkpoint import CheckpointError
 MANIFEST = "manifest.json"
 FORMAT_NAME, FORMAT_VERSION = "rnnkit-export", 1
 FORMAT = f"{FORMAT_NAME}-{FORMAT_VERSION}"
-EXPORTABLE = ("lm", "classification", "tagging")      # tasks with graphs and a runtime so far
+EXPORTABLE = ("lm", "classification", "tagging", "forecast")      # tasks with graphs and a runtime so far
 
 
 def is_export(path: str | Path) -> bool:

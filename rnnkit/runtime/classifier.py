@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from rnnkit.config import load_config
 from rnnkit.data.vocab import Vocab
+from rnnkit.runtime.base import Exported
 from rnnkit.runtime.manifest import open_graph
 from rnnkit.tasks.classifier_text import ClassifierText
 
@@ -28,12 +28,9 @@ def pad(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     return out, lengths
 
 
-class OnnxClassifier(ClassifierText):
-    backend = "onnxruntime"
-
+class OnnxClassifier(ClassifierText, Exported):
     def __init__(self, folder: Path, manifest: dict[str, Any]):
-        self.folder, self.manifest = folder, manifest
-        self.cfg = load_config(None, base=manifest["config"])
+        super().__init__(folder, manifest)
         self.words = Vocab(manifest["extras"]["words"])
         self.labels = list(manifest["extras"]["labels"])
         self.label_index = {label: i for i, label in enumerate(self.labels)}
@@ -56,7 +53,3 @@ class OnnxClassifier(ClassifierText):
                 if len(out) > 1:
                     weights[i] = out[1][row, : len(items[i][0])].tolist()
         return probs, weights, total / max(1, counted)
-
-    def card(self) -> dict[str, Any]:
-        return {**self.manifest.get("card", {}), "export": str(self.folder), "backend": self.backend,
-                "int8": self.manifest.get("int8", False)}

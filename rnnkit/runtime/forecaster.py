@@ -8,18 +8,15 @@ from typing import Any
 
 import numpy as np
 
-from rnnkit.config import load_config
 from rnnkit.data.series import Scaler
+from rnnkit.runtime.base import Exported
 from rnnkit.runtime.manifest import open_graph
 from rnnkit.tasks.forecast_text import ForecastText
 
 
-class OnnxForecaster(ForecastText):
-    backend = "onnxruntime"
-
+class OnnxForecaster(ForecastText, Exported):
     def __init__(self, folder: Path, manifest: dict[str, Any]):
-        self.folder, self.manifest = folder, manifest
-        self.cfg = load_config(None, base=manifest["config"])
+        super().__init__(folder, manifest)
         extras = manifest["extras"]
         self.columns, self.target_names = list(extras["columns"]), list(extras["targets"])
         self.targets = [self.columns.index(t) for t in self.target_names]
@@ -28,7 +25,3 @@ class OnnxForecaster(ForecastText):
 
     def predict_windows(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {"x": x.astype(np.float32)})[0]
-
-    def card(self) -> dict[str, Any]:
-        return {**self.manifest.get("card", {}), "export": str(self.folder), "backend": self.backend,
-                "int8": self.manifest.get("int8", False)}

@@ -7,19 +7,17 @@ from typing import Any
 
 import numpy as np
 
-from rnnkit.config import ConfigError, load_config
+from rnnkit.config import ConfigError
 from rnnkit.data.vocab import Vocab, make_tokenizer
 from rnnkit.decoding.lm_loop import stream_nll
+from rnnkit.runtime.base import Exported
 from rnnkit.runtime.manifest import open_graph
 from rnnkit.tasks.lm_text import LanguageModelText
 
 
-class OnnxLanguageModel(LanguageModelText):
-    backend = "onnxruntime"
-
+class OnnxLanguageModel(LanguageModelText, Exported):
     def __init__(self, folder: Path, manifest: dict[str, Any]):
-        self.folder, self.manifest = folder, manifest
-        self.cfg = load_config(None, base=manifest["config"])
+        super().__init__(folder, manifest)
         self.vocab = Vocab(manifest["extras"]["vocab"])
         self.tokenizer = make_tokenizer(self.cfg.data.tokenizer)
         graph = manifest["graphs"]["step"]
@@ -47,7 +45,3 @@ class OnnxLanguageModel(LanguageModelText):
             raise ConfigError("", f"{len(ids)} tokens are too few to score")
         total, tokens = stream_nll(self, ids[: rows * length].reshape(rows, length), self.cfg.data.bptt)
         return {**self.metrics(total / tokens, tokens), "tokens": tokens}
-
-    def card(self) -> dict[str, Any]:
-        return {**self.manifest.get("card", {}), "export": str(self.folder), "backend": self.backend,
-                "int8": self.manifest.get("int8", False)}

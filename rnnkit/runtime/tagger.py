@@ -7,20 +7,17 @@ from typing import Any
 
 import numpy as np
 
-from rnnkit.config import load_config
 from rnnkit.data.vocab import Vocab
 from rnnkit.runtime.classifier import pad, padded_batches
+from rnnkit.runtime.base import Exported
 from rnnkit.runtime.manifest import open_graph
 from rnnkit.spans import is_span_scheme
 from rnnkit.tasks.tagger_text import TaggerText, crf_nll, viterbi
 
 
-class OnnxTagger(TaggerText):
-    backend = "onnxruntime"
-
+class OnnxTagger(TaggerText, Exported):
     def __init__(self, folder: Path, manifest: dict[str, Any]):
-        self.folder, self.manifest = folder, manifest
-        self.cfg = load_config(None, base=manifest["config"])
+        super().__init__(folder, manifest)
         extras = manifest["extras"]
         self.words, self.chars, self.tags = Vocab(extras["words"]), Vocab(extras["chars"]), list(extras["tags"])
         self.tag_index = {t: i for i, t in enumerate(self.tags)}
@@ -62,7 +59,3 @@ class OnnxTagger(TaggerText):
                         total += float((log_z - emissions[np.arange(n), gold]).sum())
                     counted += n
         return out, total, counted
-
-    def card(self) -> dict[str, Any]:
-        return {**self.manifest.get("card", {}), "export": str(self.folder), "backend": self.backend,
-                "int8": self.manifest.get("int8", False)}

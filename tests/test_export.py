@@ -331,3 +331,8 @@ def test_an_exported_forecaster_forecasts_what_the_checkpoint_does(tmp_path, dec
     got, want = b.score(series, split="test"), a.score(series, split="test")
     assert round(got["mse"], 4) == round(want["mse"], 4) and got["windows"] == want["windows"]
     assert got["seasonal_mse"] == pytest.approx(want["seasonal_mse"], rel=1e-9)
+
+
+def test_info_shows_an_exports_card(exported):
+    card = json.loads(_cli("info", str(exported["char"][1]), "--json"))
+    assert card["backend"] == "onnxruntime" and card["int8"] is False and card["task"] == "lm"

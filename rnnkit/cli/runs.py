@@ -77,17 +77,22 @@ def average(
 
 
 def info(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint."),
+    checkpoint: Path = typer.Argument(..., help="A checkpoint, or a folder written by 'rnnkit export'."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object instead of a table."),
 ) -> None:
     """Show a checkpoint's model card.
 
-    Task, architecture, parameters, vocabulary sizes, training so far, best validation metric, config hash, versions, and the command that continues it.
+    Task, architecture, parameters, vocabulary sizes, training so far, best validation metric, config hash, versions, and the command that continues it. For an export: the card of the checkpoint it came from, and how it runs.
 
     Example:  rnnkit info runs/en_fr/best.pt
     """
-    from rnnkit.reports import model_card
-
     with user_errors():
-        card = model_card(checkpoint)
+        if checkpoint.is_dir():
+            from rnnkit.runtime import load_export
+
+            card = load_export(checkpoint).card()
+        else:
+            from rnnkit.reports import model_card
+
+            card = model_card(checkpoint)
     print_results(card, as_json)

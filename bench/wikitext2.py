@@ -85,36 +85,36 @@ def score(run: Path, streams: int, cache: int) -> dict:
     """best.pt on valid and test (one pass each: perplexity, and the states the cache reads);
     the cache's theta and lambda chosen on valid, then applied to test."""
     import numpy as np
-    import torch
 
     from rnnkit.data.vocab import read_text
     from rnnkit.runs import load_task
-    from rnnkit.tasks.language_model import batchify, cache_mix_loss
+    from rnnkit.decoding.lm_loop import cache_mix_loss, cache_probs, stream_states
+    from rnnkit.tasks.language_model import batchify
 
     task = load_task(run / "best.pt", "cpu")
     task.model.eval()
     out, states = {}, {}
     for split in ("valid", "test"):
         ids = np.asarray(task.encode(read_text(str(DATA / f"{split}.txt"))), np.int64)
-        stream = torch.from_numpy(np.ascontiguousarray(batchify(ids, streams)))
+        stream = np.ascontiguousarray(batchify(ids, streams))
         start = time.perf_counter()
-        states[split] = task.stream_states(stream)
+        states[split] = stream_states(task, stream, task.cfg.data.bptt)
         p_model = states[split][1]
-        out[f"{split}_ppl"] = math.exp(-p_model.double().log().mean().item())
-        out[f"{split}_tokens"], out[f"{split}_seconds"] = p_model.numel(), time.perf_counter() - start
+        out[f"{split}_ppl"] = math.exp(-np.log(p_model).mean())
+        out[f"{split}_tokens"], out[f"{split}_seconds"] = p_model.size, time.perf_counter() - start
     if not cache:
         return out
     best = None
     hidden, p_model, words = states["valid"]
     for theta in THETAS:
-        p_cache, seen = task.cache_probs(hidden, words, cache, theta)
+        p_cache, seen = cache_probs(hidden, words, cache, theta)
         for lam in LAMBDAS:
             ppl = math.exp(cache_mix_loss(p_model, p_cache, seen, lam))
             if best is None or ppl < best[0]:
                 best = (ppl, theta, lam)
     out["cache_valid_ppl"], out["cache_theta"], out["cache_lambda"] = best
     hidden, p_model, words = states["test"]
-    p_cache, seen = task.cache_probs(hidden, words, cache, best[1])
+    p_cache, seen = cache_probs(hidden, words, cache, best[1])
     out["cache_test_ppl"], out["cache"] = math.exp(cache_mix_loss(p_model, p_cache, seen, best[2])), cache
     return out
 

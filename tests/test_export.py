@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 
 import rnnkit
 from rnnkit.cli import app
-from rnnkit.config import ConfigError
 from rnnkit.training.checkpoint import CheckpointError
 from tests.conftest import ROOT, SAMPLE_TEXT, tiny_lm_config, write_yaml
 
@@ -283,8 +282,7 @@ def test_options_that_an_export_fixed_are_refused(exported):
         assert result.exit_code == 2 and "apply to checkpoints" in result.output
     result = runner.invoke(app, ["eval", str(folder), "--gradient-flow"])
     assert result.exit_code == 2 and "--gradient-flow needs the checkpoint" in result.output
-    with pytest.raises(ConfigError, match="--cache"):
-        rnnkit.load(folder).score(TEXT, cache=100)
+    assert rnnkit.load(folder).card()["backend"] == "onnxruntime"
 
 
 def test_serve_answers_from_an_export(exported, classifier):
@@ -336,3 +334,12 @@ def test_an_exported_forecaster_forecasts_what_the_checkpoint_does(tmp_path, dec
 def test_info_shows_an_exports_card(exported):
     card = json.loads(_cli("info", str(exported["char"][1]), "--json"))
     assert card["backend"] == "onnxruntime" and card["int8"] is False and card["task"] == "lm"
+
+
+def test_the_cache_scores_an_export_as_it_scores_the_checkpoint(exported):
+    ckpt, folder = exported["word"]
+    text = " ".join(TEXT.split()[:400]) + "\n"
+    a = rnnkit.load(ckpt).score(text, streams=2, cache=50, cache_theta=0.5, cache_lambda=0.2)
+    b = rnnkit.load(folder).score(text, streams=2, cache=50, cache_theta=0.5, cache_lambda=0.2)
+    assert b["cache_ppl"] == pytest.approx(a["cache_ppl"], rel=1e-4) and b["ppl"] == pytest.approx(a["ppl"], rel=1e-5)
+    assert b["cache_ppl"] != b["ppl"]

@@ -363,14 +363,14 @@ def test_cache_matches_its_definition_and_lowers_perplexity_on_repeated_text(tmp
     for _ in range(3):
         words = [task.vocab.itos[i] for i in rng.integers(2, len(task.vocab), 10)]
         rows.append(task.encode((" ".join(words) + "\n") * 30))
-    plain, cached, n = task.cache_loss(torch.tensor(rows), size=150, theta=1.0, lam=0.3)
+    plain, cached, n = task.cache_loss(np.asarray(rows), size=150, theta=1.0, lam=0.3)
     naive = [_naive_cache(task, ids, 150, 1.0, 0.3) for ids in rows]
     assert n == 3 * 329 and all(len(r) == 330 for r in rows)
     assert plain == pytest.approx(np.mean([p for p, _ in naive]), rel=1e-4)
     assert cached == pytest.approx(np.mean([c for _, c in naive]), rel=1e-4)
     words = [task.vocab.itos[i] for i in rng.integers(2, len(task.vocab), 15)]
     text = (" ".join(words) + "\n") * 6                                # a text that repeats itself
-    one, _, _ = task.cache_loss(torch.tensor([task.encode(text)]), size=30, theta=1.0, lam=0.3)
+    one, _, _ = task.cache_loss(np.asarray([task.encode(text)]), size=30, theta=1.0, lam=0.3)
     result = task.evaluate_text(text, rows=1, cache=30, theta=1.0, lam=0.3)
     assert result["cache_ppl"] < 0.7 * result["ppl"]
     assert result["ppl"] == pytest.approx(math.exp(one), rel=1e-5)

@@ -17,6 +17,13 @@ class StepModel(Protocol):
     def step(self, ids: np.ndarray, state: Any) -> tuple[np.ndarray, Any]: ...
 
 
+class StatesModel(StepModel, Protocol):
+    def step_states(self, ids: np.ndarray, state: Any) -> tuple[np.ndarray, np.ndarray, Any]:
+        """As ``step``, with the top layer's output at every position (B, T, H) in the middle.
+        A backend may also offer ``target_states(ids, targets, state)``, which returns the
+        targets' log-probabilities (B, T) in place of the whole distribution."""
+
+
 def filter_log_probs(scores: np.ndarray, top_k: int | None = None, top_p: float | None = None) -> np.ndarray:
     """``scores`` (V,) with everything outside the top-k / the smallest top-p nucleus at -inf."""
     scores = scores.astype(np.float64, copy=True)
@@ -78,6 +85,58 @@ def stream_nll(model: StepModel, stream: np.ndarray, window: int,
         total -= float(np.take_along_axis(log_probs, y[..., None].astype(np.int64), -1).astype(np.float64).sum())
         count += y.size
     return total, count
+
+
+def stream_states(model: StatesModel, stream: np.ndarray, window: int,
+                  progress: Callable[[Iterator[int]], Iterator[int]] = iter
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One pass over a (rows, length) id stream: every position's top-layer state (B, N, H),
+    the model's probability of its next word (B, N), and that word (B, N)."""
+    hidden, p_model, words, state = [], [], [], None
+    for start in progress(range(0, stream.shape[1] - 1, window)):
+        y = stream[:, start + 1:start + 1 + window].astype(np.int64)
+        x = np.ascontiguousarray(stream[:, start:start + y.shape[1]], dtype=np.int64)
+        if hasattr(model, "target_states"):     # a backend that scores the targets alone (adaptive softmax)
+            target, top, state = model.target_states(x, y, state)
+        else:
+            log_probs, top, state = model.step_states(x, state)
+            target = np.take_along_axis(log_probs, y[..., None], -1)[..., 0]
+        p_model.append(np.exp(target.astype(np.float64)))
+        hidden.append(top.astype(np.float32))
+        words.append(y)
+    return np.concatenate(hidden, 1), np.concatenate(p_model, 1), np.concatenate(words, 1)
+
+
+def cache_probs(hidden: np.ndarray, words: np.ndarray, size: int, theta: float,
+                chunk: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Grave et al.'s continuous cache over :func:`stream_states`: at each position t, the next
+    words of the last ``size`` positions i < t, weighted by ``softmax(theta * h_t . h_i)`` of
+    their states against the current one; returns the cache's probability of the actual next
+    word (B, N) and whether the cache had anything yet (B, N). Each stream (row) has its own
+    cache."""
+    rows, n = words.shape
+    p_cache, seen = [], []
+    for lo in range(0, n, chunk):
+        hi, first = min(n, lo + chunk), max(0, lo - size)
+        scores = theta * np.matmul(hidden[:, lo:hi], hidden[:, first:hi].transpose(0, 2, 1)).astype(np.float64)
+        at = np.arange(first, hi)
+        now = np.arange(lo, hi)[:, None]
+        allowed = (at < now) & (at >= now - size)                       # (chunk, history)
+        scores = np.where(allowed, scores, -np.inf)
+        top = scores.max(-1, keepdims=True)
+        has = np.isfinite(top)
+        weights = np.where(has, np.exp(scores - np.where(has, top, 0.0)), 0.0)
+        weights /= np.where(has, weights.sum(-1, keepdims=True), 1.0)    # no history yet: no cache
+        same = words[:, first:hi][:, None, :] == words[:, lo:hi][:, :, None]
+        p_cache.append((weights * same).sum(-1))
+        seen.append(np.broadcast_to(allowed.any(-1), (rows, hi - lo)))
+    return np.concatenate(p_cache, 1), np.concatenate(seen, 1)
+
+
+def cache_mix_loss(p_model: np.ndarray, p_cache: np.ndarray, seen: np.ndarray, lam: float) -> float:
+    """Mean negative log-likelihood of the mixture of model and cache (weight ``lam``)."""
+    mixed = np.where(seen, (1 - lam) * p_model + lam * p_cache, p_model)
+    return float(-np.log(mixed).mean())
 
 
 class Incremental:

@@ -11,16 +11,17 @@ from torch import nn
 
 
 class LanguageModelStep(nn.Module):
-    """tokens (B, T) and the recurrent state -> log-probabilities (B, T, V) and the new state."""
+    """tokens (B, T) and the recurrent state -> log-probabilities (B, T, V), the top layer's
+    outputs (B, T, H; what the continuous cache reads) and the new state."""
 
     def __init__(self, model: nn.Module, lstm: bool):
         super().__init__()
         self.model, self.lstm = model, lstm
 
     def forward(self, tokens: torch.Tensor, *state: torch.Tensor):
-        out, _, _, new = self.model.features(tokens, tuple(state) if self.lstm else state[0])
+        out, top, _, new = self.model.features(tokens, tuple(state) if self.lstm else state[0])
         new = new if self.lstm else (new,)
-        return (self.model.log_probs(out), *new)
+        return (self.model.log_probs(out), top.float(), *new)
 
 
 def language_model(task: Any, folder: Path, opset: int) -> dict[str, dict[str, Any]]:
@@ -32,15 +33,16 @@ def language_model(task: Any, folder: Path, opset: int) -> dict[str, dict[str, A
     names = ["h", "c"] if lstm else ["h"]
     tokens = torch.zeros(2, 5, dtype=torch.long)
     state = tuple(torch.zeros(layers, 2, hidden) for _ in names)
-    axes = {"tokens": {0: "batch", 1: "time"}, "log_probs": {0: "batch", 1: "time"},
+    axes = {"tokens": {0: "batch", 1: "time"}, "log_probs": {0: "batch", 1: "time"}, "hidden": {0: "batch", 1: "time"},
             **{n: {1: "batch"} for n in names}, **{f"{n}_out": {1: "batch"} for n in names}}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")      # the exporter's notes on its own internals
         torch.onnx.export(LanguageModelStep(model, lstm), (tokens, *state), str(folder / "lm_step.onnx"),
-                          input_names=["tokens", *names], output_names=["log_probs", *(f"{n}_out" for n in names)],
+                          input_names=["tokens", *names], output_names=["log_probs", "hidden", *(f"{n}_out" for n in names)],
                           dynamic_axes=axes, opset_version=opset, dynamo=False)
     return {"step": {"file": "lm_step.onnx", "inputs": ["tokens", *names],
-                     "outputs": ["log_probs", *(f"{n}_out" for n in names)], "state_shape": [layers, hidden]}}
+                     "outputs": ["log_probs", "hidden", *(f"{n}_out" for n in names)],
+                     "state_shape": [layers, hidden]}}
 
 
 class ClassifierProbabilities(nn.Module):

@@ -182,50 +182,6 @@ class LanguageModelTask(LanguageModelText):
             count += y.numel()
         return total / count, count
 
-    @torch.no_grad()
-    def stream_states(self, stream: torch.Tensor, progress: bool = False
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One pass over a batchified stream: every position's top-layer state (B, N, H), the
-        model's probability of its next word (B, N), and that word (B, N)."""
-        hidden, p_model, words, state = [], [], [], None
-        for x, y in self._windows(stream, progress):
-            out, top, _, state = self.model.features(x, state)
-            p_model.append(self.model.target_log_probs(out, y).exp())
-            hidden.append(top.float())
-            words.append(y)
-        return torch.cat(hidden, 1), torch.cat(p_model, 1), torch.cat(words, 1)
-
-    @staticmethod
-    @torch.no_grad()
-    def cache_probs(hidden: torch.Tensor, words: torch.Tensor, size: int, theta: float,
-                    chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-        """Grave et al.'s continuous cache over :meth:`stream_states`: at each position t, the
-        next words of the last ``size`` positions i < t, weighted by ``softmax(theta * h_t . h_i)``
-        of their states against the current one; returns the cache's probability of the actual
-        next word (B, N) and whether the cache had anything yet (B, N). Each stream (row) has
-        its own cache."""
-        rows, n = words.shape
-        p_cache, seen = [], []
-        for lo in range(0, n, chunk):
-            hi, first = min(n, lo + chunk), max(0, lo - size)
-            scores = theta * torch.bmm(hidden[:, lo:hi], hidden[:, first:hi].transpose(1, 2))
-            at = torch.arange(first, hi, device=words.device)
-            now = torch.arange(lo, hi, device=words.device).unsqueeze(1)
-            scores.masked_fill_(~((at < now) & (at >= now - size)), float("-inf"))
-            weights = torch.softmax(scores, -1).nan_to_num_(0.0)          # no history yet: no cache
-            p_cache.append((weights * (words[:, first:hi].unsqueeze(1) == words[:, lo:hi].unsqueeze(2))).sum(-1))
-            seen.append(torch.isfinite(scores).any(-1))
-        return torch.cat(p_cache, 1), torch.cat(seen, 1)
-
-    @torch.no_grad()
-    def cache_loss(self, stream: torch.Tensor, size: int, theta: float, lam: float,
-                   progress: bool = False) -> tuple[float, float, int]:
-        """Mean loss per token without and with the cache (:meth:`cache_probs`), mixed as
-        ``(1 - lam) p_model + lam p_cache`` where the cache has history."""
-        hidden, p_model, words = self.stream_states(stream, progress)
-        p_cache, seen = self.cache_probs(hidden, words, size, theta)
-        return -p_model.double().log().mean().item(), cache_mix_loss(p_model, p_cache, seen, lam), p_model.numel()
-
     def evaluate(self) -> dict[str, float]:
         loss, tokens = self.stream_loss(self.valid_stream)
         return self.metrics(loss, tokens)
@@ -252,28 +208,40 @@ class LanguageModelTask(LanguageModelText):
         if not cache:
             loss, tokens = self.stream_loss(stream, progress=True)
             return {**self.metrics(loss, tokens), "tokens": tokens}
-        loss, with_cache, tokens = self.cache_loss(stream, cache, theta, lam, progress=True)
+        loss, with_cache, tokens = self.cache_loss(stream.cpu().numpy(), cache, theta, lam, self._progress)
         return {**self.metrics(loss, tokens), **{f"cache_{k}": v for k, v in self.metrics(with_cache, tokens).items()},
                 "tokens": tokens}
 
     @torch.no_grad()
-    def step(self, ids: np.ndarray, state: Any) -> tuple[np.ndarray, Any]:
+    def step_states(self, ids: np.ndarray, state: Any) -> tuple[np.ndarray, np.ndarray, Any]:
         """The backend interface of :mod:`rnnkit.decoding.lm_loop`: log-probabilities (B, T, V)
-        of ids (B, T) continuing ``state``."""
+        of ids (B, T) continuing ``state``, and the top layer's outputs (B, T, H)."""
         self.model.eval()
-        out, _, _, state = self.model.features(torch.from_numpy(ids).to(self.device), state)
-        return self.model.log_probs(out).float().cpu().numpy(), state
+        out, top, _, state = self.model.features(torch.from_numpy(ids).to(self.device), state)
+        return self.model.log_probs(out).float().cpu().numpy(), top.float().cpu().numpy(), state
+
+    def step(self, ids: np.ndarray, state: Any) -> tuple[np.ndarray, Any]:
+        log_probs, _, state = self.step_states(ids, state)
+        return log_probs, state
+
+    @torch.no_grad()
+    def target_states(self, ids: np.ndarray, targets: np.ndarray, state: Any) -> tuple[np.ndarray, np.ndarray, Any]:
+        """log p(targets) (B, T) without the whole distribution (an adaptive softmax computes only
+        each target's cluster), the top layer's outputs and the state."""
+        self.model.eval()
+        out, top, _, state = self.model.features(torch.from_numpy(ids).to(self.device), state)
+        target = self.model.target_log_probs(out, torch.from_numpy(targets).to(self.device))
+        return target.float().cpu().numpy(), top.float().cpu().numpy(), state
+
+    @staticmethod
+    def _progress(windows):
+        return tqdm(windows, desc="eval", unit="window", file=sys.stderr, leave=False,
+                    disable=None if len(windows) > 20 else True)
 
 def build(cfg: Config, device: torch.device, extras: dict[str, Any] | None = None,
           with_data: bool = True) -> LanguageModelTask:
     """A task for training (``with_data``) or, from a checkpoint's ``extras``, for inference."""
     return LanguageModelTask(cfg, device, extras, with_data)
-
-
-def cache_mix_loss(p_model: torch.Tensor, p_cache: torch.Tensor, seen: torch.Tensor, lam: float) -> float:
-    """Mean negative log-likelihood of the mixture of model and cache (weight ``lam``)."""
-    mixed = torch.where(seen, (1 - lam) * p_model + lam * p_cache, p_model)
-    return -mixed.double().log().mean().item()
 
 
 def _rows(state) -> int:

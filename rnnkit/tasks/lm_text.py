@@ -57,6 +57,15 @@ class LanguageModelText:
             text = self.vocab.itos[token]
             yield ("\n" if text == EOS else text + " ") if word else text
 
+    def cache_loss(self, stream: np.ndarray, size: int, theta: float, lam: float,
+                   progress=iter) -> tuple[float, float, int]:
+        """Mean loss per token without and with the continuous cache (:func:`lm_loop.cache_probs`)
+        over a (rows, length) id stream, mixed as ``(1 - lam) p_model + lam p_cache`` where the
+        cache has history."""
+        hidden, p_model, words = lm_loop.stream_states(self, stream, self.cfg.data.bptt, progress)
+        p_cache, seen = lm_loop.cache_probs(hidden, words, size, theta)
+        return float(-np.log(p_model).mean()), lm_loop.cache_mix_loss(p_model, p_cache, seen, lam), p_model.size
+
     def incremental(self) -> lm_loop.Incremental:
         """Feed text a piece at a time and read the next-token distribution after each."""
         if self.cfg.data.reverse:

@@ -1,5 +1,5 @@
-"""An exported language model against its checkpoint: the same log-probabilities, and what
-running without torch saves (process time, memory, size), one after the other, medians of 3.
+"""Exports against their checkpoints: the same outputs, and what running without torch saves
+(process time, memory, size), one after the other, medians of 3.
 
 Trains a word LM on WikiText-2 (configs/lm_wikitext2.yaml with a full softmax, which export
 supports; --steps updates) unless --checkpoint names one, exports it in fp32 and int8, then:
@@ -7,7 +7,11 @@ per-token log-probabilities of WikiText-2 valid from both backends (largest diff
 perplexity of valid for the checkpoint, the fp32 and the int8 export; `rnnkit generate` as a
 whole process (start-up included) and its peak memory, checkpoint against export; graph sizes.
 
-    python bench/export.py [--steps 200] [--checkpoint runs/x/best.pt] [--quick]
+With ``--tasks``, also a UPOS tagger (predictions on the UD English-EWT test set), an
+rt-polarity classifier (labels on dev) and the ETTh1 forecaster (test MSE), each trained for
+``--minutes`` from its shipped config (the comparison does not depend on how well trained).
+
+    python bench/export.py [--steps 200] [--checkpoint runs/x/best.pt] [--tasks] [--minutes 3] [--quick]
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.machine import describe  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+SHARED = ROOT.parent / "shared" / "data"
+DATA = SHARED / "wikitext-2"
 FULL_SOFTMAX = ["model.output=softmax", "model.tie_weights=false", "train.max_time=null", "train.warmup_steps=0",
                 "train.lr_schedule=constant"]
 SAMPLE = ROOT / "data" / "harbour.txt"       # --quick: the bundled text, no corpus needed
@@ -46,10 +51,48 @@ def command(*args: str) -> list[str]:
     return [sys.executable, "-m", "rnnkit", *args]
 
 
+def labelled_tasks(out: Path, minutes: float) -> list[str]:
+    """The tagger, the classifier and the forecaster: each trained briefly, exported, and its
+    outputs on held-out data compared between the two backends."""
+    import rnnkit
+    from rnnkit.data.labeled import read_labeled, read_tagged
+
+    lines = []
+    for name, config in (("upos", "tagger_upos"), ("sentiment", "sentiment"), ("etth1", "forecast_etth1")):
+        sets = [f"run_dir={out / name}", f"train.max_time={minutes * 60}", "train.eval_every=200"]
+        subprocess.run(command("train", f"configs/{config}.yaml", *[x for s in sets for x in ("--set", s)]),
+                       cwd=ROOT, check=True, capture_output=True)
+        subprocess.run(command("export", str(out / name / "best.pt"), "-o", str(out / f"{name}_onnx")), cwd=ROOT,
+                       check=True, capture_output=True)
+        a, b = rnnkit.load(out / name / "best.pt"), rnnkit.load(out / f"{name}_onnx")
+        if name == "upos":
+            test = SHARED / "ud-english-ewt" / "en_ewt-ud-test.conllu"
+            sentences = [" ".join(s.tokens) for s in read_tagged(str(test), "conllu", 2, 4)]
+            same = sum(x == y for x, y in zip(a.predict(sentences), b.predict(sentences)))
+            acc = (a.score(test)["accuracy"], b.score(test)["accuracy"])
+            lines.append(f"UPOS tagger, UD English-EWT test: {same:,} of {len(sentences):,} sentences tagged "
+                         f"identically; accuracy {100 * acc[0]:.2f} / {100 * acc[1]:.2f} (checkpoint / export)")
+        elif name == "sentiment":
+            dev = SHARED / "rt-polarity" / "dev.tsv"
+            texts = [" ".join(s.tokens) for s in read_labeled(str(dev))]
+            same = sum(x["label"] == y["label"] for x, y in zip(a.predict(texts), b.predict(texts)))
+            acc = (a.score(dev)["accuracy"], b.score(dev)["accuracy"])
+            lines.append(f"rt-polarity classifier, dev: {same:,} of {len(texts):,} labels identical; accuracy "
+                         f"{100 * acc[0]:.2f} / {100 * acc[1]:.2f}")
+        else:
+            csv = SHARED / "ett" / "ETTh1.csv"
+            mse = (a.score(csv, split="test")["mse"], b.score(csv, split="test")["mse"])
+            lines.append(f"ETTh1 forecaster, test MSE {mse[0]:.6f} / {mse[1]:.6f}: equal to 4 decimals "
+                         f"{round(mse[0], 4) == round(mse[1], 4)}")
+    return lines
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=200, help="training updates of the word LM (no --checkpoint)")
     ap.add_argument("--checkpoint", help="a language-model checkpoint to export instead of training one")
+    ap.add_argument("--tasks", action="store_true", help="also the tagger, classifier and forecaster on their data")
+    ap.add_argument("--minutes", type=float, default=3.0, help="--tasks: training minutes of each")
     ap.add_argument("--quick", action="store_true", help="a tiny model on the bundled text, 4 steps: checks that it "
                                                         "runs")
     args = ap.parse_args()
@@ -104,6 +147,9 @@ def main() -> int:
     print(f"start-to-finish, checkpoint / export: {ratio:.2f}x")
     print(f"graph size: fp32 {sizes['fp32']:.2f} MB, int8 {sizes['int8']:.2f} MB "
           f"({sizes['int8'] / sizes['fp32']:.2f}x)")
+    if args.tasks and not args.quick:
+        for line in labelled_tasks(out, args.minutes):
+            print(line)
     return 0
 
 

@@ -62,28 +62,31 @@ def labelled_tasks(out: Path, minutes: float) -> list[str]:
         sets = [f"run_dir={out / name}", f"train.max_time={minutes * 60}", "train.eval_every=200"]
         subprocess.run(command("train", f"configs/{config}.yaml", *[x for s in sets for x in ("--set", s)]),
                        cwd=ROOT, check=True, capture_output=True)
-        subprocess.run(command("export", str(out / name / "best.pt"), "-o", str(out / f"{name}_onnx")), cwd=ROOT,
-                       check=True, capture_output=True)
+        for suffix, extra in (("onnx", []), ("int8", ["--int8"])):
+            subprocess.run(command("export", str(out / name / "best.pt"), "-o", str(out / f"{name}_{suffix}"), *extra),
+                           cwd=ROOT, check=True, capture_output=True)
         a, b = rnnkit.load(out / name / "best.pt"), rnnkit.load(out / f"{name}_onnx")
+        q = rnnkit.load(out / f"{name}_int8")
         if name == "upos":
             test = SHARED / "ud-english-ewt" / "en_ewt-ud-test.conllu"
             sentences = [" ".join(s.tokens) for s in read_tagged(str(test), "conllu", 2, 4)]
             same = sum(x == y for x, y in zip(a.predict(sentences), b.predict(sentences)))
-            acc = (a.score(test)["accuracy"], b.score(test)["accuracy"])
+            acc = [m.score(test)["accuracy"] for m in (a, b, q)]
             lines.append(f"UPOS tagger, UD English-EWT test: {same:,} of {len(sentences):,} sentences tagged "
-                         f"identically; accuracy {100 * acc[0]:.2f} / {100 * acc[1]:.2f} (checkpoint / export)")
+                         f"identically; accuracy {100 * acc[0]:.2f} / {100 * acc[1]:.2f} / {100 * acc[2]:.2f} "
+                         f"(checkpoint / export / int8 export)")
         elif name == "sentiment":
             dev = SHARED / "rt-polarity" / "dev.tsv"
             texts = [" ".join(s.tokens) for s in read_labeled(str(dev))]
             same = sum(x["label"] == y["label"] for x, y in zip(a.predict(texts), b.predict(texts)))
-            acc = (a.score(dev)["accuracy"], b.score(dev)["accuracy"])
+            acc = [m.score(dev)["accuracy"] for m in (a, b, q)]
             lines.append(f"rt-polarity classifier, dev: {same:,} of {len(texts):,} labels identical; accuracy "
-                         f"{100 * acc[0]:.2f} / {100 * acc[1]:.2f}")
+                         f"{100 * acc[0]:.2f} / {100 * acc[1]:.2f} / {100 * acc[2]:.2f}")
         else:
             csv = SHARED / "ett" / "ETTh1.csv"
-            mse = (a.score(csv, split="test")["mse"], b.score(csv, split="test")["mse"])
-            lines.append(f"ETTh1 forecaster, test MSE {mse[0]:.6f} / {mse[1]:.6f}: equal to 4 decimals "
-                         f"{round(mse[0], 4) == round(mse[1], 4)}")
+            mse = [m.score(csv, split="test")["mse"] for m in (a, b, q)]
+            lines.append(f"ETTh1 forecaster, test MSE {mse[0]:.6f} / {mse[1]:.6f} / {mse[2]:.6f}: export equal to "
+                         f"4 decimals {round(mse[0], 4) == round(mse[1], 4)}")
     return lines
 
 

@@ -5,6 +5,7 @@ import csv
 import io
 import json
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -179,6 +180,24 @@ def test_forecaster_matches_the_command(tmp_path):
     assert all(r["truth"] is None for r in m.forecast(series))    # past the file's end
     with pytest.raises(ConfigError, match="--at"):
         m.forecast(series, at=3)
+    # computed apart: the CSV read by hand, standardised with the checkpoint's scaler, the model
+    # on the 48 rows before row 300, scaled back; truth is the file's own rows 300 onwards
+    task = m.task
+    with open(series, newline="") as f:
+        table = list(csv.reader(f))
+    header, body = table[0], table[1:]
+    values = np.array([[float(r[header.index(c)]) for c in task.columns] for r in body])
+    mean, std = task.scaler.mean, task.scaler.std
+    window = torch.tensor((values[300 - task.cfg.data.input_length:300] - mean) / std, dtype=torch.float32)
+    task.model.eval()
+    with torch.no_grad():
+        forecast = task.model(window[None])[0].double().numpy()
+    expected = forecast * std[task.targets] + mean[task.targets]
+    by_step = {(r["step"], r["column"]): r for r in rows}
+    for k in range(task.cfg.data.horizon):
+        for j, column in enumerate(task.target_names):
+            assert by_step[(k + 1, column)]["value"] == pytest.approx(expected[k, j], rel=1e-5, abs=1e-6)
+            assert by_step[(k + 1, column)]["truth"] == pytest.approx(values[300 + k, task.targets[j]])
 
 
 def test_load_errors_are_the_one_line_family(tmp_path, lm_checkpoint):

@@ -13,7 +13,7 @@ from typing import Any, Callable
 from rnnkit.config import ConfigError, config_to_dict
 from rnnkit.export import graphs
 from rnnkit.runtime.manifest import EXPORTABLE, FORMAT, MANIFEST
-from rnnkit.training.checkpoint import CheckpointError, load_checkpoint
+from rnnkit.training.checkpoint import CheckpointError
 from rnnkit.version import __version__
 
 BUILDERS = {"lm": graphs.language_model, "classification": graphs.classifier, "tagging": graphs.tagger,
@@ -51,8 +51,7 @@ def export(checkpoint: str | Path, folder: str | Path, opset: int = 17, int8: bo
         raise ConfigError("", f"-o {folder}: folder {folder.parent} does not exist")
     if not 13 <= opset <= 20:
         raise ConfigError("", f"--opset must be between 13 and 20, got {opset}")
-    ckpt = load_checkpoint(checkpoint)          # one line if it is not a checkpoint
-    task = load_task(checkpoint, "cpu")
+    task = load_task(checkpoint, "cpu")         # one line if it is not a checkpoint
     exportable(task.cfg)
     work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     mask = os.umask(0)
@@ -64,7 +63,7 @@ def export(checkpoint: str | Path, folder: str | Path, opset: int = 17, int8: bo
             _quantise(work, graph_specs, task.cfg.model.cell, note)
         manifest = {"format": FORMAT, "rnnkit_version": __version__, "task": task.cfg.task,
                     "config": config_to_dict(task.cfg), "extras": task.extras(), "graphs": graph_specs,
-                    "int8": int8, "opset": opset, "card": _card(model_card, checkpoint, ckpt)}
+                    "int8": int8, "opset": opset, "card": _plain(model_card(Path(checkpoint)))}
         (work / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         if folder.exists():
             folder.rmdir()                       # empty, checked above
@@ -75,8 +74,8 @@ def export(checkpoint: str | Path, folder: str | Path, opset: int = 17, int8: bo
     return manifest
 
 
-def _card(model_card: Callable, checkpoint: str | Path, ckpt: dict) -> dict[str, Any]:
-    card = model_card(Path(checkpoint))
+def _plain(card: dict[str, Any]) -> dict[str, Any]:
+    """The entries of a model card that JSON holds as they are."""
     return {k: v for k, v in card.items() if isinstance(v, (str, int, float, bool, type(None), list, dict))}
 
 

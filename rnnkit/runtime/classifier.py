@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from rnnkit.data.store import bucket_batches
 from rnnkit.data.vocab import Vocab
 from rnnkit.runtime.base import Exported
 from rnnkit.runtime.manifest import open_graph
@@ -14,10 +15,9 @@ from rnnkit.tasks.classifier_text import ClassifierText
 
 
 def padded_batches(lengths: list[int], batch_size: int):
-    """Positions of sentences of similar length, ``batch_size`` at a time (longest first)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    for start in range(0, len(order), batch_size):
-        yield order[start:start + batch_size]
+    """Positions of sentences of similar length, ``batch_size`` at a time (the torch tasks' batching)."""
+    for batch in bucket_batches(lengths, batch_size):
+        yield batch.tolist()
 
 
 def pad(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rnnkit.training.checkpoint import CheckpointError
+from rnnkit.training.checkpoint import CheckpointError, check_format
 
 MANIFEST = "manifest.json"
 FORMAT_NAME, FORMAT_VERSION = "rnnkit-export", 1
@@ -33,12 +33,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{path}: damaged (not JSON); export the checkpoint again") from None
-    fmt = manifest.get("format") if isinstance(manifest, dict) else None
-    if not isinstance(fmt, str) or not fmt.startswith(FORMAT_NAME + "-"):
-        raise CheckpointError(f"{path}: not an rnnkit export manifest (expected format {FORMAT})")
-    if fmt != FORMAT:
-        raise CheckpointError(f"{path}: export format version {fmt[len(FORMAT_NAME) + 1:]!r}, written by rnnkit "
-                              f"{manifest.get('rnnkit_version', '?')}; this rnnkit reads version {FORMAT_VERSION}")
+    check_format(path, manifest, FORMAT_NAME, FORMAT_VERSION, "export")
     for key in ("task", "config", "extras", "graphs"):
         if key not in manifest:
             raise CheckpointError(f"{path}: an incomplete manifest (no {key})")

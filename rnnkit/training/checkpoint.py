@@ -51,6 +51,18 @@ def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
     atomic_save({"format": FORMAT, "rnnkit_version": __version__, **payload}, path)
 
 
+def check_format(path: Path, found: Any, name: str, version: int, kind: str) -> None:
+    """``found`` (a checkpoint's or an export manifest's contents) must say it is format
+    ``name-version``; otherwise one line naming what it is and which rnnkit wrote it."""
+    fmt = found.get("format") if isinstance(found, dict) else None
+    if not isinstance(fmt, str) or not fmt.startswith(name + "-"):
+        raise CheckpointError(f"{path}: not an rnnkit {kind} (expected format {name}-{version})")
+    if fmt != f"{name}-{version}":
+        raise CheckpointError(f"{path}: {kind} format version {fmt[len(name) + 1:]!r}, written by rnnkit "
+                              f"{found.get('rnnkit_version', '?')}; this rnnkit ({__version__}) reads version "
+                              f"{version}")
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
     """A checkpoint's contents, checked. ``mmap``: tensors are read from the file only when
     used (inference reads the model's and never the optimizer's, two thirds of an Adam run's file)."""
@@ -65,13 +77,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
             ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # a truncated file, not a torch file, or unsafe content
         raise CheckpointError(f"{path}: not a readable rnnkit checkpoint ({_unreadable(path, err)})") from None
-    fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
-    if not isinstance(fmt, str) or not fmt.startswith(FORMAT_NAME + "-"):
-        raise CheckpointError(f"{path}: not an rnnkit checkpoint (expected format {FORMAT})")
-    if fmt != FORMAT:
-        raise CheckpointError(f"{path}: checkpoint format version {fmt[len(FORMAT_NAME) + 1:]!r}, written by "
-                              f"rnnkit {ckpt.get('rnnkit_version', '?')}; this rnnkit ({__version__}) reads "
-                              f"version {FORMAT_VERSION}")
+    check_format(path, ckpt, FORMAT_NAME, FORMAT_VERSION, "checkpoint")
     missing = [k for k in ("config", "model", "task") if k not in ckpt]
     if missing or not isinstance(ckpt["config"], dict):
         raise CheckpointError(f"{path}: an incomplete rnnkit checkpoint (no {missing[0] if missing else 'config'})")

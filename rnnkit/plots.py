@@ -19,7 +19,7 @@ def save_attention_plots(translations: Sequence, directory: Path) -> int:
             continue
         rows = list(t.tgt_tokens) + ["</s>"]
         fig, ax = plt.subplots(figsize=(max(3, 0.45 * len(t.src_tokens) + 1.5), max(2.5, 0.4 * len(rows) + 1)))
-        ax.imshow(t.attention.numpy(), cmap="Greys", vmin=0.0, vmax=1.0, aspect="auto")
+        ax.imshow(t.attention, cmap="Greys", vmin=0.0, vmax=1.0, aspect="auto")
         ax.set_xticks(range(len(t.src_tokens)), t.src_tokens, rotation=60, ha="right", fontsize=8)
         ax.set_yticks(range(len(rows)), rows, fontsize=8)
         ax.set_title(f"sentence {i}", fontsize=9)

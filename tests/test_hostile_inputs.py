@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from rnnkit.cli import main
 from rnnkit.config import ConfigError, load_config
 from rnnkit.data.labeled import read_labeled, read_tagged
-from rnnkit.data.parallel import read_parallel
+from rnnkit.data.vocab import read_parallel
 from rnnkit.data.series import read_series
 from rnnkit.data.vocab import DataError, read_text
 from tests.conftest import ROOT, tiny_lm_config

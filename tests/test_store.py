@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from rnnkit.cli import app
 from rnnkit.config import load_config
 from rnnkit.data import builders, prepare
-from rnnkit.data.parallel import read_parallel
+from rnnkit.data.vocab import read_parallel
 from rnnkit.data.store import ArrayWriter, Store, bucket_batches
 from rnnkit.data.vocab import EOS, UNK, Vocab
 from tests.conftest import SAMPLE_TEXT, tiny_lm_config, write_yaml

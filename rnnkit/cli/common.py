@@ -3,9 +3,10 @@ the common options and printing."""
 from __future__ import annotations
 
 import json
+import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, NoReturn, Optional
+from typing import Iterator, NamedTuple, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -82,6 +83,32 @@ def arithmetic(task, precision: str, int8: bool):
     from rnnkit.api import inference_arithmetic
 
     return inference_arithmetic(task, precision, int8, note)()
+
+
+class OneProcess(NamedTuple):
+    """The rank of a process that works alone (no torchrun, or an export)."""
+    rank: int = 0
+    world: int = 1
+    main: bool = True
+
+
+def under_torchrun() -> bool:
+    """Whether torchrun (or any launcher that sets WORLD_SIZE > 1) started this process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+@contextmanager
+def ranks(m) -> Iterator:
+    """This process's rank for work that torchrun's processes share; a checkpoint's only: an
+    export runs in one process and never imports torch."""
+    if m.backend == "onnxruntime" or not under_torchrun():
+        yield OneProcess()
+        return
+    from rnnkit.training import distributed
+
+    rank = distributed.init()
+    yield rank
+    distributed.finish()
 
 
 def split_across_ranks(items: list, rank, work) -> list:

@@ -10,7 +10,7 @@ import typer
 from rnnkit.data.vocab import DataError
 from rnnkit.training.checkpoint import CheckpointError
 from rnnkit.cli.common import (bad_option, check_output_file, err_console, int8_option, note,
-                               precision_option, print_results, split_across_ranks, user_errors,
+                               precision_option, print_results, ranks, split_across_ranks, user_errors,
                                arithmetic)
 
 
@@ -97,20 +97,18 @@ def evaluate(
         elif kind == "translation":
             if src is None or ref is None:
                 bad_option("--src FILE and --ref FILE are required to evaluate a translation model")
-            from rnnkit.data.parallel import read_parallel
+            from rnnkit.data.vocab import read_parallel
             from rnnkit.metrics import bleu, chrf, perplexity
-            from rnnkit.training import distributed
 
             sources, refs = read_parallel(str(src), str(ref))
-            rank = distributed.init()    # under torchrun: each rank decodes and scores a share
-            hyps = split_across_ranks(sources, rank, lambda part: m.translate(part, beam=beam,
-                                                                               batch_size=batch_size))
-            with m.running():
-                scored = split_across_ranks(list(zip(sources, refs)), rank, lambda part: [
-                    m.task.score_pairs([s for s, _ in part], [r for _, r in part], batch_size)] if part else [])
+            with ranks(m) as rank:    # under torchrun: each rank decodes and scores a share
+                hyps = split_across_ranks(sources, rank, lambda part: m.translate(part, beam=beam,
+                                                                                   batch_size=batch_size))
+                with m.running():
+                    scored = split_across_ranks(list(zip(sources, refs)), rank, lambda part: [
+                        m.task.score_pairs([s for s, _ in part], [r for _, r in part], batch_size)] if part else [])
             tokens = sum(n for _, n in scored)
             loss = sum(v * n for v, n in scored) / max(1, tokens)
-            distributed.finish()
             if not rank.main:
                 return
             results = {"bleu": bleu(hyps, refs), "chrf": chrf(hyps, refs), "loss": loss,

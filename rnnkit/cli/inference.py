@@ -10,7 +10,7 @@ import typer
 from rnnkit.data.vocab import DataError
 from rnnkit.training.checkpoint import CheckpointError
 from rnnkit.cli.common import (MAX_GENERATE, bad_option, check_output_file, err_console, int8_option, note,
-                               precision_option, split_across_ranks, user_errors)
+                               precision_option, ranks, split_across_ranks, under_torchrun, user_errors)
 
 
 def generate(
@@ -60,7 +60,7 @@ def generate(
 
 
 def translate(
-    checkpoint: Path = typer.Argument(..., help="A translation checkpoint (last.pt or best.pt)."),
+    checkpoint: Path = typer.Argument(..., help="A translation checkpoint (last.pt or best.pt), or its export folder."),
     input: Optional[Path] = typer.Option(None, "--input", "-i", help="Source file; default stdin."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file; default stdout."),
     beam: int = typer.Option(1, "--beam", "-b", min=1, help="Beam size; 1 is greedy decoding."),
@@ -83,7 +83,6 @@ def translate(
     """
     import rnnkit
     from rnnkit.data.vocab import read_lines
-    from rnnkit.training import distributed
 
     with user_errors():
         check_output_file(output, "--output")
@@ -98,13 +97,12 @@ def translate(
         m.translations([], **options)           # the options' checks, before reading any input
         if input is not None and not input.is_file():
             raise DataError(f"--input: file not found: {input}")
-        if input is None and sys.stdin.isatty() and output is None and not distributed.launched():
+        if input is None and sys.stdin.isatty() and output is None and not under_torchrun():
             _interactive(m, options)
             return
         lines = read_lines(str(input)) if input is not None else sys.stdin.read().splitlines()
-        rank = distributed.init()    # under torchrun: each rank translates a contiguous share
-        results = split_across_ranks(lines, rank, lambda part: m.translations(part, **options))
-        distributed.finish()
+        with ranks(m) as rank:    # under torchrun: each rank translates a contiguous share
+            results = split_across_ranks(lines, rank, lambda part: m.translations(part, **options))
         if not rank.main:
             return
     nbest = results if n_best > 1 else [[r] for r in results]

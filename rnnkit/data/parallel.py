@@ -8,16 +8,7 @@ import numpy as np
 import torch
 
 from rnnkit.data.store import bucket_batches
-from rnnkit.data.vocab import DataError, read_lines
 from rnnkit.hardware import pad_rows
-
-def read_parallel(src_path: str, tgt_path: str) -> tuple[list[str], list[str]]:
-    src, tgt = read_lines(src_path), read_lines(tgt_path)
-    if len(src) != len(tgt):
-        raise DataError(f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}; "
-                        f"parallel files must be aligned line by line")
-    return src, tgt
-
 
 @dataclass
 class Batch:

@@ -134,3 +134,11 @@ def read_lines(path: str) -> list[str]:
     lines = split_lines(decode_text(raw, path))
     check_line_lengths(lines, path)
     return lines
+
+
+def read_parallel(src_path: str, tgt_path: str) -> tuple[list[str], list[str]]:
+    src, tgt = read_lines(src_path), read_lines(tgt_path)
+    if len(src) != len(tgt):
+        raise DataError(f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}; "
+                        f"parallel files must be aligned line by line")
+    return src, tgt

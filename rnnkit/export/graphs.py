@@ -126,3 +126,99 @@ def forecaster(task: Any, folder: Path, opset: int) -> dict[str, dict[str, Any]]
                           output_names=["forecasts"], dynamic_axes={"x": {0: "batch"}, "forecasts": {0: "batch"}},
                           opset_version=opset, dynamo=False)
     return {"forecast": {"file": "forecaster.onnx", "inputs": ["x"], "outputs": ["forecasts"]}}
+
+
+def translator_state(cfg: Any) -> dict[str, int]:
+    """The decoder state's arrays of a translation model, each with its batch axis: the
+    recurrent state, the fed-back attentional vector, and what the decoder reads of the source."""
+    d = cfg.model.decoder
+    names = {"h": 1, **({"c": 1} if d.cell == "lstm" else {})}
+    if d.attention == "none":
+        return {**names, "context": 0}
+    return {**names, **({"feed": 0} if d.input_feeding else {}), "memory": 0, "keys": 0, "mask": 0}
+
+
+class TranslationEncoder(nn.Module):
+    """Source ids (B, S) and lengths (B,) -> the decoder's first state (without ``feed``,
+    which starts at zeros, and ``mask``, which the lengths give)."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, src: torch.Tensor, lengths: torch.Tensor):
+        st = self.model.encode(src, lengths)
+        h, c = st.rnn if isinstance(st.rnn, tuple) else (st.rnn, None)
+        arrays = {"h": h, "c": c, "memory": st.memory, "keys": st.keys, "context": st.context}
+        return tuple(arrays[n] for n in self.names)
+
+
+class TranslationStep(nn.Module):
+    """One decoder step for previous tokens (N,) and the state -> the ``k`` best next tokens'
+    log-probabilities and ids (N, k; k is the length of the input ``k``), the log-probability
+    of ``gold`` (N,; teacher-forced scoring), the attention weights (N, S) and the next state."""
+
+    def __init__(self, model: nn.Module, state: list[str], attention: bool):
+        super().__init__()
+        self.decoder, self.state, self.attention = model.decoder, state, attention
+
+    def forward(self, tokens: torch.Tensor, k: torch.Tensor, gold: torch.Tensor, *arrays: torch.Tensor):
+        from rnnkit.models.seq2seq import DecoderState
+
+        given = dict(zip(self.state, arrays))
+        rnn = (given["h"], given["c"]) if "c" in given else given["h"]
+        memory = given.get("memory", given.get("context"))
+        st = DecoderState(rnn, given.get("feed"), memory, given.get("keys", memory), given.get("mask"),
+                          given.get("context", memory))
+        logits, st, weights = self.decoder.step(tokens, st)
+        logp = torch.log_softmax(logits.float(), -1)
+        values, index = logp.topk(k.size(0), -1)
+        gold_logp = logp.gather(1, gold.unsqueeze(1)).squeeze(1)
+        h, c = st.rnn if isinstance(st.rnn, tuple) else (st.rnn, None)
+        new = {"h": h, "c": c, "feed": st.feed}
+        return (values, index, gold_logp, *((weights.float(),) if self.attention else ()),
+                *(new[n] for n in self.state if n in new))
+
+
+def translator(task: Any, folder: Path, opset: int) -> dict[str, dict[str, Any]]:
+    """``encoder.onnx`` (sources to the decoder's first state) and ``decoder_step.onnx`` (one
+    step that takes and returns the state; the search runs outside, in numpy). Batch, source
+    length and k are dynamic."""
+    model, cfg = task.model.eval(), task.cfg
+    d = cfg.model.decoder
+    axes_of = translator_state(cfg)
+    attention = d.attention != "none"
+    enc_out = [n for n in axes_of if n not in ("feed", "mask")]
+    src, lengths = torch.ones(2, 5, dtype=torch.long), torch.tensor([5, 3])
+    src_axes = {"memory": {0: "batch", 1: "source"}, "keys": {0: "batch", 1: "source"},
+                "mask": {0: "batch", 1: "source"}}
+    state_axes = {n: {axis: "batch", **({1: "source"} if n in src_axes else {})} for n, axis in axes_of.items()}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(TranslationEncoder(model, enc_out), (src, lengths), str(folder / "encoder.onnx"),
+                          input_names=["src", "lengths"], output_names=enc_out,
+                          dynamic_axes={"src": {0: "batch", 1: "source"}, "lengths": {0: "batch"},
+                                        **{n: state_axes[n] for n in enc_out}},
+                          opset_version=opset, dynamo=False)
+        example = dict(zip(enc_out, TranslationEncoder(model, enc_out)(src, lengths)))
+        if "feed" in axes_of:
+            example["feed"] = torch.zeros(2, d.hidden_size)
+        if "mask" in axes_of:
+            example["mask"] = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+        state = list(axes_of)
+        returned = [n for n in state if n in ("h", "c", "feed")]
+        outputs = ["top_logp", "top_ids", "gold_logp", *(["weights"] if attention else []),
+                   *(f"{n}_out" for n in returned)]
+        inputs = ["tokens", "k", "gold", *state]
+        axes = {"tokens": {0: "batch"}, "k": {0: "k"}, "gold": {0: "batch"}, **state_axes,
+                "top_logp": {0: "batch", 1: "k"}, "top_ids": {0: "batch", 1: "k"}, "gold_logp": {0: "batch"},
+                "weights": {0: "batch", 1: "source"}, **{f"{n}_out": state_axes[n] for n in returned}}
+        tokens = torch.tensor([2, 2])
+        torch.onnx.export(TranslationStep(model, state, attention),
+                          (tokens, torch.zeros(3), torch.zeros(2, dtype=torch.long), *(example[n] for n in state)),
+                          str(folder / "decoder_step.onnx"), input_names=inputs, output_names=outputs,
+                          dynamic_axes={n: a for n, a in axes.items() if n in inputs or n in outputs},
+                          opset_version=opset, dynamo=False)
+    return {"encoder": {"file": "encoder.onnx", "inputs": ["src", "lengths"], "outputs": enc_out},
+            "step": {"file": "decoder_step.onnx", "inputs": inputs, "outputs": outputs,
+                     "state": axes_of, "returns": returned}}

@@ -12,12 +12,12 @@ from typing import Any, Callable
 
 from rnnkit.config import ConfigError, config_to_dict
 from rnnkit.export import graphs
-from rnnkit.runtime.manifest import EXPORTABLE, FORMAT, MANIFEST
+from rnnkit.runtime.manifest import EXPORTABLE, FORMAT, MANIFEST, outline_files
 from rnnkit.training.checkpoint import CheckpointError
 from rnnkit.version import __version__
 
 BUILDERS = {"lm": graphs.language_model, "classification": graphs.classifier, "tagging": graphs.tagger,
-            "forecast": graphs.forecaster}
+            "forecast": graphs.forecaster, "translation": graphs.translator}
 
 
 def exportable(cfg: Any) -> None:
@@ -26,9 +26,11 @@ def exportable(cfg: Any) -> None:
         raise CheckpointError(f"a '{cfg.task}' checkpoint cannot be exported yet; rnnkit exports "
                               f"{', '.join(EXPORTABLE)} models so far")
     m = cfg.model
-    if m.impl != "fused":
-        raise CheckpointError("model.impl: explicit cells loop over time in Python and have no graph; export a "
-                              "model with fused layers")
+    parts = {"model": m, "model.encoder": getattr(m, "encoder", None), "model.decoder": getattr(m, "decoder", None)}
+    for key, part in parts.items():
+        if getattr(part, "impl", "fused") != "fused":
+            raise CheckpointError(f"{key}.impl: explicit cells loop over time in Python and have no graph; export "
+                                  f"a model with fused layers")
     if getattr(m, "lm_features", None):
         raise CheckpointError("model.lm_features: frozen LM features have no export yet; export a model without "
                               "them")
@@ -60,9 +62,9 @@ def export(checkpoint: str | Path, folder: str | Path, opset: int = 17, int8: bo
     try:
         graph_specs = BUILDERS[task.cfg.task](task, work, opset)
         if int8:
-            _quantise(work, graph_specs, task.cfg.model.cell, note)
+            _quantise(work, graph_specs, _cells(task.cfg.model), note)
         manifest = {"format": FORMAT, "rnnkit_version": __version__, "task": task.cfg.task,
-                    "config": config_to_dict(task.cfg), "extras": task.extras(), "graphs": graph_specs,
+                    "config": config_to_dict(task.cfg), "extras": outline_files(work, task.extras()), "graphs": graph_specs,
                     "int8": int8, "opset": opset, "card": _plain(model_card(Path(checkpoint)))}
         (work / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         if folder.exists():
@@ -79,20 +81,35 @@ def _plain(card: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in card.items() if isinstance(v, (str, int, float, bool, type(None), list, dict))}
 
 
-def _quantise(work: Path, graph_specs: dict[str, dict[str, Any]], cell: str,
+def _cells(m: Any) -> set[str]:
+    """The recurrent cells a model config names (a translation model's encoder and decoder)."""
+    return {part.cell for part in (m, getattr(m, "encoder", None), getattr(m, "decoder", None)) if hasattr(part, "cell")}
+
+
+def _quantise(work: Path, graph_specs: dict[str, dict[str, Any]], cells: set[str],
               note: Callable[[str], None] | None) -> None:
-    """Dynamic int8 quantisation of the graphs' MatMul and LSTM weights (onnxruntime's)."""
+    """Dynamic int8 quantisation (onnxruntime's) of the graphs' matrix products, LSTM weights
+    and embedding tables (looked up in int8, dequantised after the lookup)."""
+    import logging
+
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    root = logging.getLogger()
+    level = root.level
     for spec in graph_specs.values():
         path = work / spec["file"]
         quantised = path.with_suffix(".int8.onnx")
-        quantize_dynamic(str(path), str(quantised), weight_type=QuantType.QInt8,
-                         op_types_to_quantize=["MatMul", "Gemm", "LSTM"])
+        root.setLevel(logging.ERROR)       # its advice to pre-process, meant for convolutional nets
+        try:
+            quantize_dynamic(str(path), str(quantised), weight_type=QuantType.QInt8,
+                             op_types_to_quantize=["MatMul", "Gemm", "LSTM", "Gather"])
+        finally:
+            root.setLevel(level)
         before, after = path.stat().st_size, quantised.stat().st_size
         os.replace(quantised, path)
         if note is not None:
             note(f"{spec['file']}: int8, {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB")
-    if note is not None and cell in ("gru", "rnn_tanh", "rnn_relu"):
-        note(f"onnxruntime quantises LSTM weights but not {cell.upper()} ones: the recurrent layers stay fp32, "
-             f"the matrix products around them are int8")
+    unquantised = sorted(c.upper() for c in cells - {"lstm"})
+    if note is not None and unquantised:
+        note(f"onnxruntime quantises LSTM weights but not {' or '.join(unquantised)} ones: those recurrent layers "
+             f"stay fp32, the matrix products around them are int8")

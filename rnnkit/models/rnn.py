@@ -183,7 +183,8 @@ def rnn_step(rnn: nn.Module, x: torch.Tensor, state: State,
     an explicit layer's recurrent-dropout masks for the sequence (:func:`step_masks`)."""
     if isinstance(rnn, ExplicitRNN):
         return rnn.step(x, state, masks)
-    if not isinstance(rnn, nn.RNNBase):     # a quantised layer (``--int8``): its own kernels, one step long
+    if not isinstance(rnn, nn.RNNBase) or torch.onnx.is_in_onnx_export():
+        # a quantised layer (``--int8``), or an ONNX graph's recurrent operator: one step long
         out, new = rnn(x.unsqueeze(1), state)
         return out[:, 0], new
     cell = _CELL_FNS[rnn.mode]

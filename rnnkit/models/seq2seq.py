@@ -215,7 +215,8 @@ class Decoder(nn.Module):
         """For search (eval mode, no gradients) with input feeding into a fused LSTM: its
         steps with the vocabulary's embedding products prepared, kept while the weights and
         the arithmetic stay the same (a search's steps share them)."""
-        if self.training or torch.is_grad_enabled() or not self.input_feeding or not LSTMSteps.applies(self.rnn):
+        if self.training or torch.is_grad_enabled() or not self.input_feeding or not LSTMSteps.applies(self.rnn) \
+                or torch.onnx.is_in_onnx_export():      # a graph takes the plain step
             return None
         device = self.embedding.weight.device.type
         key = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None,

@@ -2,7 +2,8 @@
 
 ``manifest`` reads and checks an export folder, ``language_model`` runs a language model's
 step graph, ``classifier`` a sentence classifier's, ``tagger`` a tagger's (its CRF decoded
-in numpy), ``forecaster`` a forecaster's. :func:`load_export` gives the object ``rnnkit.load`` wraps, as the torch task
+in numpy), ``forecaster`` a forecaster's, ``translator`` a translation model's encoder and
+decoder step (beam search runs in numpy). :func:`load_export` gives the object ``rnnkit.load`` wraps, as the torch task
 objects are wrapped for a checkpoint.
 """
 from __future__ import annotations
@@ -32,6 +33,10 @@ def load_export(folder: str | Path) -> Any:
         from rnnkit.runtime.forecaster import OnnxForecaster
 
         return OnnxForecaster(Path(folder), manifest)
+    if manifest["task"] == "translation":
+        from rnnkit.runtime.translator import OnnxTranslator
+
+        return OnnxTranslator(Path(folder), manifest)
     raise AssertionError(manifest["task"])     # read_manifest refuses other tasks
 
 

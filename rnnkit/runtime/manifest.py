@@ -13,9 +13,10 @@ from typing import Any
 from rnnkit.training.checkpoint import CheckpointError, check_format
 
 MANIFEST = "manifest.json"
+FILE_KEY = "$file"                 # in the manifest's extras: bytes kept in a file beside it
 FORMAT_NAME, FORMAT_VERSION = "rnnkit-export", 1
 FORMAT = f"{FORMAT_NAME}-{FORMAT_VERSION}"
-EXPORTABLE = ("lm", "classification", "tagging", "forecast")      # tasks with graphs and a runtime so far
+EXPORTABLE = ("lm", "classification", "tagging", "forecast", "translation")      # tasks with graphs and a runtime
 
 
 def is_export(path: str | Path) -> bool:
@@ -44,7 +45,32 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         if not (folder / graph["file"]).is_file():
             raise CheckpointError(f"{folder}: graph {name!r} ({graph['file']}) is missing; export the checkpoint "
                                   f"again")
+    manifest["extras"] = _inline_files(folder, manifest["extras"])
     return manifest
+
+
+def outline_files(folder: Path, extras: Any, path: tuple[str, ...] = ()) -> Any:
+    """``extras`` for the manifest: each bytes value (a sentencepiece model) written to a file
+    of its own in ``folder``, named after its keys (``src.model``), and named in its place."""
+    if isinstance(extras, bytes):
+        name = ".".join(path)
+        (folder / name).write_bytes(extras)
+        return {FILE_KEY: name}
+    if isinstance(extras, dict):
+        return {k: outline_files(folder, v, (*path, str(k))) for k, v in extras.items()}
+    return extras
+
+
+def _inline_files(folder: Path, extras: Any) -> Any:
+    """The inverse of :func:`outline_files`: the files' bytes back in their places."""
+    if isinstance(extras, dict) and set(extras) == {FILE_KEY}:
+        path = folder / str(extras[FILE_KEY])
+        if not path.is_file():
+            raise CheckpointError(f"{folder}: {path.name} is missing; export the checkpoint again")
+        return path.read_bytes()
+    if isinstance(extras, dict):
+        return {k: _inline_files(folder, v) for k, v in extras.items()}
+    return extras
 
 
 def open_graph(folder: Path, graph: dict[str, Any]) -> Any:

@@ -1,25 +1,28 @@
 """Sequence-to-sequence translation: aligned files in, BLEU out."""
 from __future__ import annotations
 
-import sys
-from typing import Any, NamedTuple, Sequence
+import contextlib
+from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from rnnkit.config import (Config, recurrent_options)
 from rnnkit.config.translation import DataConfig, ModelConfig  # noqa: F401  (this task's sections)
 from rnnkit.data.builders import prepare_pairs
-from rnnkit.data.parallel import IGNORE, Batch, make_batch, read_parallel
+from rnnkit.data.parallel import IGNORE, Batch, make_batch
+from rnnkit.data.vocab import read_parallel
 from rnnkit.data.prepare import ensure_store
 from rnnkit.data.store import Batches, Store, StoreWriter, TokenArray, bucket_batches
 from rnnkit.data.tokenizers import tokenizer_from_state
-from rnnkit.data.vocab import BOS, EOS, UNK
-from rnnkit.decoding.search import BeamSearch, Hypothesis, beam_search, greedy_search
+from rnnkit.data.vocab import BOS, EOS
+from rnnkit.decoding.torch_steps import TorchSteps
 from rnnkit.gradient_flow import GradientFlow, measure
 from rnnkit.hardware import LENGTH_MULTIPLE
 from rnnkit.metrics import bleu, chrf, perplexity
-from rnnkit.models.seq2seq import Bridge, Decoder, Encoder, Seq2Seq
+from rnnkit.models.seq2seq import Bridge, Decoder, DecoderState, Encoder, Seq2Seq
+from rnnkit.tasks.translation_text import Translation, TranslationStream, TranslationText  # noqa: F401
 from rnnkit.training.teacher_forcing import TeacherForcingSchedule
 from rnnkit.training.interface import StepResult
 
@@ -45,14 +48,6 @@ def build_model(cfg: Config, src_vocab: int, tgt_vocab: int) -> Seq2Seq:
     return model
 
 
-class Translation(NamedTuple):
-    text: str
-    score: float
-    src_tokens: list[str]
-    tgt_tokens: list[str]
-    attention: torch.Tensor | None   # (len(tgt_tokens) + 1, len(src_tokens))
-
-
 def prepare_data(cfg: Config, extras: dict[str, Any] | None = None, workers: int | None = None) -> Store:
     """The config's training and validation pairs as a prepared store (found, or made with
     ``workers`` processes), tokenized by fitted tokenizers or, for a resumed run, by its
@@ -73,7 +68,7 @@ def prepare_data(cfg: Config, extras: dict[str, Any] | None = None, workers: int
                         lambda store: {n: store.tokenizer_state(n) for n in ("src", "tgt")})
 
 
-class TranslationTask:
+class TranslationTask(TranslationText):
     def __init__(self, cfg: Config, device: torch.device, extras: dict[str, Any] | None = None,
                  with_data: bool = True):
         self.cfg, self.device = cfg, device
@@ -156,52 +151,32 @@ class TranslationTask:
         return measure(self.model, "encoder.rnn", lambda: self._loss(batch), length - 1)
 
     # ------------------------------------------------------------------ inference
-    @torch.no_grad()
-    def translate(self, lines: Sequence[str], beam: int = 1, n_best: int = 1, batch_size: int = 64,
-                  alpha: float = 0.0, replace_unk: bool = False) -> list[Translation] | list[list[Translation]]:
-        """Translate lines in order; an empty line gives an empty translation. With
-        ``n_best`` > 1 each entry is a list of the n best translations."""
-        was_training = self.model.training
-        self.model.eval()
-        src_tokens = [self.src_tok.split(line) for line in lines]
-        todo = [i for i, toks in enumerate(src_tokens) if toks]
-        results: list[list[Translation]] = [[Translation("", 0.0, [], [], None)] for _ in lines]
-        todo.sort(key=lambda i: len(src_tokens[i]))
-        bar = tqdm(total=len(todo), desc="translate", unit="sent", disable=None if len(todo) > batch_size else True,
-                   file=sys.stderr, leave=False)    # shown only on a terminal, and only for long inputs
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
-            ids = [self.src_tok.vocab.encode(src_tokens[i]) for i in chunk]
-            batch = make_batch(ids, None, chunk, self.bos, self.eos).to(self.device)
-            for i, hyps in zip(chunk, self._search(batch, beam, n_best, alpha)):
-                results[i] = [self._finish(h, src_tokens[i], replace_unk) for h in hyps]
-            bar.update(len(chunk))
-        bar.close()
-        self.model.train(was_training)
-        return results if n_best > 1 else [r[0] for r in results]
+    def encode_ids(self, ids: list[list[int]]) -> tuple[DecoderState, np.ndarray]:
+        batch = make_batch(ids, None, range(len(ids)), self.bos, self.eos).to(self.device)
+        return self.model.encode(batch.src, batch.src_lengths), batch.src_lengths.numpy()
 
     def stream(self, beam: int = 1, n_best: int = 1, alpha: float = 0.0, replace_unk: bool = False,
-               capacity: int = 32) -> "TranslationStream":
+               capacity: int = 32) -> TranslationStream:
         """Continuous batching (see :class:`TranslationStream`); for inference only."""
         self.model.eval()
-        return TranslationStream(self, beam, n_best, alpha, replace_unk, capacity)
+        return super().stream(beam, n_best, alpha, replace_unk, capacity)
 
-    def _search(self, batch: Batch, beam: int, n_best: int, alpha: float) -> list[list[Hypothesis]]:
-        m = self.cfg.model
-        state = self.model.encode(batch.src, batch.src_lengths)
-        common = dict(step=self.model.decoder.step, state=state, batch_size=batch.src.size(0), bos=self.bos,
-                      eos=self.eos, src_lengths=batch.src_lengths, device=self.device,
-                      max_len_ratio=m.max_len_ratio, max_len_extra=m.max_len_extra)
-        if beam == 1 and n_best == 1:
-            return [[h] for h in greedy_search(**common)]
-        return beam_search(**common, beam=beam, n_best=n_best, alpha=alpha)
+    def search_backend(self) -> TorchSteps:
+        return TorchSteps(self.model.decoder.step, self.device)
 
-    def _finish(self, hyp: Hypothesis, src_tokens: list[str], replace_unk: bool) -> Translation:
-        out = self.tgt_tok.vocab.decode(hyp.tokens)
-        attn = None if hyp.attention is None else hyp.attention[:, : len(src_tokens)]
-        if replace_unk and attn is not None:
-            out = [src_tokens[int(attn[j].argmax())] if tok == UNK else tok for j, tok in enumerate(out)]
-        return Translation(self.tgt_tok.join(out), hyp.score, src_tokens, out, attn)
+    @contextlib.contextmanager
+    def inference(self) -> Iterator[None]:
+        """Evaluation mode without gradients; a model already in it is left alone (switching
+        would drop the decoder's prepared steps)."""
+        was_training = self.model.training
+        if was_training:
+            self.model.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            if was_training:
+                self.model.train()
 
     def score_pairs(self, src: list[str], tgt: list[str], batch_size: int = 64) -> tuple[float, int]:
         """Teacher-forced loss per target token over raw sentence pairs (eval's perplexity)."""
@@ -212,57 +187,6 @@ class TranslationTask:
                                   TokenArray.from_lists([b for _, b in pairs])), batch_size)
         self.model.train(was_training)
         return result
-
-
-class TranslationStream:
-    """Sentences decoded together while they come and go (continuous batching): :meth:`add`
-    lines whenever there is :attr:`room`, call :meth:`step` while :attr:`live`; each step
-    advances every sentence by one token and returns those that are done, so a server's batch
-    stays full instead of waiting for its longest sentence. A line's translation is the one
-    :meth:`TranslationTask.translate` gives, up to float rounding in the padded batch."""
-
-    def __init__(self, task: TranslationTask, beam: int, n_best: int, alpha: float, replace_unk: bool,
-                 capacity: int):
-        m = task.cfg.model
-        self.task, self.n_best, self.replace_unk = task, n_best, replace_unk
-        self.search = BeamSearch(task.model.decoder.step, task.bos, task.eos, task.device, capacity, beam, n_best,
-                                 alpha, m.max_len_ratio, m.max_len_extra)
-        self._lines: dict[int, tuple[Any, list[str]]] = {}    # slot -> (tag, source tokens)
-
-    @property
-    def room(self) -> int:
-        return self.search.room
-
-    @property
-    def live(self) -> int:
-        return self.search.live
-
-    @torch.no_grad()
-    def add(self, lines: Sequence[str], tags: Sequence[Any]) -> list[tuple[Any, Any]]:
-        """Start decoding ``lines`` (at most :attr:`room`), each known by its tag from then on.
-        Returns ``(tag, result)`` for the lines done at once (empty ones)."""
-        tokens = [self.task.src_tok.split(line) for line in lines]
-        done = [(tag, self._result([Translation("", 0.0, [], [], None)])) for tag, t in zip(tags, tokens) if not t]
-        todo = [(tag, t) for tag, t in zip(tags, tokens) if t]
-        if todo:
-            ids = [self.task.src_tok.vocab.encode(t) for _, t in todo]
-            batch = make_batch(ids, None, range(len(ids)), self.task.bos, self.task.eos).to(self.task.device)
-            slots = self.search.add(self.task.model.encode(batch.src, batch.src_lengths), batch.src_lengths)
-            self._lines.update(zip(slots, todo))
-        return done
-
-    @torch.no_grad()
-    def step(self) -> list[tuple[Any, Any]]:
-        """One token for every live sentence; ``(tag, result)`` for each sentence now done."""
-        slots = self.search.step()
-        out = []
-        for slot, hyps in zip(slots, self.search.finish(slots)):
-            tag, src_tokens = self._lines.pop(slot)
-            out.append((tag, self._result([self.task._finish(h, src_tokens, self.replace_unk) for h in hyps])))
-        return out
-
-    def _result(self, found: list[Translation]) -> Translation | list[Translation]:
-        return found if self.n_best > 1 else found[0]
 
 
 def build(cfg: Config, device: torch.device, extras: dict[str, Any] | None = None,

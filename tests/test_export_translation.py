@@ -1,0 +1,166 @@
+"""Translation models exported to ONNX: the encoder and decoder-step graphs against the
+checkpoint, searched by the same numpy beam search; subword models; int8; no torch."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import rnnkit
+from rnnkit.cli import app
+from rnnkit.training.checkpoint import CheckpointError
+from tests.conftest import ROOT, write_yaml
+from tests.test_translation_task import SAMPLE, translation_config
+
+runner = CliRunner()
+LINES = (SAMPLE / "valid.en").read_text(encoding="utf-8").splitlines()[:40]
+REFS = (SAMPLE / "valid.fr").read_text(encoding="utf-8").splitlines()[:40]
+MODELS = {   # what each exercises: input feeding into an LSTM; no attention; subwords, 2 layers, additive
+    "lstm": ({"cell": "lstm", "bidirectional": True}, {"cell": "lstm", "attention": "general", "input_feeding": True},
+             {}),
+    "none": ({"cell": "gru"}, {"cell": "gru", "attention": "none", "input_feeding": False}, {}),
+    "bpe": ({"cell": "lstm", "num_layers": 2}, {"cell": "gru", "num_layers": 2, "attention": "additive",
+                                                "input_feeding": False},
+            {"src_tokenizer": "bpe", "tgt_tokenizer": "bpe", "src_vocab_size": 120, "tgt_vocab_size": 120}),
+}
+
+
+def _cli(*args: str) -> None:
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Each kind of model trained a few steps (enough to make its choices differ from
+    uniform) and exported: {name: (checkpoint, export folder)}."""
+    tmp = tmp_path_factory.mktemp("mt")
+    out = {}
+    for name, (enc, dec, data) in MODELS.items():
+        cfg = translation_config(tmp / name, data=data, train={"max_steps": 30, "eval_every": 30})
+        cfg["model"]["encoder"].update(enc)
+        cfg["model"]["decoder"].update(dec)
+        _cli("train", str(write_yaml(tmp / f"{name}.yaml", cfg)))
+        ckpt = tmp / name / "run" / "best.pt"
+        _cli("export", str(ckpt), "-o", str(tmp / f"{name}_onnx"))
+        out[name] = (ckpt, tmp / f"{name}_onnx")
+    return out
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_an_exported_translator_translates_what_the_checkpoint_does(models, name):
+    ckpt, folder = models[name]
+    torch_model, onnx_model = rnnkit.load(ckpt), rnnkit.load(folder)
+    assert onnx_model.backend == "onnxruntime" and type(onnx_model) is type(torch_model)
+    for beam, n_best in ((1, 1), (4, 2)):
+        a = torch_model.translations(LINES, beam=beam, n_best=n_best, batch_size=16)
+        b = onnx_model.translations(LINES, beam=beam, n_best=n_best, batch_size=16)
+        flat = lambda r: [h for hyps in r for h in (hyps if n_best > 1 else [hyps])]  # noqa: E731
+        for x, y in zip(flat(a), flat(b)):
+            assert x.text == y.text and x.tgt_tokens == y.tgt_tokens
+            assert x.score == pytest.approx(y.score, abs=1e-4)
+            if x.attention is None:
+                assert y.attention is None
+            else:
+                assert isinstance(y.attention, np.ndarray) and y.attention.shape == x.attention.shape
+                assert np.allclose(x.attention, y.attention, atol=1e-5)
+    assert len({round(t.score, 3) for t in torch_model.translations(LINES)}) > 10   # each source counts
+    mine, theirs = torch_model.score(LINES, REFS), onnx_model.score(LINES, REFS)
+    assert mine["bleu"] == theirs["bleu"] and mine["chrf"] == theirs["chrf"]
+    assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-5)   # teacher-forced, through the step graph
+
+
+def test_the_export_decodes_sources_longer_than_the_examples(models):
+    """The graphs were traced with 5-token sources and a batch of 2; both axes are dynamic."""
+    ckpt, folder = models["lstm"]
+    long = [" ".join(LINES[:3])] * 3 + ["a"]
+    assert rnnkit.load(folder).translate(long, beam=3) == rnnkit.load(ckpt).translate(long, beam=3)
+
+
+def test_replace_unk_and_a_stream_on_an_export(models):
+    ckpt, folder = models["lstm"]
+    a, b = rnnkit.load(ckpt), rnnkit.load(folder)
+    line = "the zorblax quintessentially glimmered"
+    assert b.translate([line], replace_unk=True) == a.translate([line], replace_unk=True)
+    expected = b.translate(LINES, beam=3)
+    stream, found, waiting = b.stream(beam=3, capacity=5), {}, list(enumerate(LINES))
+    while waiting or stream.live:            # sentences join as others leave
+        take, waiting = waiting[:min(stream.room, 2)], waiting[min(stream.room, 2):]
+        for tag, result in stream.add([x for _, x in take], [i for i, _ in take]) + stream.step():
+            found[tag] = result.text
+    assert [found[i] for i in range(len(LINES))] == expected
+
+
+def test_subword_models_carry_their_sentencepiece_files(models, tmp_path):
+    folder = models["bpe"][1]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["extras"]["src"]["model"] == {"$file": "src.model"}
+    assert (folder / "src.model").stat().st_size > 1000 and (folder / "tgt.model").is_file()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in folder.iterdir():
+        if f.name != "tgt.model":
+            (broken / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(CheckpointError, match="tgt.model is missing"):
+        rnnkit.load(broken)
+
+
+def test_int8_translation_export_is_smaller_and_close(models, tmp_path):
+    ckpt, fp32 = models["lstm"]
+    result = runner.invoke(app, ["export", str(ckpt), "-o", str(tmp_path / "q"), "--int8"])
+    assert result.exit_code == 0, result.output
+    step = lambda d: (d / "decoder_step.onnx").stat().st_size  # noqa: E731  (the encoder here is mostly graph)
+    assert step(tmp_path / "q") < 0.6 * step(fp32)
+    q, f = rnnkit.load(tmp_path / "q").translate(LINES), rnnkit.load(fp32).translate(LINES)
+    assert sum(a == b for a, b in zip(q, f)) >= 0.8 * len(LINES)
+
+
+def test_translate_and_serve_an_export_without_torch(models, tmp_path):
+    """rnnkit.load(DIR).translate, rnnkit translate DIR and eval DIR where importing torch fails."""
+    folder = models["bpe"][1]
+    src, ref = tmp_path / "in.en", tmp_path / "ref.fr"
+    src.write_text("\n".join(LINES) + "\n", encoding="utf-8")
+    ref.write_text("\n".join(REFS) + "\n", encoding="utf-8")
+    script = f"""
+import importlib.abc, json, sys
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is refused here")
+sys.meta_path.insert(0, Refuse())
+import rnnkit
+print(json.dumps(rnnkit.load({str(folder)!r}).translate({LINES[:5]!r}, beam=3)))
+from rnnkit.cli import main
+for args in (["translate", {str(folder)!r}, "--input", {str(src)!r}, "--beam", "3", "--output", {str(tmp_path / "out.fr")!r}],
+             ["eval", {str(folder)!r}, "--src", {str(src)!r}, "--ref", {str(ref)!r}, "--json"]):
+    try:
+        main(args)
+    except SystemExit as done:
+        assert done.code in (0, None), done.code
+print("torch imported:", "torch" in sys.modules)
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.strip().splitlines()
+    assert json.loads(lines[0]) == rnnkit.load(models["bpe"][0]).translate(LINES[:5], beam=3)
+    assert lines[-1] == "torch imported: False"
+    assert json.loads(lines[-2])["bleu"] == rnnkit.load(folder).score(LINES, REFS)["bleu"]
+    assert (tmp_path / "out.fr").read_text(encoding="utf-8").splitlines() == rnnkit.load(folder).translate(LINES, beam=3)
+
+    from fastapi.testclient import TestClient
+
+    from rnnkit.serve import build_app
+
+    m = rnnkit.load(models["lstm"][1])
+    with TestClient(build_app({"mt": m})) as client:
+        r = client.post("/v1/mt/translate", json={"lines": LINES[:6], "beam": 3, "attention": True})
+        assert r.status_code == 200
+        got = r.json()["translations"]
+        assert [t["text"] for t in got] == m.translate(LINES[:6], beam=3)
+        assert all(abs(sum(row) - 1) < 1e-3 for t in got for row in t["attention"]["weights"])

@@ -9,9 +9,15 @@ whole process (start-up included) and its peak memory, checkpoint against export
 
 With ``--tasks``, also a UPOS tagger (predictions on the UD English-EWT test set), an
 rt-polarity classifier (labels on dev) and the ETTh1 forecaster (test MSE), each trained for
-``--minutes`` from its shipped config (the comparison does not depend on how well trained).
+``--minutes`` from its shipped config (the comparison does not depend on how well trained),
+and for the tagger `rnnkit predict` as a whole process, one sentence and the whole test set.
+With ``--translation``, the shared Multi30k model (configs/translate_attention.yaml, trained
+for ``--minutes`` unless ``--mt-checkpoint`` names one): beam-5 translation of
+test_2016_flickr by torch fp32, torch --int8, the fp32 and the int8 export, each a whole
+process (BLEU, lines identical, time, memory), one sentence's start to answer, graph sizes.
 
-    python bench/export.py [--steps 200] [--checkpoint runs/x/best.pt] [--tasks] [--minutes 3] [--quick]
+    python bench/export.py [--steps 200] [--checkpoint runs/x/best.pt] [--tasks] [--translation]
+                           [--mt-checkpoint runs/mt/best.pt] [--minutes 3] [--quick]
 """
 from __future__ import annotations
 
@@ -75,6 +81,16 @@ def labelled_tasks(out: Path, minutes: float) -> list[str]:
             lines.append(f"UPOS tagger, UD English-EWT test: {same:,} of {len(sentences):,} sentences tagged "
                          f"identically; accuracy {100 * acc[0]:.2f} / {100 * acc[1]:.2f} / {100 * acc[2]:.2f} "
                          f"(checkpoint / export / int8 export)")
+            every = out / "upos_test.txt"
+            every.write_text("".join(x + "\n" for x in sentences), encoding="utf-8")
+            single = one_sentence(out, sentences[0], "upos")
+            paths = {"checkpoint": out / name / "best.pt", "export": out / f"{name}_onnx"}
+            first = alternating({k: command("predict", str(p), "--input", str(single)) for k, p in paths.items()})
+            lines.append(process_line("`rnnkit predict`, one sentence", first))
+            bulk = alternating({k: command("predict", str(p), "--input", str(every)) for k, p in paths.items()})
+            lines.append(f"  `rnnkit predict` of the {len(sentences):,} test sentences, whole process: checkpoint "
+                         f"{bulk['checkpoint'][0]:.2f} s, export {bulk['export'][0]:.2f} s "
+                         f"({bulk['checkpoint'][0] / bulk['export'][0]:.2f}x; goal >= 1.0)")
         elif name == "sentiment":
             dev = SHARED / "rt-polarity" / "dev.tsv"
             texts = [" ".join(s.tokens) for s in read_labeled(str(dev))]
@@ -90,27 +106,82 @@ def labelled_tasks(out: Path, minutes: float) -> list[str]:
     return lines
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=200, help="training updates of the word LM (no --checkpoint)")
-    ap.add_argument("--checkpoint", help="a language-model checkpoint to export instead of training one")
-    ap.add_argument("--tasks", action="store_true", help="also the tagger, classifier and forecaster on their data")
-    ap.add_argument("--minutes", type=float, default=3.0, help="--tasks: training minutes of each")
-    ap.add_argument("--quick", action="store_true", help="a tiny model on the bundled text, 4 steps: checks that it "
-                                                        "runs")
-    args = ap.parse_args()
-    if not args.quick and not (DATA / "valid.txt").is_file():
-        print(f"skipped: {DATA} is absent")
-        return 0
+def medians(runs: dict[str, list[tuple[float, float]]]) -> dict[str, tuple[float, float]]:
+    return {k: (statistics.median(t for t, _ in v), statistics.median(m for _, m in v)) for k, v in runs.items()}
+
+
+def alternating(cmds: dict[str, list[str]], repeats: int = 3) -> dict[str, tuple[float, float]]:
+    """Each whole-process command run ``repeats`` times, one after the other in turn: median
+    wall seconds and peak RSS (MB) of each."""
+    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in cmds}
+    for _ in range(repeats):
+        for name, cmd in cmds.items():
+            runs[name].append(run(cmd))
+    return medians(runs)
+
+
+def one_sentence(out: Path, line: str, name: str) -> Path:
+    path = out / f"{name}_one.txt"
+    path.write_text(line + "\n", encoding="utf-8")
+    return path
+
+
+def translation(out: Path, minutes: float, checkpoint: str | None) -> list[str]:
+    """The shared Multi30k model (configs/translate_attention.yaml) trained for ``minutes``
+    unless given, exported fp32 and int8: beam-5 translations of test_2016_flickr from all four
+    arithmetics (torch fp32, torch --int8, export fp32, export int8), each a whole process."""
+    from rnnkit.data.vocab import read_parallel
+    from rnnkit.metrics import bleu
+
+    ckpt = Path(checkpoint) if checkpoint else out / "mt" / "best.pt"
+    if not checkpoint:
+        sets = [f"run_dir={out / 'mt'}", f"train.max_time={minutes * 60}", "train.eval_every=100000"]
+        subprocess.run(command("train", "configs/translate_attention.yaml", *[x for s in sets for x in ("--set", s)]),
+                       cwd=ROOT, check=True, capture_output=True)
+    for suffix, extra in (("onnx", []), ("int8", ["--int8"])):
+        subprocess.run(command("export", str(ckpt), "-o", str(out / f"mt_{suffix}"), *extra), cwd=ROOT, check=True,
+                       capture_output=True)
+    data = SHARED / "multi30k"
+    src, refs = read_parallel(str(data / "test_2016_flickr.en"), str(data / "test_2016_flickr.fr"))
+    kinds = {"torch fp32": [str(ckpt)], "torch int8": [str(ckpt), "--int8"], "export fp32": [str(out / "mt_onnx")],
+             "export int8": [str(out / "mt_int8")]}
+    whole = alternating({k: command("translate", *a, "--beam", "5", "--input", str(data / "test_2016_flickr.en"),
+                                    "--output", str(out / f"mt_{k.replace(' ', '_')}.txt")) for k, a in kinds.items()})
+    hyps = {k: (out / f"mt_{k.replace(' ', '_')}.txt").read_text(encoding="utf-8").splitlines() for k in kinds}
+    base = hyps["torch fp32"]
+    lines = [f"translation, {ckpt}: test_2016_flickr en-fr, {len(src):,} sentences, beam 5, whole processes "
+             f"(median of 3)"]
+    for k in kinds:
+        same = sum(a == b for a, b in zip(base, hyps[k]))
+        secs, mem = whole[k]
+        lines.append(f"  {k:<11}: BLEU {bleu(hyps[k], refs):.2f}, {100 * same / len(base):.1f}% of lines as torch "
+                     f"fp32, {secs:.1f} s ({len(src) / secs:.1f} sent/s), peak RSS {mem:.0f} MB")
+    lines.append(f"  throughput export fp32 / torch fp32: {whole['torch fp32'][0] / whole['export fp32'][0]:.2f}x "
+                 f"(goal >= 1.0); export int8 / torch int8: "
+                 f"{whole['torch int8'][0] / whole['export int8'][0]:.2f}x (goal >= 1.2)")
+    single = one_sentence(out, src[0], "mt")
+    first = alternating({"checkpoint": command("translate", str(ckpt), "--input", str(single)),
+                         "export": command("translate", str(out / "mt_onnx"), "--input", str(single))})
+    lines.append(process_line("`rnnkit translate`, one sentence", first))
+    size = lambda d: sum(f.stat().st_size for f in d.iterdir() if f.suffix in (".onnx", ".weights")) / 1e6  # noqa: E731
+    lines.append(f"  graphs: fp32 {size(out / 'mt_onnx'):.1f} MB, int8 {size(out / 'mt_int8'):.1f} MB "
+                 f"({size(out / 'mt_int8') / size(out / 'mt_onnx'):.2f}x; goal <= 0.30)")
+    return lines
+
+
+def process_line(what: str, timing: dict[str, tuple[float, float]]) -> str:
+    (t_c, m_c), (t_e, m_e) = timing["checkpoint"], timing["export"]
+    return (f"  {what}, whole process, checkpoint / export: {t_c:.2f} / {t_e:.2f} s ({t_e / t_c:.2f}x; goal <= "
+            f"0.33), peak RSS {m_c:.0f} / {m_e:.0f} MB ({m_e / m_c:.2f}x; goal <= 0.33)")
+
+
+def language_model(args: argparse.Namespace, out: Path, text: str) -> None:
+    """The word LM: log-probabilities, perplexities, `rnnkit generate` as a whole process, sizes."""
     import numpy as np
     import torch
 
     import rnnkit
 
-    text = (SAMPLE if args.quick else DATA / "valid.txt").read_text(encoding="utf-8")
-    if args.quick:
-        args.steps = 4
-    out = Path(tempfile.mkdtemp())
     ckpt = Path(args.checkpoint) if args.checkpoint else out / "lm" / "best.pt"
     if not args.checkpoint:
         sets = [f"run_dir={out / 'lm'}", f"train.max_steps={args.steps}", f"train.eval_every={args.steps}",
@@ -135,7 +206,7 @@ def main() -> int:
         for name, path in (("checkpoint", ckpt), ("fp32", out / "fp32")):
             timing[name].append(run(command("generate", str(path), "--prime", "The", "--length", "50",
                                            "--seed", "1")))
-    sizes = {name: (out / name / "lm_step.onnx").stat().st_size / 1e6 for name in ("fp32", "int8")}
+    sizes = {name: sum(f.stat().st_size for f in (out / name).glob("lm_step.*")) / 1e6 for name in ("fp32", "int8")}
     print(describe(torch.device("cpu")))
     source = "the bundled sample" if args.quick else "WikiText-2 valid"
     print(f"word LM: {ckpt}, {len(models['checkpoint'].task.vocab):,} words; {source}, "
@@ -150,8 +221,38 @@ def main() -> int:
     print(f"start-to-finish, checkpoint / export: {ratio:.2f}x")
     print(f"graph size: fp32 {sizes['fp32']:.2f} MB, int8 {sizes['int8']:.2f} MB "
           f"({sizes['int8'] / sizes['fp32']:.2f}x)")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=200, help="training updates of the word LM (no --checkpoint)")
+    ap.add_argument("--checkpoint", help="a language-model checkpoint to export instead of training one")
+    ap.add_argument("--tasks", action="store_true", help="also the tagger, classifier and forecaster on their data")
+    ap.add_argument("--minutes", type=float, default=3.0, help="--tasks: training minutes of each")
+    ap.add_argument("--translation", action="store_true", help="also the shared Multi30k translation model")
+    ap.add_argument("--mt-checkpoint", help="--translation: a translation checkpoint instead of training one")
+    ap.add_argument("--skip-lm", action="store_true", help="leave out the word LM (with --tasks or --translation)")
+    ap.add_argument("--quick", action="store_true", help="a tiny model on the bundled text, 4 steps: checks that it "
+                                                        "runs")
+    args = ap.parse_args()
+    if not args.quick and not (DATA / "valid.txt").is_file():
+        print(f"skipped: {DATA} is absent")
+        return 0
+    import torch
+
+    text = (SAMPLE if args.quick else DATA / "valid.txt").read_text(encoding="utf-8")
+    if args.quick:
+        args.steps = 4
+    out = Path(tempfile.mkdtemp())
+    if args.skip_lm:
+        print(describe(torch.device("cpu")))
+    else:
+        language_model(args, out, text)
     if args.tasks and not args.quick:
         for line in labelled_tasks(out, args.minutes):
+            print(line)
+    if args.translation and not args.quick:
+        for line in translation(out, args.minutes, args.mt_checkpoint):
             print(line)
     return 0
 

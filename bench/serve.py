@@ -12,7 +12,10 @@
    the server received must be answered); a headless Chromium check of the page (screenshot).
 4. ``onmt_server`` with the OpenNMT-py model under the same 32-client load.
 
-    python bench/serve.py [--steps 600] [--requests 10000] [--quick]
+5. ``--export-only``: serving the checkpoint against serving its ONNX export, same load:
+   sentences per second and the server's resident memory.
+
+    python bench/serve.py [--steps 600] [--requests 10000] [--quick] [--export-only]
 
 ``--quick`` uses 100 sentences and few requests (a check of the plumbing, not a result).
 """
@@ -313,6 +316,29 @@ def onmt_load(onmt_model: Path, args, lines: list[str], refs: list[str]) -> tupl
     return seconds, sacrebleu.corpus_bleu([a if isinstance(a, str) else "" for a in answers], [refs]).score
 
 
+def served_footprint(models: dict[str, Path], out: Path, lines: list[str], clients: int) -> list[str]:
+    """Each model served in turn under the same load (warm-up, then the test sentences twice,
+    the faster run kept) with the server's resident memory (and its model process's) sampled
+    after each run: a checkpoint against its export."""
+    rows = []
+    for name, path in models.items():
+        server = rnnkit_server(path, out, f"footprint_{name}")
+        try:
+            load_test(server.port, "/v1/en_fr/translate", [rnnkit_payload(s) for s in lines[:64]], clients)
+            runs, peak = [], 0.0
+            for _ in range(2):
+                seconds, answers = load_test(server.port, "/v1/en_fr/translate", [rnnkit_payload(s) for s in lines],
+                                             clients, lambda b: b["translations"][0]["text"])
+                runs.append(seconds)
+                peak = max(peak, rss_mb(server.proc.pid))
+            errors = sum(a is None or a.startswith("HTTP ") for a in answers)
+            rows.append(f"  `rnnkit serve` {name}: {len(lines) / min(runs):.1f} sent/s (faster of two runs), resident "
+                        f"{peak:.0f} MB after the load, {errors} errors")
+        finally:
+            server.stop()
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=600, help="training updates of each model (reused when present)")
@@ -322,6 +348,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=OUT / "serve")
     ap.add_argument("--quick", action="store_true", help="20 sentences and few requests: checks the plumbing")
     ap.add_argument("--onmt-only", action="store_true", help="only the onmt_server load (for checking it)")
+    ap.add_argument("--export-only", action="store_true", help="only serving the checkpoint against serving its "
+                                                               "ONNX export ('rnnkit export'), under the same load")
     args = ap.parse_args()
     if not TEST.is_file():
         print(f"skipped: {TEST} is absent")
@@ -337,6 +365,16 @@ def main() -> int:
     rows: list[tuple[str, str]] = []
     if args.onmt_only:
         print(onmt_load(onmt_model, args, lines, REF.read_text(encoding="utf-8").splitlines()[:len(lines)]))
+        return 0
+    if args.export_only:
+        folder = args.out / "export"
+        if not folder.exists():
+            subprocess.run([sys.executable, "-m", "rnnkit", "export", str(ckpt), "-o", str(folder)], cwd=ROOT,
+                           check=True, capture_output=True)
+        print(f"{cpu_description()}; {n} sentences of test_2016_flickr, beam {BEAM}, {args.clients} clients, one "
+              f"sentence per request")
+        for row in served_footprint({"checkpoint": ckpt, "export": folder}, args.out, lines, args.clients):
+            print(row)
         return 0
 
     # in one process: the command as a whole process, and the decoding alone

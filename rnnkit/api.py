@@ -151,7 +151,7 @@ class Translator(Model):
     def translations(self, lines: str | Sequence[str], beam: int = 1, n_best: int = 1, batch_size: int = 64,
                      length_penalty: float = 0.0, replace_unk: bool = False) -> list:
         """As :meth:`translate`, with each hypothesis's score, tokens and attention
-        (:class:`rnnkit.tasks.translation.Translation`)."""
+        (:class:`rnnkit.tasks.translation_text.Translation`; its attention a numpy array)."""
         self._check(beam, n_best, batch_size, replace_unk)
         items = _lines(lines)
         return self._run(lambda: self.task.translate(items, beam=beam, n_best=n_best, batch_size=batch_size,
@@ -160,7 +160,7 @@ class Translator(Model):
     def stream(self, beam: int = 1, n_best: int = 1, length_penalty: float = 0.0, replace_unk: bool = False,
                capacity: int = 32) -> "Stream":
         """Continuous batching for a server: up to ``capacity`` sentences decoded together,
-        joining and leaving between steps (:class:`rnnkit.tasks.translation.TranslationStream`)."""
+        joining and leaving between steps (:class:`rnnkit.tasks.translation_text.TranslationStream`)."""
         self._check(beam, n_best, capacity, replace_unk)
         return Stream(self, self.task.stream(beam, n_best, length_penalty, replace_unk, capacity))
 

@@ -15,7 +15,7 @@ from rnnkit.cli.common import (bad_option, check_output_file, err_console, int8_
 
 
 def evaluate(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint (last.pt or best.pt)."),
+    checkpoint: Path = typer.Argument(..., help="A checkpoint (last.pt or best.pt), or an export folder."),
     data: Optional[Path] = typer.Option(
         None, "--data", help="A file to score: text for language models, tagged sentences (the config's format) "
                              "for taggers, label<TAB>text lines for classifiers, CSV for forecasters."),

@@ -17,7 +17,7 @@ def export(
 ) -> None:
     """Export a checkpoint to ONNX: graphs and a manifest that onnxruntime runs without torch.
 
-    The folder then works wherever a checkpoint does for inference: rnnkit.load(DIR), rnnkit generate | predict | eval | serve DIR. Language models, sentence classifiers, taggers and forecasters export so far; other checkpoints get a one-line reason. Nothing is written at DIR unless the export finishes.
+    The folder then works wherever a checkpoint does for inference: rnnkit.load(DIR), rnnkit generate | translate | predict | eval | serve DIR. Language models, sentence classifiers, taggers, forecasters and translation models export (translation as an encoder graph and a decoder-step graph; beam search runs outside them); other checkpoints get a one-line reason. Nothing is written at DIR unless the export finishes.
 
     Example:  rnnkit export runs/char_lm/best.pt -o exports/char_lm --int8
     """
@@ -25,6 +25,9 @@ def export(
 
     with user_errors():
         manifest = write_export(checkpoint, output, opset, int8, note)
+    from rnnkit.runtime.manifest import graph_bytes
+
     graphs = ", ".join(g["file"] for g in manifest["graphs"].values())
-    err_console.print(f"wrote {output}: {graphs} and manifest.json ({manifest['task']}, "
-                      f"{'int8' if int8 else 'fp32'}, opset {opset})", highlight=False)
+    size = sum(graph_bytes(output, g) for g in manifest["graphs"].values()) / 1e6
+    err_console.print(f"wrote {output}: {graphs} (with their weights, {size:.1f} MB) and manifest.json "
+                      f"({manifest['task']}, {'int8' if int8 else 'fp32'}, opset {opset})", highlight=False)

@@ -14,7 +14,7 @@ from rnnkit.cli.common import (MAX_GENERATE, bad_option, check_output_file, err_
 
 
 def generate(
-    checkpoint: Path = typer.Argument(..., help="A language-model checkpoint (last.pt or best.pt)."),
+    checkpoint: Path = typer.Argument(..., help="A language-model checkpoint (last.pt or best.pt), or its export folder."),
     prime: str = typer.Option("", "--prime", "-p", help="Text the sample starts from (echoed first)."),
     length: int = typer.Option(500, "--length", "-n", min=1, max=MAX_GENERATE,
                                help=f"Tokens to sample after the prime (at most {MAX_GENERATE:,})."),
@@ -121,7 +121,7 @@ def translate(
 
 
 def predict(
-    checkpoint: Path = typer.Argument(..., help="A tagging, classification or forecast checkpoint."),
+    checkpoint: Path = typer.Argument(..., help="A tagging, classification or forecast checkpoint, or its export folder."),
     input: Optional[Path] = typer.Option(None, "--input", "-i", help="One whitespace-tokenised sentence per line; "
                                                                       "default stdin."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file; default stdout."),

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import errno
+import os
 import socket
-
 from typing import List
 
 import typer
 
 from rnnkit.cli.common import (bad_option, err_console, int8_option, note,
                                precision_option, user_errors)
+from rnnkit.runtime.manifest import PREPACK_VARIABLE
 
 
 def serve(
@@ -51,6 +52,9 @@ def serve(
         limits = Limits(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, max_body=max_body,
                         max_lines=max_lines, max_tokens=max_tokens)
         names = model_names(checkpoints)
+        # a server runs for long: exports' weights packed for onnxruntime's kernels (faster
+        # steps for more memory; one-shot commands keep the weights once, mapped from the file)
+        os.environ.setdefault(PREPACK_VARIABLE, "1")
         worker = None
         if in_process:
             models = {name: rnnkit.load(path, device=device, precision=precision, int8=int8, note=note)

@@ -2,12 +2,32 @@
 which keeps torch.nn's fused recurrent layers as ONNX LSTM, GRU and RNN operators)."""
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
+
+
+@contextlib.contextmanager
+def exporting() -> Iterator[None]:
+    """No gradients, and none of the exporter's notes on its own internals: its Python
+    warnings, and the lines its C++ side writes straight to the process's stderr (about
+    shape inference of packed sequences, which the graphs do not need)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null, warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class LanguageModelStep(nn.Module):
@@ -35,8 +55,7 @@ def language_model(task: Any, folder: Path, opset: int) -> dict[str, dict[str, A
     state = tuple(torch.zeros(layers, 2, hidden) for _ in names)
     axes = {"tokens": {0: "batch", 1: "time"}, "log_probs": {0: "batch", 1: "time"}, "hidden": {0: "batch", 1: "time"},
             **{n: {1: "batch"} for n in names}, **{f"{n}_out": {1: "batch"} for n in names}}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")      # the exporter's notes on its own internals
+    with exporting():
         torch.onnx.export(LanguageModelStep(model, lstm), (tokens, *state), str(folder / "lm_step.onnx"),
                           input_names=["tokens", *names], output_names=["log_probs", "hidden", *(f"{n}_out" for n in names)],
                           dynamic_axes=axes, opset_version=opset, dynamo=False)
@@ -66,8 +85,7 @@ def classifier(task: Any, folder: Path, opset: int) -> dict[str, dict[str, Any]]
     words, lengths = torch.ones(2, 5, dtype=torch.long), torch.tensor([5, 3])
     axes = {"words": {0: "batch", 1: "time"}, "lengths": {0: "batch"}, "probs": {0: "batch"},
             **({"weights": {0: "batch", 1: "time"}} if attention else {})}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
+    with exporting():
         torch.onnx.export(ClassifierProbabilities(task.model.eval(), attention), (words, lengths),
                           str(folder / "classifier.onnx"), input_names=["words", "lengths"], output_names=outputs,
                           dynamic_axes=axes, opset_version=opset, dynamo=False)
@@ -94,8 +112,7 @@ def tagger(task: Any, folder: Path, opset: int) -> dict[str, dict[str, Any]]:
                *([torch.ones(2, 5, 4, dtype=torch.long)] if chars else []))
     axes = {"words": {0: "batch", 1: "time"}, "lengths": {0: "batch"}, "scores": {0: "batch", 1: "time"},
             **({"chars": {0: "batch", 1: "time", 2: "letters"}} if chars else {})}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
+    with exporting():
         torch.onnx.export(TagScores(task.model.eval()), example, str(folder / "tagger.onnx"), input_names=inputs,
                           output_names=["scores"], dynamic_axes=axes, opset_version=opset, dynamo=False)
     spec: dict[str, Any] = {"file": "tagger.onnx", "inputs": inputs, "outputs": ["scores"]}
@@ -120,8 +137,7 @@ def forecaster(task: Any, folder: Path, opset: int) -> dict[str, dict[str, Any]]
     """``forecaster.onnx``: the batch is dynamic; the window's length is the config's."""
     d = task.cfg.data
     x = torch.zeros(2, d.input_length, len(task.columns))
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
+    with exporting():
         torch.onnx.export(Forecasts(task.model.eval()), (x,), str(folder / "forecaster.onnx"), input_names=["x"],
                           output_names=["forecasts"], dynamic_axes={"x": {0: "batch"}, "forecasts": {0: "batch"}},
                           opset_version=opset, dynamo=False)
@@ -189,16 +205,17 @@ def translator(task: Any, folder: Path, opset: int) -> dict[str, dict[str, Any]]
     axes_of = translator_state(cfg)
     attention = d.attention != "none"
     enc_out = [n for n in axes_of if n not in ("feed", "mask")]
+    if not attention:        # unused by the decoder, but the exporter fails on a packed layer's unused outputs
+        enc_out.append("memory")
     src, lengths = torch.ones(2, 5, dtype=torch.long), torch.tensor([5, 3])
     src_axes = {"memory": {0: "batch", 1: "source"}, "keys": {0: "batch", 1: "source"},
                 "mask": {0: "batch", 1: "source"}}
     state_axes = {n: {axis: "batch", **({1: "source"} if n in src_axes else {})} for n, axis in axes_of.items()}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
+    with exporting():
         torch.onnx.export(TranslationEncoder(model, enc_out), (src, lengths), str(folder / "encoder.onnx"),
                           input_names=["src", "lengths"], output_names=enc_out,
                           dynamic_axes={"src": {0: "batch", 1: "source"}, "lengths": {0: "batch"},
-                                        **{n: state_axes[n] for n in enc_out}},
+                                        **{n: state_axes.get(n, src_axes.get(n)) for n in enc_out}},
                           opset_version=opset, dynamo=False)
         example = dict(zip(enc_out, TranslationEncoder(model, enc_out)(src, lengths)))
         if "feed" in axes_of:

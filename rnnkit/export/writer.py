@@ -63,6 +63,7 @@ def export(checkpoint: str | Path, folder: str | Path, opset: int = 17, int8: bo
         graph_specs = BUILDERS[task.cfg.task](task, work, opset)
         if int8:
             _quantise(work, graph_specs, _cells(task.cfg.model), note)
+        _weights_apart(work, graph_specs)
         manifest = {"format": FORMAT, "rnnkit_version": __version__, "task": task.cfg.task,
                     "config": config_to_dict(task.cfg), "extras": outline_files(work, task.extras()), "graphs": graph_specs,
                     "int8": int8, "opset": opset, "card": _plain(model_card(Path(checkpoint)))}
@@ -81,6 +82,24 @@ def _plain(card: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in card.items() if isinstance(v, (str, int, float, bool, type(None), list, dict))}
 
 
+def _weights_apart(work: Path, graph_specs: dict[str, dict[str, Any]]) -> None:
+    """Each graph's weights moved into a file of their own beside it (``NAME.weights``):
+    onnxruntime then maps them instead of reading them into a protobuf first and copying them
+    out, which halves a process's peak memory while it loads."""
+    import onnx
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for spec in graph_specs.values():
+        path = work / spec["file"]
+        weights = path.with_suffix(".weights")
+        onnx.save_model(onnx.load(str(path)), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=weights.name, size_threshold=1024)
+        if weights.is_file():
+            weights.chmod(0o666 & ~mask)          # onnx writes it private; an export is as any file made here
+            spec["weights"] = weights.name
+
+
 def _cells(m: Any) -> set[str]:
     """The recurrent cells a model config names (a translation model's encoder and decoder)."""
     return {part.cell for part in (m, getattr(m, "encoder", None), getattr(m, "decoder", None)) if hasattr(part, "cell")}
@@ -93,18 +112,23 @@ def _quantise(work: Path, graph_specs: dict[str, dict[str, Any]], cells: set[str
     import logging
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     root = logging.getLogger()
     level = root.level
     for spec in graph_specs.values():
         path = work / spec["file"]
-        quantised = path.with_suffix(".int8.onnx")
-        root.setLevel(logging.ERROR)       # its advice to pre-process, meant for convolutional nets
+        folded, quantised = path.with_suffix(".folded.onnx"), path.with_suffix(".int8.onnx")
+        root.setLevel(logging.ERROR)
         try:
-            quantize_dynamic(str(path), str(quantised), weight_type=QuantType.QInt8,
+            # constants folded first: the bidirectional LSTM's weights are concatenated in the
+            # graph as exported, and only a constant weight quantises
+            quant_pre_process(str(path), str(folded), skip_symbolic_shape=True)
+            quantize_dynamic(str(folded), str(quantised), weight_type=QuantType.QInt8,
                              op_types_to_quantize=["MatMul", "Gemm", "LSTM", "Gather"])
         finally:
             root.setLevel(level)
+            folded.unlink(missing_ok=True)
         before, after = path.stat().st_size, quantised.stat().st_size
         os.replace(quantised, path)
         if note is not None:

@@ -241,10 +241,12 @@ def run_padded(rnn: nn.Module, x: torch.Tensor, lengths: torch.Tensor) -> tuple[
     kernels (packed sequences take a slower per-step path there, 1.6x in bf16): one extra
     input column, 1 on padding, drives the gates that keep the state (LSTM: forget 1, input
     0; GRU: update 1) into saturation, so a forward direction's state holds still after a
-    row's end and a backward direction's stays zero until its start. Other layers, and every
-    layer on GPU (cuDNN reads packed sequences natively), are packed."""
+    row's end and a backward direction's stays zero until its start. Other layers, every
+    layer on GPU (cuDNN reads packed sequences natively), and ONNX export (whose recurrent
+    operators take sequence lengths; the column's large weights would also spoil int8) are
+    packed."""
     fused = type(rnn) in (nn.LSTM, nn.GRU, RegularisedLSTM, RegularisedGRU) and x.device.type == "cpu" \
-        and not rnn.proj_size
+        and not rnn.proj_size and not torch.onnx.is_in_onnx_export()   # a graph: sequence lengths, no column
     if not fused:
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, final = rnn(packed)

@@ -7,12 +7,14 @@ format version. Any problem with a folder is a one-line :class:`CheckpointError`
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from rnnkit.training.checkpoint import CheckpointError, check_format
 
 MANIFEST = "manifest.json"
+PREPACK_VARIABLE = "RNNKIT_ORT_PREPACK"   # 1: onnxruntime packs weights for its kernels (faster, more memory)
 FILE_KEY = "$file"                 # in the manifest's extras: bytes kept in a file beside it
 FORMAT_NAME, FORMAT_VERSION = "rnnkit-export", 1
 FORMAT = f"{FORMAT_NAME}-{FORMAT_VERSION}"
@@ -42,9 +44,9 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: an export of task {manifest['task']!r}, which this rnnkit cannot run "
                               f"(it runs {', '.join(EXPORTABLE)})")
     for name, graph in manifest["graphs"].items():
-        if not (folder / graph["file"]).is_file():
-            raise CheckpointError(f"{folder}: graph {name!r} ({graph['file']}) is missing; export the checkpoint "
-                                  f"again")
+        for file in (graph["file"], *([graph["weights"]] if graph.get("weights") else [])):
+            if not (folder / file).is_file():
+                raise CheckpointError(f"{folder}: graph {name!r} ({file}) is missing; export the checkpoint again")
     manifest["extras"] = _inline_files(folder, manifest["extras"])
     return manifest
 
@@ -73,6 +75,11 @@ def _inline_files(folder: Path, extras: Any) -> Any:
     return extras
 
 
+def graph_bytes(folder: Path, graph: dict[str, Any]) -> int:
+    """The size on disk of a graph: its structure and its weights file."""
+    return sum((folder / f).stat().st_size for f in (graph["file"], graph.get("weights")) if f)
+
+
 def open_graph(folder: Path, graph: dict[str, Any]) -> Any:
     """An onnxruntime session of ``graph``, checked against the inputs and outputs the manifest names."""
     import onnxruntime as ort
@@ -80,6 +87,12 @@ def open_graph(folder: Path, graph: dict[str, Any]) -> Any:
     path = folder / graph["file"]
     options = ort.SessionOptions()
     options.log_severity_level = 3        # errors only: its warnings are about its own graph rewrites
+    # threads that spin between runs take the cores from the numpy work between steps (the
+    # search's books, the next batch): beam search ran 1.4x faster with them asleep
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if os.environ.get(PREPACK_VARIABLE, "") != "1":
+        # weights once in memory, mapped from the weights file, not again in a packed copy
+        options.add_session_config_entry("session.disable_prepacking", "1")
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as err:      # onnxruntime's own exception types (Fail, InvalidGraph, ...)

@@ -164,3 +164,29 @@ print("torch imported:", "torch" in sys.modules)
         got = r.json()["translations"]
         assert [t["text"] for t in got] == m.translate(LINES[:6], beam=3)
         assert all(abs(sum(row) - 1) < 1e-3 for t in got for row in t["attention"]["weights"])
+
+
+def test_weights_live_beside_the_graphs(models, tmp_path, monkeypatch):
+    """Each graph's weights are a file of their own (mapped, not copied, when loaded); a missing
+    one is a one-line error. Sessions sleep between runs and pack weights only when asked."""
+    from rnnkit.runtime.manifest import PREPACK_VARIABLE, open_graph, read_manifest
+
+    folder = models["lstm"][1]
+    spec = read_manifest(folder)["graphs"]["step"]
+    assert spec["weights"] == "decoder_step.weights"
+    assert (folder / "decoder_step.weights").stat().st_size > 10 * (folder / "decoder_step.onnx").stat().st_size
+    monkeypatch.delenv(PREPACK_VARIABLE, raising=False)
+    options = open_graph(folder, spec).get_session_options()
+    assert options.get_session_config_entry("session.disable_prepacking") == "1"
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    monkeypatch.setenv(PREPACK_VARIABLE, "1")
+    with pytest.raises(RuntimeError):         # not set: onnxruntime's default, packed weights
+        open_graph(folder, spec).get_session_options().get_session_config_entry("session.disable_prepacking")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in folder.iterdir():
+        if f.name != "encoder.weights":
+            (broken / f.name).write_bytes(f.read_bytes())
+    result = runner.invoke(app, ["translate", str(broken), "--input", str(SAMPLE / "valid.en")])
+    assert result.exit_code == 2 and "encoder.weights) is missing" in result.output
+    assert len(result.output.strip().splitlines()) == 1

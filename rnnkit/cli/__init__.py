@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from rnnkit.cli import data, evaluate, export, inference, runs, schema, serve, training
+from rnnkit.cli import data, evaluate, export, inference, runs, schema, serve, training, tune
 from rnnkit.cli.common import err_console
 
 app = typer.Typer(
@@ -28,7 +28,7 @@ app.add_typer(data_app, name="data")
 for command in (training.train, inference.generate, inference.translate, inference.predict, runs.plot):
     app.command()(command)
 app.command("runs")(runs.compare)
-for command in (runs.average, runs.info, training.prepare, serve.serve, export.export, schema.schema):
+for command in (runs.average, runs.info, training.prepare, serve.serve, export.export, tune.tune, schema.schema):
     app.command()(command)
 app.command("eval")(evaluate.evaluate)
 data_app.command("list")(data.data_list)

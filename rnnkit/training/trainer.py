@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from rich.console import Console
@@ -43,6 +43,10 @@ class Trainer:
             self.averager = self._ema()
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.stop_signal: str | None = None     # the signal that asked training to stop
+        # called after every evaluation with the step and its results; a reason it returns
+        # (a sweep's pruner: "pruned") ends training there, last.pt saved by the evaluation
+        self.after_eval: Callable[[int, dict[str, float]], str | None] | None = None
+        self.stopped_by: str | None = None
         self.exit_code = 0
         self.lock: RunLock | None = None
         self._grace_timer: threading.Timer | None = None
@@ -351,7 +355,7 @@ class Trainer:
         stop = p.step >= t.max_steps
         try:
             if p.eval_due:     # the evaluation a signal put off, before anything else
-                stop = self.evaluate_and_save() or stop
+                stop = self.evaluate_and_save() or self._told_to_stop() or stop
             while not stop:
                 batches = self.task.train_batches(p.epoch)
                 if len(batches) == 0:
@@ -383,7 +387,7 @@ class Trainer:
                     else:
                         stop = p.step >= t.max_steps or timed_out
                         if p.step % t.eval_every == 0 or stop:
-                            stop = self.evaluate_and_save() or stop
+                            stop = self.evaluate_and_save() or self._told_to_stop() or stop
                 if p.batch_index >= len(batches):
                     p.epoch, p.batch_index = p.epoch + 1, 0
             if self.stop_signal is not None:
@@ -407,10 +411,21 @@ class Trainer:
                 self.lock.release()
         summary = {"steps": p.step, "epochs": p.epoch, "seconds": round(p.elapsed, 1),
                    "best_" + t.metric: p.best, "best_step": p.best_step, **p.last_eval,
-                   "nonfinite_skipped": p.nonfinite, "stopped_by": self.stop_signal or "-"}
+                   "nonfinite_skipped": p.nonfinite, "stopped_by": self.stop_signal or self.stopped_by or "-"}
         if self.rank.main:
             self._print_summary(summary)
         return summary
+
+    def _told_to_stop(self) -> bool:
+        """Whether :attr:`after_eval` ends training at this evaluation."""
+        if self.after_eval is None:
+            return False
+        reason = self.after_eval(self.progress.step, dict(self.progress.last_eval))
+        if reason:
+            self.stopped_by = reason
+            if self.rank.main:
+                tqdm.write(f"step {self.progress.step}: stopped ({reason}); last.pt holds this step")
+        return bool(reason)
 
     def _print_summary(self, summary: dict[str, Any]) -> None:
         table = Table(title=f"rnnkit: {self.cfg.task} run in {self.run_dir}", show_header=False)

@@ -1,0 +1,163 @@
+"""rnnkit tune: the space checked before any trial, trials as run folders, topping up,
+pruning with the state saved, failures that do not stop the study, kill -9 and resume."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from rnnkit.cli import app
+from rnnkit.config import load_config
+from tests.conftest import ROOT, tiny_lm_config, write_yaml
+
+optuna = pytest.importorskip("optuna", reason="rnnkit tune needs the tune extra (optuna)")
+runner = CliRunner()
+SPACE = {"train.lr": {"low": 1.0e-3, "high": 3.0e-2, "log": True}, "model.hidden_size": {"choices": [16, 32]}}
+
+
+def _files(tmp_path, steps: int = 4, every: int = 2, space: dict | None = None):
+    cfg = tiny_lm_config(tmp_path, run_dir=str(tmp_path / "unused"))
+    cfg["train"].update(max_steps=steps, eval_every=every)
+    return write_yaml(tmp_path / "lm.yaml", cfg), write_yaml(tmp_path / "space.yaml", space or SPACE)
+
+
+def _tune(*args: str):
+    return runner.invoke(app, ["tune", *args])
+
+
+@pytest.mark.parametrize("space,sampler,words", [
+    ({"train.lrr": {"low": 1, "high": 2}}, "tpe", "train.lrr: unknown key (did you mean 'lr'?)"),
+    ({"model.cell": {"low": 1, "high": 2}}, "tpe", "model.cell: is not a number, so it takes {choices"),
+    ({"model.cell": {"choices": ["lstm", "transformer"]}}, "tpe", "the choice 'transformer' is refused by the config"),
+    ({"model.num_layers": {"low": 1, "high": 2.5}}, "tpe", "is an integer key; high 2.5 is not an integer"),
+    ({"model.dropout": {"low": 0.1, "high": 0.6}}, "grid", "the grid sampler needs every range to have a step"),
+    ({"train.lr": {"low": 0.0, "high": 0.1, "log": True}}, "tpe", "a log range needs low above 0"),
+    ({"train": {"choices": [1]}}, "tpe", "train: is a section"),
+])
+def test_a_bad_space_is_one_line_before_any_trial(tmp_path, space, sampler, words):
+    config, space_file = _files(tmp_path, space=space)
+    result = _tune(str(config), str(space_file), "--dir", str(tmp_path / "runs"), "--sampler", sampler)
+    assert result.exit_code == 2, result.output
+    assert words in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_sampler_and_show_of_nothing(tmp_path):
+    config, space = _files(tmp_path)
+    result = _tune(str(config), str(space), "--sampler", "bayes")
+    assert result.exit_code == 2 and "--sampler must be one of tpe, random, grid" in result.output
+    result = _tune("--show", str(tmp_path))
+    assert result.exit_code == 2 and "not a study folder" in result.output
+
+
+def test_a_sweep_is_run_folders_and_the_same_command_tops_it_up(tmp_path):
+    config, space = _files(tmp_path)
+    runs = tmp_path / "runs"
+    result = _tune(str(config), str(space), "--trials", "2", "--dir", str(runs), "--study", "s", "--seed", "0",
+                   "--pruner", "none")
+    assert result.exit_code == 0, result.output
+    study = runs / "s"
+    for n in (0, 1):
+        trial = study / f"trial-000{n}"
+        assert {"config.yaml", "metrics.jsonl", "best.pt", "last.pt"} <= {f.name for f in trial.iterdir()}
+    first = (study / "trial-0000" / "best.pt").stat().st_mtime_ns
+    result = _tune(str(config), str(space), "--trials", "3", "--dir", str(runs), "--study", "s", "--seed", "0",
+                   "--pruner", "none")
+    assert result.exit_code == 0, result.output
+    assert "2 of 3 trials finished" in result.output
+    assert sorted(p.name for p in study.glob("trial-*")) == ["trial-0000", "trial-0001", "trial-0002"]
+    assert (study / "trial-0000" / "best.pt").stat().st_mtime_ns == first          # not run again
+    loaded = optuna.load_study(study_name="s", storage=f"sqlite:///{study / 'study.db'}")
+    values = {t.number: t.value for t in loaded.trials}
+    assert len(values) == 3 and all(v is not None for v in values.values())
+    best = loaded.best_trial
+    cfg = load_config(study / "best.yaml")                                           # ready for rnnkit train
+    assert cfg.train.lr == pytest.approx(best.params["train.lr"]) and cfg.model.hidden_size == best.params[
+        "model.hidden_size"]
+    assert cfg.run_dir == str(study / f"trial-{best.number:04d}")
+    assert len({(t.params["train.lr"], t.params["model.hidden_size"]) for t in loaded.trials}) == 3  # no replay
+    shown = _tune("--show", str(study))
+    assert shown.exit_code == 0, shown.output
+    assert "3 trials, best first" in shown.output and "importances:" in shown.output
+    assert {"optimization_history.png", "intermediate_values.png", "parallel_coordinate.png"} <= {
+        p.name for p in study.iterdir()}
+
+
+def test_a_pruned_trial_stops_with_its_state_saved(tmp_path, monkeypatch):
+    from rnnkit.tune.space import read_space
+    from rnnkit.tune.study import StudySpec
+    from rnnkit.tune.trial import run_trial
+
+    config, space = _files(tmp_path, steps=8, every=2)
+    spec = StudySpec("p", tmp_path / "study", "", config, space, "tpe", "asha", 1, None, 0)
+    study = optuna.create_study()
+    trial = study.ask()
+    monkeypatch.setattr(trial, "should_prune", lambda: True)
+    with pytest.raises(optuna.TrialPruned):
+        run_trial(study, trial, spec, read_space(space, config))
+    folder = tmp_path / "study" / "trial-0000"
+    evals = [line for line in (folder / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert len(evals) == 1 and '"step": 2' in evals[0]                 # stopped at the first evaluation
+    import torch
+
+    assert torch.load(folder / "last.pt", weights_only=False)["progress"]["step"] == 2
+    assert trial.user_attrs["steps"] == 2
+
+
+def test_a_failed_trial_has_its_reason_and_the_study_goes_on(tmp_path, monkeypatch):
+    import rnnkit.runs
+    from rnnkit.training.interface import TrainingError
+
+    config, space = _files(tmp_path, space={"model.hidden_size": {"choices": [16, 32]}})
+    real = rnnkit.runs.prepare_trainer
+
+    def refuse_32(cfg, resume=False):
+        if cfg.model.hidden_size == 32:
+            raise TrainingError("loss is NaN at step 3")
+        return real(cfg, resume)
+
+    monkeypatch.setattr(rnnkit.runs, "prepare_trainer", refuse_32)
+    runs = tmp_path / "runs"
+    result = _tune(str(config), str(space), "--trials", "4", "--dir", str(runs), "--study", "f", "--sampler", "grid",
+                   "--pruner", "none")
+    assert result.exit_code == 0, result.output       # one trial completed
+    assert "failed" not in result.output or "fail" in result.output
+    study = optuna.load_study(study_name="f", storage=f"sqlite:///{runs / 'f' / 'study.db'}")
+    states = {t.params["model.hidden_size"]: (t.state.name, t.user_attrs.get("reason")) for t in study.trials}
+    assert states[16][0] == "COMPLETE"
+    assert states[32] == ("FAIL", "TrainingError: loss is NaN at step 3")
+    assert "TrainingError: loss is NaN at step 3" in result.output
+    assert len(study.trials) == 2                   # the grid's two points, then it stops
+
+
+def test_kill_9_then_the_same_command_continues_the_trial(tmp_path):
+    config, space = _files(tmp_path, steps=400, every=5)
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "rnnkit", "tune", str(config), str(space), "--trials", "1", "--dir", str(runs),
+           "--study", "k", "--seed", "1"]
+    env = {**os.environ, "RNNKIT_TUNE_HEARTBEAT": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    last = runs / "k" / "trial-0000" / "last.pt"
+    end = time.time() + 120
+    while not last.exists() and time.time() < end and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)            # mid-trial: last.pt holds an early evaluation
+    assert last.exists()
+    proc.wait()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    study = optuna.load_study(study_name="k", storage=f"sqlite:///{runs / 'k' / 'study.db'}")
+    states = [(t.number, t.state.name) for t in study.trials]
+    assert states == [(0, "FAIL"), (1, "COMPLETE")]                       # no number used twice
+    assert study.trials[1].params == study.trials[0].params
+    log = (runs / "k" / "trial-0001" / "metrics.jsonl").read_text().splitlines()
+    steps = [yaml.safe_load(line)["step"] for line in log if '"eval"' in line]
+    assert steps[0] == 5 and steps[-1] == 400 and steps == sorted(set(steps))   # continued, not restarted
+    trained = (runs / "k" / "trial-0001" / "train.log").read_text()
+    assert "step 5:" not in trained and "step 400:" in trained     # step 5 came with the copied last.pt

@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("training", ("rnnkit.training", "rnnkit.gradient_flow")),
     ("tasks", ("rnnkit.tasks", "rnnkit.transfer", "rnnkit.runtime")),
     ("API", ("rnnkit.api", "rnnkit.runs", "rnnkit.reports")),
-    ("serve and export", ("rnnkit.serve", "rnnkit.export")),
+    ("serve, export and tune", ("rnnkit.serve", "rnnkit.export", "rnnkit.tune")),
     ("CLI", ("rnnkit.cli", "rnnkit.__main__")),
 ]
 PACKAGE_INIT_LAYER = "API"     # ``import rnnkit`` runs rnnkit/__init__.py, which offers rnnkit.load

@@ -33,6 +33,7 @@ QUICK = {
     "serve.py": (["--quick", "--no-onmt"], "SIGTERM under"),
     "distributed.py": (["--quick"], "scaling efficiency"),
     "export.py": (["--quick"], "start-to-finish, checkpoint / export"),
+    "tune.py": (["--quick"], "quick sweep:"),
     "transfer.py": (["--quick", "--stages", "pretrain", "sentiment", "--features", "word"],
                     "rt-polarity dev accuracy, ULMFiT"),
 }

@@ -161,3 +161,14 @@ def test_kill_9_then_the_same_command_continues_the_trial(tmp_path):
     assert steps[0] == 5 and steps[-1] == 400 and steps == sorted(set(steps))   # continued, not restarted
     trained = (runs / "k" / "trial-0001" / "train.log").read_text()
     assert "step 5:" not in trained and "step 400:" in trained     # step 5 came with the copied last.pt
+
+
+@pytest.mark.parametrize("name", ["sentiment", "forecast_etth1"])
+def test_the_shipped_spaces_fit_their_configs(name):
+    from rnnkit.tune.space import read_space
+
+    config = ROOT / "configs" / f"{name}.yaml"
+    if not (ROOT.parent / "shared" / "data").is_dir():
+        pytest.skip("../shared/data is absent: the shipped configs point at its corpora")
+    params = read_space(ROOT / "configs" / "sweeps" / f"{name}.yaml", config)
+    assert len(params) >= 5

@@ -23,13 +23,15 @@ def ordered(study: Any) -> list:
 
 def table_rows(study: Any) -> tuple[list[str], list[list[str]]]:
     """The columns and rows of the trials table."""
+    from optuna.trial import TrialState
+
     keys = list(study.user_attrs.get("space", {}))
     metric = study.user_attrs.get("metric", "value")
     header = ["trial", "state", metric, *keys, "steps", "minutes", "note"]
     rows = []
     for t in ordered(study):
-        value = "" if t.value is None else f"{t.value:.5g}"
-        if t.value is None and t.intermediate_values:
+        value = f"{t.value:.5g}" if t.state == TrialState.COMPLETE else ""
+        if t.state != TrialState.COMPLETE and t.intermediate_values:     # its last evaluation
             value = f"({t.intermediate_values[t.last_step]:.5g})"
         minutes = t.user_attrs.get("minutes")
         if minutes is None and t.duration is not None:

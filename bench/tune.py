@@ -8,9 +8,10 @@ on its own, choosing on validation only, in a bounded time on this machine.
 - ``sentiment``: configs/sentiment.yaml on rt-polarity (shipped: dev accuracy 80.1), space
   configs/sweeps/sentiment.yaml; the winning config is trained again with two new seeds and
   their mean dev accuracy reported (one dev set flatters the best of many trials).
-- ``pruning``: the sentiment sweep for the same minutes with ``--pruner asha`` and with
-  ``--pruner none``: trials finished and the best so far against minutes for each (a plot),
-  and when the pruned sweep reached the unpruned one's final best.
+- ``pruning``: the sentiment sweep (``--pruner asha``; the one ``sentiment`` ran, when it
+  is there) against the same sweep for the same minutes with ``--pruner none``: trials
+  finished and the best so far against minutes for each (a plot), and when the pruned sweep
+  reached the unpruned one's final best.
 
 Each sweep is one `rnnkit tune` command (a whole process) with ``--timeout``; it may be
 stopped and run again (it continues). Prints the CPU, each sweep's wall time, and a table.
@@ -127,15 +128,17 @@ def sentiment_config(args) -> Path:
 
 
 def sentiment(args) -> list[str]:
+    """The sweep with pruning (study ``sentiment-asha``, which ``pruning`` compares against),
+    then its winner trained again with two new seeds."""
     config = sentiment_config(args)
-    seconds = sweep(config, ROOT / "configs" / "sweeps" / "sentiment.yaml", "sentiment", args.out, args.minutes,
+    seconds = sweep(config, ROOT / "configs" / "sweeps" / "sentiment.yaml", "sentiment-asha", args.out, args.minutes,
                     args.jobs)
-    study = load(args.out, "sentiment")
+    study = load(args.out, "sentiment-asha")
     best = study.best_trial
     accs = []
     for seed in (11, 12):
         run = args.out / f"sentiment-best-seed{seed}"
-        train(args.out / "sentiment" / "best.yaml", run, [f"seed={seed}"])
+        train(args.out / "sentiment-asha" / "best.yaml", run, [f"seed={seed}"])
         accs.append(100 * evaluate(run / "best.pt", "--data", str(SHARED / "rt-polarity" / "dev.tsv"))["accuracy"])
     return [f"rt-polarity sweep: {seconds / 60:.1f} min wall, {args.jobs} jobs, trials of at most "
             f"{args.trial_minutes:g} min; {states(study)}",
@@ -166,7 +169,10 @@ def pruning(args) -> list[str]:
     curves, lines = {}, []
     for pruner in ("asha", "none"):
         name = f"sentiment-{pruner}"
-        seconds = sweep(config, space, name, args.out, args.minutes, args.jobs, pruner=pruner)
+        if (args.out / name / "study.db").is_file() and pruner == "asha":
+            seconds = float("nan")        # the sentiment sweep's own study, run before
+        else:
+            seconds = sweep(config, space, name, args.out, args.minutes, args.jobs, pruner=pruner)
         study = load(args.out, name)
         curves[pruner] = best_so_far(study)
         final = curves[pruner][-1][1] if curves[pruner] else float("nan")

@@ -102,7 +102,7 @@ def test_info_matches_the_checkpoint(tmp_path):
 
 def test_shell_completion_script():
     result = runner.invoke(app, ["--show-completion", "bash"])
-    assert result.exit_code == 0 and "_rnnkit_completion" in result.stdout.replace("-", "_")
+    assert result.exit_code == 0 and "_rnnkit_completion" in result.stdout.replace("-", "_"), result.output
 
 
 def test_translate_with_a_terminal_answers_each_line_as_it_is_typed(tmp_path):

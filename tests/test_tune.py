@@ -80,7 +80,8 @@ def test_a_sweep_is_run_folders_and_the_same_command_tops_it_up(tmp_path):
     cfg = load_config(study / "best.yaml")                                           # ready for rnnkit train
     assert cfg.train.lr == pytest.approx(best.params["train.lr"]) and cfg.model.hidden_size == best.params[
         "model.hidden_size"]
-    assert cfg.run_dir == str(study / f"trial-{best.number:04d}")
+    assert cfg.run_dir == str(study.resolve() / "best")                                 # a new run folder
+    assert f"trial {best.number} (trial-{best.number:04d})" in (study / "best.yaml").read_text()
     assert len({(t.params["train.lr"], t.params["model.hidden_size"]) for t in loaded.trials}) == 3  # no replay
     shown = _tune("--show", str(study))
     assert shown.exit_code == 0, shown.output

@@ -40,7 +40,9 @@ def tune(
 
         train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}
         model.dropout: {low: 0.1, high: 0.6}
-        model.cell: {choices: [lstm, gru]}
+        model.hidden_size: {low: 64, high: 512, step: 64}
+
+    A key may also take a list of choices instead of a range (see configs/sweeps/ and the sweeps page of the docs).
 
     Each trial is a run folder, DIR/STUDY/trial-0007/ (config.yaml, metrics.jsonl, best.pt), so rnnkit runs, plot and eval work on it. A trial's value is its best evaluation of the config's train.metric; every evaluation reports to the pruner. A pruned trial stops with last.pt saved; a failed one is marked with its reason and the study goes on. DIR/STUDY/best.yaml is the best trial's config, rewritten whenever the best improves.
 

@@ -154,11 +154,16 @@ def write_best(study: Any, folder: Path) -> Path | None:
     source = folder / best.user_attrs.get("folder", "") / "config.yaml"
     if not source.is_file():
         return None
+    import yaml
+
     target = folder / "best.yaml"
     tmp = folder / f".best.yaml.{os.getpid()}"
+    tree = yaml.safe_load(source.read_text(encoding="utf-8"))
+    tree["run_dir"] = str(folder / "best")         # a new run: the trial's folder holds the trial
     value = f"{best.value:.6g}"
-    tmp.write_text(f"# the best trial of study '{study.study_name}' so far: trial {best.number}, "
-                   f"{study.user_attrs.get('metric', 'value')} {value}\n" + source.read_text(encoding="utf-8"),
-                   encoding="utf-8")
+    tmp.write_text(f"# the best trial of study '{study.study_name}' so far: trial {best.number} "
+                   f"({best.user_attrs.get('folder')}), {study.user_attrs.get('metric', 'value')} {value}\n"
+                   f"# rnnkit train {target} trains it again (in {tree['run_dir']})\n"
+                   + yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
     os.replace(tmp, target)
     return target

@@ -129,8 +129,10 @@ def run_parallel(spec: StudySpec, jobs: int, say: Callable[[str], None]) -> int:
         if devices:
             env["CUDA_VISIBLE_DEVICES"] = devices[i % len(devices)]
         mine = spec if spec.seed is None else spec._replace(seed=spec.seed + i)     # workers sample apart
+        # a session of its own: a terminal's Ctrl-C reaches the parent alone, which passes it on
+        # once (twice would abort a trial without saving its state)
         procs.append(subprocess.Popen([sys.executable, "-m", "rnnkit.tune.worker", mine.to_json()], env=env,
-                                      stdout=subprocess.PIPE, text=True, bufsize=1))
+                                      stdout=subprocess.PIPE, text=True, bufsize=1, start_new_session=True))
 
     def forward(signum, frame) -> None:
         for p in procs:

@@ -181,9 +181,11 @@ def pruning(args) -> list[str]:
     target = curves["none"][-1][1] if curves["none"] else None
     reached = next((m for m, v in curves["asha"] if target is not None and v >= target), None)
     end = curves["none"][-1][0] if curves["none"] else float("nan")
+    own = next((m for m, v in curves["none"] if target is not None and v >= target), float("nan"))
     lines.append(f"  the unpruned sweep's final best ({100 * target:.2f}) reached by the pruned one after "
-                 + (f"{reached:.1f} min (unpruned: {end:.1f} min; goal <= half)" if reached is not None
-                    else "(never, in this time)") if target is not None else "  no trial completed")
+                 + (f"{reached:.2f} min (the unpruned sweep ran {end:.2f} min and reached it at {own:.2f}; goal: "
+                    f"at most half its time)" if reached is not None else "(never, in this time)")
+                 if target is not None else "  no trial completed")
     if args.plot:
         import matplotlib
 

@@ -100,8 +100,13 @@ def test_info_matches_the_checkpoint(tmp_path):
     assert card["torch_version"] == torch.__version__
 
 
-def test_shell_completion_script():
-    result = runner.invoke(app, ["--show-completion", "bash"])
+def test_shell_completion_script(monkeypatch):
+    import typer.completion
+
+    # the flag takes the shell from the process tree; pin it, so the test does not depend on
+    # what started pytest (make, CI's runner, a terminal)
+    monkeypatch.setattr(typer.completion, "_get_shell_name", lambda: "bash")
+    result = runner.invoke(app, ["--show-completion"])
     assert result.exit_code == 0 and "_rnnkit_completion" in result.stdout.replace("-", "_"), result.output
 
 

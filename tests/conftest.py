@@ -67,3 +67,35 @@ def _one_thread_per_test_process():
 def _private_data_cache(tmp_path: Path, monkeypatch):
     """Each test gets an empty data cache of its own, never the user's."""
     monkeypatch.setenv("RNNKIT_CACHE", str(tmp_path / "data-cache"))
+
+
+def run_without_torch(first: str, commands: list[list[str]]) -> list[str]:
+    """Run ``first`` (Python code that prints one line, after ``import rnnkit``), then each of
+    ``commands`` through ``rnnkit.cli.main``, in a process whose import of torch fails; its
+    stdout lines, the last one saying whether torch got imported."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = f"""
+import importlib.abc, json, sys
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is refused here")
+sys.meta_path.insert(0, Refuse())
+import rnnkit
+{first}
+from rnnkit.cli import main
+for args in json.loads({json.dumps(json.dumps(commands))}):
+    try:
+        main(args)
+    except SystemExit as done:
+        assert done.code in (0, None), done.code
+print("torch imported:", "torch" in sys.modules)
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout.strip().splitlines()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,7 @@ from typer.testing import CliRunner
 import rnnkit
 from rnnkit.cli import app
 from rnnkit.training.checkpoint import CheckpointError
-from tests.conftest import ROOT, SAMPLE_TEXT, tiny_lm_config, write_yaml
+from tests.conftest import SAMPLE_TEXT, run_without_torch, tiny_lm_config, write_yaml
 
 runner = CliRunner()
 TEXT = SAMPLE_TEXT.read_text(encoding="utf-8")[:3000]
@@ -176,31 +174,12 @@ def test_an_export_runs_where_importing_torch_fails(exported, classifier, tmp_pa
     cls_folder, labels = classifier[1], classifier[2]
     text = tmp_path / "text.txt"
     text.write_text(TEXT, encoding="utf-8")
-    script = f"""
-import importlib.abc, json, sys
-class Refuse(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is refused here")
-sys.meta_path.insert(0, Refuse())
-import rnnkit
-m = rnnkit.load({str(folder)!r})
-print(json.dumps({{"score": m.score(open({str(text)!r}).read()), "text": m.generate("The", 20, seed=1)}}))
-from rnnkit.cli import main
-for args in (["generate", {str(folder)!r}, "--prime", "The", "--length", "10", "--seed", "2"],
-             ["eval", {str(cls_folder)!r}, "--data", {str(labels)!r}, "--json"],
-             ["predict", {str(cls_folder)!r}, "--input", {str(text)!r}, "--probs"],
-             ["eval", {str(folder)!r}, "--data", {str(text)!r}, "--json"]):
-    try:
-        main(args)
-    except SystemExit as done:
-        assert done.code in (0, None), done.code
-print("torch imported:", "torch" in sys.modules)
-"""
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert res.returncode == 0, res.stderr[-2000:]
-    lines = res.stdout.strip().splitlines()
+    first = (f"m = rnnkit.load({str(folder)!r})\n"
+             f"print(json.dumps({{'score': m.score(open({str(text)!r}).read()), 'text': m.generate('The', 20, seed=1)}}))")
+    lines = run_without_torch(first, [["generate", str(folder), "--prime", "The", "--length", "10", "--seed", "2"],
+                                      ["eval", str(cls_folder), "--data", str(labels), "--json"],
+                                      ["predict", str(cls_folder), "--input", str(text), "--probs"],
+                                      ["eval", str(folder), "--data", str(text), "--json"]])
     first = json.loads(lines[0])
     assert first["score"]["ppl"] > 1 and len(first["text"]) == 20
     assert lines[-1] == "torch imported: False"

@@ -3,9 +3,6 @@ checkpoint, searched by the same numpy beam search; subword models; int8; no tor
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +11,7 @@ from typer.testing import CliRunner
 import rnnkit
 from rnnkit.cli import app
 from rnnkit.training.checkpoint import CheckpointError
-from tests.conftest import ROOT, write_yaml
+from tests.conftest import run_without_torch, write_yaml
 from tests.test_translation_task import SAMPLE, translation_config
 
 runner = CliRunner()
@@ -126,28 +123,10 @@ def test_translate_and_serve_an_export_without_torch(models, tmp_path):
     src, ref = tmp_path / "in.en", tmp_path / "ref.fr"
     src.write_text("\n".join(LINES) + "\n", encoding="utf-8")
     ref.write_text("\n".join(REFS) + "\n", encoding="utf-8")
-    script = f"""
-import importlib.abc, json, sys
-class Refuse(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is refused here")
-sys.meta_path.insert(0, Refuse())
-import rnnkit
-print(json.dumps(rnnkit.load({str(folder)!r}).translate({LINES[:5]!r}, beam=3)))
-from rnnkit.cli import main
-for args in (["translate", {str(folder)!r}, "--input", {str(src)!r}, "--beam", "3", "--output", {str(tmp_path / "out.fr")!r}],
-             ["eval", {str(folder)!r}, "--src", {str(src)!r}, "--ref", {str(ref)!r}, "--json"]):
-    try:
-        main(args)
-    except SystemExit as done:
-        assert done.code in (0, None), done.code
-print("torch imported:", "torch" in sys.modules)
-"""
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert res.returncode == 0, res.stderr[-2000:]
-    lines = res.stdout.strip().splitlines()
+    lines = run_without_torch(f"print(json.dumps(rnnkit.load({str(folder)!r}).translate({LINES[:5]!r}, beam=3)))",
+                              [["translate", str(folder), "--input", str(src), "--beam", "3", "--output",
+                                str(tmp_path / "out.fr")],
+                               ["eval", str(folder), "--src", str(src), "--ref", str(ref), "--json"]])
     assert json.loads(lines[0]) == rnnkit.load(models["bpe"][0]).translate(LINES[:5], beam=3)
     assert lines[-1] == "torch imported: False"
     assert json.loads(lines[-2])["bleu"] == rnnkit.load(folder).score(LINES, REFS)["bleu"]

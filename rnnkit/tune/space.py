@@ -58,20 +58,6 @@ class Param(NamedTuple):
         return f"{self.key}: {self.kind} in [{self.low:g}, {self.high:g}]{how}"
 
 
-def _field_type(cfg: Config, key: str) -> Any:
-    """The declared type of a dotted config key (of the config's own task sections)."""
-    node: Any = cfg
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        hints = typing.get_type_hints(type(node))
-        if part not in hints:
-            raise AssertionError(key)      # load_config has refused unknown keys already
-        if i == len(parts) - 1:
-            return hints[part]
-        node = getattr(node, part)
-    raise AssertionError(key)
-
-
 def _numeric(tp: Any) -> str | None:
     """'int' or 'float' for a numeric key (optional or not), None for any other."""
     optional = typing.get_origin(tp) in (typing.Union, types.UnionType)
@@ -125,15 +111,17 @@ def _known(cfg: Config, config: Path, key: str) -> Any:
     """The declared type of ``key``; an unknown key gets the config's own one-line error, with
     its did-you-mean."""
     node: Any = cfg
+    tp: Any = None
     for part in key.split("."):
         if not dataclasses.is_dataclass(node) or not hasattr(node, part):
             load_config(config, [f"{key}=null"])       # raises: unknown key (did you mean ...?)
             raise ConfigError(key, "is not a key of this config")
+        tp = typing.get_type_hints(type(node))[part]
         node = getattr(node, part)
     if dataclasses.is_dataclass(node):
         first = dataclasses.fields(node)[0].name
         raise ConfigError(key, f"is a section; a sweep sets single keys (e.g. {key}.{first})")
-    return _field_type(cfg, key)
+    return tp
 
 
 def _param(key: str, spec: Any, tp: Any, config: Path, where: str) -> Param:

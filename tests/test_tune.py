@@ -3,10 +3,14 @@ pruning with the state saved, failures that do not stop the study, kill -9 and r
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -173,3 +177,128 @@ def test_the_shipped_spaces_fit_their_configs(name):
         pytest.skip("../shared/data is absent: the shipped configs point at its corpora")
     params = read_space(ROOT / "configs" / "sweeps" / f"{name}.yaml", config)
     assert len(params) >= 5
+
+
+def _check_no_trial_lost_or_duplicated(study, folder, n: int) -> None:
+    """``n`` complete trials numbered 0..n-1, each in its own folder run once with its own parameters."""
+    assert sorted(t.number for t in study.trials) == list(range(n))
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * n
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == n
+    for t in study.trials:
+        trial = folder / f"trial-{t.number:04d}"
+        cfg = load_config(trial / "config.yaml")
+        assert cfg.train.lr == pytest.approx(t.params["train.lr"]) and cfg.model.hidden_size == t.params[
+            "model.hidden_size"]
+        starts = [line for line in (trial / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+        steps = [yaml.safe_load(line)["step"] for line in starts]
+        assert steps == [2, 4], steps              # one run wrote it: no step twice, none missing
+
+
+def _two_workers(tmp_path, storage: str | None) -> tuple:
+    config, space = _files(tmp_path)
+    runs = tmp_path / "runs"
+    extra = ["--storage", storage] if storage else []
+    cmd = [sys.executable, "-m", "rnnkit", "tune", str(config), str(space), "--trials", "6", "--jobs", "2",
+           "--dir", str(runs), "--study", "two", "--seed", "3", "--pruner", "none", *extra]
+    done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return runs / "two", done.stdout + done.stderr
+
+
+def test_two_workers_share_one_sqlite_study(tmp_path):
+    folder, out = _two_workers(tmp_path, None)
+    assert "2 jobs" in out
+    study = optuna.load_study(study_name="two", storage=f"sqlite:///{folder / 'study.db'}")
+    _check_no_trial_lost_or_duplicated(study, folder, 6)
+    workers = {t.user_attrs.get("worker") for t in study.trials}
+    assert workers == {0, 1}, workers                  # both took trials
+
+
+def _postgres_binaries() -> Path | None:
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return versions[-1].parent if versions else None
+
+
+@pytest.fixture
+def postgres_url():
+    """A throwaway PostgreSQL server on 127.0.0.1, run by an unprivileged user (``postgres``
+    when the tests run as root), stopped afterwards."""
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver (psycopg, in the test extra) is missing")
+    bin_dir = _postgres_binaries()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL's server programs (initdb, pg_ctl) are not installed: Debian's postgresql package")
+    as_user: list[str] = []
+    data = Path(tempfile.mkdtemp(prefix="rnnkit-pg-"))
+    if os.geteuid() == 0:                    # initdb refuses root
+        import pwd
+
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no 'postgres' user to run the server as")
+        os.chown(data, user.pw_uid, user.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    db = data / "db"
+
+    def pg(*args: str) -> None:
+        subprocess.run([*as_user, *args], check=True, capture_output=True, timeout=120)
+
+    pg(str(bin_dir / "initdb"), "-D", str(db), "-U", "rnnkit", "--auth=trust", "--no-sync")
+    pg(str(bin_dir / "pg_ctl"), "-D", str(db), "-l", str(data / "server.log"), "-w", "-o",
+       f"-h 127.0.0.1 -p {port} -k {data} -c fsync=off", "start")
+    try:
+        yield f"postgresql://rnnkit@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(db), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def test_two_workers_share_one_postgresql_study(tmp_path, postgres_url):
+    folder, out = _two_workers(tmp_path, postgres_url)
+    assert not (folder / "study.db").exists()                  # the study lives on the server
+    study = optuna.load_study(study_name="two", storage=postgres_url)
+    _check_no_trial_lost_or_duplicated(study, folder, 6)
+    shown = _tune("--show", "two", "--storage", postgres_url, "--dir", str(folder.parent))
+    assert shown.exit_code == 0 and "6 trials, best first" in shown.output, shown.output
+
+
+def test_a_bad_storage_url_is_one_line(tmp_path):
+    config, space = _files(tmp_path)
+    for url, words in [("nosuchdb://x", "cannot open the study's storage"),
+                       ("postgresql://nobody@127.0.0.1:1/none", "cannot open the study's storage")]:
+        result = _tune(str(config), str(space), "--storage", url, "--dir", str(tmp_path / "runs"))
+        assert result.exit_code == 2, result.output
+        assert words in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_the_median_pruner_stops_a_clearly_worse_curve(tmp_path):
+    """A toy with a known answer: a trial that learns sets the median; one whose learning rate
+    is a millionth of it stays at the untrained loss and is stopped at its first evaluation."""
+    from rnnkit.tune.space import read_space
+    from rnnkit.tune.study import StudySpec
+    from rnnkit.tune.trial import run_trial
+
+    config, space = _files(tmp_path, steps=12, every=4, space={"train.lr": {"low": 1e-9, "high": 0.1, "log": True}})
+    spec = StudySpec("m", tmp_path / "study", "", config, space, "tpe", "median", 1, None, 0)
+    params = read_space(space, config)
+    study = optuna.create_study(direction="minimize", pruner=optuna.pruners.MedianPruner(n_startup_trials=1))
+    values = []
+    for lr in (3e-2, 3e-8):
+        study.enqueue_trial({"train.lr": lr})
+        trial = study.ask()
+        try:
+            values.append(run_trial(study, trial, spec, params))
+            study.tell(trial, values[-1])
+        except optuna.TrialPruned:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED"]
+    assert study.trials[1].user_attrs["steps"] == 4                # stopped at its first evaluation
+    assert study.trials[1].intermediate_values[4] > study.trials[0].intermediate_values[4]

@@ -20,6 +20,8 @@ HEARTBEAT_VARIABLE = "RNNKIT_TUNE_HEARTBEAT"     # seconds between a trial's hea
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("asha", "median", "none")
 
+WORKER_VARIABLE = "RNNKIT_TUNE_WORKER"      # set in a worker process: its index
+
 
 class StudySpec(NamedTuple):
     """What the command line says about a study (every worker gets the same)."""
@@ -95,6 +97,17 @@ def pruner_for(name: str) -> Any:
     return optuna.pruners.NopPruner()
 
 
+def sampler_seed(seed: int, trials: int) -> int:
+    """The sampler's seed in this process: from the study's ``--seed``, the worker's index and
+    the trials already in the study, so that parallel workers, and a command that continues a
+    study, do not replay one another's draws (``seed + i`` would: worker 1 at 0 trials would
+    repeat worker 0 at 1)."""
+    import numpy as np
+
+    worker = int(os.environ.get(WORKER_VARIABLE, "0"))
+    return int(np.random.SeedSequence([seed, worker, trials]).generate_state(1)[0])
+
+
 def open_study(spec: StudySpec, params: list[Param]) -> Any:
     """The study, created on first use (its direction from the config's ``train.metric_mode``,
     the space and config recorded); a later command must sweep the same space the same way."""
@@ -104,12 +117,11 @@ def open_study(spec: StudySpec, params: list[Param]) -> Any:
     cfg = load_config(spec.config)
     direction = "minimize" if cfg.train.metric_mode == "min" else "maximize"
     space = {p.key: p.describe() for p in params}
-    study = optuna.create_study(storage=open_storage(spec.storage), sampler=sampler_for(spec.sampler, params, spec.seed),
+    study = optuna.create_study(storage=open_storage(spec.storage), sampler=sampler_for(spec.sampler, params, None),
                                 pruner=pruner_for(spec.pruner), study_name=spec.name, direction=direction,
                                 load_if_exists=True)
-    if spec.seed is not None and study.trials:
-        # a command that continues a seeded study samples on from where it is, not from the start again
-        study.sampler = sampler_for(spec.sampler, params, spec.seed + len(study.trials))
+    if spec.seed is not None:
+        study.sampler = sampler_for(spec.sampler, params, sampler_seed(spec.seed, len(study.trials)))
     recorded = study.user_attrs
     if not recorded:
         study.set_user_attr("space", space)

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from rnnkit.config import load_config
 from rnnkit.tune.space import Param, overrides
-from rnnkit.tune.study import StudySpec
+from rnnkit.tune.study import WORKER_VARIABLE, StudySpec
 
 CONTINUES = "continues"        # user attribute: the folder of the trial this one continues
 
@@ -96,6 +96,7 @@ def run_trial(study: Any, trial: Any, spec: StudySpec, params: list[Param]) -> f
     values = {p.key: p.suggest(trial) for p in params}
     folder = spec.folder / folder_name(trial.number)
     trial.set_user_attr("folder", folder.name)
+    trial.set_user_attr("worker", int(os.environ.get(WORKER_VARIABLE, "0")))
     folder.mkdir(parents=True, exist_ok=True)
     try:
         cfg = load_config(spec.config, [*overrides(params, values), f"run_dir={folder}"])

@@ -19,10 +19,9 @@ import warnings
 from typing import Callable
 
 from rnnkit.tune.space import read_space
-from rnnkit.tune.study import StudySpec, heartbeat_grace, heartbeat_interval, open_study, progress, write_best
+from rnnkit.tune.study import WORKER_VARIABLE, StudySpec, heartbeat_grace, heartbeat_interval, open_study, progress, write_best
 from rnnkit.tune.trial import Interrupted, folder_name, run_trial
 
-WORKER_VARIABLE = "RNNKIT_TUNE_WORKER"      # set in a worker process: its index
 
 
 def _die_with_parent() -> None:
@@ -103,7 +102,13 @@ def work(spec: StudySpec, say: Callable[[str], None]) -> bool:
 
 
 def threads_per_worker(jobs: int) -> int:
-    return max(1, (os.cpu_count() or 1) // jobs)
+    """Each worker's share of the CPUs this process may run on (a SLURM job or ``taskset``
+    narrows them: the machine's count would oversubscribe)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:             # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // jobs)
 
 
 def gpus() -> list[str]:
@@ -128,10 +133,9 @@ def run_parallel(spec: StudySpec, jobs: int, say: Callable[[str], None]) -> int:
         env = {**os.environ, WORKER_VARIABLE: str(i), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         if devices:
             env["CUDA_VISIBLE_DEVICES"] = devices[i % len(devices)]
-        mine = spec if spec.seed is None else spec._replace(seed=spec.seed + i)     # workers sample apart
         # a session of its own: a terminal's Ctrl-C reaches the parent alone, which passes it on
         # once (twice would abort a trial without saving its state)
-        procs.append(subprocess.Popen([sys.executable, "-m", "rnnkit.tune.worker", mine.to_json()], env=env,
+        procs.append(subprocess.Popen([sys.executable, "-m", "rnnkit.tune.worker", spec.to_json()], env=env,
                                       stdout=subprocess.PIPE, text=True, bufsize=1, start_new_session=True))
 
     def forward(signum, frame) -> None:

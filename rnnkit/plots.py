@@ -6,7 +6,8 @@ from typing import Mapping, Sequence
 
 
 def save_attention_plots(translations: Sequence, directory: Path) -> int:
-    """One PNG per sentence with attention: rows are output tokens, columns source tokens."""
+    """One PNG per sentence with attention: rows are output tokens, columns source tokens.
+    With several heads, the mean over heads and then each head, side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -18,11 +19,17 @@ def save_attention_plots(translations: Sequence, directory: Path) -> int:
         if t.attention is None or not t.src_tokens:
             continue
         rows = list(t.tgt_tokens) + ["</s>"]
-        fig, ax = plt.subplots(figsize=(max(3, 0.45 * len(t.src_tokens) + 1.5), max(2.5, 0.4 * len(rows) + 1)))
-        ax.imshow(t.attention, cmap="Greys", vmin=0.0, vmax=1.0, aspect="auto")
-        ax.set_xticks(range(len(t.src_tokens)), t.src_tokens, rotation=60, ha="right", fontsize=8)
-        ax.set_yticks(range(len(rows)), rows, fontsize=8)
-        ax.set_title(f"sentence {i}", fontsize=9)
+        heads = getattr(t, "heads", None)
+        panels = [("", t.attention)] if heads is None else \
+            [("mean of the heads", t.attention)] + [(f"head {h + 1}", w) for h, w in enumerate(heads)]
+        width = max(3, 0.45 * len(t.src_tokens) + 1.5)
+        fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), max(2.5, 0.4 * len(rows) + 1)),
+                                 squeeze=False)
+        for ax, (name, weights) in zip(axes[0], panels):
+            ax.imshow(weights, cmap="Greys", vmin=0.0, vmax=1.0, aspect="auto")
+            ax.set_xticks(range(len(t.src_tokens)), t.src_tokens, rotation=60, ha="right", fontsize=8)
+            ax.set_yticks(range(len(rows)), rows, fontsize=8)
+            ax.set_title(f"sentence {i}" + (f": {name}" if name else ""), fontsize=9)
         fig.tight_layout()
         fig.savefig(directory / f"attention_{i:05d}.png", dpi=100)
         plt.close(fig)

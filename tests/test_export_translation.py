@@ -17,13 +17,14 @@ from tests.test_translation_task import SAMPLE, translation_config
 runner = CliRunner()
 LINES = (SAMPLE / "valid.en").read_text(encoding="utf-8").splitlines()[:40]
 REFS = (SAMPLE / "valid.fr").read_text(encoding="utf-8").splitlines()[:40]
-MODELS = {   # what each exercises: input feeding into an LSTM; no attention; subwords, 2 layers, additive
+MODELS = {   # what each exercises: input feeding into an LSTM; no attention; subwords, 2 layers, additive; heads
     "lstm": ({"cell": "lstm", "bidirectional": True}, {"cell": "lstm", "attention": "general", "input_feeding": True},
              {}),
     "none": ({"cell": "gru"}, {"cell": "gru", "attention": "none", "input_feeding": False}, {}),
     "bpe": ({"cell": "lstm", "num_layers": 2}, {"cell": "gru", "num_layers": 2, "attention": "additive",
                                                 "input_feeding": False},
             {"src_tokenizer": "bpe", "tgt_tokenizer": "bpe", "src_vocab_size": 120, "tgt_vocab_size": 120}),
+    "heads": ({"cell": "lstm"}, {"cell": "lstm", "attention": "additive", "attention_heads": 4}, {}),
 }
 
 
@@ -66,6 +67,9 @@ def test_an_exported_translator_translates_what_the_checkpoint_does(models, name
             else:
                 assert isinstance(y.attention, np.ndarray) and y.attention.shape == x.attention.shape
                 assert np.allclose(x.attention, y.attention, atol=1e-5)
+                assert (x.heads is None) == (y.heads is None) == (name != "heads")
+                if x.heads is not None:
+                    assert x.heads.shape == (4, *x.attention.shape) and np.allclose(x.heads, y.heads, atol=1e-5)
     assert len({round(t.score, 3) for t in torch_model.translations(LINES)}) > 10   # each source counts
     mine, theirs = torch_model.score(LINES, REFS), onnx_model.score(LINES, REFS)
     assert mine["bleu"] == theirs["bleu"] and mine["chrf"] == theirs["chrf"]

@@ -67,6 +67,8 @@ class DecoderConfig(RecurrentConfig):
     """On the embeddings, between layers and before the output layer."""
     attention: Literal["none", "dot", "general", "additive"] = "general"
     """`none` (the classic encoder-decoder: one source summary fed at every step), `dot`, `general` (bilinear, Luong) or `additive` (Bahdanau)."""
+    attention_heads: int = num(1, 1, 64)
+    """Heads of the chosen score side by side, each over its slice of projected queries, keys and values (multi-head attention); 1: one head over the states as they are."""
     input_feeding: bool = True
     """Feed the previous attentional vector into the next step (Luong)."""
 
@@ -99,6 +101,15 @@ def check_config(cfg: Config) -> None:
     for key in ("train_src", "train_tgt", "valid_src", "valid_tgt"):
         require_file(f"data.{key}", getattr(d, key))
     memory = m.encoder.hidden_size * (2 if m.encoder.bidirectional else 1)
-    if m.decoder.attention == "dot" and memory != m.decoder.hidden_size:
+    heads = m.decoder.attention_heads
+    if heads > 1:
+        if m.decoder.attention == "none":
+            raise ConfigError("model.decoder.attention_heads", f"{heads} heads need an attention (model.decoder."
+                                                               f"attention is none)")
+        for what, size in (("model.decoder.hidden_size", m.decoder.hidden_size), ("the encoder's output size", memory)):
+            if size % heads:
+                raise ConfigError("model.decoder.attention_heads", f"{heads} heads must divide {what} ({size}): "
+                                                                   f"each head takes an equal slice")
+    elif m.decoder.attention == "dot" and memory != m.decoder.hidden_size:
         raise ConfigError("model.decoder.hidden_size", f"dot attention needs it equal to the encoder's output size "
                                                        f"({memory}), got {m.decoder.hidden_size}; or use 'general'")

@@ -2,7 +2,8 @@
 
 A backend runs the model; the search keeps the books. It has
 ``step(tokens (N,), state, k) -> (log-probabilities (N, k) of each row's k best next tokens,
-those tokens (N, k), attention weights (N, S) or None, next state)`` and
+those tokens (N, k), attention weights (N, S) (several heads: (N, heads, S)) or None, next
+state)`` and
 ``select(state, index)``, which reorders or expands rows; to let sentences join a running
 search it also has ``join(a, b)`` (the rows of both, sources padded to the longer) and
 ``narrow_source(state, width)``. :mod:`rnnkit.decoding.torch_steps` is the backend of torch
@@ -28,7 +29,7 @@ class Backend(Protocol):
 class Hypothesis(NamedTuple):
     tokens: list[int]                 # without <s> and </s>
     score: float                      # log-probability (length-normalised for beam search)
-    attention: np.ndarray | None      # (len(tokens) + 1, S) weights, the </s> step included
+    attention: np.ndarray | None      # (len(tokens) + 1, S) weights (heads: (.., heads, S)), the </s> step included
 
 
 def _limits(src_lengths: np.ndarray, ratio: float, extra: int, cap: int) -> np.ndarray:
@@ -227,8 +228,8 @@ class BeamSearch:
         row_of[row_sent, row_slot] = np.arange(R)
         parent = np.take_along_axis(row_of, origin, 1)
         if weights is not None:
-            w = np.zeros((C, K, weights.shape[-1]), np.float32)
-            w[active] = weights[parent] * from_live[..., None]
+            w = np.zeros((C, K, *weights.shape[1:]), np.float32)
+            w[active] = weights[parent] * from_live.reshape(*from_live.shape, *[1] * (weights.ndim - 1))
             self._attn.append(w)
         else:
             self._attn.append(None)
@@ -274,13 +275,14 @@ def _backtrack(ix, order, normalised, tok_hist, origin_hist, attn_hist, starts, 
     for t in range(len(tok_hist) - 1, -1, -1):
         toks.append(np.take_along_axis(tok_hist[t][ix], idx, 1))
         if attn_hist[t] is not None:
-            attns.append(np.take_along_axis(attn_hist[t][ix], idx[..., None], 1))
+            a = attn_hist[t][ix]                   # (B, K, [heads,] S)
+            attns.append(np.take_along_axis(a, idx.reshape(*idx.shape, *[1] * (a.ndim - 2)), 1))
         idx = np.take_along_axis(origin_hist[t][ix], idx, 1)
     seqs = np.stack(toks[::-1], -1).tolist() if toks else [[[] for _ in range(order.shape[1])] for _ in ix]
     weights = None
     if attns:                                  # sources were narrower at some steps: pad to the widest
         width = max(a.shape[-1] for a in attns)
-        weights = np.stack([np.pad(a, ((0, 0), (0, 0), (0, width - a.shape[-1]))) for a in attns[::-1]], 2)
+        weights = np.stack([np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, width - a.shape[-1])]) for a in attns[::-1]], 2)
     scores = np.take_along_axis(normalised, order, 1).tolist()
     return [[_hypothesis(seq[starts[b]:], scores[b][j], None if weights is None else weights[b, j, starts[b]:], eos)
              for j, seq in enumerate(per_sentence)] for b, per_sentence in enumerate(seqs)]

@@ -151,7 +151,9 @@ def translator_state(cfg: Any) -> dict[str, int]:
     names = {"h": 1, **({"c": 1} if d.cell == "lstm" else {})}
     if d.attention == "none":
         return {**names, "context": 0}
-    return {**names, **({"feed": 0} if d.input_feeding else {}), "memory": 0, "keys": 0, "mask": 0}
+    # several heads read their projected values from ``keys``: the states themselves are not needed
+    memory = {"memory": 0} if d.attention_heads == 1 else {}
+    return {**names, **({"feed": 0} if d.input_feeding else {}), **memory, "keys": 0, "mask": 0}
 
 
 class TranslationEncoder(nn.Module):
@@ -229,7 +231,8 @@ def translator(task: Any, folder: Path, opset: int) -> dict[str, dict[str, Any]]
         inputs = ["tokens", "k", "gold", *state]
         axes = {"tokens": {0: "batch"}, "k": {0: "k"}, "gold": {0: "batch"}, **state_axes,
                 "top_logp": {0: "batch", 1: "k"}, "top_ids": {0: "batch", 1: "k"}, "gold_logp": {0: "batch"},
-                "weights": {0: "batch", 1: "source"}, **{f"{n}_out": state_axes[n] for n in returned}}
+                "weights": {0: "batch", (2 if d.attention_heads > 1 else 1): "source"},   # (N, [heads,] S)
+                **{f"{n}_out": state_axes[n] for n in returned}}
         tokens = torch.tensor([2, 2])
         torch.onnx.export(TranslationStep(model, state, attention),
                           (tokens, torch.zeros(3), torch.zeros(2, dtype=torch.long), *(example[n] for n in state)),

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rnnkit.models.attention import Attention
+from rnnkit.models.attention import make_attention
 from rnnkit.models.dropout import Dropout
 from rnnkit.models.rnn import LSTMSteps, State, length_mask, make_rnn, rnn_step, run_padded, step_masks
 from rnnkit.models.losses import linear_cross_entropy
@@ -120,9 +120,9 @@ def _pad_source(t: torch.Tensor, width: int) -> torch.Tensor:
 class Decoder(nn.Module):
     def __init__(self, vocab_size: int, embedding_dim: int, cell: str, hidden_size: int, num_layers: int,
                  dropout: float, attention: str, memory_size: int, input_feeding: bool,
-                 rnn_options: dict | None = None):
+                 rnn_options: dict | None = None, heads: int = 1):
         super().__init__()
-        self.attention = None if attention == "none" else Attention(attention, hidden_size, memory_size)
+        self.attention = None if attention == "none" else make_attention(attention, hidden_size, memory_size, heads)
         self.input_feeding = input_feeding and self.attention is not None
         extra = hidden_size if self.input_feeding else (memory_size if self.attention is None else 0)
         self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=0)
@@ -139,7 +139,8 @@ class Decoder(nn.Module):
         return DecoderState(init, feed, memory, keys, mask, context, masks)
 
     def _attend(self, h: torch.Tensor, st: DecoderState):
-        """RNN outputs (B, T, H) -> attentional vectors (B, T, H) and weights (B, T, S)."""
+        """RNN outputs (B, T, H) -> attentional vectors (B, T, H) and weights (B, T, S), or
+        (B, T, heads, S) with several heads."""
         if self.attention is None:
             return h, None
         ctx, weights = self.attention(h, st.keys, st.memory, st.mask)
@@ -199,7 +200,8 @@ class Decoder(nn.Module):
         return torch.stack(outs, 1)
 
     def step(self, tokens: torch.Tensor, st: DecoderState):
-        """One step for (N,) previous tokens -> logits (N, V), next state, weights (N, S) or None."""
+        """One step for (N,) previous tokens -> logits (N, V), next state, weights (N, S) (with
+        several heads (N, heads, S)) or None."""
         steps = self._token_steps()
         if steps is None:
             out, st, weights = self.advance(self.dropout(self.embedding(tokens)), st)

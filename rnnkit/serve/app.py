@@ -93,9 +93,15 @@ def _translation(t: Any, attention: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"text": t.text, "score": round(float(t.score), 4)}
     if attention and t.attention is not None:
         rows = t.attention.tolist() if hasattr(t.attention, "tolist") else t.attention  # a list from a model process
-        out["attention"] = {"source": t.src_tokens, "target": t.tgt_tokens + ["</s>"],
-                            "weights": [[round(float(w), 4) for w in row] for row in rows]}
+        out["attention"] = {"source": t.src_tokens, "target": t.tgt_tokens + ["</s>"], "weights": _rounded(rows)}
+        heads = getattr(t, "heads", None)
+        if heads is not None:                 # several heads: "weights" is their mean, "heads" each one's
+            out["attention"]["heads"] = [_rounded(h) for h in (heads.tolist() if hasattr(heads, "tolist") else heads)]
     return out
+
+
+def _rounded(rows: Any) -> list[list[float]]:
+    return [[round(float(w), 4) for w in row] for row in rows]
 
 
 class Served:

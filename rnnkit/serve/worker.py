@@ -48,9 +48,9 @@ def _plain(x: Any) -> Any:
         return [_plain(v) for v in x]
     if isinstance(x, tuple) and not hasattr(x, "_replace"):      # a stream's (tag, result) pairs
         return tuple(_plain(v) for v in x)
-    attention = getattr(x, "attention", None)
+    attention, heads = getattr(x, "attention", None), getattr(x, "heads", None)
     if hasattr(attention, "tolist"):
-        return x._replace(attention=attention.tolist())
+        return x._replace(attention=attention.tolist(), heads=None if heads is None else heads.tolist())
     return x
 
 

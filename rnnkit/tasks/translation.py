@@ -36,12 +36,13 @@ def build_model(cfg: Config, src_vocab: int, tgt_vocab: int) -> Seq2Seq:
                       recurrent_options(e))
     bridge = Bridge(m.bridge, encoder.output_size, d.hidden_size, d.num_layers, d.cell == "lstm")
     decoder = Decoder(tgt_vocab, m.embedding_dim, d.cell, d.hidden_size, d.num_layers, d.dropout,
-                      d.attention, encoder.output_size, d.input_feeding, recurrent_options(d))
+                      d.attention, encoder.output_size, d.input_feeding, recurrent_options(d), d.attention_heads)
     model = Seq2Seq(encoder, bridge, decoder)
     if m.init_range is not None:
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if ".ln_" not in name:   # layer-norm gains and biases keep their 1 and 0
+                # layer-norm gains and biases keep their 1 and 0, heads' bilinear matrices their identity
+                if ".ln_" not in name and not name.endswith(".bilinear"):
                     p.uniform_(-m.init_range, m.init_range)
             encoder.embedding.weight[0].zero_()   # the padding rows stay zero
             decoder.embedding.weight[0].zero_()

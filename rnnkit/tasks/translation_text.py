@@ -26,7 +26,8 @@ class Translation(NamedTuple):
     score: float
     src_tokens: list[str]
     tgt_tokens: list[str]
-    attention: np.ndarray | None   # (len(tgt_tokens) + 1, len(src_tokens)), rows sum to 1
+    attention: np.ndarray | None   # (len(tgt_tokens) + 1, len(src_tokens)), rows sum to 1; the mean over heads
+    heads: np.ndarray | None = None  # with several heads: (heads, len(tgt_tokens) + 1, len(src_tokens))
 
 
 EMPTY = Translation("", 0.0, [], [], None)
@@ -73,10 +74,13 @@ class TranslationText:
 
     def _finish(self, hyp: Hypothesis, src_tokens: list[str], replace_unk: bool) -> Translation:
         out = self.tgt_tok.vocab.decode(hyp.tokens)
-        attn = None if hyp.attention is None else hyp.attention[:, : len(src_tokens)]
+        attn = None if hyp.attention is None else hyp.attention[..., : len(src_tokens)]
+        heads = None
+        if attn is not None and attn.ndim == 3:          # (T, heads, S): the mean, and each head
+            heads, attn = attn.transpose(1, 0, 2), attn.mean(1)
         if replace_unk and attn is not None:
             out = [src_tokens[int(attn[j].argmax())] if tok == UNK else tok for j, tok in enumerate(out)]
-        return Translation(self.tgt_tok.join(out), hyp.score, src_tokens, out, attn)
+        return Translation(self.tgt_tok.join(out), hyp.score, src_tokens, out, attn, heads)
 
     # the abstract part
     def encode_ids(self, ids: list[list[int]]) -> tuple[Any, np.ndarray]:

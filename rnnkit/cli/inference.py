@@ -127,7 +127,14 @@ def predict(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file; default stdout."),
     probs: bool = typer.Option(False, "--probs", help="Classifiers: the label's probability after a tab."),
     attention: bool = typer.Option(False, "--attention",
-                                   help="Classifiers with attention pooling: each word's weight, word:weight."),
+                                   help="Classifiers with attention (pooling: attention, or hierarchical): each word's "
+                                        "weight, shaded on a terminal, word:weight when piped (documents: each "
+                                        "sentence's weight, then its words')."),
+    hops: bool = typer.Option(False, "--hops", help="With --attention, classifiers with attention hops: each hop's "
+                                                    "weights after the mean's."),
+    attention_html: Optional[Path] = typer.Option(None, "--attention-html", metavar="FILE.html",
+                                                  help="Classifiers with attention: write a page of the inputs with "
+                                                       "their words shaded by weight."),
     data: Optional[Path] = typer.Option(None, "--data", help="Forecasts: the CSV file whose rows the model reads."),
     at: Optional[int] = typer.Option(
         None, "--at", metavar="ROW",
@@ -166,11 +173,19 @@ def predict(
         if m.kind not in ("tagging", "classification"):
             raise CheckpointError(f"{checkpoint}: a '{m.kind}' checkpoint cannot predict; "
                                   f"predict takes tagging, classification and forecast models")
-        if attention and getattr(m.task.cfg.model, "pooling", None) != "attention":
-            bad_option("--attention needs a classifier with model.pooling: attention")
+        model_cfg = m.task.cfg.model
+        attends = getattr(model_cfg, "pooling", None) == "attention" or getattr(model_cfg, "hierarchical", False)
+        if (attention or hops or attention_html) and not attends:
+            bad_option("--attention, --hops and --attention-html need a classifier with model.pooling: attention "
+                       "or model.hierarchical: true")
+        if hops and getattr(model_cfg, "attention_hops", 1) == 1:
+            bad_option("--hops needs a classifier with model.attention_hops above 1")
+        check_output_file(attention_html, "--attention-html")
+        shown: list = []
+        shade = attention and output is None and sys.stdout.isatty()
         if m.kind == "classification":
             def show(d) -> str:
-                return format_prediction(d, probs, attention)
+                return format_prediction(d, probs, attention, hops and attention)
         else:
             def show(tags) -> str:
                 return " ".join(tags)
@@ -184,10 +199,21 @@ def predict(
             bar = tqdm(desc="predict", unit="line", file=sys.stderr, leave=False,
                        disable=None if input is not None else True)   # a file read, stderr a terminal
             for lines in _chunks(source, batch_size * 16):
-                sink.write("".join(show(x) + "\n" for x in m.predict(lines, batch_size)))
-                sink.flush()
+                found = m.predict(lines, batch_size)
+                if attention_html is not None:
+                    shown += zip(lines, found)
+                if shade:
+                    _print_shaded(found, probs, hops)
+                else:
+                    sink.write("".join(show(x) + "\n" for x in found))
+                    sink.flush()
                 bar.update(len(lines))
             bar.close()
+            if attention_html is not None:
+                from rnnkit.cli.attention_view import write_html
+
+                write_html(attention_html, [x[0] for x in shown], [x[1] for x in shown], f"Attention: {checkpoint}")
+                err_console.print(f"wrote {attention_html}", highlight=False, soft_wrap=True, markup=False)
         except UnicodeDecodeError:
             raise DataError(f"{input or 'stdin'}: input is not valid UTF-8") from None
         finally:
@@ -195,6 +221,18 @@ def predict(
                 source.close()
             if output is not None:
                 sink.close()
+
+
+def _print_shaded(entries: list, probs: bool, hops: bool) -> None:
+    """Entries with their words shaded by weight, on the terminal."""
+    from rich.console import Console
+
+    from rnnkit.cli.attention_view import terminal_lines
+
+    console = Console(highlight=False, soft_wrap=True)
+    for d in entries:
+        for line in terminal_lines(d, probs, hops):
+            console.print(line)
 
 
 def _predict_forecast(task, data: Optional[Path], output: Optional[Path], at: Optional[int], every: bool,

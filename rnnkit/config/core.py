@@ -178,6 +178,8 @@ class TrainConfig:
     """Activation regularisation: `ar * mean(h_t^2)` of the top layer's dropped-out output, added to the loss for the gradient (task `lm`)."""
     tar: float = num(0.0, 0)
     """Temporal activation regularisation: `tar * mean((h_t - h_(t-1))^2)` of the top layer before dropout (task `lm`)."""
+    attention_penalty: float = num(0.0, 0)
+    """`P * ||A A^T - I||^2` of a classifier's attention hops `A`, added to the loss so that the hops attend to different words (task `classification` with `model.attention_hops` above 1)."""
     teacher_forcing: TeacherForcingConfig = field(default_factory=TeacherForcingConfig)
     """Scheduled sampling for the sequence decoders (translation, the forecast decoder)."""
 

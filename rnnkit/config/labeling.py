@@ -92,12 +92,18 @@ class TaggingModelConfig(EncoderConfig):
 
 @dataclass
 class ClassificationDataConfig:
-    """Labelled sentences, one `label<TAB>text` per line."""
+    """Labelled sentences, one `label<TAB>text` per line, or labelled documents of sentences."""
 
+    format: Literal["lines", "documents"] = "lines"
+    """`lines`: one `label<TAB>text` per line; `documents`: documents made of sentences, JSON Lines (`{"label": ..., "sentences": [...]}`) or a CoNLL-U file (`.conllu`, with `label_from`)."""
     train: Optional[str] = None
     """The training file."""
     valid: Optional[str] = None
     """The validation file."""
+    label_from: Optional[Literal["newdoc_prefix"]] = None
+    """CoNLL-U documents: where each document's label comes from; `newdoc_prefix`: the part of its `# newdoc id` before the first dash."""
+    max_sentences: Optional[int] = num(None, 1)
+    """Documents: each keeps its first this many sentences; null: all."""
     lowercase: bool = False
     """Lowercase the words."""
     min_freq: int = num(1, 1)
@@ -120,6 +126,37 @@ class ClassificationModelConfig(EncoderConfig):
     """On the inputs, between layers and on the pooled vector."""
     pooling: Literal["final", "mean", "max", "attention"] = "max"
     """How the word states become one vector: the final states, their mean, their maximum, or attention weights."""
+    attention_hops: int = num(1, 1, 64)
+    """With `pooling: attention`: weighted means side by side, each with weights of its own (Lin et al.'s hops); 1: one weighted mean."""
+    hierarchical: bool = False
+    """Documents: a word encoder with word attention builds each sentence's vector, a sentence encoder with sentence attention the document's (Yang et al.'s hierarchical attention network); false: the document's words read as one sequence."""
+
+
+def check_classification(cfg: Config) -> None:
+    """The classifier's own rules: attention hops, documents and the hierarchical network."""
+    d, m, t = cfg.data, cfg.model, cfg.train
+    if m.attention_hops > 1 and m.pooling != "attention" and not m.hierarchical:
+        raise ConfigError("model.attention_hops", f"{m.attention_hops} hops need model.pooling: attention "
+                                                  f"(it is {m.pooling})")
+    if m.hierarchical and m.attention_hops > 1:
+        raise ConfigError("model.attention_hops", "the hierarchical network attends once at each level; "
+                                                  "hops are for the flat classifier")
+    if t.attention_penalty and m.attention_hops == 1:
+        raise ConfigError("train.attention_penalty", "needs model.attention_hops above 1: one hop's penalty is "
+                                                     "the same whatever it attends to")
+    if m.hierarchical and d.format != "documents":
+        raise ConfigError("model.hierarchical", "needs data.format: documents (sentences grouped into documents)")
+    if d.format != "documents":
+        for key in ("label_from", "max_sentences"):
+            if getattr(d, key) is not None:
+                raise ConfigError(f"data.{key}", "is for data.format: documents")
+    else:
+        for key in ("train", "valid"):
+            path = getattr(d, key)
+            if path and str(path).endswith(".conllu") and d.label_from is None:
+                raise ConfigError("data.label_from", f"data.{key} is CoNLL-U: say where each document's label "
+                                                     f"comes from (newdoc_prefix)")
+    check_files(cfg, CLASSIFICATION_METRICS)
 
 
 def check_files(cfg: Config, metrics: tuple[str, ...]) -> None:

@@ -230,6 +230,9 @@ def _check(cfg: Config, with_task: bool = True) -> None:
     if (t.ar or t.tar) and not task_schema(cfg.task).activation_regularisation:
         raise ConfigError("train.ar" if t.ar else "train.tar", f"task '{cfg.task}' does not offer activation "
                                                                f"regularisation (task lm does)")
+    if t.attention_penalty and cfg.task != "classification":
+        raise ConfigError("train.attention_penalty", f"task '{cfg.task}' has no attention hops (task classification "
+                                                     f"with model.attention_hops above 1 does)")
     if with_task:
         task_schema(cfg.task).check(cfg)
 

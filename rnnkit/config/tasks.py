@@ -23,10 +23,6 @@ def _tagging(cfg: Config) -> None:
     labeling.check_files(cfg, labeling.TAGGING_METRICS)
 
 
-def _classification(cfg: Config) -> None:
-    labeling.check_files(cfg, labeling.CLASSIFICATION_METRICS)
-
-
 TASKS: dict[str, TaskSchema] = {
     "lm": TaskSchema(lm.DataConfig, lm.ModelConfig, lm.check_config, lm.METRICS, True),
     "translation": TaskSchema(translation.DataConfig, translation.ModelConfig, translation.check_config,
@@ -36,7 +32,7 @@ TASKS: dict[str, TaskSchema] = {
     "tagging": TaskSchema(labeling.TaggingDataConfig, labeling.TaggingModelConfig, _tagging,
                           labeling.TAGGING_METRICS),
     "classification": TaskSchema(labeling.ClassificationDataConfig, labeling.ClassificationModelConfig,
-                                 _classification, labeling.CLASSIFICATION_METRICS),
+                                 labeling.check_classification, labeling.CLASSIFICATION_METRICS),
     "forecast": TaskSchema(forecast.DataConfig, forecast.ModelConfig, forecast.check_config, forecast.METRICS),
 }
 

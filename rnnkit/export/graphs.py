@@ -65,7 +65,8 @@ def language_model(task: Any, folder: Path, opset: int) -> dict[str, dict[str, A
 
 
 class ClassifierProbabilities(nn.Module):
-    """words (B, L) and lengths (B,) -> label probabilities (B, C) (and attention weights (B, L))."""
+    """words (B, L) and lengths (B,) -> label probabilities (B, C) (and attention weights (B, L),
+    or (B, hops, L))."""
 
     def __init__(self, model: nn.Module, attention: bool):
         super().__init__()
@@ -84,7 +85,7 @@ def classifier(task: Any, folder: Path, opset: int) -> dict[str, dict[str, Any]]
     outputs = ["probs", "weights"] if attention else ["probs"]
     words, lengths = torch.ones(2, 5, dtype=torch.long), torch.tensor([5, 3])
     axes = {"words": {0: "batch", 1: "time"}, "lengths": {0: "batch"}, "probs": {0: "batch"},
-            **({"weights": {0: "batch", 1: "time"}} if attention else {})}
+            **({"weights": {0: "batch", (2 if task.cfg.model.attention_hops > 1 else 1): "time"}} if attention else {})}
     with exporting():
         torch.onnx.export(ClassifierProbabilities(task.model.eval(), attention), (words, lengths),
                           str(folder / "classifier.onnx"), input_names=["words", "lengths"], output_names=outputs,

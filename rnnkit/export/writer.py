@@ -34,6 +34,9 @@ def exportable(cfg: Any) -> None:
     if getattr(m, "lm_features", None):
         raise CheckpointError("model.lm_features: frozen LM features have no export yet; export a model without "
                               "them")
+    if getattr(m, "hierarchical", False):
+        raise CheckpointError("model.hierarchical: the hierarchical document classifier has no export yet; it "
+                              "runs from its checkpoint")
     if getattr(m, "output", None) == "adaptive":
         raise CheckpointError("model.output: adaptive: the adaptive softmax has no export yet; export a model "
                               "with a full softmax")

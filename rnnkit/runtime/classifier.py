@@ -51,5 +51,5 @@ class OnnxClassifier(ClassifierText, Exported):
                     total -= float(np.log(max(float(out[0][row, label]), 1e-30)))
                     counted += 1
                 if len(out) > 1:
-                    weights[i] = out[1][row, : len(items[i][0])].tolist()
+                    weights[i] = out[1][row, ..., : len(items[i][0])].tolist()     # (L) or (hops, L)
         return probs, weights, total / max(1, counted)

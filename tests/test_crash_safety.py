@@ -70,14 +70,29 @@ def task_config(task: str, tmp_path: Path, name: str) -> dict:
         cfg["run_dir"] = run
         cfg["model"]["encoder"]["dropout"] = cfg["model"]["decoder"]["dropout"] = 0.2
         train["teacher_forcing"] = {"schedule": "linear", "start": 1.0, "end": 0.5, "steps": 20}
-    elif task in ("tagging", "classification"):
+    elif task == "translation_heads":      # multi-head attention
+        cfg = translation_config(tmp_path)
+        cfg["run_dir"] = run
+        cfg["model"]["decoder"].update(dropout=0.2, attention="additive", attention_heads=4)
+    elif task in ("tagging", "classification", "classification_hops", "documents"):
         tags, sents = _labeling_files(tmp_path)
         data = {"format": "columns", "train": str(tags), "valid": str(tags), "token_column": 2, "tag_column": 3} \
             if task == "tagging" else {"train": str(sents), "valid": str(sents)}
         model = {"embedding_dim": 8, "hidden_size": 8, "dropout": 0.2, "word_dropout": 0.1}
         if task == "tagging":
             model.update(char_embedding_dim=4, char_hidden_size=4)
-        cfg = {"task": task, "run_dir": run, "seed": 2, "data": data, "model": model}
+        if task == "classification_hops":
+            model.update(pooling="attention", attention_hops=3)
+            train["attention_penalty"] = 0.3
+        if task == "documents":            # the hierarchical network over documents of 1 to 3 sentences
+            lines = sents.read_text().splitlines()
+            docs = tmp_path / "docs.jsonl"
+            docs.write_text("".join(json.dumps({"label": lines[i].split("\t")[0], "sentences": [
+                x.split("\t")[1] for x in lines[i:i + 1 + i % 3]]}) + "\n" for i in range(len(lines))))
+            data = {"format": "documents", "train": str(docs), "valid": str(docs)}
+            model["hierarchical"] = True
+        cfg = {"task": "classification" if task != "tagging" else task, "run_dir": run, "seed": 2, "data": data,
+               "model": model}
     elif task == "forecast":
         csv_path = tmp_path / "series.csv"
         if not csv_path.exists():
@@ -111,7 +126,8 @@ def train_in_process(cfg_path: Path, resume: bool = False, signal_at: int | None
     return trainer
 
 
-@pytest.mark.parametrize("task", ["lm", "translation", "tagging", "classification", "forecast", "adding", "copy"])
+@pytest.mark.parametrize("task", ["lm", "translation", "tagging", "classification", "forecast", "adding", "copy",
+                                  "translation_heads", "classification_hops", "documents"])
 def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, task):
     full = write_yaml(tmp_path / "full.yaml", task_config(task, tmp_path, "full"))
     part = write_yaml(tmp_path / "part.yaml", task_config(task, tmp_path, "part"))
@@ -190,7 +206,7 @@ def long_config(task: str, tmp_path: Path, name: str) -> Path:
     return write_yaml(tmp_path / f"{name}.yaml", cfg)
 
 
-@pytest.mark.parametrize("task", ["lm", "translation"])
+@pytest.mark.parametrize("task", ["lm", "translation", "translation_heads", "documents"])
 def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path, task):
     rng = random.Random()
     reference = launch(long_config(task, tmp_path, "reference"))
@@ -215,8 +231,12 @@ def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_pa
     # a live run refuses a second writer, naming it
     proc = launch(cfg)
     assert wait_for(lambda: (run / ".lock").read_text().startswith(f"process {proc.pid}"), proc)
-    second = subprocess.run([sys.executable, "-m", "rnnkit", "train", str(cfg), "--auto-resume"], cwd=ROOT,
-                            capture_output=True, text=True)
+    proc.send_signal(signal.SIGSTOP)          # held alive while the second starts (a short run could end first)
+    try:
+        second = subprocess.run([sys.executable, "-m", "rnnkit", "train", str(cfg), "--auto-resume"], cwd=ROOT,
+                                capture_output=True, text=True)
+    finally:
+        proc.send_signal(signal.SIGCONT)
     assert second.returncode == 2 and f"process {proc.pid}" in second.stderr, second.stderr
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
     assert not half_written(run)

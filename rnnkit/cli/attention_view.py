@@ -70,7 +70,7 @@ def write_html(path: Path, inputs: Sequence[str], entries: Sequence[dict[str, An
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
-body {{ font: 15px/1.7 system-ui, sans-serif; margin: 2em auto; max-width: 60em; color: #222; }}
+body {{ font: 15px/1.7 system-ui, sans-serif; margin: 2em auto; padding: 0 1em; max-width: 60em; color: #222; }}
 h1 {{ font-size: 1.2em; }} h2 {{ font-size: 1em; margin: 1.2em 0 0.3em; }} small {{ color: #777; font-weight: normal; }}
 .row {{ margin: 0.15em 0; }} span[title] {{ padding: 0.1em 0.15em; border-radius: 3px; }}
 .tag {{ display: inline-block; width: 3.5em; color: #777; font-size: 0.85em; }}

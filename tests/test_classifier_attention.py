@@ -277,3 +277,19 @@ def test_the_ewt_treebank_reads_as_its_documents():
     assert set(labels) == {"answers", "email", "newsgroup", "reviews", "weblog"}
     assert len(read_documents(str(EWT / "en_ewt-ud-dev.conllu"), "newdoc_prefix")) == 318
     assert len(read_documents(str(EWT / "en_ewt-ud-test.conllu"), "newdoc_prefix")) == 316
+
+
+def test_a_terminal_shades_each_word_by_its_weight():
+    from rnnkit.cli.attention_view import terminal_lines
+
+    entry = {"label": "pos", "probability": 0.9, "attention": [("a", 0.1), ("fine", 0.7), ("film", 0.2)],
+             "hops": [[("a", 0.0), ("fine", 1.0), ("film", 0.0)], [("a", 0.2), ("fine", 0.4), ("film", 0.4)]]}
+    lines = terminal_lines(entry, probs=True, hops=True)
+    assert [line.plain for line in lines] == ["pos\t0.9000\ta fine film", "  hop 1: a fine film",
+                                              "  hop 2: a fine film"]
+    styles = {lines[0].plain[s.start:s.end]: str(s.style) for s in lines[0].spans}
+    assert styles["fine"] == "black on rgb(255,170,60)"                  # the line's largest weight: full colour
+    assert styles["film"] != styles["fine"] and styles["a"] not in (styles["fine"], styles["film"])
+    doc = {"label": "email", "probability": 0.5, "sentences": [{"weight": 0.8, "words": [("Hi", 1.0)]},
+                                                                {"weight": 0.2, "words": [("Bye", 1.0)]}]}
+    assert [line.plain for line in terminal_lines(doc, False, False)] == ["email", "  [0.800] Hi", "  [0.200] Bye"]

@@ -18,7 +18,8 @@ def evaluate(
     checkpoint: Path = typer.Argument(..., help="A checkpoint (last.pt or best.pt), or an export folder."),
     data: Optional[Path] = typer.Option(
         None, "--data", help="A file to score: text for language models, tagged sentences (the config's format) "
-                             "for taggers, label<TAB>text lines for classifiers, CSV for forecasters."),
+                             "for taggers, label<TAB>text lines (or documents, the config's data.format) for "
+                             "classifiers, CSV for forecasters."),
     split: Optional[str] = typer.Option(
         None, "--split", help="Forecasts: score only the windows whose targets lie in this part (train, valid "
                               "or test) of the config's data.split, applied to --data; default: every window."),

@@ -122,8 +122,9 @@ def translate(
 
 def predict(
     checkpoint: Path = typer.Argument(..., help="A tagging, classification or forecast checkpoint, or its export folder."),
-    input: Optional[Path] = typer.Option(None, "--input", "-i", help="One whitespace-tokenised sentence per line; "
-                                                                      "default stdin."),
+    input: Optional[Path] = typer.Option(None, "--input", "-i", help="One whitespace-tokenised sentence per line "
+                                                                      "(document classifiers: one JSON Lines "
+                                                                      "document per line); default stdin."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file; default stdout."),
     probs: bool = typer.Option(False, "--probs", help="Classifiers: the label's probability after a tab."),
     attention: bool = typer.Option(False, "--attention",
@@ -152,9 +153,10 @@ def predict(
 ) -> None:
     """Tag or classify sentences, or forecast a time series.
 
-    Taggers and classifiers: exactly one output line per input line, in order (an empty line gives an empty line): the tags separated by spaces, or the label. Streams batch by batch. Forecasters: CSV rows origin,timestamp,step,column,value,truth in original units (truth is empty past the file's end), for the window at --at, or at the file's end, or --every window.
+    Taggers and classifiers: exactly one output line per input line, in order (an empty line gives an empty line): the tags separated by spaces, or the label (document classifiers read one JSON Lines document a line). --attention shows each word's weight: shaded on a terminal, word:weight when piped; --attention-html writes a page of them. Streams batch by batch. Forecasters: CSV rows origin,timestamp,step,column,value,truth in original units (truth is empty past the file's end), for the window at --at, or at the file's end, or --every window.
 
     Example:  rnnkit predict runs/tagger_upos/best.pt < sentences.txt > tags.txt
+    Example:  rnnkit predict runs/sentiment/best.pt --attention --attention-html attention.html < dev.txt
     Example:  rnnkit predict runs/forecast_etth1/best.pt --data ETTh1.csv --at 14304 -o f.csv --plot ot.png
     """
     import rnnkit

@@ -144,6 +144,9 @@ def check_classification(cfg: Config) -> None:
     if t.attention_penalty and m.attention_hops == 1:
         raise ConfigError("train.attention_penalty", "needs model.attention_hops above 1: one hop's penalty is "
                                                      "the same whatever it attends to")
+    if m.hierarchical and m.lm_features:
+        raise ConfigError("model.lm_features", "the hierarchical network reads word vectors only; LM features "
+                                               "are for the flat classifier")
     if m.hierarchical and d.format != "documents":
         raise ConfigError("model.hierarchical", "needs data.format: documents (sentences grouped into documents)")
     if d.format != "documents":

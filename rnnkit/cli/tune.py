@@ -147,9 +147,12 @@ def _show(target: str, storage: Optional[str]) -> None:
         table.add_column(h, overflow="fold")
     for r in rows:
         table.add_row(*r)
+    import sys
+
     from rich.console import Console
 
-    Console().print(table)
+    # a terminal folds the table to its width; a pipe or a file gets it whole, one trial a line
+    Console(width=None if sys.stdout.isatty() else 400).print(table)
     imp = importances(study)
     if imp:
         print("importances: " + ", ".join(f"{k} {v:.2f}" for k, v in imp.items()))

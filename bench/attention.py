@@ -140,7 +140,7 @@ def sentiment(runs: Runs, args) -> list[str]:
             chosen, best = (hops, penalty), acc
     finals = {}
     for label, sets in (("shipped (max pooling)", []),
-                        (f"attention, {chosen[0]} hops, penalty {chosen[1]}",
+                        (f"attention, {chosen[0]} hop{'s' if chosen[0] != '1' else ''}, penalty {chosen[1]}",
                          ["model.pooling=attention", f"model.attention_hops={chosen[0]}",
                           f"train.attention_penalty={chosen[1]}"])):
         accs = []
@@ -152,7 +152,7 @@ def sentiment(runs: Runs, args) -> list[str]:
             finals[label] = (run, accs)
         rows.append(f"| rt-polarity, {label}, seeds 11 and 12, {args.minutes:g} min | dev accuracy "
                     f"{' / '.join(f'{a:.2f}' for a in accs)} (mean {mean(accs):.2f}) | |")
-    run = finals[f"attention, {chosen[0]} hops, penalty {chosen[1]}"][0]
+    run = finals[f"attention, {chosen[0]} hop{'s' if chosen[0] != '1' else ''}, penalty {chosen[1]}"][0]
     sentences = [line.split("\t", 1)[1] for line in (RT / "dev.tsv").read_text(encoding="utf-8").splitlines()[:5]]
     flags = ["--attention"] + (["--hops"] if chosen[0] != "1" else [])
     shown = subprocess.run([sys.executable, "-m", "rnnkit", "predict", str(run / "best.pt"), *flags,

@@ -73,7 +73,9 @@ def task_config(task: str, tmp_path: Path, name: str) -> dict:
     elif task == "translation_heads":      # multi-head attention
         cfg = translation_config(tmp_path)
         cfg["run_dir"] = run
+        cfg["model"]["encoder"]["dropout"] = 0.2
         cfg["model"]["decoder"].update(dropout=0.2, attention="additive", attention_heads=4)
+        train["teacher_forcing"] = {"schedule": "linear", "start": 1.0, "end": 0.5, "steps": 20}
     elif task in ("tagging", "classification", "classification_hops", "documents"):
         tags, sents = _labeling_files(tmp_path)
         data = {"format": "columns", "train": str(tags), "valid": str(tags), "token_column": 2, "tag_column": 3} \
@@ -206,7 +208,7 @@ def long_config(task: str, tmp_path: Path, name: str) -> Path:
     return write_yaml(tmp_path / f"{name}.yaml", cfg)
 
 
-@pytest.mark.parametrize("task", ["lm", "translation", "translation_heads", "documents"])
+@pytest.mark.parametrize("task", ["lm", "translation_heads", "documents"])   # translation_heads: translation too
 def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path, task):
     rng = random.Random()
     reference = launch(long_config(task, tmp_path, "reference"))

@@ -61,8 +61,8 @@ def write_html(path: Path, inputs: Sequence[str], entries: Sequence[dict[str, An
                             f'title="{s["weight"]:.4f}"></span><span class="w">{s["weight"]:.3f}</span>'
                             f'{_spans(s["words"])}</div>')
         else:
-            rows.append(f'<div class="row"><span class="tag">{"mean" if d.get("hops") else ""}</span>'
-                        f'{_spans(d.get("attention", []))}</div>')
+            tag = '<span class="tag">mean</span>' if d.get("hops") else ""
+            rows.append(f'<div class="row">{tag}{_spans(d.get("attention", []))}</div>')
             for h, pairs in enumerate(d.get("hops", []), start=1):
                 rows.append(f'<div class="row"><span class="tag">hop {h}</span>{_spans(pairs)}</div>')
         blocks.append(f'<section><h2>{n}. {html.escape(d["label"])} <small>{d["probability"]:.3f}</small></h2>'

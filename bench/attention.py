@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -78,14 +79,8 @@ class Runs:
         cmd = [sys.executable, "-m", "rnnkit", "eval", str(run / "best.pt"), *args, "--json",
                "--batch-size", "64"]
         res = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True,
-                             env={"OMP_NUM_THREADS": str(self.threads), **_env()})
+                             env={**os.environ, "OMP_NUM_THREADS": str(self.threads)})
         return json.loads(res.stdout.strip().splitlines()[-1])
-
-
-def _env() -> dict:
-    import os
-
-    return dict(os.environ)
 
 
 def tokens_per_s(run: Path) -> float:
@@ -208,8 +203,6 @@ def main() -> int:
     if not DATA.is_dir():
         print(f"skipped: {DATA} is absent (Multi30k, rt-polarity and UD English-EWT are read from there)")
         return 0
-    import os
-
     cpus = len(os.sched_getaffinity(0))
     threads = args.threads or (max(1, cpus // 2) if args.what == "all" else cpus)
     runs = Runs(args.out, threads, False)

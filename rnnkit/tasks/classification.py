@@ -13,6 +13,7 @@ from rnnkit.config import (Config, recurrent_options)
 from rnnkit.config.labeling import ClassificationDataConfig as DataConfig  # noqa: F401  (this task's sections)
 from rnnkit.config.labeling import ClassificationModelConfig as ModelConfig  # noqa: F401
 from rnnkit.data.parallel import pad
+from rnnkit.models.rnn import length_mask
 from rnnkit.models.labeling import HierarchicalClassifier, SentenceClassifier, hop_penalty
 from rnnkit.data.vocab import Vocab
 from rnnkit.tasks.classifier_text import ClassifierText
@@ -58,14 +59,12 @@ class ClassificationTask(ClassifierText, LabelingTask):
         words (B, S, L), words per sentence (B, S), sentences per document (B,)."""
         if self.cfg.model.hierarchical:
             docs = [x[0] for x in items]
+            flat, flat_counts = pad([sent for d in docs for sent in d])        # every sentence, padded once
             lengths = torch.as_tensor([len(d) for d in docs])
-            width = max(len(sent) for d in docs for sent in d)
-            words = torch.zeros(len(docs), int(lengths.max()), width, dtype=torch.long)
-            counts = torch.zeros(len(docs), int(lengths.max()), dtype=torch.long)
-            for i, d in enumerate(docs):
-                for j, sent in enumerate(d):
-                    words[i, j, :len(sent)] = torch.as_tensor(sent)
-                    counts[i, j] = len(sent)
+            real = length_mask(lengths, int(lengths.max()))
+            words = flat.new_zeros(*real.shape, flat.size(1))
+            counts = flat_counts.new_zeros(real.shape)
+            words[real], counts[real] = flat, flat_counts
             tensors = {"words": words, "word_counts": counts, "lengths": lengths}
         else:
             words, lengths = pad([x[0] for x in items])

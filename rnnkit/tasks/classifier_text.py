@@ -94,9 +94,12 @@ class ClassifierText:
         """A labelled sentence or a document as the model reads it: a document's sentences
         apart for the hierarchical network, its words in one sequence otherwise."""
         if self.hierarchical:
-            return (self.encode_document(item.sentences), self.label_index.get(item.label, -1)
-                    if item.label is not None else 0)
+            return self.encode_document(item.sentences), self.label_id(item.label)
         return self.encode(item.tokens, item.label)
+
+    def label_id(self, label: str | None) -> int:
+        """-1 for a label the training data never showed; 0 where there is none (prediction)."""
+        return self.label_index.get(label, -1) if label is not None else 0
 
     def encode_document(self, sentences: list[list[str]]) -> list[list[int]]:
         if self.cfg.data.lowercase:
@@ -107,8 +110,7 @@ class ClassifierText:
         """Word ids and the label's id (-1 for a label the training data never showed)."""
         if self.cfg.data.lowercase:
             tokens = [w.lower() for w in tokens]
-        return (self.words.encode(tokens), self.label_index.get(label, -1) if label is not None else 0,
-                *self.lm_inputs(tokens))
+        return (self.words.encode(tokens), self.label_id(label), *self.lm_inputs(tokens))
 
     def score(self, sentences: list, batch_size: int) -> dict[str, Any]:
         """Loss, accuracy, macro-F1 and confusion matrix; a label the training data never

@@ -6,18 +6,20 @@ on its own, choosing on validation only, in a bounded time on this machine.
   each trial at most ``--trial-minutes``. The best trial (on validation MSE) is scored on
   the test rows; with ``--horizons`` its settings are trained at the other horizons too.
 - ``sentiment``: configs/sentiment.yaml on rt-polarity (shipped: dev accuracy 80.1), space
-  configs/sweeps/sentiment.yaml; the winning config is trained again with two new seeds and
-  their mean dev accuracy reported (one dev set flatters the best of many trials).
+  configs/sweeps/sentiment.yaml, ``--pruner asha`` unless told; the winning config is trained
+  again with two new seeds and their mean dev accuracy reported (one dev set flatters the best
+  of many trials).
 - ``pruning``: the sentiment sweep (``--pruner asha``; the one ``sentiment`` ran, when it
   is there) against the same sweep for the same minutes with ``--pruner none``: trials
   finished and the best so far against minutes for each (a plot), and when the pruned sweep
-  reached the unpruned one's final best.
+  reached the unpruned one's final best. A study already in ``--out`` is read, not run again,
+  so the two sweeps may also run side by side beforehand (one core each, see ``--study``).
 
 Each sweep is one `rnnkit tune` command (a whole process) with ``--timeout``; it may be
 stopped and run again (it continues). Prints the CPU, each sweep's wall time, and a table.
 
     python bench/tune.py etth1 [--minutes 120] [--trial-minutes 4] [--jobs 2] [--horizons]
-    python bench/tune.py sentiment [--minutes 60] [--trial-minutes 3] [--jobs 2]
+    python bench/tune.py sentiment [--minutes 60] [--trial-minutes 3] [--jobs 2] [--pruner asha|none]
     python bench/tune.py pruning [--minutes 30] [--trial-minutes 3] [--jobs 2] [--plot docs/images/tune_pruning.png]
     python bench/tune.py --quick
 """
@@ -128,20 +130,21 @@ def sentiment_config(args) -> Path:
 
 
 def sentiment(args) -> list[str]:
-    """The sweep with pruning (study ``sentiment-asha``, which ``pruning`` compares against),
-    then its winner trained again with two new seeds."""
+    """The sweep (study ``sentiment-<pruner>``, which ``pruning`` compares), then its winner
+    trained again with two new seeds."""
     config = sentiment_config(args)
-    seconds = sweep(config, ROOT / "configs" / "sweeps" / "sentiment.yaml", "sentiment-asha", args.out, args.minutes,
-                    args.jobs)
-    study = load(args.out, "sentiment-asha")
+    name = f"sentiment-{args.pruner}"
+    seconds = sweep(config, ROOT / "configs" / "sweeps" / "sentiment.yaml", name, args.out, args.minutes,
+                    args.jobs, pruner=args.pruner)
+    study = load(args.out, name)
     best = study.best_trial
     accs = []
     for seed in (11, 12):
-        run = args.out / f"sentiment-best-seed{seed}"
-        train(args.out / "sentiment-asha" / "best.yaml", run, [f"seed={seed}"])
+        run = args.out / f"{name}-best-seed{seed}"
+        train(args.out / name / "best.yaml", run, [f"seed={seed}"])
         accs.append(100 * evaluate(run / "best.pt", "--data", str(SHARED / "rt-polarity" / "dev.tsv"))["accuracy"])
-    return [f"rt-polarity sweep: {seconds / 60:.1f} min wall, {args.jobs} jobs, trials of at most "
-            f"{args.trial_minutes:g} min; {states(study)}",
+    return [f"rt-polarity sweep, --pruner {args.pruner}: {seconds / 60:.1f} min wall, {args.jobs} jobs, trials of "
+            f"at most {args.trial_minutes:g} min; {states(study)}",
             f"  best trial {best.number}: dev accuracy {100 * best.value:.2f}: {best.params}",
             f"  retrained with seeds 11 and 12: {accs[0]:.2f}, {accs[1]:.2f}; mean {sum(accs) / 2:.2f} "
             f"(shipped 80.1; goal >= 81.0)"]
@@ -169,8 +172,8 @@ def pruning(args) -> list[str]:
     curves, lines = {}, []
     for pruner in ("asha", "none"):
         name = f"sentiment-{pruner}"
-        if (args.out / name / "study.db").is_file() and pruner == "asha":
-            seconds = float("nan")        # the sentiment sweep's own study, run before
+        if (args.out / name / "study.db").is_file():
+            seconds = float("nan")        # run before (``sentiment`` runs the ASHA one); delete the folder to rerun
         else:
             seconds = sweep(config, space, name, args.out, args.minutes, args.jobs, pruner=pruner)
         study = load(args.out, name)
@@ -224,6 +227,7 @@ def main() -> int:
     ap.add_argument("--minutes", type=float, default=60.0, help="each sweep's --timeout")
     ap.add_argument("--trial-minutes", type=float, default=3.0, help="each trial's train.max_time")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--pruner", choices=["asha", "none"], default="asha", help="sentiment: the sweep's pruner")
     ap.add_argument("--horizons", action="store_true", help="etth1: the best settings at 96, 192 and 336 too")
     ap.add_argument("--plot", type=Path, help="pruning: write the best-so-far curves here")
     ap.add_argument("--out", type=Path, default=None, help="where studies go (default bench/out/tune)")

@@ -53,7 +53,7 @@ class Param(NamedTuple):
 
     def describe(self) -> str:
         if self.kind == "choice":
-            return f"{self.key}: one of {', '.join(map(str, self.choices))}"
+            return f"{self.key}: one of {', '.join(map(_value_text, self.choices))}"
         how = ", log" if self.log else (f", step {self.step:g}" if self.step else "")
         return f"{self.key}: {self.kind} in [{self.low:g}, {self.high:g}]{how}"
 

@@ -46,13 +46,13 @@ def inference_arithmetic(task: Any, precision: str = "fp32", int8: bool = False,
             task.model = torch.ao.quantization.quantize_dynamic(task.model, layers, dtype=torch.qint8)
     if precision == "fp32":
         return contextlib.nullcontext
-    if task.device.type == "cpu" and note is not None:
-        from rnnkit.hardware import bf16_note
+    from rnnkit.hardware import autocast, bf16_note
 
+    if task.device.type == "cpu" and note is not None:
         text = bf16_note()
         if text:
             note(text)
-    return lambda: torch.autocast(task.device.type, dtype=torch.bfloat16)
+    return lambda: autocast(task.device.type, torch.bfloat16)
 
 
 class Model:

@@ -6,8 +6,10 @@ import ctypes
 import os
 import platform
 import sys
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -54,6 +56,37 @@ def cpu_model_and_flags() -> tuple[str, frozenset[str]]:
 def native_bf16() -> bool:
     """True when the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX)."""
     return any(f in cpu_model_and_flags()[1] for f in BF16_FLAGS)
+
+
+@lru_cache(maxsize=None)
+def onednn_bf16_lstm() -> bool:
+    """Whether oneDNN builds its bf16 LSTM kernel on this CPU. It needs AVX-512: where AVX2 is
+    all there is, an LSTM under CPU bf16 autocast fails ("could not create a primitive
+    descriptor for the LSTM forward propagation primitive")."""
+    import torch
+
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.nn.LSTM(2, 2)(torch.zeros(1, 1, 2))
+        return True
+    except RuntimeError:
+        return False
+
+
+@contextmanager
+def autocast(device_type: str, dtype: Any):
+    """``torch.autocast``, and inside it, on a CPU whose oneDNN has no bf16 LSTM
+    (:func:`onednn_bf16_lstm`), oneDNN switched off: torch's own kernels run instead, the
+    recurrent layers in fp32, where oneDNN's would fail. Use it for bf16 with this package's
+    models on CPU; training and ``rnnkit.load(..., precision="bf16")`` do."""
+    import torch
+
+    with torch.autocast(device_type, dtype=dtype):
+        if device_type == "cpu" and dtype == torch.bfloat16 and not onednn_bf16_lstm():
+            with torch.backends.mkldnn.flags(enabled=False, deterministic=None, allow_tf32=None, fp32_precision=None):
+                yield
+        else:
+            yield
 
 
 def bf16_note() -> str | None:

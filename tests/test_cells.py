@@ -6,6 +6,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from rnnkit.config import ConfigError, load_config
+from rnnkit.hardware import autocast
 from rnnkit.models.cells import ExplicitRNN
 from rnnkit.models.language_model import RNNLanguageModel
 from rnnkit.models.rnn import make_rnn, rnn_step, run_padded, step_masks
@@ -91,7 +92,7 @@ def test_padded_batches_under_bf16_autocast_stay_close_to_fp32():
     rnn = make_rnn("lstm", 16, 32, 2, 0.0, True)
     x, lengths = torch.randn(8, 12, 16), torch.tensor([12, 3, 7, 12, 1, 9, 5, 11])
     exact, (h, c) = run_padded(rnn, x, lengths)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with autocast("cpu", torch.bfloat16):
         low, (h16, c16) = run_padded(rnn, x, lengths)
     for a, b in ((exact, low), (h, h16), (c, c16)):
         assert (a - b.float()).abs().max() < 0.05

@@ -151,3 +151,21 @@ def test_kept_memory_is_handed_back_by_release(monkeypatch):
     assert release_freed_memory() is True
     assert kept - rss_mb() > 200              # measured: the 300 MB go back
     del pin
+
+
+def test_autocast_turns_onednn_off_only_where_its_bf16_lstm_is_missing(monkeypatch):
+    """On an AVX2-only CPU oneDNN has no bf16 LSTM; rnnkit's autocast then runs torch's own
+    kernels inside (and restores the flag after), elsewhere it is plain autocast."""
+    from rnnkit import hardware
+
+    before = torch.backends.mkldnn.enabled
+    lstm = torch.nn.LSTM(4, 8, batch_first=True)
+    monkeypatch.setattr(hardware, "onednn_bf16_lstm", lambda: False)
+    with hardware.autocast("cpu", torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu") and not torch.backends.mkldnn.enabled
+        out, _ = lstm(torch.randn(2, 3, 4))
+        out.sum().backward()
+    assert torch.backends.mkldnn.enabled == before and lstm.weight_hh_l0.grad is not None
+    monkeypatch.setattr(hardware, "onednn_bf16_lstm", lambda: True)
+    with hardware.autocast("cpu", torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.enabled == before

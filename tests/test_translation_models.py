@@ -9,6 +9,7 @@ import torch
 from rnnkit.config import TeacherForcingConfig
 from rnnkit.decoding.search import BeamSearch, beam_search, greedy_search
 from rnnkit.decoding.torch_steps import TorchSteps
+from rnnkit.hardware import autocast
 from rnnkit.models.seq2seq import Bridge, Decoder, Encoder, Seq2Seq
 from rnnkit.training.teacher_forcing import TeacherForcingSchedule
 
@@ -358,7 +359,7 @@ def test_input_feeding_loop_under_bf16_autocast_stays_close_to_fp32():
     exact.sum().backward()
     grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     model.zero_grad()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with autocast("cpu", torch.bfloat16):
         low = model.features(src, lengths, tgt)
     low.float().sum().backward()
     assert (exact - low.float()).abs().max() < 0.03

@@ -16,7 +16,7 @@ from rich.table import Table
 from tqdm import tqdm
 
 from rnnkit.config import Config, ConfigError, config_to_dict
-from rnnkit.hardware import RELEASE_EVERY, release_freed_memory
+from rnnkit.hardware import RELEASE_EVERY, autocast, release_freed_memory
 from rnnkit.training import distributed
 from rnnkit.training.checkpoint import load_checkpoint, save_checkpoint
 from rnnkit.training.run_lock import RunLock
@@ -248,7 +248,7 @@ class Trainer:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.train.precision)
         if dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast(self.device.type, dtype)
 
     def _step(self, batch: Any, params: list[torch.Tensor]) -> tuple[StepResult, torch.Tensor | None, float]:
         """One optimisation step: forward (under autocast), backward, clip, update. A non-finite

@@ -34,6 +34,7 @@ NEEDS_PEERS = {"peers.py"}      # the peer toolkits, installed by ../shared/benc
 def main() -> int:
     quick = "--quick" in sys.argv[1:]
     outputs: dict[str, str] = {}
+    failed = []
     for script in dict.fromkeys(p[1] for p in PARTS):
         print(f"== {script}", flush=True)
         if quick and script in NEEDS_PEERS:
@@ -44,6 +45,7 @@ def main() -> int:
         outputs[script] = res.stdout
         print(res.stdout, end="", flush=True)
         if res.returncode != 0:
+            failed.append(script)
             print(f"{script} failed: {res.stderr.strip().splitlines()[-1:] }")
     device = next((m.group(0) for out in outputs.values() for m in [re.search(r"device: .*", out)] if m), "device: ?")
     print(f"\nrnnkit benchmark suite ({device})")
@@ -51,7 +53,7 @@ def main() -> int:
     for name, script, pattern, target in PARTS:
         m = re.search(pattern, outputs.get(script, ""))
         print(f"{name:<46} {m.group(1) if m else 'skipped':>7}  {target}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def curve(run: Path) -> list[tuple[float, float]]:
     return [(clock.get(r["step"], float("nan")) / 60, r["valid_ppl"]) for r in rows if r["kind"] == "eval"]
 
 
-def score(run: Path, streams: int, cache: int) -> dict:
+def score(run: Path, streams: int, cache: int, grid: tuple = (THETAS, LAMBDAS)) -> dict:
     """best.pt on valid and test (one pass each: perplexity, and the states the cache reads);
     the cache's theta and lambda chosen on valid, then applied to test."""
     import numpy as np
@@ -106,9 +106,10 @@ def score(run: Path, streams: int, cache: int) -> dict:
         return out
     best = None
     hidden, p_model, words = states["valid"]
-    for theta in THETAS:
+    thetas, lambdas = grid
+    for theta in thetas:
         p_cache, seen = cache_probs(hidden, words, cache, theta)
-        for lam in LAMBDAS:
+        for lam in lambdas:
             ppl = math.exp(cache_mix_loss(p_model, p_cache, seen, lam))
             if best is None or ppl < best[0]:
                 best = (ppl, theta, lam)
@@ -193,7 +194,8 @@ def main() -> int:
     for name in args.runs:
         run = train(name, RUNS[name], args.minutes, args.out)
         curves[name] = curve(run)
-        scored = score(run, args.streams, args.cache if name == "regularised" else 0)
+        scored = score(run, args.streams, args.cache if name == "regularised" else 0,
+                       (THETAS[:2], LAMBDAS[:2]) if args.quick else (THETAS, LAMBDAS))
         from rnnkit.training.checkpoint import load_checkpoint
 
         p = load_checkpoint(run / "last.pt")["progress"]

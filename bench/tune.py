@@ -13,7 +13,8 @@ on its own, choosing on validation only, in a bounded time on this machine.
   is there) against the same sweep for the same minutes with ``--pruner none``: trials
   finished and the best so far against minutes for each (a plot), and when the pruned sweep
   reached the unpruned one's final best. A study already in ``--out`` is read, not run again,
-  so the two sweeps may also run side by side beforehand (one core each, see ``--study``).
+  so the two sweeps may also run side by side beforehand, one core each (``taskset -c 0 ...
+  sentiment`` and ``taskset -c 1 ... sentiment --pruner none``).
 
 Each sweep is one `rnnkit tune` command (a whole process) with ``--timeout``; it may be
 stopped and run again (it continues). Prints the CPU, each sweep's wall time, and a table.

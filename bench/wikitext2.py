@@ -81,9 +81,10 @@ def curve(run: Path) -> list[tuple[float, float]]:
     return [(clock.get(r["step"], float("nan")) / 60, r["valid_ppl"]) for r in rows if r["kind"] == "eval"]
 
 
-def score(run: Path, streams: int, cache: int, grid: tuple = (THETAS, LAMBDAS)) -> dict:
+def score(run: Path, streams: int, cache: int, grid: tuple) -> dict:
     """best.pt on valid and test (one pass each: perplexity, and the states the cache reads);
-    the cache's theta and lambda chosen on valid, then applied to test."""
+    the cache's theta and lambda chosen on valid (over ``grid``: thetas, lambdas), then
+    applied to test."""
     import numpy as np
 
     from rnnkit.data.vocab import read_text
@@ -191,11 +192,11 @@ def main() -> int:
         if "tokens_per_s" in earlier:
             results["tokens_per_s"] = earlier["tokens_per_s"]
     curves = {}
+    grid = (THETAS[:2], LAMBDAS[:2]) if args.quick else (THETAS, LAMBDAS)
     for name in args.runs:
         run = train(name, RUNS[name], args.minutes, args.out)
         curves[name] = curve(run)
-        scored = score(run, args.streams, args.cache if name == "regularised" else 0,
-                       (THETAS[:2], LAMBDAS[:2]) if args.quick else (THETAS, LAMBDAS))
+        scored = score(run, args.streams, args.cache if name == "regularised" else 0, grid)
         from rnnkit.training.checkpoint import load_checkpoint
 
         p = load_checkpoint(run / "last.pt")["progress"]

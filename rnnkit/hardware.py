@@ -6,7 +6,7 @@ import ctypes
 import os
 import platform
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -81,12 +81,11 @@ def autocast(device_type: str, dtype: Any):
     models on CPU; training and ``rnnkit.load(..., precision="bf16")`` do."""
     import torch
 
-    with torch.autocast(device_type, dtype=dtype):
-        if device_type == "cpu" and dtype == torch.bfloat16 and not onednn_bf16_lstm():
-            with torch.backends.mkldnn.flags(enabled=False, deterministic=None, allow_tf32=None, fp32_precision=None):
-                yield
-        else:
-            yield
+    lstm_missing = device_type == "cpu" and dtype == torch.bfloat16 and not onednn_bf16_lstm()
+    onednn_off = torch.backends.mkldnn.flags(enabled=False, deterministic=None, allow_tf32=None,
+                                             fp32_precision=None) if lstm_missing else nullcontext()
+    with torch.autocast(device_type, dtype=dtype), onednn_off:
+        yield
 
 
 def bf16_note() -> str | None:

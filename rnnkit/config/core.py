@@ -49,16 +49,16 @@ def describe_range(lo, hi, lo_open, hi_open) -> str:
 class RecurrentConfig:
     """A recurrent layer's cell and implementation; every task's recurrent sections extend it."""
 
-    cell: Literal["rnn_tanh", "rnn_relu", "lstm", "gru"] = "lstm"
-    """The recurrent cell: Elman RNN with tanh or ReLU, LSTM or GRU."""
+    cell: Literal["rnn_tanh", "rnn_relu", "lstm", "gru", "mingru", "minlstm", "rglru"] = "lstm"
+    """The recurrent cell: Elman RNN with tanh or ReLU, LSTM or GRU; or a cell whose recurrence is linear and trains as one parallel scan over the sequence: `mingru` and `minlstm` (Feng et al. 2024), `rglru` (De et al. 2024, Griffin's RG-LRU). See the Cells guide."""
     impl: Literal["fused", "explicit"] = "fused"
-    """`fused`: torch.nn's kernels (cuDNN on GPU, oneDNN on CPU); `explicit`: cells written from their equations, with the same parameter names, so a checkpoint moves between the two."""
+    """`fused`: torch.nn's kernels (cuDNN on GPU, oneDNN on CPU); `explicit`: cells written from their equations, with the same parameter names, so a checkpoint moves between the two. Classic cells only: `mingru`, `minlstm` and `rglru` have one implementation, a scan."""
     layer_norm: bool = False
-    """Explicit cells only: layer-normalised gates (Ba et al. 2016), and an LSTM's cell state before its tanh."""
+    """Explicit cells: layer-normalised gates (Ba et al. 2016), and an LSTM's cell state before its tanh. Scan cells: each layer's input layer-normalised first (pre-norm)."""
     recurrent_dropout: float = num(0.0, 0, 1, hi_open=True)
     """Explicit cells only: variational dropout on the recurrent state, one mask per sequence for all its steps."""
     residual: bool = False
-    """Explicit cells only: layers above the first add their input to their output (needs two layers or more)."""
+    """Explicit and scan cells: layers above the first add their input to their output (needs two layers or more)."""
 
 
 RECURRENT_EXTRAS = {"layer_norm": False, "recurrent_dropout": 0.0, "residual": False}
@@ -66,10 +66,25 @@ RECURRENT_EXTRAS = {"layer_norm": False, "recurrent_dropout": 0.0, "residual": F
 
 REGULARISERS = {"weight_drop": 0.0, "locked_dropout": False}   # fused layers' options, where a task offers them
 
+SCAN_CELLS = ("mingru", "minlstm", "rglru")   # cells whose recurrence is linear: one implementation, a scan
+
 
 def check_recurrent(section: RecurrentConfig, prefix: str) -> None:
     """The extras need the explicit implementation, the regularisers the fused one; residual
-    connections need a stack."""
+    connections need a stack. Scan cells take layer norm, residual connections and locked
+    dropout, and nothing that acts on recurrent weights they do not have."""
+    if section.residual and getattr(section, "num_layers", 1) < 2:
+        raise ConfigError(f"{prefix}.residual", f"connects stacked layers; needs {prefix}.num_layers >= 2")
+    if section.cell in SCAN_CELLS:
+        if section.impl != "fused":
+            raise ConfigError(f"{prefix}.impl", f"{section.cell} has one implementation (a scan); impl chooses "
+                                                f"between torch.nn's kernels and explicit cells for rnn_tanh, "
+                                                f"rnn_relu, lstm and gru")
+        for key in ("recurrent_dropout", "weight_drop"):
+            if getattr(section, key, 0.0):
+                raise ConfigError(f"{prefix}.{key}", f"does not apply to {section.cell}: its gates read the input "
+                                                     f"only, so there are no recurrent weights or state inputs to drop")
+        return
     if section.impl == "explicit":
         for key, off in REGULARISERS.items():
             if getattr(section, key, off) != off:
@@ -80,8 +95,6 @@ def check_recurrent(section: RecurrentConfig, prefix: str) -> None:
             if getattr(section, key) != off:
                 raise ConfigError(f"{prefix}.{key}", f"needs {prefix}.impl: explicit "
                                                      f"(torch.nn's fused kernels cannot do it)")
-    if section.residual and getattr(section, "num_layers", 1) < 2:
-        raise ConfigError(f"{prefix}.residual", f"connects stacked layers; needs {prefix}.num_layers >= 2")
 
 
 def recurrent_options(section: RecurrentConfig) -> dict[str, Any]:

@@ -21,9 +21,11 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from rnnkit.models.cells import ExplicitRNN
 from rnnkit.models.dropout import dropout, dropout_mask, locked_dropout
+from rnnkit.models.scan_rnn import SCAN_CELLS, ScanRNN
 
-Cell = Literal["rnn_tanh", "rnn_relu", "lstm", "gru"]
-CELLS: tuple[str, ...] = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+Cell = Literal["rnn_tanh", "rnn_relu", "lstm", "gru", "mingru", "minlstm", "rglru"]
+CLASSIC_CELLS: tuple[str, ...] = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+CELLS: tuple[str, ...] = CLASSIC_CELLS + tuple(SCAN_CELLS)
 
 
 def make_rnn(cell: str, input_size: int, hidden_size: int, num_layers: int = 1,
@@ -33,7 +35,14 @@ def make_rnn(cell: str, input_size: int, hidden_size: int, num_layers: int = 1,
     """A stacked batch-first recurrent layer; ``dropout`` applies between layers (with
     ``locked_dropout``, one mask per sequence). ``weight_drop`` is DropConnect on the
     hidden-to-hidden weights. ``impl`` ``explicit`` builds it from its equations, which
-    ``layer_norm``, ``recurrent_dropout`` and ``residual`` need."""
+    ``layer_norm``, ``recurrent_dropout`` and ``residual`` need. The cells whose recurrence
+    is linear (:data:`rnnkit.models.scan_rnn.SCAN_CELLS`) have one implementation, a scan."""
+    if cell in SCAN_CELLS:
+        if weight_drop or recurrent_dropout:
+            raise ValueError(f"{cell}'s gates do not read the state: no recurrent weights for weight_drop "
+                             "or recurrent_dropout to act on")
+        return ScanRNN(cell, input_size, hidden_size, num_layers, dropout, bidirectional, layer_norm=layer_norm,
+                       residual=residual, locked_dropout=locked_dropout)
     if impl == "explicit":
         if weight_drop or locked_dropout:
             raise ValueError("weight_drop and locked_dropout need impl='fused'")
@@ -181,7 +190,7 @@ def rnn_step(rnn: nn.Module, x: torch.Tensor, state: State,
     ``rnn(x.unsqueeze(1), state)`` computes it: ``x`` (N, input) and ``state`` (layers, N, H)
     (an (h, c) pair for LSTMs) -> top layer's output (N, H) and the new state. ``masks``:
     an explicit layer's recurrent-dropout masks for the sequence (:func:`step_masks`)."""
-    if isinstance(rnn, ExplicitRNN):
+    if isinstance(rnn, (ExplicitRNN, ScanRNN)):
         return rnn.step(x, state, masks)
     if not isinstance(rnn, nn.RNNBase) or torch.onnx.is_in_onnx_export():
         # a quantised layer (``--int8``), or an ONNX graph's recurrent operator: one step long
@@ -244,7 +253,9 @@ def run_padded(rnn: nn.Module, x: torch.Tensor, lengths: torch.Tensor) -> tuple[
     row's end and a backward direction's stays zero until its start. Other layers, every
     layer on GPU (cuDNN reads packed sequences natively), and ONNX export (whose recurrent
     operators take sequence lengths; the column's large weights would also spoil int8) are
-    packed."""
+    packed. Scan cells take the padded batch and its lengths themselves."""
+    if isinstance(rnn, ScanRNN):
+        return rnn(x, lengths=lengths)
     fused = type(rnn) in (nn.LSTM, nn.GRU, RegularisedLSTM, RegularisedGRU) and x.device.type == "cpu" \
         and not rnn.proj_size and not torch.onnx.is_in_onnx_export()   # a graph: sequence lengths, no column
     if not fused:

@@ -1,0 +1,115 @@
+"""The linear recurrence h_t = a_t * h_(t-1) + b_t over a whole sequence at once.
+
+Every cell whose recurrence is linear in its state (minGRU, minLSTM, RG-LRU) computes its
+coefficients a_t and b_t from the inputs alone, for all positions in parallel, and hands them
+here. :func:`linear_scan` solves the recurrence as a two-level scan: the sequence is cut into
+blocks of about sqrt(T) positions; every block is scanned from a zero state at the same time
+(one element-wise step per position of a block, over all blocks together), then the blocks'
+entering states are carried across the block boundaries (one step per block), and each
+position adds its block's entering state times the running product of its block's a. That is
+about 2 sqrt(T) element-wise steps instead of T, each over T / sqrt(T) times more numbers.
+
+The scan only multiplies and adds: it never divides by a running product, so it needs no log
+space to stay finite (Feng et al. 2024 compute their scan in log space because theirs
+divides), and it takes coefficients of either sign (RG-LRU's inputs are signed).
+
+Backward is the same scan run from the end (a recurrence of the gradients with the
+coefficients shifted by one), so training keeps only a and the states: no graph per step.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _block_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, reverse: bool) -> torch.Tensor:
+    """h (B, T, H) of h_t = a_t h_(t-1) + b_t (``reverse``: h_t = a_t h_(t+1) + b_t) from ``h0``."""
+    batch, steps, width = b.shape
+    block = max(1, math.isqrt(steps))
+    blocks = -(-steps // block)
+    pad = blocks * block - steps
+    if pad:      # a = 1, b = 0 past the end: the state passes unchanged, and is cut off after
+        a = torch.cat([a, a.new_ones(batch, pad, width)], 1) if not reverse else torch.cat([a.new_ones(batch, pad, width), a], 1)
+        b = torch.cat([b, b.new_zeros(batch, pad, width)], 1) if not reverse else torch.cat([b.new_zeros(batch, pad, width), b], 1)
+    a4, b4 = a.view(batch, blocks, block, width), b.view(batch, blocks, block, width)
+    h = torch.empty_like(b4)
+    prod = torch.empty_like(a4)           # a's running product within the block
+    order = range(block - 1, -1, -1) if reverse else range(block)
+    prev = None
+    for j in order:                       # every block from a zero state, all blocks together
+        if prev is None:
+            h[:, :, j] = b4[:, :, j]
+            prod[:, :, j] = a4[:, :, j]
+        else:
+            torch.addcmul(b4[:, :, j], a4[:, :, j], h[:, :, prev], out=h[:, :, j])
+            torch.mul(a4[:, :, j], prod[:, :, prev], out=prod[:, :, j])
+        prev = j
+    # the state entering each block: carried across the boundaries, one step per block
+    last = prev                           # the position each block ends on (its first, in reverse)
+    enter = torch.empty(batch, blocks, width, dtype=b.dtype, device=b.device)
+    state = h0 if h0 is not None else b.new_zeros(batch, width)
+    for n in (range(blocks - 1, -1, -1) if reverse else range(blocks)):
+        enter[:, n] = state
+        state = torch.addcmul(h[:, n, last], prod[:, n, last], state)
+    h.addcmul_(prod, enter.unsqueeze(2))
+    h = h.view(batch, blocks * block, width)
+    if pad:
+        h = h[:, :steps] if not reverse else h[:, pad:]
+    return h
+
+
+class _LinearScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, reverse: bool) -> torch.Tensor:
+        h = _block_scan(a, b, h0, reverse)
+        ctx.reverse, ctx.has_h0 = reverse, h0 is not None
+        ctx.save_for_backward(a, h, h0 if h0 is not None else h.new_zeros(()))
+        return h
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        a, h, h0 = ctx.saved_tensors
+        reverse = ctx.reverse
+        grad = grad.contiguous()
+        # g_t = grad_t + a_(t+1) g_(t+1): the same scan from the other end, a shifted by one
+        ones = a.new_ones(a.size(0), 1, a.size(2))
+        shifted = torch.cat([ones, a[:, :-1]], 1) if reverse else torch.cat([a[:, 1:], ones], 1)
+        g = _block_scan(shifted, grad, None, not reverse)
+        start = h0.unsqueeze(1) if ctx.has_h0 else h.new_zeros(h[:, :1].shape)
+        before = torch.cat([h[:, 1:], start], 1) if reverse else torch.cat([start, h[:, :-1]], 1)
+        grad_a = g * before
+        grad_h0 = None
+        if ctx.has_h0 and ctx.needs_input_grad[2]:
+            first = 0 if not reverse else -1
+            grad_h0 = a[:, first] * g[:, first]
+        return grad_a, g, grad_h0, None
+
+
+def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None,
+                reverse: bool = False) -> torch.Tensor:
+    """Every state h (B, T, H) of h_t = a_t * h_(t-1) + b_t, given ``a`` and ``b`` (B, T, H)
+    and the state before the first position ``h0`` (B, H; zeros when None). ``reverse`` runs
+    from the last position to the first (a backward direction). A position with a = 1 and
+    b = 0 (padding) passes the state on unchanged."""
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    a, b = a.to(dtype).contiguous(), b.to(dtype).contiguous()
+    if h0 is not None:
+        h0 = h0.to(dtype)
+    return _LinearScan.apply(a, b, h0, reverse)
+
+
+def sequential_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None,
+                    reverse: bool = False) -> torch.Tensor:
+    """The same recurrence one position at a time (the definition the tests hold the scan to)."""
+    state = h0 if h0 is not None else b.new_zeros(b.size(0), b.size(2))
+    out = [None] * b.size(1)
+    for t in (range(b.size(1) - 1, -1, -1) if reverse else range(b.size(1))):
+        state = a[:, t] * state + b[:, t]
+        out[t] = state
+    return torch.stack(out, 1)
+
+
+def widen(x: torch.Tensor) -> torch.Tensor:
+    """fp32 for a half-precision tensor (a recurrence accumulates in fp32), else ``x`` itself."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x

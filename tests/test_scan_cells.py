@@ -1,0 +1,172 @@
+"""minGRU, minLSTM and RG-LRU: the scan, the step and the paper's equations agree; padding,
+carried state and the published implementations."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rnnkit.models.mingated import MinGRUCell, g
+from rnnkit.models.rnn import make_rnn, rnn_step, run_padded
+from rnnkit.models.scan import linear_scan, sequential_scan
+
+SCAN = ["mingru", "minlstm", "rglru"]
+
+
+def _grads(loss, tensors):
+    return torch.autograd.grad(loss, tensors, allow_unused=True)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("steps", [1, 2, 5, 16, 23])
+def test_block_scan_equals_the_recurrence_in_values_and_gradients(steps, reverse):
+    torch.manual_seed(steps)
+    a = torch.rand(3, steps, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, steps, 4, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, steps, 4, dtype=torch.float64)
+    fast, slow = linear_scan(a, b, h0, reverse), sequential_scan(a, b, h0, reverse)
+    assert torch.allclose(fast, slow, atol=1e-12, rtol=0)
+    for x, y in zip(_grads((fast * w).sum(), (a, b, h0)), _grads((slow * w).sum(), (a, b, h0))):
+        assert torch.allclose(x, y, atol=1e-12, rtol=0)
+
+
+def _loss(out, final):
+    w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    return (out * w).sum() + (final ** 2).sum()
+
+
+@pytest.mark.parametrize("cell", SCAN)
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("options", [{}, {"layer_norm": True, "residual": True}])
+def test_parallel_form_equals_the_papers_equations(cell, bidirectional, options):
+    """Two layers, float64: the scan over the whole sequence gives the sequential loop's
+    outputs, final states and gradients (inputs, initial state, every weight) to 1e-10."""
+    torch.manual_seed(0)
+    rnn = make_rnn(cell, 6, 6, 2, 0.0, bidirectional, **options).double()
+    x = torch.randn(3, 9, 6, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2 * (2 if bidirectional else 1), 3, 6, dtype=torch.float64, requires_grad=True)
+    leaves = [x, h0, *rnn.parameters()]
+    fast, slow = rnn(x, h0), rnn.sequential(x, h0)
+    for p, q in zip(fast, slow):
+        assert torch.allclose(p, q, atol=1e-10, rtol=0)
+    for p, q in zip(_grads(_loss(*fast), leaves), _grads(_loss(*slow), leaves)):
+        assert torch.allclose(p, q, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("cell", SCAN)
+def test_step_form_equals_the_parallel_form(cell):
+    """Stepping position by position (generation, search, streams) gives the scan's outputs,
+    states and gradients."""
+    torch.manual_seed(1)
+    rnn = make_rnn(cell, 5, 7, 3, 0.0, residual=True).double()
+    x = torch.randn(2, 8, 5, dtype=torch.float64, requires_grad=True)
+    out, final = rnn(x)
+    state = torch.zeros(3, 2, 7, dtype=torch.float64)
+    stepped = []
+    for t in range(8):
+        h, state = rnn_step(rnn, x[:, t], state)
+        stepped.append(h)
+    stepped = torch.stack(stepped, 1)
+    assert torch.allclose(out, stepped, atol=1e-10, rtol=0)
+    assert torch.allclose(final, state, atol=1e-10, rtol=0)
+    leaves = [x, *rnn.parameters()]
+    for p, q in zip(_grads(_loss(out, final), leaves), _grads(_loss(stepped, state), leaves)):
+        assert torch.allclose(p, q, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("cell", SCAN)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_padding_never_reaches_a_state(cell, bidirectional):
+    """Each row of a padded batch gives what it gives alone: outputs (zero on padding), its
+    final state at its own end, and gradients; the padding's values do not matter."""
+    torch.manual_seed(2)
+    rnn = make_rnn(cell, 4, 5, 2, 0.0, bidirectional).double()
+    lengths = torch.tensor([7, 3, 1, 5])
+    x = torch.randn(4, 7, 4, dtype=torch.float64, requires_grad=True)
+    out, final = run_padded(rnn, x, lengths)
+    noisy = x.detach().clone()
+    for row, n in enumerate(lengths):
+        noisy[row, n:] = 1e3
+    assert torch.allclose(run_padded(rnn, noisy, lengths)[0], out, atol=1e-12, rtol=0)
+    grad = _grads(_loss(out, final), [x])[0]
+    for row, n in enumerate(lengths.tolist()):
+        alone = x[row:row + 1, :n].detach().requires_grad_()
+        o, f = rnn(alone)
+        assert torch.allclose(out[row, :n], o[0], atol=1e-10, rtol=0)
+        assert torch.all(out[row, n:] == 0)
+        assert torch.allclose(final[:, row], f[:, 0], atol=1e-10, rtol=0)
+        w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)[row:row + 1, :n]
+        g_alone = _grads((o * w).sum() + (f ** 2).sum(), [alone])[0]
+        assert torch.allclose(grad[row, :n], g_alone[0], atol=1e-10, rtol=0)
+        assert torch.all(grad[row, n:] == 0)
+
+
+@pytest.mark.parametrize("cell", SCAN)
+def test_packed_input_gives_the_padded_result(cell):
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    torch.manual_seed(3)
+    rnn = make_rnn(cell, 4, 5, 1, 0.0, True).double()
+    x, lengths = torch.randn(3, 6, 4, dtype=torch.float64), torch.tensor([2, 6, 4])
+    packed_out, packed_final = rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+    out, final = run_padded(rnn, x, lengths)
+    assert torch.allclose(pad_packed_sequence(packed_out, batch_first=True, total_length=6)[0], out)
+    assert torch.allclose(packed_final, final)
+
+
+@pytest.mark.parametrize("cell", SCAN)
+def test_state_carried_across_chunks_equals_one_long_pass(cell):
+    """Truncated BPTT: a sequence run in chunks, each from the last one's final state, gives
+    the outputs of one pass over the whole."""
+    torch.manual_seed(4)
+    rnn = make_rnn(cell, 3, 6, 2, 0.0)
+    x = torch.randn(2, 30, 3)
+    whole, whole_final = rnn(x)
+    state, parts = None, []
+    for chunk in x.split(7, 1):
+        out, state = rnn(chunk, state)
+        parts.append(out)
+    assert torch.allclose(torch.cat(parts, 1), whole, atol=1e-6)
+    assert torch.allclose(state, whole_final, atol=1e-6)
+
+
+def test_mingru_is_the_papers_update():
+    """One position by hand: h = (1 - z) h_prev + z g(h~), with g(x) = x + 1/2 for x >= 0."""
+    cell = MinGRUCell(2, 2)
+    with torch.no_grad():
+        cell.proj.weight.copy_(torch.tensor([[1.0, 0], [0, 1], [1, 0], [0, 1]]))
+        cell.proj.bias.zero_()
+    x, prev = torch.tensor([[0.5, -2.0]]), torch.tensor([[1.0, 3.0]])
+    a, b = cell.coefficients(x)
+    z = torch.sigmoid(x)
+    expected = (1 - z) * prev + z * torch.tensor([[1.0, float(torch.sigmoid(torch.tensor(-2.0)))]])
+    assert torch.allclose(a * prev + b, expected)
+    assert torch.allclose(g(torch.tensor([0.0, 1.0])), torch.tensor([0.5, 1.5]))
+
+
+@pytest.mark.parametrize("cell", SCAN)
+def test_bf16_autocast_keeps_the_recurrence_in_fp32(cell):
+    torch.manual_seed(5)
+    rnn = make_rnn(cell, 8, 8, 2, 0.0)
+    x = torch.randn(2, 40, 8)
+    exact, _ = rnn(x)
+    with torch.autocast("cpu", torch.bfloat16):
+        out, final = rnn(x)
+    assert final.dtype == torch.float32
+    assert (out.float() - exact).abs().max() < 0.05
+
+
+def test_keys_a_scan_cell_does_not_take_are_one_line_errors(tmp_path):
+    from rnnkit.config import ConfigError, load_config
+    from tests.conftest import tiny_lm_config, write_yaml
+
+    for key, value, says in [("model.recurrent_dropout", 0.2, "no recurrent weights"),
+                             ("model.weight_drop", 0.3, "no recurrent weights"),
+                             ("model.impl", "explicit", "one implementation")]:
+        cfg = tiny_lm_config(tmp_path)
+        cfg["model"]["cell"] = "minlstm"
+        section, name = key.split(".")
+        cfg[section][name] = value
+        with pytest.raises(ConfigError, match=says) as err:
+            load_config(write_yaml(tmp_path / "c.yaml", cfg))
+        assert key in str(err.value) and "\n" not in str(err.value)

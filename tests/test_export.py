@@ -27,11 +27,13 @@ def _cli(*args: str) -> str:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A character LSTM LM and a word GRU LM, each trained a few steps and exported."""
+    """A character LSTM LM, a word GRU LM and a character RG-LRU LM, each trained a few steps
+    and exported."""
     tmp = tmp_path_factory.mktemp("export")
     out = {}
     for name, sections in (("char", {"model": {"cell": "lstm", "num_layers": 2}}),
-                           ("word", {"data": {"tokenizer": "word", "bptt": 8}, "model": {"cell": "gru"}})):
+                           ("word", {"data": {"tokenizer": "word", "bptt": 8}, "model": {"cell": "gru"}}),
+                           ("scan", {"model": {"cell": "rglru", "num_layers": 2}})):
         cfg = tiny_lm_config(tmp, run_dir=str(tmp / name), **sections)
         cfg["train"].update(max_steps=12, eval_every=12)
         _cli("train", str(write_yaml(tmp / f"{name}.yaml", cfg)))
@@ -74,14 +76,14 @@ def test_an_exported_classifier_predicts_what_the_checkpoint_does(classifier):
                                                                              "--attention")
 
 
-@pytest.mark.parametrize("output", ["softmax", "crf"])
-def test_an_exported_tagger_tags_what_the_checkpoint_does(tmp_path, output):
+@pytest.mark.parametrize("output,cell", [("softmax", "lstm"), ("crf", "lstm"), ("crf", "minlstm")])
+def test_an_exported_tagger_tags_what_the_checkpoint_does(tmp_path, output, cell):
     from tests.test_api import _labelled_files
 
     _, tags = _labelled_files(tmp_path)
     cfg = {"task": "tagging", "run_dir": str(tmp_path / "tag"),
            "data": {"format": "columns", "train": str(tags), "valid": str(tags), "token_column": 1, "tag_column": 2},
-           "model": {"embedding_dim": 8, "hidden_size": 8, "num_layers": 1, "output": output,
+           "model": {"cell": cell, "embedding_dim": 8, "hidden_size": 8, "num_layers": 1, "output": output,
                      "char_embedding_dim": 4, "char_hidden_size": 4},
            "train": {"max_steps": 8, "eval_every": 8, "batch_size": 4}}
     _cli("train", str(write_yaml(tmp_path / "tag.yaml", cfg)))
@@ -117,7 +119,7 @@ def test_viterbi_and_the_crf_loss_match_the_torch_crf():
         assert crf_nll(e, tags[b, :n].tolist(), *params) == pytest.approx(float(nll[b]), rel=1e-5)
 
 
-@pytest.mark.parametrize("name", ["char", "word"])
+@pytest.mark.parametrize("name", ["char", "word", "scan"])
 def test_the_export_gives_the_checkpoints_log_probabilities(exported, name):
     ckpt, folder = exported[name]
     torch_model, onnx_model = rnnkit.load(ckpt), rnnkit.load(folder)
@@ -292,12 +294,12 @@ def test_tasks_without_an_export_yet_say_so(task):
         exportable(SimpleNamespace(task=task, model=SimpleNamespace(impl="fused")))
 
 
-@pytest.mark.parametrize("decoder", ["direct", "recurrent"])
-def test_an_exported_forecaster_forecasts_what_the_checkpoint_does(tmp_path, decoder):
+@pytest.mark.parametrize("decoder,cell", [("direct", "gru"), ("recurrent", "gru"), ("recurrent", "mingru")])
+def test_an_exported_forecaster_forecasts_what_the_checkpoint_does(tmp_path, decoder, cell):
     from tests.test_forecast import forecast_config, seasonal_series, write_csv
 
     series = write_csv(tmp_path / "series.csv", seasonal_series(400))
-    cfg = forecast_config(tmp_path, series, model={"decoder": decoder})
+    cfg = forecast_config(tmp_path, series, model={"decoder": decoder, "cell": cell})
     cfg["train"].update(max_steps=4, eval_every=4)
     _cli("train", str(write_yaml(tmp_path / "f.yaml", cfg)))
     _cli("export", str(tmp_path / "run" / "best.pt"), "-o", str(tmp_path / "f_onnx"))

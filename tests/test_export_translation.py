@@ -17,7 +17,8 @@ from tests.test_translation_task import SAMPLE, translation_config
 runner = CliRunner()
 LINES = (SAMPLE / "valid.en").read_text(encoding="utf-8").splitlines()[:40]
 REFS = (SAMPLE / "valid.fr").read_text(encoding="utf-8").splitlines()[:40]
-MODELS = {   # what each exercises: input feeding into an LSTM; no attention; subwords, 2 layers, additive; heads
+MODELS = {   # what each exercises: input feeding into an LSTM; no attention; subwords, 2 layers, additive; heads;
+    #            scan cells (a bidirectional minLSTM encoder, an input-fed minGRU decoder)
     "lstm": ({"cell": "lstm", "bidirectional": True}, {"cell": "lstm", "attention": "general", "input_feeding": True},
              {}),
     "none": ({"cell": "gru"}, {"cell": "gru", "attention": "none", "input_feeding": False}, {}),
@@ -25,6 +26,8 @@ MODELS = {   # what each exercises: input feeding into an LSTM; no attention; su
                                                 "input_feeding": False},
             {"src_tokenizer": "bpe", "tgt_tokenizer": "bpe", "src_vocab_size": 120, "tgt_vocab_size": 120}),
     "heads": ({"cell": "lstm"}, {"cell": "lstm", "attention": "additive", "attention_heads": 4}, {}),
+    "scan": ({"cell": "minlstm", "bidirectional": True}, {"cell": "mingru", "attention": "general",
+                                                          "input_feeding": True}, {}),
 }
 
 

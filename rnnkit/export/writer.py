@@ -139,7 +139,7 @@ def _quantise(work: Path, graph_specs: dict[str, dict[str, Any]], cells: set[str
         os.replace(quantised, path)
         if note is not None:
             note(f"{spec['file']}: int8, {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB")
-    unquantised = sorted(c.upper() for c in cells - {"lstm"})
+    unquantised = sorted(c.upper() for c in cells - {"lstm", "mingru", "minlstm", "rglru"})   # scan cells: products
     if note is not None and unquantised:
         note(f"onnxruntime quantises LSTM weights but not {' or '.join(unquantised)} ones: those recurrent layers "
              f"stay fp32, the matrix products around them are int8")

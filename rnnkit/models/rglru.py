@@ -49,9 +49,11 @@ class RGLRUCell(nn.Module):
         """a_t and b_t = sqrt(1 - a_t^2) i_t u_t for every position of ``x`` (..., input)."""
         u, r, i = self._parts(x)
         log_a = -C * r * F.softplus(-self.log_a)
-        # sqrt(1 - a^2) = sqrt(-expm1(2 log a)), exact near a = 1; bounded away from 0 so that
-        # its derivative stays finite where a gate saturates
-        scale = torch.sqrt((-torch.expm1(2 * log_a)).clamp_min(1e-12))
+        # sqrt(1 - a^2) = sqrt(-expm1(2 log a)), exact near a = 1 (ONNX has no expm1: a graph
+        # computes 1 - exp); bounded away from 0 so that its derivative stays finite where a
+        # gate saturates
+        rest = 1 - torch.exp(2 * log_a) if torch.onnx.is_in_onnx_export() else -torch.expm1(2 * log_a)
+        scale = torch.sqrt(rest.clamp_min(1e-12))
         return torch.exp(log_a), scale * i * u
 
     def sequential(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

@@ -96,7 +96,28 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None
     a, b = a.to(dtype).contiguous(), b.to(dtype).contiguous()
     if h0 is not None:
         h0 = h0.to(dtype)
+    if torch.onnx.is_in_onnx_export():     # a graph whose length is an input: one ONNX Loop
+        h0 = h0 if h0 is not None else b.new_zeros(b.size(0), b.size(2))
+        return _graph_scan()(a.flip(1), b.flip(1), h0).flip(1) if reverse else _graph_scan()(a, b, h0)
     return _LinearScan.apply(a, b, h0, reverse)
+
+
+_SCRIPTED: list = []
+
+
+def _graph_scan():
+    """The recurrence as a scripted loop (compiled once, on the first export): traced code
+    would fix the sequence's length, a scripted loop exports as a loop over any length."""
+    if not _SCRIPTED:
+        def loop(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+            out = []
+            for t in range(a.size(1)):
+                h = a[:, t] * h + b[:, t]
+                out.append(h)
+            return torch.stack(out, 1)
+
+        _SCRIPTED.append(torch.jit.script(loop))
+    return _SCRIPTED[0]
 
 
 def sequential_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None,

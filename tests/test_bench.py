@@ -30,6 +30,7 @@ QUICK = {
     "distributed.py": (["--quick"], "scaling efficiency"),
     "export.py": (["--quick"], "start-to-finish, checkpoint / export"),
     "tune.py": (["--quick"], "quick sweep:"),
+    "cells.py": (["--quick"], "step-form generation"),
     "attention.py": (["--quick"], "hierarchical predict --attention:"),
     "transfer.py": (["--quick", "--stages", "pretrain", "sentiment", "--features", "word"],
                     "rt-polarity dev accuracy, ULMFiT"),

@@ -1,4 +1,4 @@
-"""One line naming the machine a benchmark ran on: our machines differ from session to session."""
+"""One line naming the machine a benchmark ran on: its CPU model and flags, or its GPU, so that each figure says what it was measured on."""
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,5 @@
 """What this machine's processor can do fast: the features that matter for low-precision
-arithmetic on CPU (our machines differ from session to session)."""
+arithmetic on CPU (CPUs differ in them: AVX-512, VNNI, native bf16, AMX)."""
 from __future__ import annotations
 
 import ctypes

@@ -9,7 +9,8 @@ Stages, each bounded in time, each a row of one table (written to OUT/gpu_check.
    for a few steps and then used for inference from its checkpoint;
 3. torchrun with 2 ranks (NCCL) where 2 GPUs exist;
 4. the LM and translation throughput benchmarks on the GPU (they need the corpora: put
-   ../shared/data's tinyshakespeare and multi30k into ./shared/data to carry them along).
+   ../shared/data's tinyshakespeare and multi30k into ./shared/data to carry them along), and
+   the scan cells' training speed against the fused LSTM (bench/cells.py, no corpora).
 
     bash bench/gpu_check.sh [--budget 450]
 """
@@ -207,6 +208,10 @@ def distributed_and_speed(check: Check, gpus: int, out: Path) -> None:
               summary=last_line_with("ratio"))
     check.run("translation training and beam search vs hand-written", [PY, "bench/translate.py"], 150,
               summary=last_line_with("ratio"))
+    check.run("scan cells vs fused LSTM (training, h512, T 1024)",
+              [PY, "bench/cells.py", "--hidden", "512", "--lengths", "1024", "--precision", "fp32", "bf16", "--cells",
+               "lstm", "gru", "mingru", "minlstm", "rglru", "--repeats", "2", "--step-tokens", "200"], 120,
+              summary=last_line_with("goal mingru"))
 
 
 def order(row: tuple) -> tuple:

@@ -107,23 +107,15 @@ class ScanRNN(nn.Module):
             held = (torch.arange(steps, device=x.device).unsqueeze(0) >= lengths.unsqueeze(1)).unsqueeze(-1)
         if state is None:
             state = self.initial_state(batch, x)
-        finals = []
-        for layer in range(self.num_layers):
-            inp = x
-            if self.layer_norm:
-                x = getattr(self, f"norm_l{layer}")(x)
-            outs = []
-            for d, sfx in enumerate(self._suffixes(layer)):
-                k = layer * self.directions + d
-                trace = self.trace.setdefault(layer, []) if self.trace is not None and d == 0 else None
-                h = self._run(getattr(self, f"cell_l{layer}{sfx}"), x, widen(state[k]), held, d == 1, trace)
-                finals.append(h[:, 0] if d == 1 else h[:, -1])    # padding holds the state: the end is the row's end
-                outs.append(h)
-            out = outs[0] if len(outs) == 1 else torch.cat(outs, -1)
-            if held is not None:
-                out = out.masked_fill(held, 0.0)
-            x = self._between(out, inp, layer)
-        final = torch.stack(finals)
+
+        def direction(layer: int, d: int, cell: nn.Module, x: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+            trace = self.trace.setdefault(layer, []) if self.trace is not None and d == 0 else None
+            return self._run(cell, x, widen(h0), held, d == 1, trace)
+
+        def after(out: torch.Tensor, inp: torch.Tensor, layer: int) -> torch.Tensor:
+            return self._between(out if held is None else out.masked_fill(held, 0.0), inp, layer)
+
+        x, final = self._walk(x, state, direction, after)
         if packed:
             return pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False), final
         return x, final
@@ -147,6 +139,17 @@ class ScanRNN(nn.Module):
         padding, no dropout): the definition :meth:`forward` and :meth:`step` are tested against."""
         if state is None:
             state = self.initial_state(x.size(0), x)
+
+        def direction(layer: int, d: int, cell: nn.Module, x: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+            return cell.sequential(x.flip(1), h0).flip(1) if d == 1 else cell.sequential(x, h0)
+
+        return self._walk(x, state, direction, lambda out, inp, layer: out + inp if self.residual and layer else out)
+
+    def _walk(self, x: torch.Tensor, state: torch.Tensor, direction, after) -> tuple[torch.Tensor, torch.Tensor]:
+        """Up the stack: ``direction(layer, d, cell, x, h0)`` gives one layer-direction's states
+        (B, T, H), ``after(out, inp, layer)`` the next layer's input from the layer's output;
+        returns the top's output and every layer-direction's final state (its state at the
+        sequence's end: padding holds the state, so the end is each row's own end)."""
         finals = []
         for layer in range(self.num_layers):
             inp = x
@@ -154,10 +157,8 @@ class ScanRNN(nn.Module):
                 x = getattr(self, f"norm_l{layer}")(x)
             outs = []
             for d, sfx in enumerate(self._suffixes(layer)):
-                cell, h0 = getattr(self, f"cell_l{layer}{sfx}"), state[layer * self.directions + d]
-                h = cell.sequential(x.flip(1), h0).flip(1) if d == 1 else cell.sequential(x, h0)
+                h = direction(layer, d, getattr(self, f"cell_l{layer}{sfx}"), x, state[layer * self.directions + d])
                 finals.append(h[:, 0] if d == 1 else h[:, -1])
                 outs.append(h)
-            out = torch.cat(outs, -1)
-            x = out + inp if self.residual and layer > 0 else out
+            x = after(outs[0] if len(outs) == 1 else torch.cat(outs, -1), inp, layer)
         return x, torch.stack(finals)

@@ -76,7 +76,7 @@ def test_an_exported_classifier_predicts_what_the_checkpoint_does(classifier):
                                                                              "--attention")
 
 
-@pytest.mark.parametrize("output,cell", [("softmax", "lstm"), ("crf", "lstm"), ("crf", "minlstm")])
+@pytest.mark.parametrize("output,cell", [("softmax", "lstm"), ("crf", "lstm")])
 def test_an_exported_tagger_tags_what_the_checkpoint_does(tmp_path, output, cell):
     from tests.test_api import _labelled_files
 
@@ -294,7 +294,7 @@ def test_tasks_without_an_export_yet_say_so(task):
         exportable(SimpleNamespace(task=task, model=SimpleNamespace(impl="fused")))
 
 
-@pytest.mark.parametrize("decoder,cell", [("direct", "gru"), ("recurrent", "gru"), ("recurrent", "mingru")])
+@pytest.mark.parametrize("decoder,cell", [("direct", "gru"), ("recurrent", "mingru")])
 def test_an_exported_forecaster_forecasts_what_the_checkpoint_does(tmp_path, decoder, cell):
     from tests.test_forecast import forecast_config, seasonal_series, write_csv
 

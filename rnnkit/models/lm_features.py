@@ -204,7 +204,8 @@ class LMFeatures(nn.Module):
 
         rnn = lm.rnn
         if not isinstance(rnn, nn.RNNBase):
-            raise ValueError("model.lm_features_layers 'all' needs LMs with fused recurrent layers (model.impl: fused)")
+            raise ValueError("model.lm_features_layers 'all' needs LMs with fused classic layers (model.impl: fused, "
+                             "cell rnn_tanh, rnn_relu, lstm or gru); 'top' reads any LM")
         cell = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}[rnn.mode]
         x = lm.embed(ids)
         outs = [x] if depth > rnn.num_layers else []

@@ -40,14 +40,11 @@ class RGLRUCell(nn.Module):
             a = torch.empty_like(self.log_a).uniform_(0.9, 0.999) ** (1 / C)
             self.log_a.copy_(torch.log(a) - torch.log1p(-a))
 
-    def _parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        u = self.inp(x)
-        r, i = widen(self.gates(u)).chunk(2, -1)
-        return widen(u), torch.sigmoid(r), torch.sigmoid(i)
-
     def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """a_t and b_t = sqrt(1 - a_t^2) i_t u_t for every position of ``x`` (..., input)."""
-        u, r, i = self._parts(x)
+        u = self.inp(x)
+        r, i = torch.sigmoid(widen(self.gates(u))).chunk(2, -1)
+        u = widen(u)
         log_a = -C * r * F.softplus(-self.log_a)
         # sqrt(1 - a^2) = sqrt(-expm1(2 log a)), exact near a = 1 (ONNX has no expm1: a graph
         # computes 1 - exp); bounded away from 0 so that its derivative stays finite where a

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def _block_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, reverse: bool) -> torch.Tensor:
@@ -30,8 +31,8 @@ def _block_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, rever
     blocks = -(-steps // block)
     pad = blocks * block - steps
     if pad:      # a = 1, b = 0 past the end: the state passes unchanged, and is cut off after
-        a = torch.cat([a, a.new_ones(batch, pad, width)], 1) if not reverse else torch.cat([a.new_ones(batch, pad, width), a], 1)
-        b = torch.cat([b, b.new_zeros(batch, pad, width)], 1) if not reverse else torch.cat([b.new_zeros(batch, pad, width), b], 1)
+        where = (0, 0, pad, 0) if reverse else (0, 0, 0, pad)
+        a, b = F.pad(a, where, value=1.0), F.pad(b, where)
     a4, b4 = a.view(batch, blocks, block, width), b.view(batch, blocks, block, width)
     h = torch.empty_like(b4)
     prod = torch.empty_like(a4)           # a's running product within the block

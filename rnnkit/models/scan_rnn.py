@@ -44,17 +44,15 @@ class ScanRNN(nn.Module):
         self.cell, self.input_size, self.hidden_size, self.num_layers = cell, input_size, hidden_size, num_layers
         self.dropout = dropout if num_layers > 1 else 0.0
         self.bidirectional, self.directions = bidirectional, 2 if bidirectional else 1
+        self.suffixes = ("", "_reverse")[: self.directions]     # each direction's module names
         self.layer_norm, self.residual, self.locked = layer_norm, residual, locked_dropout
         self.trace: dict[int, list[torch.Tensor]] | None = None   # see rnnkit.gradient_flow
         for layer in range(num_layers):
             width = input_size if layer == 0 else hidden_size * self.directions
             if layer_norm:
                 self.add_module(f"norm_l{layer}", nn.LayerNorm(width))
-            for sfx in self._suffixes(layer):
+            for sfx in self.suffixes:
                 self.add_module(f"cell_l{layer}{sfx}", SCAN_CELLS[cell](width, hidden_size))
-
-    def _suffixes(self, layer: int) -> list[str]:
-        return ["", "_reverse"][: self.directions]
 
     def extra_repr(self) -> str:
         extras = [k for k in ("layer_norm", "residual") if getattr(self, k)]
@@ -63,7 +61,8 @@ class ScanRNN(nn.Module):
 
     def initial_state(self, batch: int, like: torch.Tensor) -> torch.Tensor:
         """The zero state (layers * directions, batch, H)."""
-        return like.new_zeros(self.num_layers * self.directions, batch, self.hidden_size, dtype=torch.promote_types(like.dtype, torch.float32))
+        dtype = torch.promote_types(like.dtype, torch.float32)
+        return like.new_zeros(self.num_layers * self.directions, batch, self.hidden_size, dtype=dtype)
 
     def _between(self, out: torch.Tensor, inp: torch.Tensor, layer: int) -> torch.Tensor:
         """What the next layer reads: the residual sum and the dropout between layers."""
@@ -76,21 +75,20 @@ class ScanRNN(nn.Module):
 
     def _run(self, cell: nn.Module, x: torch.Tensor, h0: torch.Tensor, held: torch.Tensor | None,
              reverse: bool, trace: list | None) -> torch.Tensor:
-        """One layer-direction over (B, T, input) -> every state (B, T, H)."""
-        if trace is not None:      # the gradient-flow probe needs each step's state in the graph
-            h, out = h0, [None] * x.size(1)
-            for t in (range(x.size(1) - 1, -1, -1) if reverse else range(x.size(1))):
-                a, b = cell.coefficients(x[:, t])
-                if held is not None:
-                    a, b = a.masked_fill(held[:, t], 1.0), b.masked_fill(held[:, t], 0.0)
-                h = a * h + b
-                trace.append(h)
-                out[t] = h
-            return torch.stack(out, 1)
+        """One layer-direction over (B, T, input) -> every state (B, T, H). A padded position
+        (``held``) gets a = 1 and b = 0: the state passes it unchanged."""
         a, b = cell.coefficients(x)
         if held is not None:
             a, b = a.masked_fill(held, 1.0), b.masked_fill(held, 0.0)
-        return linear_scan(a, b, h0, reverse)
+        if trace is None:
+            return linear_scan(a, b, h0, reverse)
+        # the gradient-flow probe needs each step's state in the graph: the recurrence step by step
+        h, out = h0, [None] * x.size(1)
+        for t in (range(x.size(1) - 1, -1, -1) if reverse else range(x.size(1))):
+            h = a[:, t] * h + b[:, t]
+            trace.append(h)
+            out[t] = h
+        return torch.stack(out, 1)
 
     def forward(self, x: torch.Tensor | PackedSequence, state: torch.Tensor | None = None,
                 lengths: torch.Tensor | None = None):
@@ -156,7 +154,7 @@ class ScanRNN(nn.Module):
             if self.layer_norm:
                 x = getattr(self, f"norm_l{layer}")(x)
             outs = []
-            for d, sfx in enumerate(self._suffixes(layer)):
+            for d, sfx in enumerate(self.suffixes):
                 h = direction(layer, d, getattr(self, f"cell_l{layer}{sfx}"), x, state[layer * self.directions + d])
                 finals.append(h[:, 0] if d == 1 else h[:, -1])
                 outs.append(h)

@@ -27,13 +27,14 @@ def _cli(*args: str) -> str:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A character LSTM LM, a word GRU LM and a character RG-LRU LM, each trained a few steps
-    and exported."""
+    """A character LSTM LM, a word GRU LM, a character RG-LRU LM and a character mLSTM LM,
+    each trained a few steps and exported."""
     tmp = tmp_path_factory.mktemp("export")
     out = {}
     for name, sections in (("char", {"model": {"cell": "lstm", "num_layers": 2}}),
                            ("word", {"data": {"tokenizer": "word", "bptt": 8}, "model": {"cell": "gru"}}),
-                           ("scan", {"model": {"cell": "rglru", "num_layers": 2}})):
+                           ("scan", {"model": {"cell": "rglru", "num_layers": 2}}),
+                           ("mlstm", {"model": {"cell": "mlstm", "num_layers": 2, "cell_heads": 2}})):
         cfg = tiny_lm_config(tmp, run_dir=str(tmp / name), **sections)
         cfg["train"].update(max_steps=12, eval_every=12)
         _cli("train", str(write_yaml(tmp / f"{name}.yaml", cfg)))
@@ -119,7 +120,7 @@ def test_viterbi_and_the_crf_loss_match_the_torch_crf():
         assert crf_nll(e, tags[b, :n].tolist(), *params) == pytest.approx(float(nll[b]), rel=1e-5)
 
 
-@pytest.mark.parametrize("name", ["char", "word", "scan"])
+@pytest.mark.parametrize("name", ["char", "word", "scan", "mlstm"])
 def test_the_export_gives_the_checkpoints_log_probabilities(exported, name):
     ckpt, folder = exported[name]
     torch_model, onnx_model = rnnkit.load(ckpt), rnnkit.load(folder)
@@ -294,7 +295,7 @@ def test_tasks_without_an_export_yet_say_so(task):
         exportable(SimpleNamespace(task=task, model=SimpleNamespace(impl="fused")))
 
 
-@pytest.mark.parametrize("decoder,cell", [("direct", "gru"), ("recurrent", "mingru")])
+@pytest.mark.parametrize("decoder,cell", [("direct", "gru"), ("recurrent", "mingru"), ("recurrent", "slstm")])
 def test_an_exported_forecaster_forecasts_what_the_checkpoint_does(tmp_path, decoder, cell):
     from tests.test_forecast import forecast_config, seasonal_series, write_csv
 

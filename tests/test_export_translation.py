@@ -18,7 +18,8 @@ runner = CliRunner()
 LINES = (SAMPLE / "valid.en").read_text(encoding="utf-8").splitlines()[:40]
 REFS = (SAMPLE / "valid.fr").read_text(encoding="utf-8").splitlines()[:40]
 MODELS = {   # what each exercises: input feeding into an LSTM; no attention; subwords, 2 layers, additive; heads;
-    #            scan cells (a bidirectional minLSTM encoder, an input-fed minGRU decoder)
+    #            scan cells (a bidirectional minLSTM encoder, an input-fed minGRU decoder); xLSTM's cells
+    #            (a bidirectional sLSTM encoder, an input-fed mLSTM decoder)
     "lstm": ({"cell": "lstm", "bidirectional": True}, {"cell": "lstm", "attention": "general", "input_feeding": True},
              {}),
     "none": ({"cell": "gru"}, {"cell": "gru", "attention": "none", "input_feeding": False}, {}),
@@ -28,6 +29,8 @@ MODELS = {   # what each exercises: input feeding into an LSTM; no attention; su
     "heads": ({"cell": "lstm"}, {"cell": "lstm", "attention": "additive", "attention_heads": 4}, {}),
     "scan": ({"cell": "minlstm", "bidirectional": True}, {"cell": "mingru", "attention": "general",
                                                           "input_feeding": True}, {}),
+    "xlstm": ({"cell": "slstm", "bidirectional": True, "cell_heads": 2},
+              {"cell": "mlstm", "attention": "general", "input_feeding": True, "cell_heads": 2}, {}),
 }
 
 

@@ -1,5 +1,5 @@
-"""minGRU, minLSTM and RG-LRU: the scan, the step and the paper's equations agree; padding,
-carried state and the published implementations."""
+"""The newer cells (minGRU, minLSTM, RG-LRU, sLSTM, mLSTM): the parallel form, the step
+form and the paper's equations agree; padding, carried state, bf16."""
 from __future__ import annotations
 
 import pytest
@@ -10,6 +10,16 @@ from rnnkit.models.rnn import make_rnn, rnn_step, run_padded
 from rnnkit.models.scan import linear_scan, sequential_scan
 
 SCAN = ["mingru", "minlstm", "rglru"]
+CELLS = SCAN + ["slstm", "mlstm"]
+HEADS = 2     # sLSTM and mLSTM split their state into two heads here
+
+
+def _state(rnn, batch: int) -> torch.Tensor:
+    """A state a run can reach (for xLSTM's cells a zero normaliser is not one): the final
+    state after a random prefix, as a leaf."""
+    prefix = torch.randn(batch, 4, rnn.input_size, dtype=torch.float64)
+    with torch.no_grad():
+        return rnn(prefix)[1].detach().requires_grad_()
 
 
 def _grads(loss, tensors):
@@ -35,16 +45,16 @@ def _loss(out, final):
     return (out * w).sum() + (final ** 2).sum()
 
 
-@pytest.mark.parametrize("cell", SCAN)
+@pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("options", [{}, {"layer_norm": True, "residual": True}])
 def test_parallel_form_equals_the_papers_equations(cell, bidirectional, options):
     """Two layers, float64: the scan over the whole sequence gives the sequential loop's
     outputs, final states and gradients (inputs, initial state, every weight) to 1e-10."""
     torch.manual_seed(0)
-    rnn = make_rnn(cell, 6, 6, 2, 0.0, bidirectional, **options).double()
+    rnn = make_rnn(cell, 6, 6, 2, 0.0, bidirectional, heads=HEADS, **options).double()
     x = torch.randn(3, 9, 6, dtype=torch.float64, requires_grad=True)
-    h0 = torch.randn(2 * (2 if bidirectional else 1), 3, 6, dtype=torch.float64, requires_grad=True)
+    h0 = _state(rnn, 3)
     leaves = [x, h0, *rnn.parameters()]
     fast, slow = rnn(x, h0), rnn.sequential(x, h0)
     for p, q in zip(fast, slow):
@@ -53,15 +63,15 @@ def test_parallel_form_equals_the_papers_equations(cell, bidirectional, options)
         assert torch.allclose(p, q, atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("cell", SCAN)
+@pytest.mark.parametrize("cell", CELLS)
 def test_step_form_equals_the_parallel_form(cell):
     """Stepping position by position (generation, search, streams) gives the scan's outputs,
     states and gradients."""
     torch.manual_seed(1)
-    rnn = make_rnn(cell, 5, 7, 3, 0.0, residual=True).double()
+    rnn = make_rnn(cell, 5, 8, 3, 0.0, residual=True, heads=HEADS).double()
     x = torch.randn(2, 8, 5, dtype=torch.float64, requires_grad=True)
     out, final = rnn(x)
-    state = torch.zeros(3, 2, 7, dtype=torch.float64)
+    state = rnn.initial_state(2, x)
     stepped = []
     for t in range(8):
         h, state = rnn_step(rnn, x[:, t], state)
@@ -74,13 +84,13 @@ def test_step_form_equals_the_parallel_form(cell):
         assert torch.allclose(p, q, atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("cell", SCAN)
+@pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_padding_never_reaches_a_state(cell, bidirectional):
     """Each row of a padded batch gives what it gives alone: outputs (zero on padding), its
     final state at its own end, and gradients; the padding's values do not matter."""
     torch.manual_seed(2)
-    rnn = make_rnn(cell, 4, 5, 2, 0.0, bidirectional).double()
+    rnn = make_rnn(cell, 4, 6, 2, 0.0, bidirectional, heads=HEADS).double()
     lengths = torch.tensor([7, 3, 1, 5])
     x = torch.randn(4, 7, 4, dtype=torch.float64, requires_grad=True)
     out, final = run_padded(rnn, x, lengths)
@@ -101,12 +111,12 @@ def test_padding_never_reaches_a_state(cell, bidirectional):
         assert torch.all(grad[row, n:] == 0)
 
 
-@pytest.mark.parametrize("cell", SCAN)
+@pytest.mark.parametrize("cell", CELLS)
 def test_packed_input_gives_the_padded_result(cell):
     from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
     torch.manual_seed(3)
-    rnn = make_rnn(cell, 4, 5, 1, 0.0, True).double()
+    rnn = make_rnn(cell, 4, 6, 1, 0.0, True, heads=HEADS).double()
     x, lengths = torch.randn(3, 6, 4, dtype=torch.float64), torch.tensor([2, 6, 4])
     packed_out, packed_final = rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
     out, final = run_padded(rnn, x, lengths)
@@ -114,12 +124,12 @@ def test_packed_input_gives_the_padded_result(cell):
     assert torch.allclose(packed_final, final)
 
 
-@pytest.mark.parametrize("cell", SCAN)
+@pytest.mark.parametrize("cell", CELLS)
 def test_state_carried_across_chunks_equals_one_long_pass(cell):
     """Truncated BPTT: a sequence run in chunks, each from the last one's final state, gives
     the outputs of one pass over the whole."""
     torch.manual_seed(4)
-    rnn = make_rnn(cell, 3, 6, 2, 0.0)
+    rnn = make_rnn(cell, 3, 6, 2, 0.0, heads=HEADS)
     x = torch.randn(2, 30, 3)
     whole, whole_final = rnn(x)
     state, parts = None, []
@@ -144,10 +154,10 @@ def test_mingru_is_the_papers_update():
     assert torch.allclose(g(torch.tensor([0.0, 1.0])), torch.tensor([0.5, 1.5]))
 
 
-@pytest.mark.parametrize("cell", SCAN)
+@pytest.mark.parametrize("cell", CELLS)
 def test_bf16_autocast_keeps_the_recurrence_in_fp32(cell):
     torch.manual_seed(5)
-    rnn = make_rnn(cell, 8, 8, 2, 0.0)
+    rnn = make_rnn(cell, 8, 8, 2, 0.0, heads=HEADS)
     x = torch.randn(2, 40, 8)
     exact, _ = rnn(x)
     with torch.autocast("cpu", torch.bfloat16):

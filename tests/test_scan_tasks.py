@@ -1,5 +1,6 @@
-"""The scan cells (minGRU, minLSTM, RG-LRU) in every task: training that resumes exactly,
-and inference from the checkpoint (generation, incremental feeding, beam search, int8)."""
+"""The newer cells (minGRU, minLSTM, RG-LRU, sLSTM, mLSTM) in every task: training that
+resumes exactly, and inference from the checkpoint (generation, incremental feeding, beam
+search, int8)."""
 from __future__ import annotations
 
 import pytest
@@ -12,7 +13,9 @@ from tests.conftest import write_yaml
 from tests.test_crash_safety import assert_same_weights, records, task_config, train_in_process
 
 TASK_CELLS = [("lm", "mingru"), ("translation", "minlstm"), ("tagging", "rglru"), ("documents", "minlstm"),
-              ("forecast", "mingru"), ("adding", "rglru"), ("copy", "minlstm"), ("classification_hops", "mingru")]
+              ("forecast", "mingru"), ("adding", "rglru"), ("copy", "minlstm"), ("classification_hops", "mingru"),
+              ("lm", "slstm"), ("translation", "mlstm"), ("tagging", "mlstm"), ("forecast", "slstm"),
+              ("adding", "mlstm"), ("classification_hops", "slstm")]
 
 
 def scan_config(task: str, cell: str, tmp_path, name: str) -> dict:
@@ -20,6 +23,8 @@ def scan_config(task: str, cell: str, tmp_path, name: str) -> dict:
     m = cfg["model"]
     for part in (m["encoder"], m["decoder"]) if "encoder" in m else (m,):
         part["cell"] = cell
+        if cell in ("slstm", "mlstm"):
+            part["cell_heads"] = 2
     return cfg
 
 
@@ -42,7 +47,7 @@ def _trained(tmp_path, task, cell, **model):
     return tmp_path / "run" / "last.pt"
 
 
-@pytest.mark.parametrize("cell", ["mingru", "minlstm", "rglru"])
+@pytest.mark.parametrize("cell", ["mingru", "minlstm", "rglru", "slstm", "mlstm"])
 def test_language_model_fed_in_pieces_scores_as_the_whole_text(tmp_path, cell):
     """The step path (incremental feeding, generation) and the scan over a whole text give the
     same log-probabilities; greedy generation is the argmax chain of one pass over its output."""
@@ -67,18 +72,20 @@ def test_language_model_fed_in_pieces_scores_as_the_whole_text(tmp_path, cell):
     assert len(int8.generate("The", 20, seed=1)) > 0
 
 
-def test_beam_search_with_scan_cells_decodes_each_sentence_as_alone(tmp_path):
-    """Beam rows are reordered by index: a sentence decoded in a batch of others and beams
-    gives what it gives alone."""
-    m = rnnkit.load(_trained(tmp_path, "translation", "rglru"))
+@pytest.mark.parametrize("cell", ["rglru", "mlstm"])
+def test_beam_search_with_new_cells_decodes_each_sentence_as_alone(tmp_path, cell):
+    """Beam rows are reordered by index (an mLSTM's whole memory with them): a sentence
+    decoded in a batch of others and beams gives what it gives alone."""
+    m = rnnkit.load(_trained(tmp_path, "translation", cell))
     lines = ["the boat", "a quiet harbour in the morning", "the sea"]
     together = m.translate(lines, beam=4)
     assert together == [m.translate([line], beam=4)[0] for line in lines]
     assert m.translate(lines, beam=1) == [m.translate([line], beam=1)[0] for line in lines]
 
 
-def test_gradient_flow_probe_reads_a_scan_cell(tmp_path):
-    cfg = load_config(write_yaml(tmp_path / "c.yaml", scan_config("adding", "mingru", tmp_path, "run")))
+@pytest.mark.parametrize("cell", ["mingru", "mlstm"])
+def test_gradient_flow_probe_reads_a_new_cell(tmp_path, cell):
+    cfg = load_config(write_yaml(tmp_path / "c.yaml", scan_config("adding", cell, tmp_path, "run")))
     from rnnkit.runs import prepare_trainer
 
     task = prepare_trainer(cfg).task

@@ -49,16 +49,18 @@ def describe_range(lo, hi, lo_open, hi_open) -> str:
 class RecurrentConfig:
     """A recurrent layer's cell and implementation; every task's recurrent sections extend it."""
 
-    cell: Literal["rnn_tanh", "rnn_relu", "lstm", "gru", "mingru", "minlstm", "rglru"] = "lstm"
-    """The recurrent cell: Elman RNN with tanh or ReLU, LSTM or GRU; or a cell whose recurrence is linear and trains as one parallel scan over the sequence: `mingru` and `minlstm` (Feng et al. 2024), `rglru` (De et al. 2024, Griffin's RG-LRU). See the Cells guide."""
+    cell: Literal["rnn_tanh", "rnn_relu", "lstm", "gru", "mingru", "minlstm", "rglru", "slstm", "mlstm"] = "lstm"
+    """The recurrent cell: Elman RNN with tanh or ReLU, LSTM or GRU; a cell whose recurrence is linear and trains as one parallel scan over the sequence: `mingru` and `minlstm` (Feng et al. 2024), `rglru` (De et al. 2024, Griffin's RG-LRU); or xLSTM's cells (Beck et al. 2024): `mlstm` (a matrix memory per head, trained a chunk of positions at a time) and `slstm` (exponential gating with memory mixing within heads, sequential). See the Cells guide."""
     impl: Literal["fused", "explicit"] = "fused"
-    """`fused`: torch.nn's kernels (cuDNN on GPU, oneDNN on CPU); `explicit`: cells written from their equations, with the same parameter names, so a checkpoint moves between the two. Classic cells only: `mingru`, `minlstm` and `rglru` have one implementation, a scan."""
+    """`fused`: torch.nn's kernels (cuDNN on GPU, oneDNN on CPU); `explicit`: cells written from their equations, with the same parameter names, so a checkpoint moves between the two. Classic cells only: `mingru`, `minlstm`, `rglru`, `slstm` and `mlstm` have one implementation each."""
     layer_norm: bool = False
     """Explicit cells: layer-normalised gates (Ba et al. 2016), and an LSTM's cell state before its tanh. Scan cells: each layer's input layer-normalised first (pre-norm)."""
     recurrent_dropout: float = num(0.0, 0, 1, hi_open=True)
     """Explicit cells only: variational dropout on the recurrent state, one mask per sequence for all its steps."""
     residual: bool = False
     """Explicit and scan cells: layers above the first add their input to their output (needs two layers or more)."""
+    cell_heads: int = num(4, 1, 1024)
+    """`slstm` and `mlstm`: heads of the cell's state; hidden_size must divide by it. An sLSTM mixes its memory within a head only; an mLSTM's memory is one (hidden_size / heads)-square matrix per head."""
 
 
 RECURRENT_EXTRAS = {"layer_norm": False, "recurrent_dropout": 0.0, "residual": False}
@@ -67,6 +69,7 @@ RECURRENT_EXTRAS = {"layer_norm": False, "recurrent_dropout": 0.0, "residual": F
 REGULARISERS = {"weight_drop": 0.0, "locked_dropout": False}   # fused layers' options, where a task offers them
 
 SCAN_CELLS = ("mingru", "minlstm", "rglru")   # cells whose recurrence is linear: one implementation, a scan
+NEW_CELLS = (*SCAN_CELLS, "slstm", "mlstm")     # the cells rnnkit stacks itself: one implementation each
 
 
 def check_recurrent(section: RecurrentConfig, prefix: str) -> None:
@@ -75,15 +78,20 @@ def check_recurrent(section: RecurrentConfig, prefix: str) -> None:
     dropout, and nothing that acts on recurrent weights they do not have."""
     if section.residual and getattr(section, "num_layers", 1) < 2:
         raise ConfigError(f"{prefix}.residual", f"connects stacked layers; needs {prefix}.num_layers >= 2")
-    if section.cell in SCAN_CELLS:
+    if section.cell in NEW_CELLS:
         if section.impl != "fused":
-            raise ConfigError(f"{prefix}.impl", f"{section.cell} has one implementation (a scan); impl chooses "
+            raise ConfigError(f"{prefix}.impl", f"{section.cell} has one implementation; impl chooses "
                                                 f"between torch.nn's kernels and explicit cells for rnn_tanh, "
                                                 f"rnn_relu, lstm and gru")
+        why = "rnnkit's sLSTM does not offer it" if section.cell == "slstm" else \
+            "its gates read the input only, so there are no recurrent weights or state inputs to drop"
         for key in ("recurrent_dropout", "weight_drop"):
             if getattr(section, key, 0.0):
-                raise ConfigError(f"{prefix}.{key}", f"does not apply to {section.cell}: its gates read the input "
-                                                     f"only, so there are no recurrent weights or state inputs to drop")
+                raise ConfigError(f"{prefix}.{key}", f"does not apply to {section.cell}: {why}")
+        hidden = getattr(section, "hidden_size", None)
+        if section.cell in ("slstm", "mlstm") and hidden is not None and hidden % section.cell_heads:
+            raise ConfigError(f"{prefix}.cell_heads", f"{section.cell} splits hidden_size {hidden} into heads: "
+                                                      f"{section.cell_heads} does not divide it")
         return
     if section.impl == "explicit":
         for key, off in REGULARISERS.items():
@@ -99,7 +107,7 @@ def check_recurrent(section: RecurrentConfig, prefix: str) -> None:
 
 def recurrent_options(section: RecurrentConfig) -> dict[str, Any]:
     """The keyword arguments ``make_rnn`` takes besides sizes (all but ``cell``)."""
-    return {"impl": section.impl, **{k: getattr(section, k) for k in RECURRENT_EXTRAS},
+    return {"impl": section.impl, "heads": section.cell_heads, **{k: getattr(section, k) for k in RECURRENT_EXTRAS},
             **{k: getattr(section, k) for k in REGULARISERS if hasattr(section, k)}}
 
 

@@ -36,8 +36,8 @@ class DataConfig:
 class ModelConfig(RecurrentConfig):
     """A recurrent encoder over segments of the series and a direct or recurrent decoder."""
 
-    cell: Literal["rnn_tanh", "rnn_relu", "lstm", "gru", "mingru", "minlstm", "rglru"] = "gru"
-    """The recurrent cell: Elman RNN with tanh or ReLU, LSTM or GRU; or a scan cell, `mingru`, `minlstm` or `rglru` (see the Cells guide)."""
+    cell: Literal["rnn_tanh", "rnn_relu", "lstm", "gru", "mingru", "minlstm", "rglru", "slstm", "mlstm"] = "gru"
+    """The recurrent cell: Elman RNN with tanh or ReLU, LSTM or GRU; a scan cell, `mingru`, `minlstm` or `rglru`; or xLSTM's `slstm` or `mlstm` (see the Cells guide)."""
     hidden_size: int = num(256, 1, MAX_DIM)
     """Units per recurrent layer."""
     num_layers: int = num(1, 1, MAX_LAYERS)

@@ -12,6 +12,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from rnnkit.models.rnn import state_size
+
 
 @contextlib.contextmanager
 def exporting() -> Iterator[None]:
@@ -49,7 +51,7 @@ def language_model(task: Any, folder: Path, opset: int) -> dict[str, dict[str, A
     length are dynamic."""
     model = task.model.eval()
     lstm = task.cfg.model.cell == "lstm"
-    layers, hidden = task.cfg.model.num_layers, task.cfg.model.hidden_size
+    layers, hidden = task.cfg.model.num_layers, state_size(model.rnn)   # a cell's memory rides beside h
     names = ["h", "c"] if lstm else ["h"]
     tokens = torch.zeros(2, 5, dtype=torch.long)
     state = tuple(torch.zeros(layers, 2, hidden) for _ in names)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rnnkit.config import ConfigError, config_to_dict
-from rnnkit.config.core import SCAN_CELLS
+from rnnkit.config.core import NEW_CELLS
 from rnnkit.export import graphs
 from rnnkit.runtime.manifest import EXPORTABLE, FORMAT, MANIFEST, outline_files
 from rnnkit.training.checkpoint import CheckpointError
@@ -140,7 +140,7 @@ def _quantise(work: Path, graph_specs: dict[str, dict[str, Any]], cells: set[str
         os.replace(quantised, path)
         if note is not None:
             note(f"{spec['file']}: int8, {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB")
-    unquantised = sorted(c.upper() for c in cells - {"lstm", *SCAN_CELLS})   # a scan cell is matrix products
+    unquantised = sorted(c.upper() for c in cells - {"lstm", *NEW_CELLS})   # their weights are matrix products
     if note is not None and unquantised:
         note(f"onnxruntime quantises LSTM weights but not {' or '.join(unquantised)} ones: those recurrent layers "
              f"stay fp32, the matrix products around them are int8")

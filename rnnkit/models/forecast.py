@@ -18,7 +18,7 @@ from torch import nn
 
 from rnnkit.config import recurrent_options
 from rnnkit.models.dropout import Dropout
-from rnnkit.models.rnn import make_rnn, rnn_step, step_masks
+from rnnkit.models.rnn import make_rnn, rnn_step, state_output, step_masks
 
 
 class Forecaster(nn.Module):
@@ -86,7 +86,7 @@ class Forecaster(nn.Module):
             gold = None if truth is None or teacher_forcing <= 0 else self._series((truth - shift) / scale)
             y = self._roll_out(self._series(last), state, gold, teacher_forcing)
         else:
-            top = state[0][-1] if isinstance(state, tuple) else state[-1]
+            top = state_output(self.encoder, state)[-1]
             y = self.head(self.dropout(top)).reshape(-1, self.horizon, self.width_out)
         return self._unseries(y, batch) * scale + shift
 

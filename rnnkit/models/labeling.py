@@ -13,7 +13,7 @@ from torch import nn
 
 from rnnkit.models.crf import CRF
 from rnnkit.models.dropout import Dropout
-from rnnkit.models.rnn import length_mask, make_rnn, run_padded, stack_groups
+from rnnkit.models.rnn import length_mask, make_rnn, run_padded, stack_groups, state_output
 
 
 class SentenceEncoder(nn.Module):
@@ -28,7 +28,7 @@ class SentenceEncoder(nn.Module):
     def forward(self, x: torch.Tensor, lengths: torch.Tensor):
         """-> states (B, L, 2H) (zero on padding) and the top layer's final states (B, 2H)."""
         out, final = run_padded(self.rnn, x, lengths)
-        h = final[0] if isinstance(final, tuple) else final
+        h = state_output(self.rnn, final)
         return out, torch.cat([h[-2], h[-1]], -1)     # forward's last token, backward's first
 
 

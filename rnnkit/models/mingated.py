@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rnnkit.models.scan import widen
+from rnnkit.models.scan import LinearCell, widen
 
 
 def g(x: torch.Tensor) -> torch.Tensor:
@@ -25,7 +25,7 @@ def g(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= 0, x + 0.5, torch.sigmoid(x))
 
 
-class MinGRUCell(nn.Module):
+class MinGRUCell(LinearCell):
     """One minGRU layer-direction; ``proj`` maps x to [candidate, update gate]."""
 
     def __init__(self, input_size: int, hidden_size: int):
@@ -39,7 +39,7 @@ class MinGRUCell(nn.Module):
         z = torch.sigmoid(gate)
         return 1 - z, z * g(cand)
 
-    def sequential(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    def sequential(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The paper's equations one position at a time: ``x`` (B, T, input) -> h (B, T, H)."""
         w_h, w_z = self.proj.weight.chunk(2, 0)
         b_h, b_z = self.proj.bias.chunk(2, 0)
@@ -48,10 +48,10 @@ class MinGRUCell(nn.Module):
             z = torch.sigmoid(x[:, t] @ w_z.t() + b_z)
             h = (1 - z) * h + z * g(x[:, t] @ w_h.t() + b_h)
             out.append(h)
-        return torch.stack(out, 1)
+        return torch.stack(out, 1), h
 
 
-class MinLSTMCell(nn.Module):
+class MinLSTMCell(LinearCell):
     """One minLSTM layer-direction; ``proj`` maps x to [forget gate, input gate, candidate]."""
 
     def __init__(self, input_size: int, hidden_size: int):
@@ -67,7 +67,7 @@ class MinLSTMCell(nn.Module):
         forget = torch.sigmoid(log_f - log_i)
         return forget, (1 - forget) * g(cand)
 
-    def sequential(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    def sequential(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The paper's equations one position at a time."""
         w_f, w_i, w_h = self.proj.weight.chunk(3, 0)
         b_f, b_i, b_h = self.proj.bias.chunk(3, 0)
@@ -77,4 +77,4 @@ class MinLSTMCell(nn.Module):
             i = torch.sigmoid(x[:, t] @ w_i.t() + b_i)
             h = f / (f + i) * h + i / (f + i) * g(x[:, t] @ w_h.t() + b_h)
             out.append(h)
-        return torch.stack(out, 1)
+        return torch.stack(out, 1), h

@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rnnkit.models.scan import widen
+from rnnkit.models.scan import LinearCell, widen
 
 C = 8.0
 
 
-class RGLRUCell(nn.Module):
+class RGLRUCell(LinearCell):
     """One RG-LRU layer-direction: ``inp`` (x -> u), ``gates`` (u -> [r, i]), ``log_a`` (Lambda)."""
 
     def __init__(self, input_size: int, hidden_size: int):
@@ -53,7 +53,7 @@ class RGLRUCell(nn.Module):
         scale = torch.sqrt(rest.clamp_min(1e-12))
         return torch.exp(log_a), scale * i * u
 
-    def sequential(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    def sequential(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The paper's equations one position at a time."""
         a = torch.sigmoid(self.log_a)
         out = []
@@ -63,4 +63,4 @@ class RGLRUCell(nn.Module):
             a_t = a ** (C * r)
             h = a_t * h + torch.sqrt(1 - a_t ** 2) * (i * u)
             out.append(h)
-        return torch.stack(out, 1)
+        return torch.stack(out, 1), h

@@ -21,28 +21,28 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from rnnkit.models.cells import ExplicitRNN
 from rnnkit.models.dropout import dropout, dropout_mask, locked_dropout
-from rnnkit.models.scan_rnn import SCAN_CELLS, ScanRNN
+from rnnkit.models.stack import STACK_CELLS, CellStack
 
-Cell = Literal["rnn_tanh", "rnn_relu", "lstm", "gru", "mingru", "minlstm", "rglru"]
+Cell = Literal["rnn_tanh", "rnn_relu", "lstm", "gru", "mingru", "minlstm", "rglru", "slstm", "mlstm"]
 CLASSIC_CELLS: tuple[str, ...] = ("rnn_tanh", "rnn_relu", "lstm", "gru")
-CELLS: tuple[str, ...] = CLASSIC_CELLS + tuple(SCAN_CELLS)
+CELLS: tuple[str, ...] = CLASSIC_CELLS + tuple(STACK_CELLS)
 
 
 def make_rnn(cell: str, input_size: int, hidden_size: int, num_layers: int = 1,
              dropout: float = 0.0, bidirectional: bool = False, impl: str = "fused",
              layer_norm: bool = False, recurrent_dropout: float = 0.0, residual: bool = False,
-             weight_drop: float = 0.0, locked_dropout: bool = False) -> nn.Module:
+             weight_drop: float = 0.0, locked_dropout: bool = False, heads: int = 4) -> nn.Module:
     """A stacked batch-first recurrent layer; ``dropout`` applies between layers (with
     ``locked_dropout``, one mask per sequence). ``weight_drop`` is DropConnect on the
     hidden-to-hidden weights. ``impl`` ``explicit`` builds it from its equations, which
-    ``layer_norm``, ``recurrent_dropout`` and ``residual`` need. The cells whose recurrence
-    is linear (:data:`rnnkit.models.scan_rnn.SCAN_CELLS`) have one implementation, a scan."""
-    if cell in SCAN_CELLS:
+    ``layer_norm``, ``recurrent_dropout`` and ``residual`` need. The newer cells
+    (:data:`rnnkit.models.stack.STACK_CELLS`) have one implementation each; ``heads`` splits
+    sLSTM's and mLSTM's state."""
+    if cell in STACK_CELLS:
         if weight_drop or recurrent_dropout:
-            raise ValueError(f"{cell}'s gates do not read the state: no recurrent weights for weight_drop "
-                             "or recurrent_dropout to act on")
-        return ScanRNN(cell, input_size, hidden_size, num_layers, dropout, bidirectional, layer_norm=layer_norm,
-                       residual=residual, locked_dropout=locked_dropout)
+            raise ValueError(f"{cell} takes no weight_drop or recurrent_dropout (dropout acts between its layers)")
+        return CellStack(cell, input_size, hidden_size, num_layers, dropout, bidirectional, layer_norm=layer_norm,
+                         residual=residual, locked_dropout=locked_dropout, heads=heads)
     if impl == "explicit":
         if weight_drop or locked_dropout:
             raise ValueError("weight_drop and locked_dropout need impl='fused'")
@@ -155,6 +155,17 @@ class RegularisedRNN(_Regularised, nn.RNN):
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
+def state_size(rnn: nn.Module) -> int:
+    """The width of one layer-direction's state tensor: H, or more for a cell that carries a
+    memory besides its output (sLSTM, mLSTM; an LSTM's c is a second tensor)."""
+    return getattr(rnn, "state_size", rnn.hidden_size)
+
+
+def state_output(rnn: nn.Module, state: State) -> torch.Tensor:
+    """The outputs h (layers * directions, B, H) held in a state."""
+    return state[0] if isinstance(state, tuple) else state[..., :rnn.hidden_size]
+
+
 def rnn_layer_parameters(rnn: nn.Module) -> list[list[nn.Parameter]]:
     """A stacked layer's parameters by depth (every direction of a layer together), read from
     the ``_l{N}`` in their names, which the fused and explicit layers share."""
@@ -190,7 +201,7 @@ def rnn_step(rnn: nn.Module, x: torch.Tensor, state: State,
     ``rnn(x.unsqueeze(1), state)`` computes it: ``x`` (N, input) and ``state`` (layers, N, H)
     (an (h, c) pair for LSTMs) -> top layer's output (N, H) and the new state. ``masks``:
     an explicit layer's recurrent-dropout masks for the sequence (:func:`step_masks`)."""
-    if isinstance(rnn, (ExplicitRNN, ScanRNN)):
+    if isinstance(rnn, (ExplicitRNN, CellStack)):
         return rnn.step(x, state, masks)
     if not isinstance(rnn, nn.RNNBase) or torch.onnx.is_in_onnx_export():
         # a quantised layer (``--int8``), or an ONNX graph's recurrent operator: one step long
@@ -253,8 +264,8 @@ def run_padded(rnn: nn.Module, x: torch.Tensor, lengths: torch.Tensor) -> tuple[
     row's end and a backward direction's stays zero until its start. Other layers, every
     layer on GPU (cuDNN reads packed sequences natively), and ONNX export (whose recurrent
     operators take sequence lengths; the column's large weights would also spoil int8) are
-    packed. Scan cells take the padded batch and its lengths themselves."""
-    if isinstance(rnn, ScanRNN):
+    packed. The newer cells take the padded batch and its lengths themselves."""
+    if isinstance(rnn, CellStack):
         return rnn(x, lengths=lengths)
     fused = type(rnn) in (nn.LSTM, nn.GRU, RegularisedLSTM, RegularisedGRU) and x.device.type == "cpu" \
         and not rnn.proj_size and not torch.onnx.is_in_onnx_export()   # a graph: sequence lengths, no column

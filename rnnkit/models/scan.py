@@ -22,6 +22,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def _block_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, reverse: bool) -> torch.Tensor:
@@ -135,3 +136,31 @@ def sequential_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = 
 def widen(x: torch.Tensor) -> torch.Tensor:
     """fp32 for a half-precision tensor (a recurrence accumulates in fp32), else ``x`` itself."""
     return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+class LinearCell(nn.Module):
+    """A cell whose recurrence is linear in its state, h_t = a_t h_(t-1) + b_t: a subclass
+    gives ``coefficients(x)`` (a_t and b_t for any number of positions at once) and
+    ``sequential(x, h)`` (its paper's equations, one position at a time); this gives the
+    interface every cell of :class:`rnnkit.models.stack.CellStack` answers. The state is h."""
+
+    hidden_size: int
+
+    @property
+    def state_size(self) -> int:
+        return self.hidden_size
+
+    def run(self, x: torch.Tensor, h0: torch.Tensor, held: torch.Tensor | None,
+            reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, input) -> every state (B, T, H) and the final one, in one scan. A padded
+        position (``held`` (B, T, 1)) gets a = 1 and b = 0: the state passes it unchanged."""
+        a, b = self.coefficients(x)
+        if held is not None:
+            a, b = a.masked_fill(held, 1.0), b.masked_fill(held, 0.0)
+        h = linear_scan(a, b, h0, reverse)
+        return h, h[:, 0] if reverse else h[:, -1]
+
+    def step(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self.coefficients(x)
+        h = torch.addcmul(b, a, h)
+        return h, h

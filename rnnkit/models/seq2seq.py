@@ -9,7 +9,8 @@ from torch import nn
 
 from rnnkit.models.attention import make_attention
 from rnnkit.models.dropout import Dropout
-from rnnkit.models.rnn import LSTMSteps, State, length_mask, make_rnn, rnn_step, run_padded, step_masks
+from rnnkit.models.rnn import (LSTMSteps, State, length_mask, make_rnn, rnn_step, run_padded, state_output,
+                               step_masks)
 from rnnkit.models.losses import linear_cross_entropy
 
 
@@ -28,8 +29,8 @@ class Encoder(nn.Module):
         """-> states (B, S, D*H), top layer's final h (B, D*H), and final c for LSTMs (or None)."""
         x = self.dropout(self.embedding(src))
         out, final = run_padded(self.rnn, x, lengths)
-        h, c = final if isinstance(final, tuple) else (final, None)
-        return out, self._top(h), None if c is None else self._top(c)
+        c = final[1] if isinstance(final, tuple) else None
+        return out, self._top(state_output(self.rnn, final)), None if c is None else self._top(c)
 
     def _top(self, state: torch.Tensor) -> torch.Tensor:
         layers = state.size(0) // self.directions
@@ -38,11 +39,15 @@ class Encoder(nn.Module):
 
 
 class Bridge(nn.Module):
-    """The decoder's initial state from the encoder: ``linear`` (final state), ``mean``, ``max`` or ``zeros``."""
+    """The decoder's initial state from the encoder: ``linear`` (final state), ``mean``, ``max`` or ``zeros``.
+    The bridge sets the decoder's h (and an LSTM's c); a cell that carries a memory besides h
+    (``state_size`` wider than ``hidden_size``: sLSTM, mLSTM) starts that memory empty."""
 
-    def __init__(self, kind: str, encoder_size: int, hidden_size: int, num_layers: int, lstm: bool):
+    def __init__(self, kind: str, encoder_size: int, hidden_size: int, num_layers: int, lstm: bool,
+                 state_size: int | None = None):
         super().__init__()
         self.kind, self.hidden_size, self.num_layers, self.lstm = kind, hidden_size, num_layers, lstm
+        self.rest = (state_size or hidden_size) - hidden_size
         if kind != "zeros":
             self.to_h = nn.Linear(encoder_size, hidden_size * num_layers)
             self.to_c = nn.Linear(encoder_size, hidden_size * num_layers) if lstm else None
@@ -58,12 +63,12 @@ class Bridge(nn.Module):
     def forward(self, memory, mask, final_h, final_c) -> State:
         batch = memory.size(0)
         if self.kind == "zeros":
-            h = memory.new_zeros(self.num_layers, batch, self.hidden_size)
+            h = memory.new_zeros(self.num_layers, batch, self.hidden_size + self.rest)
             return (h, torch.zeros_like(h)) if self.lstm else h
         s = self.summary(memory, mask, final_h)
         h = self._layers(torch.tanh(self.to_h(s)))
         if not self.lstm:
-            return h
+            return F.pad(h, (0, self.rest)) if self.rest else h
         c_source = final_c if self.kind == "linear" and final_c is not None else s
         return h, self._layers(self.to_c(c_source))
 

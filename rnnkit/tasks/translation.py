@@ -21,6 +21,7 @@ from rnnkit.decoding.torch_steps import TorchSteps
 from rnnkit.gradient_flow import GradientFlow, measure
 from rnnkit.hardware import LENGTH_MULTIPLE
 from rnnkit.metrics import bleu, chrf, perplexity
+from rnnkit.models.rnn import state_size
 from rnnkit.models.seq2seq import Bridge, Decoder, DecoderState, Encoder, Seq2Seq
 from rnnkit.tasks.translation_text import Translation, TranslationStream, TranslationText  # noqa: F401
 from rnnkit.training.teacher_forcing import TeacherForcingSchedule
@@ -34,9 +35,10 @@ def build_model(cfg: Config, src_vocab: int, tgt_vocab: int) -> Seq2Seq:
     e, d = m.encoder, m.decoder
     encoder = Encoder(src_vocab, m.embedding_dim, e.cell, e.hidden_size, e.num_layers, e.bidirectional, e.dropout,
                       recurrent_options(e))
-    bridge = Bridge(m.bridge, encoder.output_size, d.hidden_size, d.num_layers, d.cell == "lstm")
     decoder = Decoder(tgt_vocab, m.embedding_dim, d.cell, d.hidden_size, d.num_layers, d.dropout,
                       d.attention, encoder.output_size, d.input_feeding, recurrent_options(d), d.attention_heads)
+    bridge = Bridge(m.bridge, encoder.output_size, d.hidden_size, d.num_layers, d.cell == "lstm",
+                    state_size(decoder.rnn))
     model = Seq2Seq(encoder, bridge, decoder)
     if m.init_range is not None:
         with torch.no_grad():

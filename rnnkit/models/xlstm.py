@@ -1,0 +1,353 @@
+"""xLSTM's two cells (Beck et al. 2024): sLSTM and mLSTM, with exponential input gates and
+the stabiliser state that keeps them finite.
+
+sLSTM, per unit, gate pre-activations from the input and from the previous output through
+block-diagonal recurrent weights (one block per head: memory mixing within a head only):
+
+    i~, f~, z~, o~ = W x_t + R h_(t-1) + b
+    c_t = f_t c_(t-1) + i_t tanh(z~)          i_t = exp(i~), f_t = sigmoid(f~)
+    n_t = f_t n_(t-1) + i_t                   (the normaliser)
+    h_t = sigmoid(o~) * c_t / n_t
+
+The gates read h_(t-1), so the recurrence is not linear: sLSTM runs one position at a time
+in every form (its input products for all positions are one product beforehand).
+
+mLSTM, per head of width d, a matrix memory written with a key and read with a query:
+
+    q_t = W_q x_t,  k_t = W_k x_t / sqrt(d),  v_t = W_v x_t,  o_t = sigmoid(W_o x_t)
+    i~_t, f~_t = w_i x_t, w_f x_t             (one input and one forget gate per head)
+    C_t = f_t C_(t-1) + i_t k_t v_t^T         (stored as keys x values: h is q^T C, the
+    n_t = f_t n_(t-1) + i_t k_t                paper's C q with C transposed)
+    h_t = o_t * (q_t^T C_t) / max(|q_t^T n_t|, 1)
+
+No gate reads the state, so a whole sequence has a closed form; :func:`mlstm_chunkwise`
+computes it a chunk at a time (within a chunk, all positions at once; across chunks, the
+memory carried, one step per chunk).
+
+The stabiliser: exp(i~) overflows, so every state is kept divided by exp(m_t), with
+m_t = max(log f_t + m_(t-1), i~_t); then i_t exp(-m_t) and f_t exp(m_(t-1) - m_t) are at
+most 1, and the output, a ratio of two stabilised quantities (the 1 of mLSTM's
+denominator becoming exp(-m_t)), is unchanged. The stabilised state is what the cells
+carry: [h, c, n, m] for sLSTM, [h, C, n, m] for mLSTM, flat, h first.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rnnkit.models.scan import widen
+
+SHUT = -1e30     # an input gate's log on padding: exp of it is 0, the state passes unchanged
+
+
+def _check_heads(hidden_size: int, heads: int) -> int:
+    if heads < 1 or hidden_size % heads:
+        raise ValueError(f"hidden_size {hidden_size} does not divide into {heads} heads")
+    return hidden_size // heads
+
+
+def _last_real(held: torch.Tensor | None, steps: int, batch: int, device) -> torch.Tensor:
+    """Each row's last position that is not padding (B,)."""
+    if held is None:
+        return torch.full((batch,), steps - 1, dtype=torch.long, device=device)
+    return (~held[..., 0]).long().cumsum(1).argmax(1)
+
+
+# --------------------------------------------------------------------------- sLSTM
+class SLSTMCell(nn.Module):
+    """One sLSTM layer-direction: ``inp`` (x -> [i, f, z, o] pre-activations) and ``rec``
+    (heads, 4 * d, d): each head's recurrent block, rows gate-major."""
+
+    def __init__(self, input_size: int, hidden_size: int, heads: int = 4):
+        super().__init__()
+        self.hidden_size, self.heads = hidden_size, heads
+        self.head_size = _check_heads(hidden_size, heads)
+        self.state_size = 4 * hidden_size
+        self.inp = nn.Linear(input_size, 4 * hidden_size)
+        self.rec = nn.Parameter(torch.empty(heads, 4 * self.head_size, self.head_size))
+        nn.init.uniform_(self.rec, -1 / math.sqrt(self.head_size), 1 / math.sqrt(self.head_size))
+        with torch.no_grad():     # forget gates start open (sigmoid 0.95 to 0.998), as xLSTM's do
+            self.inp.bias[hidden_size:2 * hidden_size].copy_(torch.linspace(3.0, 6.0, hidden_size))
+
+    def _recurrent(self, h: torch.Tensor) -> torch.Tensor:
+        """R h for (N, H) -> (N, 4H) in the gates' order, each gate's units head by head."""
+        n, k, d = h.size(0), self.heads, self.head_size
+        r = torch.bmm(h.view(n, k, d).transpose(0, 1), self.rec.transpose(1, 2).to(h.dtype))   # (K, N, 4d)
+        return r.view(k, n, 4, d).permute(1, 2, 0, 3).reshape(n, 4 * k * d)
+
+    def _advance(self, pre: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """The stabilised update from the input's pre-activations ``pre`` (N, 4H) and the state (N, 4H)."""
+        h, c, n, m = state.chunk(4, -1)
+        i, f, z, o = (pre + self._recurrent(h)).chunk(4, -1)
+        log_f = F.logsigmoid(f)
+        m_new = torch.maximum(log_f + m, i)
+        i, f = torch.exp(i - m_new), torch.exp(log_f + m - m_new)
+        c, n = f * c + i * torch.tanh(z), f * n + i
+        return torch.cat([torch.sigmoid(o) * c / n, c, n, m_new], -1)
+
+    def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        new = self._advance(widen(self.inp(x)), state)
+        return new[:, :self.hidden_size], new
+
+    def run(self, x: torch.Tensor, state: torch.Tensor, held: torch.Tensor | None,
+            reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, input) -> outputs (B, T, H) and the final state; a padded position
+        (``held`` (B, T, 1)) keeps the state as it was. Sequential: one position at a time."""
+        pre = widen(self.inp(x))
+        if torch.onnx.is_in_onnx_export():
+            held = _held_or_none(held, pre)
+            pre, held = (pre.flip(1), held.flip(1)) if reverse else (pre, held)
+            out, state = _scripted("slstm")(pre, held, state, self.rec, self.heads)
+            return (out.flip(1) if reverse else out), state
+        steps = x.size(1)
+        out = [None] * steps
+        for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
+            new = self._advance(pre[:, t], state)
+            state = new if held is None else torch.where(held[:, t], state, new)
+            out[t] = state[:, :self.hidden_size]
+        return torch.stack(out, 1), state
+
+    def sequential(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The paper's equations without the stabiliser (c and n themselves), one position at a
+        time; m follows its own recursion only to express the final state as the others do."""
+        h, c, n, m = state.chunk(4, -1)
+        c, n = c * torch.exp(m), n * torch.exp(m)
+        w_i, w_f, w_z, w_o = self.inp.weight.chunk(4, 0)
+        b_i, b_f, b_z, b_o = self.inp.bias.chunk(4, 0)
+        out = []
+        for t in range(x.size(1)):
+            r_i, r_f, r_z, r_o = self._recurrent(h).chunk(4, -1)
+            xt = x[:, t]
+            i_pre = xt @ w_i.t() + b_i + r_i
+            f = torch.sigmoid(xt @ w_f.t() + b_f + r_f)
+            c = f * c + torch.exp(i_pre) * torch.tanh(xt @ w_z.t() + b_z + r_z)
+            n = f * n + torch.exp(i_pre)
+            h = torch.sigmoid(xt @ w_o.t() + b_o + r_o) * c / n
+            m = torch.maximum(torch.log(f) + m, i_pre)
+            out.append(h)
+        return torch.stack(out, 1), torch.cat([h, c * torch.exp(-m), n * torch.exp(-m), m], -1)
+
+
+# --------------------------------------------------------------------------- mLSTM
+def mlstm_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_i: torch.Tensor, log_f: torch.Tensor,
+                    memory: torch.Tensor, norm: torch.Tensor, m: torch.Tensor, chunk: int = 64):
+    """Every position's h~ = q^T C / max(|q^T n|, exp(-m)) of the stabilised mLSTM recurrence.
+
+    ``q``, ``k`` (scaled), ``v`` (B, K, T, d); ``log_i`` (i~) and ``log_f`` (log sigmoid f~)
+    (B, K, T); the state before the first position: ``memory`` (B, K, d, d), ``norm``
+    (B, K, d), ``m`` (B, K). Returns h~ (B, K, T, d) and the state after the last position.
+
+    With F_t the sum of log f over a chunk's positions up to t, a position t of a chunk reads
+    s <= t of the same chunk with weight exp(F_t - F_s + i~_s) and the memory entering the
+    chunk with exp(F_t + m_in); each row is divided by its largest weight's exp (its m_t,
+    the same number the step-by-step recursion reaches)."""
+    batch, heads, steps, d = q.shape
+    size = min(chunk, steps)
+    pad = (-steps) % size
+    if pad:      # f = 1 and i = 0 past the end: the state passes unchanged
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        log_i, log_f = F.pad(log_i, (0, pad), value=SHUT), F.pad(log_f, (0, pad))
+    chunks = (steps + pad) // size
+    q, k, v = (t.reshape(batch, heads, chunks, size, d) for t in (q, k, v))
+    log_i, log_f = log_i.reshape(batch, heads, chunks, size), log_f.reshape(batch, heads, chunks, size)
+    decay = log_f.cumsum(-1)                               # F_t
+    total = decay[..., -1]                                 # a whole chunk's decay (B, K, N)
+    # each chunk's own contribution to the state at its end, stabilised by its own maximum
+    weight = total.unsqueeze(-1) - decay + log_i
+    m_own = weight.amax(-1)
+    scaled = k * torch.exp(weight - m_own.unsqueeze(-1)).unsqueeze(-1)
+    memory_own, norm_own = scaled.transpose(-1, -2) @ v, scaled.sum(-2)
+    # the state entering each chunk: carried one chunk at a time
+    entering = []
+    for n in range(chunks):
+        entering.append((memory, norm, m))
+        m_new = torch.maximum(total[:, :, n] + m, m_own[:, :, n])
+        keep, add = torch.exp(total[:, :, n] + m - m_new), torch.exp(m_own[:, :, n] - m_new)
+        memory = keep[..., None, None] * memory + add[..., None, None] * memory_own[:, :, n]
+        norm = keep[..., None] * norm + add[..., None] * norm_own[:, :, n]
+        m = m_new
+    memory_in, norm_in, m_in = (torch.stack(s, 2) for s in zip(*entering))
+    # every position from its chunk's earlier positions and the memory entering the chunk
+    log_d = decay.unsqueeze(-1) - decay.unsqueeze(-2) + log_i.unsqueeze(-2)          # (B, K, N, t, s)
+    later = torch.ones(size, size, dtype=torch.bool, device=q.device).triu(1)
+    log_d = log_d.masked_fill(later, float("-inf"))
+    carried = decay + m_in.unsqueeze(-1)
+    m_t = torch.maximum(log_d.amax(-1), carried)
+    scores = (q @ k.transpose(-1, -2)) * torch.exp(log_d - m_t.unsqueeze(-1))
+    w_in = torch.exp(carried - m_t)
+    num = scores @ v + w_in.unsqueeze(-1) * (q @ memory_in)
+    den = scores.sum(-1) + w_in * (q * norm_in.unsqueeze(-2)).sum(-1)
+    h = num / torch.maximum(den.abs(), torch.exp(-m_t)).unsqueeze(-1)
+    return h.reshape(batch, heads, chunks * size, d)[:, :, :steps], (memory, norm, m)
+
+
+class MLSTMCell(nn.Module):
+    """One mLSTM layer-direction: ``proj`` maps x to [q, k, v, o] (H each) and one input and
+    one forget gate pre-activation per head."""
+
+    chunk = 64
+
+    def __init__(self, input_size: int, hidden_size: int, heads: int = 4):
+        super().__init__()
+        self.hidden_size, self.heads = hidden_size, heads
+        self.head_size = d = _check_heads(hidden_size, heads)
+        self.state_size = hidden_size + heads * d * d + hidden_size + heads
+        self.proj = nn.Linear(input_size, 4 * hidden_size + 2 * heads)
+        with torch.no_grad():     # as xLSTM starts them: input gates near 0, forget gates open
+            h4 = 4 * hidden_size
+            self.proj.weight[h4:].zero_()
+            self.proj.bias[h4:h4 + heads].normal_(0.0, 0.1)
+            self.proj.bias[h4 + heads:].copy_(torch.linspace(3.0, 6.0, heads))
+
+    def _parts(self, x: torch.Tensor, split: bool = True):
+        """(..., input) -> q, k (scaled), v (..., K, d) (``split``; else (..., H)), o (..., H),
+        i~ and log f (..., K)."""
+        p = widen(self.proj(x))
+        h, k = self.hidden_size, self.heads
+        q, key, v, o = p[..., :4 * h].chunk(4, -1)
+        if split:
+            q, key, v = (t.unflatten(-1, (k, self.head_size)) for t in (q, key, v))
+        i_pre, f_pre = p[..., 4 * h:].chunk(2, -1)
+        return q, key / math.sqrt(self.head_size), v, torch.sigmoid(o), i_pre, F.logsigmoid(f_pre)
+
+    def _unpack(self, state: torch.Tensor):
+        h, k, d = self.hidden_size, self.heads, self.head_size
+        sizes = [h, k * d * d, h, k]
+        _, memory, norm, m = state.split(sizes, -1)
+        return memory.unflatten(-1, (k, d, d)), norm.unflatten(-1, (k, d)), m
+
+    def _pack(self, h: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return torch.cat([h, memory.flatten(-3), norm.flatten(-2), m], -1)
+
+    def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v, o, i_pre, log_f = self._parts(x)
+        h, memory, norm, m = _mlstm_step(q, k, v, o, i_pre, log_f, *self._unpack(state))
+        return h, self._pack(h, memory, norm, m)
+
+    def run(self, x: torch.Tensor, state: torch.Tensor, held: torch.Tensor | None,
+            reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, input) -> outputs (B, T, H) and the final state, chunkwise; on padding
+        (``held``) f = 1 and i = 0."""
+        graph = torch.onnx.is_in_onnx_export()     # heads split inside the graph's loop
+        q, k, v, o, i_pre, log_f = self._parts(x, split=not graph)
+        if held is not None:
+            i_pre, log_f = i_pre.masked_fill(held, SHUT), log_f.masked_fill(held, 0.0)
+        flip = (lambda t: t.flip(1)) if reverse else (lambda t: t)     # noqa: E731
+        q, k, v, o, i_pre, log_f = (flip(t) for t in (q, k, v, o, i_pre, log_f))
+        if graph:
+            held = flip(_held_or_none(held, o))
+            h, state = _scripted("mlstm")(q, k, v, o, i_pre, log_f, held, state, self.heads)
+            return flip(h), state
+        memory, norm, m = self._unpack(state)
+        batch, steps = x.size(0), x.size(1)
+        heads_first = lambda t: t.transpose(1, 2)      # noqa: E731   (B, T, K, ...) -> (B, K, T, ...)
+        h, (memory, norm, m) = mlstm_chunkwise(heads_first(q), heads_first(k), heads_first(v), heads_first(i_pre),
+                                              heads_first(log_f), memory, norm, m, self.chunk)
+        h = flip(o * h.transpose(1, 2).flatten(-2))
+        last = _last_real(None if held is None else flip(held), steps, batch, x.device)
+        last = last if not reverse else steps - 1 - last
+        h_end = h[torch.arange(batch, device=x.device), last]
+        return h, self._pack(h_end, memory, norm, m)
+
+    def sequential(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The paper's equations without the stabiliser, one position at a time (m follows its
+        recursion only to express the final state as the other forms do)."""
+        w = self.proj.weight
+        b = self.proj.bias
+        hs, k_, d = self.hidden_size, self.heads, self.head_size
+        memory, norm, m = self._unpack(state)
+        memory, norm = memory * torch.exp(m)[..., None, None], norm * torch.exp(m)[..., None]
+        out, h = [], state[..., :hs]
+        for t in range(x.size(1)):
+            p = x[:, t] @ w.t() + b
+            q, key, v, o = (p[:, j * hs:(j + 1) * hs].view(-1, k_, d) for j in range(4))
+            key = key / math.sqrt(d)
+            i_pre, f_pre = p[:, 4 * hs:4 * hs + k_], p[:, 4 * hs + k_:]
+            i, f = torch.exp(i_pre), torch.sigmoid(f_pre)
+            memory = f[..., None, None] * memory + i[..., None, None] * key.unsqueeze(-1) * v.unsqueeze(-2)
+            norm = f[..., None] * norm + i[..., None] * key
+            num = (q.unsqueeze(-2) @ memory).squeeze(-2)
+            den = (q * norm).sum(-1).abs().clamp_min(1.0)
+            h = torch.sigmoid(o).flatten(-2) * (num / den[..., None]).flatten(-2)
+            m = torch.maximum(torch.log(f) + m, i_pre)
+            out.append(h)
+        scale = torch.exp(-m)
+        return torch.stack(out, 1), self._pack(h, memory * scale[..., None, None], norm * scale[..., None], m)
+
+
+def _mlstm_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, i_pre: torch.Tensor,
+                log_f: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor, m: torch.Tensor):
+    """One stabilised mLSTM position for (N, K, d) q, k, v, (N, H) o, (N, K) gates and the
+    state -> h (N, H), memory, norm, m."""
+    m_new = torch.maximum(log_f + m, i_pre)
+    keep, add = torch.exp(log_f + m - m_new), torch.exp(i_pre - m_new)
+    memory = keep[..., None, None] * memory + add[..., None, None] * (k.unsqueeze(-1) * v.unsqueeze(-2))
+    norm = keep[..., None] * norm + add[..., None] * k
+    num = (q.unsqueeze(-2) @ memory).squeeze(-2)
+    den = torch.maximum((q * norm).sum(-1).abs(), torch.exp(-m_new))
+    return o * (num / den.unsqueeze(-1)).flatten(-2), memory, norm, m_new
+
+
+# --------------------------------------------------------------------------- graphs
+_SCRIPTS: dict = {}
+
+
+def _scripted(which: str):
+    """The cell's step-by-step recurrence as a scripted loop (compiled once, on the first
+    export), which an ONNX graph runs over any length; traced code would fix the length."""
+    if which not in _SCRIPTS:
+        _SCRIPTS[which] = torch.jit.script(_slstm_loop if which == "slstm" else _mlstm_loop)
+    return _SCRIPTS[which]
+
+
+def _held_or_none(held: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """``held``, or no position held: computed from ``like``'s values (always False, even for
+    inf or nan) because a traced zeros_like would fix the graph's batch size."""
+    return held if held is not None else like[..., :1] * 0 > 1
+
+
+def _slstm_loop(pre: torch.Tensor, held: torch.Tensor, state: torch.Tensor, rec: torch.Tensor, heads: int):
+    hidden = pre.size(2) // 4
+    d = hidden // heads
+    out = []
+    for t in range(pre.size(1)):
+        h, c, nrm, m = state[:, :hidden], state[:, hidden:2 * hidden], state[:, 2 * hidden:3 * hidden], \
+            state[:, 3 * hidden:]
+        r = torch.bmm(h.reshape(-1, heads, d).transpose(0, 1), rec.transpose(1, 2))
+        g = pre[:, t] + r.reshape(heads, -1, 4, d).permute(1, 2, 0, 3).reshape(-1, 4 * hidden)
+        i, f, z, o = g[:, :hidden], g[:, hidden:2 * hidden], g[:, 2 * hidden:3 * hidden], g[:, 3 * hidden:]
+        log_f = F.logsigmoid(f)
+        m_new = torch.maximum(log_f + m, i)
+        i, f = torch.exp(i - m_new), torch.exp(log_f + m - m_new)
+        c = f * c + i * torch.tanh(z)
+        nrm = f * nrm + i
+        state = torch.where(held[:, t], state, torch.cat([torch.sigmoid(o) * c / nrm, c, nrm, m_new], -1))
+        out.append(state[:, :hidden])
+    return torch.stack(out, 1), state
+
+
+def _mlstm_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, i_pre: torch.Tensor,
+                log_f: torch.Tensor, held: torch.Tensor, state: torch.Tensor, heads: int):
+    # positive axes, and no batch size or length read from a shape the graph may hold fixed
+    width = o.size(2)
+    d = width // heads
+    h = state[:, :width]
+    memory = state[:, width:width + heads * d * d].reshape(-1, heads, d, d)
+    norm = state[:, width + heads * d * d:2 * width + heads * d * d].reshape(-1, heads, d)
+    m = state[:, 2 * width + heads * d * d:]
+    out = []
+    for t in range(q.size(1)):
+        m_new = torch.maximum(log_f[:, t] + m, i_pre[:, t])
+        keep, add = torch.exp(log_f[:, t] + m - m_new), torch.exp(i_pre[:, t] - m_new)
+        k_t, v_t, q_t = k[:, t].reshape(-1, heads, d), v[:, t].reshape(-1, heads, d), q[:, t].reshape(-1, heads, d)
+        memory = keep.unsqueeze(2).unsqueeze(3) * memory + add.unsqueeze(2).unsqueeze(3) * (k_t.unsqueeze(3) * v_t.unsqueeze(2))
+        norm = keep.unsqueeze(2) * norm + add.unsqueeze(2) * k_t
+        num = (q_t.unsqueeze(3) * memory).sum(2)
+        den = torch.maximum((q_t * norm).sum(2).abs(), torch.exp(-m_new))
+        h = torch.where(held[:, t], h, o[:, t] * (num / den.unsqueeze(2)).flatten(1))
+        m = m_new
+        out.append(h)
+    return torch.stack(out, 1), torch.cat([h, memory.flatten(1), norm.flatten(1), m], 1)

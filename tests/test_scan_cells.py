@@ -180,3 +180,44 @@ def test_keys_a_scan_cell_does_not_take_are_one_line_errors(tmp_path):
         with pytest.raises(ConfigError, match=says) as err:
             load_config(write_yaml(tmp_path / "c.yaml", cfg))
         assert key in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 64])
+def test_mlstm_chunkwise_form_is_the_same_for_any_chunk_size(chunk, monkeypatch):
+    """Chunks of 1, 3 (not dividing the length), 4 and one chunk for all: the memory carried
+    between chunks gives the papers' equations, values and gradients, with padding."""
+    from rnnkit.models.xlstm import MLSTMCell
+
+    monkeypatch.setattr(MLSTMCell, "chunk", chunk)
+    torch.manual_seed(6)
+    rnn = make_rnn("mlstm", 5, 8, 1, 0.0, heads=HEADS).double()
+    x = torch.randn(2, 13, 5, dtype=torch.float64, requires_grad=True)
+    h0 = _state(rnn, 2)
+    fast, slow = rnn(x, h0), rnn.sequential(x, h0)
+    for p, q in zip(fast, slow):
+        assert torch.allclose(p, q, atol=1e-10, rtol=0)
+    leaves = [x, h0, *rnn.parameters()]
+    for p, q in zip(_grads(_loss(*fast), leaves), _grads(_loss(*slow), leaves)):
+        assert torch.allclose(p, q, atol=1e-10, rtol=0)
+    out, final = rnn(x, lengths=torch.tensor([13, 6]))
+    alone, end = rnn.sequential(x[1:, :6])
+    assert torch.allclose(out[1, :6], alone[0], atol=1e-10) and torch.allclose(final[:, 1], end[:, 0], atol=1e-10)
+
+
+@pytest.mark.parametrize("cell", ["slstm", "mlstm"])
+def test_the_stabiliser_keeps_exponential_gates_finite(cell):
+    """Input-gate pre-activations of 200 overflow exp in float32 (exp(89) is already inf):
+    the stabilised forms stay finite and equal the float64 equations."""
+    torch.manual_seed(7)
+    rnn = make_rnn(cell, 4, 8, 1, 0.0, heads=HEADS)
+    with torch.no_grad():
+        first = rnn.cell_l0
+        bias = first.inp.bias if cell == "slstm" else first.proj.bias
+        gates = slice(0, 8) if cell == "slstm" else slice(32, 32 + HEADS)
+        bias[gates] += 200.0
+    x = torch.randn(2, 20, 4)
+    with torch.no_grad():
+        out, final = rnn(x)
+        exact, _ = rnn.double().sequential(x.double())
+    assert torch.isfinite(out).all() and torch.isfinite(final).all()
+    assert torch.allclose(out.double(), exact, atol=1e-4)

@@ -1,5 +1,6 @@
-"""Training speed and memory of the scan cells (minGRU, minLSTM, RG-LRU) against torch's
-fused LSTM and GRU and against the published implementations, as the sequence grows.
+"""Training speed and memory of the newer cells (minGRU, minLSTM, RG-LRU, sLSTM, mLSTM)
+against torch's fused LSTM and GRU and against the published implementations, as the
+sequence grows.
 
 One recurrent layer, batch 32, input width = hidden size, a forward and a backward pass over
 random inputs (loss: the outputs' sum). Each (cell, hidden, length, precision) runs in a
@@ -10,8 +11,10 @@ LSTM measured in the same run. Then step-form generation: one layer stepped toke
 at batch 1, time per token against the LSTM's.
 
 Published implementations, where installed (``pip install -e .[refs]``): ``mingru-pytorch``'s
-minGRU and minLSTM (the log-space scan), and ``recurrentgemma``'s RG-LRU behind a linear
-input projection (rnnkit's RG-LRU cell has one; theirs takes its width as it is).
+minGRU and minLSTM (the log-space scan), ``recurrentgemma``'s RG-LRU behind a linear
+input projection (rnnkit's RG-LRU cell has one; theirs takes its width as it is), and
+``xlstm``'s native PyTorch mLSTM (its parallel form) and sLSTM (its vanilla loop), each
+behind the same input projection as rnnkit's cell (4 heads).
 
     python bench/cells.py [--hidden 512 1024] [--lengths 64 256 1024 4096] [--precision fp32 bf16]
                           [--cells lstm gru mingru ...] [--repeats 2] [--plot PNG] [--json FILE]
@@ -30,11 +33,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-OURS = ("mingru", "minlstm", "rglru")
+OURS = ("mingru", "minlstm", "rglru", "slstm", "mlstm")
 BASELINES = ("lstm", "gru")
 REFERENCES = {"mingru-pytorch": "minGRU_pytorch", "minlstm-pytorch": "minGRU_pytorch",
-              "recurrentgemma": "recurrentgemma"}
-GOALS = {"mingru": 5.0, "minlstm": 5.0}     # tokens/s against the fused LSTM at length 1,024
+              "recurrentgemma": "recurrentgemma", "xlstm-mlstm": "xlstm", "xlstm-slstm": "xlstm"}
+GOALS = {"mingru": 5.0, "minlstm": 5.0, "mlstm": 2.0}     # tokens/s against the fused LSTM at length 1,024
 
 
 def reference_available(name: str) -> bool:
@@ -62,6 +65,8 @@ def build(cell: str, hidden: int):
         from minGRU_pytorch.minLSTM import minLSTM
 
         return minLSTM(hidden)
+    if cell.startswith("xlstm"):
+        return xlstm_reference(cell, hidden)
     from tests.test_scan_references import _recurrentgemma_torch
 
     rglru = _recurrentgemma_torch().RGLRU(hidden, num_heads=1)
@@ -76,6 +81,48 @@ def build(cell: str, hidden: int):
             return self.rglru(self.inp(x), positions)[0]
 
     return Projected()
+
+
+def xlstm_reference(cell: str, hidden: int, heads: int = 4):
+    """xlstm's native PyTorch mLSTM (parallel form) or sLSTM (vanilla loop) behind one input
+    projection, as rnnkit's cells have."""
+    import torch
+    from torch import nn
+
+    d = hidden // heads
+    if cell == "xlstm-mlstm":
+        from xlstm.blocks.mlstm.backends import parallel_stabilized_simple
+
+        class MLSTM(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.proj = nn.Linear(hidden, 4 * hidden + 2 * heads)
+
+            def forward(self, x):
+                b, t, _ = x.shape
+                p = self.proj(x)
+                q, k, v, o = (z.view(b, t, heads, d).transpose(1, 2) for z in p[..., :4 * hidden].chunk(4, -1))
+                i, f = (z.transpose(1, 2).unsqueeze(-1) for z in p[..., 4 * hidden:].chunk(2, -1))
+                h = parallel_stabilized_simple(q, k, v, i, f)
+                return torch.sigmoid(o).transpose(1, 2).reshape(b, t, hidden) * h.transpose(1, 2).reshape(b, t, hidden)
+
+        return MLSTM()
+    from xlstm.blocks.slstm.src.vanilla import slstm_forward, slstm_pointwise_function_registry
+
+    class SLSTM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(hidden, 4 * hidden, bias=False)
+            self.rec = nn.Parameter(torch.randn(heads, 4 * d, d) / d ** 0.5)
+            self.bias = nn.Parameter(torch.zeros(4 * hidden))
+
+        def forward(self, x):
+            wx = self.inp(x).transpose(0, 1)
+            states = x.new_zeros(4, x.size(0), hidden)
+            out, _, _ = slstm_forward(wx, states, self.rec, self.bias, slstm_pointwise_function_registry["slstm"])
+            return out[0, 1:].transpose(0, 1)
+
+    return SLSTM()
 
 
 def rss_mb() -> float:
@@ -129,8 +176,11 @@ def step_time(cell: str, hidden: int, steps: int, device: str) -> float:
 
     rnn = make_rnn(cell, hidden, hidden, 1).to(device).eval()
     x = torch.randn(1, hidden, device=device)
-    state = torch.zeros(1, 1, hidden, device=device)
-    state = (state, state.clone()) if cell == "lstm" else state
+    if hasattr(rnn, "initial_state"):
+        state = rnn.initial_state(1, x)
+    else:
+        state = torch.zeros(1, 1, hidden, device=device)
+        state = (state, state.clone()) if cell == "lstm" else state
     with torch.no_grad():
         for _ in range(20):
             x, state = rnn_step(rnn, x, state)

@@ -17,7 +17,7 @@ from rnnkit.cli.common import err_console
 
 app = typer.Typer(
     name="rnnkit",
-    help="Train and run recurrent sequence models (RNN, LSTM, GRU; minGRU, minLSTM, RG-LRU) from YAML configs.",
+    help="Train and run recurrent sequence models (RNN, LSTM, GRU; minGRU, minLSTM, RG-LRU, sLSTM, mLSTM) from YAML configs.",
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,

@@ -1,11 +1,11 @@
-"""The scan cells on real work, each cell under the same time budget and thread count as the
+"""The newer cells on real work, each cell under the same time budget and thread count as the
 LSTM beside it in the same run:
 
 - ``adding``: the memory lab's adding problem at T = 1,000 (configs/adding.yaml otherwise:
   one layer of 128, batch 64, Adam 0.002): test MSE of best.pt beside the baseline of
   always answering 1.0 (0.167); solved means 0.01 or less.
 - ``wikitext2``: configs/lm_wikitext2.yaml (the shipped 2x400 LSTM recipe: AWD-LSTM
-  regularisers, tied adaptive softmax) and the scan cells in residual, layer-normalised
+  regularisers, tied adaptive softmax) and the newer cells in residual, layer-normalised
   stacks sized to about its recurrent parameter count (``WIKITEXT2``; DropConnect has no
   recurrent matrix to act on in them, so ``weight_drop`` is 0): test perplexity of best.pt,
   one stream, without and with the recipe's cache (2,000 positions, theta 2.0, lambda 0.25).
@@ -38,6 +38,10 @@ WIKITEXT2 = {   # overrides of configs/lm_wikitext2.yaml per cell: about its 2.5
     "minlstm": ["model.cell=minlstm", "model.hidden_size=528", "model.num_layers=3", "model.residual=true",
                 "model.layer_norm=true", "model.weight_drop=0"],
     "rglru": ["model.cell=rglru", "model.hidden_size=528", "model.num_layers=3", "model.residual=true",
+              "model.layer_norm=true", "model.weight_drop=0"],
+    "slstm": ["model.cell=slstm", "model.hidden_size=416", "model.num_layers=3", "model.residual=true",
+              "model.layer_norm=true", "model.weight_drop=0"],
+    "mlstm": ["model.cell=mlstm", "model.hidden_size=464", "model.num_layers=3", "model.residual=true",
               "model.layer_norm=true", "model.weight_drop=0"],
 }
 

@@ -221,3 +221,20 @@ def test_the_stabiliser_keeps_exponential_gates_finite(cell):
         exact, _ = rnn.double().sequential(x.double())
     assert torch.isfinite(out).all() and torch.isfinite(final).all()
     assert torch.allclose(out.double(), exact, atol=1e-4)
+
+
+def test_xlstm_keys_are_checked_in_one_line(tmp_path):
+    from rnnkit.config import ConfigError, load_config
+    from tests.conftest import tiny_lm_config, write_yaml
+
+    for cell, key, value, says in [("mlstm", "model.cell_heads", 5, "5 does not divide it"),
+                                   ("slstm", "model.recurrent_dropout", 0.2, "sLSTM does not offer it"),
+                                   ("mlstm", "model.weight_drop", 0.2, "no recurrent weights"),
+                                   ("slstm", "model.impl", "explicit", "one implementation")]:
+        cfg = tiny_lm_config(tmp_path)
+        cfg["model"]["cell"] = cell
+        section, name = key.split(".")
+        cfg[section][name] = value
+        with pytest.raises(ConfigError, match=says) as err:
+            load_config(write_yaml(tmp_path / "c.yaml", cfg))
+        assert key in str(err.value) and "\n" not in str(err.value)

@@ -10,7 +10,8 @@ import rnnkit
 from rnnkit.config import load_config
 from rnnkit.runs import load_task
 from tests.conftest import write_yaml
-from tests.test_crash_safety import assert_same_weights, records, task_config, train_in_process
+from tests.test_crash_safety import (assert_same_weights, last_step, launch, records, task_config, train_in_process,
+                                     wait_for)
 
 TASK_CELLS = [("lm", "mingru"), ("translation", "minlstm"), ("tagging", "rglru"), ("documents", "minlstm"),
               ("forecast", "mingru"), ("adding", "rglru"), ("copy", "minlstm"), ("classification_hops", "mingru"),
@@ -38,6 +39,31 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, task, cell):
     assert_same_weights(tmp_path / "full" / "last.pt", tmp_path / "part" / "last.pt")
     assert records(tmp_path / "full") == records(tmp_path / "part")
     assert type(load_task(tmp_path / "full" / "last.pt").model).__name__   # the checkpoint rebuilds
+
+
+@pytest.mark.parametrize("cell,task", [("mingru", "lm"), ("minlstm", "translation"), ("rglru", "lm"),
+                                       ("slstm", "lm"), ("mlstm", "translation")])
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, cell, task):
+    """A training process killed outright (no handler runs) resumes from its last checkpoint,
+    carried recurrent state included, to the weights and curve of a run never killed."""
+    import signal
+
+    def config(name: str):
+        cfg = scan_config(task, cell, tmp_path, name)
+        cfg["train"].update(max_steps=60, eval_every=6)
+        return write_yaml(tmp_path / f"{name}.yaml", cfg)
+
+    train_in_process(config("reference"))
+    killed, run = config("killed"), tmp_path / "killed"
+    proc = launch(killed)
+    if not wait_for(lambda: last_step(run) >= 20, proc, timeout=120):
+        pytest.fail(f"training ended before the kill: {proc.stderr.read()[-500:]}")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert last_step(run) < 60
+    train_in_process(killed, resume=True)
+    assert_same_weights(tmp_path / "reference" / "last.pt", run / "last.pt")
+    assert records(tmp_path / "reference") == records(run)
 
 
 def _trained(tmp_path, task, cell, **model):

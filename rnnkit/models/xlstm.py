@@ -102,10 +102,10 @@ class SLSTMCell(nn.Module):
             pre, held = (pre.flip(1), held.flip(1)) if reverse else (pre, held)
             out, state = _scripted("slstm")(pre, held, state, self.rec, self.heads)
             return (out.flip(1) if reverse else out), state
-        steps = x.size(1)
+        steps, pres = x.size(1), pre.unbind(1)     # unbind: one gradient for all steps, not one full-size per step
         out = [None] * steps
         for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
-            new = self._advance(pre[:, t], state)
+            new = self._advance(pres[t], state)
             state = new if held is None else torch.where(held[:, t], state, new)
             out[t] = state[:, :self.hidden_size]
         return torch.stack(out, 1), state
@@ -161,13 +161,14 @@ def mlstm_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_i: to
     scaled = k * torch.exp(weight - m_own.unsqueeze(-1)).unsqueeze(-1)
     memory_own, norm_own = scaled.transpose(-1, -2) @ v, scaled.sum(-2)
     # the state entering each chunk: carried one chunk at a time
+    # (unbound first: indexing chunk n in the loop would give each chunk's gradient the size of all chunks)
     entering = []
-    for n in range(chunks):
+    for tot, m_c, memory_c, norm_c in zip(total.unbind(2), m_own.unbind(2), memory_own.unbind(2), norm_own.unbind(2)):
         entering.append((memory, norm, m))
-        m_new = torch.maximum(total[:, :, n] + m, m_own[:, :, n])
-        keep, add = torch.exp(total[:, :, n] + m - m_new), torch.exp(m_own[:, :, n] - m_new)
-        memory = keep[..., None, None] * memory + add[..., None, None] * memory_own[:, :, n]
-        norm = keep[..., None] * norm + add[..., None] * norm_own[:, :, n]
+        m_new = torch.maximum(tot + m, m_c)
+        keep, add = torch.exp(tot + m - m_new), torch.exp(m_c - m_new)
+        memory = keep[..., None, None] * memory + add[..., None, None] * memory_c
+        norm = keep[..., None] * norm + add[..., None] * norm_c
         m = m_new
     memory_in, norm_in, m_in = (torch.stack(s, 2) for s in zip(*entering))
     # every position from its chunk's earlier positions and the memory entering the chunk

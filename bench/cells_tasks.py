@@ -4,6 +4,9 @@ LSTM beside it in the same run:
 - ``adding``: the memory lab's adding problem at T = 1,000 (configs/adding.yaml otherwise:
   one layer of 128, batch 64, Adam 0.002): test MSE of best.pt beside the baseline of
   always answering 1.0 (0.167); solved means 0.01 or less.
+- ``copy``: the memory lab's copy task at the shipped delay (configs/copy.yaml: T = 100,
+  10 symbols of 8, one layer of 128): test accuracy of best.pt after the delay beside
+  chance (0.125).
 - ``wikitext2``: configs/lm_wikitext2.yaml (the shipped 2x400 LSTM recipe: AWD-LSTM
   regularisers, tied adaptive softmax) and the newer cells in residual, layer-normalised
   stacks sized to about its recurrent parameter count (``WIKITEXT2``; DropConnect has no
@@ -14,6 +17,7 @@ Runs go ``--jobs`` at a time, each with ``--threads`` threads, so that the budge
 is the same; a finished run in ``--out`` is reused.
 
     python bench/cells_tasks.py adding [--minutes 15] [--length 1000] [--cells lstm mingru minlstm rglru]
+    python bench/cells_tasks.py copy [--minutes 15] [--length 100] [--cells ...]
     python bench/cells_tasks.py wikitext2 [--minutes 15] [--cells lstm mingru minlstm rglru]
 """
 from __future__ import annotations
@@ -82,6 +86,15 @@ def adding(args: argparse.Namespace, cell: str) -> dict:
             "seconds": seconds, "result": result}
 
 
+def copy(args: argparse.Namespace, cell: str) -> dict:
+    run = args.out / f"copy{args.length}_{cell}"
+    seconds = train("configs/copy.yaml", run, [f"model.cell={cell}", f"data.length={args.length}",
+                                               "train.gradient_flow_every=null"], args.minutes, args.threads)
+    result = json.loads(rnnkit("eval", str(run / "best.pt"), "--json").stdout)
+    steps = max(json.loads(line).get("step", 0) for line in (run / "metrics.jsonl").read_text().splitlines() if line)
+    return {"cell": cell, "accuracy": result.get("accuracy"), "steps": steps, "seconds": seconds, "result": result}
+
+
 def wikitext2(args: argparse.Namespace, cell: str) -> dict:
     run = args.out / f"wikitext2_{cell}"
     seconds = train("configs/lm_wikitext2.yaml", run, WIKITEXT2.get(cell, [f"model.cell={cell}"]),
@@ -98,14 +111,16 @@ def wikitext2(args: argparse.Namespace, cell: str) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["adding", "wikitext2"])
+    ap.add_argument("what", choices=["adding", "copy", "wikitext2"])
     ap.add_argument("--cells", nargs="+", default=["lstm", "mingru", "minlstm", "rglru"])
     ap.add_argument("--minutes", type=float, default=15.0)
-    ap.add_argument("--length", type=int, default=1000, help="adding: T")
+    ap.add_argument("--length", type=int, help="adding: T (default 1,000); copy: the delay (default 100)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "cells_tasks")
     args = ap.parse_args()
+    if args.length is None:
+        args.length = 1000 if args.what == "adding" else 100
     if args.what == "wikitext2" and not WT2.exists():
         print(f"skipped: {WT2} is absent (the shared corpora are needed)")
         return 0
@@ -116,7 +131,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     started = time.time()
-    job = adding if args.what == "adding" else wikitext2
+    job = {"adding": adding, "copy": copy, "wikitext2": wikitext2}[args.what]
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(lambda c: job(args, c), args.cells))
     print(describe(torch.device("cpu")))
@@ -127,12 +142,18 @@ def main() -> int:
         for r in rows:
             print(f"{r['cell']:<8} {r['test_mse']:>9.4f} {r['baseline']:>9.4f} "
                   f"{'yes' if r['test_mse'] <= 0.01 else 'no':>7} {r['steps']:>7}")
+    elif args.what == "copy":
+        print(f"{'cell':<8} {'test accuracy':>13} {'chance':>7} {'steps':>7}")
+        for r in rows:
+            print(f"{r['cell']:<8} {r['accuracy']:>13.3f} {0.125:>7.3f} {r['steps']:>7}")
     else:
         print(f"{'cell':<8} {'recurrent params':>16} {'test ppl':>9} {'with cache':>11} {'steps':>7}")
         for r in rows:
             print(f"{r['cell']:<8} {r['parameters']:>16,} {r['test_ppl']:>9.1f} {r['test_ppl_cache']:>11.1f} "
                   f"{r['steps']:>7}")
-    (args.out / f"{args.what}.json").write_text(json.dumps(rows, indent=1))
+    saved = args.out / f"{args.what}.json"     # earlier cells' rows kept, this run's replacing theirs
+    earlier = [r for r in json.loads(saved.read_text()) if r["cell"] not in args.cells] if saved.exists() else []
+    saved.write_text(json.dumps(earlier + rows, indent=1))
     return 0
 
 

@@ -27,13 +27,13 @@ def _cli(*args: str) -> str:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A character LSTM LM, a word GRU LM, a character RG-LRU LM and a character mLSTM LM,
-    each trained a few steps and exported."""
+    """A character LSTM LM, a word GRU LM, a character LM of RG-LRUs in Hawk's block and a
+    character mLSTM LM, each trained a few steps and exported."""
     tmp = tmp_path_factory.mktemp("export")
     out = {}
     for name, sections in (("char", {"model": {"cell": "lstm", "num_layers": 2}}),
                            ("word", {"data": {"tokenizer": "word", "bptt": 8}, "model": {"cell": "gru"}}),
-                           ("scan", {"model": {"cell": "rglru", "num_layers": 2}}),
+                           ("scan", {"model": {"cell": "rglru", "num_layers": 2, "block": True}}),
                            ("mlstm", {"model": {"cell": "mlstm", "num_layers": 2, "cell_heads": 2}})):
         cfg = tiny_lm_config(tmp, run_dir=str(tmp / name), **sections)
         cfg["train"].update(max_steps=12, eval_every=12)

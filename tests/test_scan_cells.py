@@ -1,17 +1,21 @@
-"""The newer cells (minGRU, minLSTM, RG-LRU, sLSTM, mLSTM): the parallel form, the step
-form and the paper's equations agree; padding, carried state, bf16."""
+"""The newer cells (minGRU, minLSTM, RG-LRU alone and in Hawk's block, sLSTM, mLSTM): the
+parallel form, the step form and the paper's equations agree; padding, carried state, bf16."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from rnnkit.models.mingated import MinGRUCell, g
-from rnnkit.models.rnn import make_rnn, rnn_step, run_padded
+from rnnkit.models.rnn import make_rnn as _make_rnn, rnn_step, run_padded
 from rnnkit.models.scan import linear_scan, sequential_scan
 
 SCAN = ["mingru", "minlstm", "rglru"]
-CELLS = SCAN + ["slstm", "mlstm"]
+CELLS = SCAN + ["slstm", "mlstm", "hawk"]     # hawk: RG-LRU in Hawk's block (block: true)
 HEADS = 2     # sLSTM and mLSTM split their state into two heads here
+
+
+def make_rnn(cell: str, *args, **kwargs):
+    return _make_rnn("rglru", *args, block=True, **kwargs) if cell == "hawk" else _make_rnn(cell, *args, **kwargs)
 
 
 def _state(rnn, batch: int) -> torch.Tensor:
@@ -230,7 +234,8 @@ def test_xlstm_keys_are_checked_in_one_line(tmp_path):
     for cell, key, value, says in [("mlstm", "model.cell_heads", 5, "5 does not divide it"),
                                    ("slstm", "model.recurrent_dropout", 0.2, "sLSTM does not offer it"),
                                    ("mlstm", "model.weight_drop", 0.2, "no recurrent weights"),
-                                   ("slstm", "model.impl", "explicit", "one implementation")]:
+                                   ("slstm", "model.impl", "explicit", "one implementation"),
+                                   ("mingru", "model.block", True, "rglru \\(Hawk's block\\) only")]:
         cfg = tiny_lm_config(tmp_path)
         cfg["model"]["cell"] = cell
         section, name = key.split(".")
@@ -238,3 +243,23 @@ def test_xlstm_keys_are_checked_in_one_line(tmp_path):
         with pytest.raises(ConfigError, match=says) as err:
             load_config(write_yaml(tmp_path / "c.yaml", cfg))
         assert key in str(err.value) and "\n" not in str(err.value)
+
+
+def test_hawks_block_is_the_papers_layout():
+    """One position by hand from a zero state: y = W_o (GeLU(W_g x) * h), h the RG-LRU of the
+    convolution of W_u x (only its last tap sees the position; the window holds zeros)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(8)
+    rnn = make_rnn("hawk", 3, 4, 1)
+    block = rnn.cell_l0
+    x = torch.randn(2, 1, 3)
+    with torch.no_grad():
+        out, final = rnn(x)
+        u = block.inp(x[:, 0])
+        c = block.conv.weight[:, 0, -1] * u + block.conv.bias
+        a, b = block.rglru.coefficients(c)
+        y = block.out(F.gelu(block.gate(x[:, 0])) * b)      # h_0 = 0: h_1 = b
+    assert torch.allclose(out[:, 0], y, atol=1e-6)
+    assert torch.allclose(final[0, :, :4], y, atol=1e-6) and torch.allclose(final[0, :, 4:8], b, atol=1e-6)
+    assert torch.allclose(final[0, :, -4:], u, atol=1e-6)    # the window's newest input

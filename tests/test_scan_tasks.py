@@ -16,14 +16,16 @@ from tests.test_crash_safety import (assert_same_weights, last_step, launch, rec
 TASK_CELLS = [("lm", "mingru"), ("translation", "minlstm"), ("tagging", "rglru"), ("documents", "minlstm"),
               ("forecast", "mingru"), ("adding", "rglru"), ("copy", "minlstm"), ("classification_hops", "mingru"),
               ("lm", "slstm"), ("translation", "mlstm"), ("tagging", "mlstm"), ("forecast", "slstm"),
-              ("adding", "mlstm"), ("classification_hops", "slstm")]
+              ("adding", "mlstm"), ("classification_hops", "slstm"), ("tagging", "hawk")]
 
 
 def scan_config(task: str, cell: str, tmp_path, name: str) -> dict:
     cfg = task_config(task, tmp_path, name)
     m = cfg["model"]
     for part in (m["encoder"], m["decoder"]) if "encoder" in m else (m,):
-        part["cell"] = cell
+        part["cell"] = "rglru" if cell == "hawk" else cell
+        if cell == "hawk":            # RG-LRU in Hawk's block
+            part["block"] = True
         if cell in ("slstm", "mlstm"):
             part["cell_heads"] = 2
     return cfg
@@ -73,7 +75,7 @@ def _trained(tmp_path, task, cell, **model):
     return tmp_path / "run" / "last.pt"
 
 
-@pytest.mark.parametrize("cell", ["mingru", "minlstm", "rglru", "slstm", "mlstm"])
+@pytest.mark.parametrize("cell", ["mingru", "minlstm", "rglru", "slstm", "mlstm", "hawk"])
 def test_language_model_fed_in_pieces_scores_as_the_whole_text(tmp_path, cell):
     """The step path (incremental feeding, generation) and the scan over a whole text give the
     same log-probabilities; greedy generation is the argmax chain of one pass over its output."""

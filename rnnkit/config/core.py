@@ -59,6 +59,8 @@ class RecurrentConfig:
     """Explicit cells only: variational dropout on the recurrent state, one mask per sequence for all its steps."""
     residual: bool = False
     """Explicit and scan cells: layers above the first add their input to their output (needs two layers or more)."""
+    block: bool = False
+    """`rglru`: each layer is Hawk's recurrent block (De et al. 2024) instead of the bare cell: a GeLU gate branch, and a branch of a linear map and a causal depthwise convolution of width 4 feeding the RG-LRU; their product projected back. The convolution's last inputs ride in the state. Not built for the other cells (an error)."""
     cell_heads: int = num(4, 1, 1024)
     """`slstm` and `mlstm`: heads of the cell's state; hidden_size must divide by it. An sLSTM mixes its memory within a head only; an mLSTM's memory is one (hidden_size / heads)-square matrix per head."""
 
@@ -78,6 +80,8 @@ def check_recurrent(section: RecurrentConfig, prefix: str) -> None:
     dropout, and nothing that acts on recurrent weights they do not have."""
     if section.residual and getattr(section, "num_layers", 1) < 2:
         raise ConfigError(f"{prefix}.residual", f"connects stacked layers; needs {prefix}.num_layers >= 2")
+    if section.block and section.cell != "rglru":
+        raise ConfigError(f"{prefix}.block", f"is built for rglru (Hawk's block) only, not for {section.cell}")
     if section.cell in NEW_CELLS:
         if section.impl != "fused":
             raise ConfigError(f"{prefix}.impl", f"{section.cell} has one implementation; impl chooses "
@@ -107,7 +111,7 @@ def check_recurrent(section: RecurrentConfig, prefix: str) -> None:
 
 def recurrent_options(section: RecurrentConfig) -> dict[str, Any]:
     """The keyword arguments ``make_rnn`` takes besides sizes (all but ``cell``)."""
-    return {"impl": section.impl, "heads": section.cell_heads, **{k: getattr(section, k) for k in RECURRENT_EXTRAS},
+    return {"impl": section.impl, "heads": section.cell_heads, "block": section.block, **{k: getattr(section, k) for k in RECURRENT_EXTRAS},
             **{k: getattr(section, k) for k in REGULARISERS if hasattr(section, k)}}
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rnnkit.models.scan import LinearCell, widen
+from rnnkit.models.scan import LinearCell, last_real, widen
 
 C = 8.0
 
@@ -26,10 +26,11 @@ C = 8.0
 class RGLRUCell(LinearCell):
     """One RG-LRU layer-direction: ``inp`` (x -> u), ``gates`` (u -> [r, i]), ``log_a`` (Lambda)."""
 
-    def __init__(self, input_size: int, hidden_size: int):
+    def __init__(self, input_size: int, hidden_size: int, project: bool = True):
         super().__init__()
         self.hidden_size = hidden_size
-        self.inp = nn.Linear(input_size, hidden_size)
+        # in Hawk's block the branch's own projection and convolution come first: no second one
+        self.inp = nn.Linear(input_size, hidden_size) if project else nn.Identity()
         self.gates = nn.Linear(hidden_size, 2 * hidden_size)
         self.log_a = nn.Parameter(torch.empty(hidden_size))
         self.reset_lambda()
@@ -64,3 +65,74 @@ class RGLRUCell(LinearCell):
             h = a_t * h + torch.sqrt(1 - a_t ** 2) * (i * u)
             out.append(h)
         return torch.stack(out, 1), h
+
+
+class HawkBlock(nn.Module):
+    """Hawk's recurrent block around an RG-LRU (De et al. 2024, the temporal-mixing block of
+    Hawk and Griffin), in place of a bare cell: two branches from the layer's input x_t,
+
+        g_t = GeLU(W_g x_t)                                   the gate branch
+        u_t = W_u x_t,  c_t = sum_j w_j * u_(t-3+j) + b       a causal depthwise convolution of width 4
+        h_t = RG-LRU(c_t) from h_(t-1)                        (no projection of its own)
+        y_t = W_o (g_t * h_t)
+
+    The state is [y, h, the last three u], flat: the convolution's window rides with the
+    recurrent state, so a step, a carried TBPTT state and a padded batch see it as any state."""
+
+    width = 4
+
+    def __init__(self, input_size: int, hidden_size: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.state_size = (self.width + 1) * hidden_size     # y, h, and width - 1 inputs u
+        self.gate = nn.Linear(input_size, hidden_size)
+        self.inp = nn.Linear(input_size, hidden_size)
+        self.conv = nn.Conv1d(hidden_size, hidden_size, self.width, groups=hidden_size)
+        self.rglru = RGLRUCell(hidden_size, hidden_size, project=False)
+        self.out = nn.Linear(hidden_size, hidden_size)
+
+    def _split(self, state: torch.Tensor):
+        h = self.hidden_size
+        return state[..., h:2 * h], state[..., 2 * h:].unflatten(-1, (self.width - 1, h))
+
+    def _convolve(self, window: torch.Tensor) -> torch.Tensor:
+        """(B, T + 3, H) inputs, the carried window first -> (B, T, H) convolution outputs."""
+        return self.conv(window.transpose(1, 2)).transpose(1, 2)
+
+    def run(self, x: torch.Tensor, state: torch.Tensor, held: torch.Tensor | None,
+            reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        flip = (lambda t: t.flip(1)) if reverse else (lambda t: t)     # noqa: E731
+        x, held = flip(x), None if held is None else flip(held)
+        h0, window = self._split(state)
+        u = widen(self.inp(x))
+        if held is not None:      # padding reads as zeros (a reversed row's padding comes first)
+            u = u.masked_fill(held, 0.0)
+        u = torch.cat([window, u], 1)
+        h, _ = self.rglru.run(self._convolve(u), h0, held, False)
+        y = self.out(F.gelu(widen(self.gate(x))) * h)
+        batch, steps = x.size(0), x.size(1)
+        last = last_real(held, steps, batch, x.device)
+        rows = torch.arange(batch, device=x.device)
+        ends = last.unsqueeze(1) + torch.arange(1, self.width, device=x.device)     # u's last three, in the window
+        final = torch.cat([y[rows, last], h[rows, last], u[rows.unsqueeze(1), ends].flatten(1)], -1)
+        return flip(y), final
+
+    def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h, window = self._split(state)
+        u = torch.cat([window, widen(self.inp(x)).unsqueeze(1)], 1)        # (N, 4, H)
+        c = (u * self.conv.weight[:, 0].t()).sum(1) + self.conv.bias
+        _, h = self.rglru.step(c, h)
+        y = self.out(F.gelu(widen(self.gate(x))) * h)
+        return y, torch.cat([y, h, u[:, 1:].flatten(1)], -1)
+
+    def sequential(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's equations one position at a time (the RG-LRU's own loop inside)."""
+        h, window = self._split(state)
+        us, cs = list(window.unbind(1)), []
+        for t in range(x.size(1)):
+            us.append(self.inp(x[:, t]))
+            cs.append(sum(self.conv.weight[:, 0, j] * us[-self.width + j] for j in range(self.width))
+                      + self.conv.bias)
+        hs, h = self.rglru.sequential(torch.stack(cs, 1), h)
+        y = self.out(F.gelu(self.gate(x)) * hs)
+        return y, torch.cat([y[:, -1], h, torch.stack(us[-(self.width - 1):], 1).flatten(1)], -1)

@@ -31,18 +31,21 @@ CELLS: tuple[str, ...] = CLASSIC_CELLS + tuple(STACK_CELLS)
 def make_rnn(cell: str, input_size: int, hidden_size: int, num_layers: int = 1,
              dropout: float = 0.0, bidirectional: bool = False, impl: str = "fused",
              layer_norm: bool = False, recurrent_dropout: float = 0.0, residual: bool = False,
-             weight_drop: float = 0.0, locked_dropout: bool = False, heads: int = 4) -> nn.Module:
+             weight_drop: float = 0.0, locked_dropout: bool = False, heads: int = 4,
+             block: bool = False) -> nn.Module:
     """A stacked batch-first recurrent layer; ``dropout`` applies between layers (with
     ``locked_dropout``, one mask per sequence). ``weight_drop`` is DropConnect on the
     hidden-to-hidden weights. ``impl`` ``explicit`` builds it from its equations, which
     ``layer_norm``, ``recurrent_dropout`` and ``residual`` need. The newer cells
     (:data:`rnnkit.models.stack.STACK_CELLS`) have one implementation each; ``heads`` splits
-    sLSTM's and mLSTM's state."""
+    sLSTM's and mLSTM's state; ``block`` wraps each layer's cell in its paper's block."""
     if cell in STACK_CELLS:
         if weight_drop or recurrent_dropout:
             raise ValueError(f"{cell} takes no weight_drop or recurrent_dropout (dropout acts between its layers)")
         return CellStack(cell, input_size, hidden_size, num_layers, dropout, bidirectional, layer_norm=layer_norm,
-                         residual=residual, locked_dropout=locked_dropout, heads=heads)
+                         residual=residual, locked_dropout=locked_dropout, heads=heads, block=block)
+    if block:
+        raise ValueError(f"no block is built for {cell}")
     if impl == "explicit":
         if weight_drop or locked_dropout:
             raise ValueError("weight_drop and locked_dropout need impl='fused'")

@@ -138,6 +138,13 @@ def widen(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
 
 
+def last_real(held: torch.Tensor | None, steps: int, batch: int, device) -> torch.Tensor:
+    """Each row's last position that is not padding (B,), from ``held`` (B, T, 1)."""
+    if held is None:
+        return torch.full((batch,), steps - 1, dtype=torch.long, device=device)
+    return (~held[..., 0]).long().cumsum(1).argmax(1)
+
+
 class LinearCell(nn.Module):
     """A cell whose recurrence is linear in its state, h_t = a_t h_(t-1) + b_t: a subclass
     gives ``coefficients(x)`` (a_t and b_t for any number of positions at once) and

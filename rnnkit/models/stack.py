@@ -27,27 +27,32 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from rnnkit.models.dropout import dropout, locked_dropout
 from rnnkit.models.mingated import MinGRUCell, MinLSTMCell
-from rnnkit.models.rglru import RGLRUCell
+from rnnkit.models.rglru import HawkBlock, RGLRUCell
 from rnnkit.models.scan import widen
 from rnnkit.models.xlstm import MLSTMCell, SLSTMCell
 
 STACK_CELLS: dict[str, type[nn.Module]] = {"mingru": MinGRUCell, "minlstm": MinLSTMCell, "rglru": RGLRUCell,
                                            "slstm": SLSTMCell, "mlstm": MLSTMCell}
 HEADED_CELLS = ("slstm", "mlstm")     # cells whose state is split into heads
+BLOCKS: dict[str, type[nn.Module]] = {"rglru": HawkBlock}     # the block a cell's paper puts around it
 
 
 class CellStack(nn.Module):
-    """``cell`` one of :data:`STACK_CELLS`; ``heads`` for sLSTM and mLSTM; the other
-    arguments as for ``torch.nn.GRU``."""
+    """``cell`` one of :data:`STACK_CELLS`; ``heads`` for sLSTM and mLSTM; ``block``: each
+    layer is the block its paper puts around the cell (:data:`BLOCKS`); the other arguments
+    as for ``torch.nn.GRU``."""
 
     batch_first = True
 
     def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1,
                  dropout: float = 0.0, bidirectional: bool = False, layer_norm: bool = False,
-                 residual: bool = False, locked_dropout: bool = False, heads: int = 4):
+                 residual: bool = False, locked_dropout: bool = False, heads: int = 4, block: bool = False):
         super().__init__()
         if cell not in STACK_CELLS:
             raise ValueError(f"unknown cell {cell!r}; expected one of {tuple(STACK_CELLS)}")
+        if block and cell not in BLOCKS:
+            raise ValueError(f"no block is built for {cell}; blocks exist for {', '.join(BLOCKS)}")
+        self.block = block
         self.cell, self.input_size, self.hidden_size, self.num_layers = cell, input_size, hidden_size, num_layers
         self.dropout = dropout if num_layers > 1 else 0.0
         self.bidirectional, self.directions = bidirectional, 2 if bidirectional else 1
@@ -60,11 +65,12 @@ class CellStack(nn.Module):
             if layer_norm:
                 self.add_module(f"norm_l{layer}", nn.LayerNorm(width))
             for sfx in self.suffixes:
-                self.add_module(f"cell_l{layer}{sfx}", STACK_CELLS[cell](width, hidden_size, **options))
+                kind = BLOCKS[cell] if block else STACK_CELLS[cell]
+                self.add_module(f"cell_l{layer}{sfx}", kind(width, hidden_size, **options))
         self.state_size = self.cell_l0.state_size
 
     def extra_repr(self) -> str:
-        extras = [k for k in ("layer_norm", "residual") if getattr(self, k)]
+        extras = [k for k in ("layer_norm", "residual", "block") if getattr(self, k)]
         return ", ".join([self.cell, f"{self.input_size}, {self.hidden_size}", f"num_layers={self.num_layers}",
                           f"bidirectional={self.bidirectional}", *extras])
 

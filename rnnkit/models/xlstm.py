@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rnnkit.models.scan import widen
+from rnnkit.models.scan import last_real, widen
 
 SHUT = -1e30     # an input gate's log on padding: exp of it is 0, the state passes unchanged
 
@@ -47,13 +47,6 @@ def _check_heads(hidden_size: int, heads: int) -> int:
     if heads < 1 or hidden_size % heads:
         raise ValueError(f"hidden_size {hidden_size} does not divide into {heads} heads")
     return hidden_size // heads
-
-
-def _last_real(held: torch.Tensor | None, steps: int, batch: int, device) -> torch.Tensor:
-    """Each row's last position that is not padding (B,)."""
-    if held is None:
-        return torch.full((batch,), steps - 1, dtype=torch.long, device=device)
-    return (~held[..., 0]).long().cumsum(1).argmax(1)
 
 
 # --------------------------------------------------------------------------- sLSTM
@@ -248,7 +241,7 @@ class MLSTMCell(nn.Module):
         h, (memory, norm, m) = mlstm_chunkwise(heads_first(q), heads_first(k), heads_first(v), heads_first(i_pre),
                                               heads_first(log_f), memory, norm, m, self.chunk)
         h = flip(o * h.transpose(1, 2).flatten(-2))
-        last = _last_real(None if held is None else flip(held), steps, batch, x.device)
+        last = last_real(None if held is None else flip(held), steps, batch, x.device)
         last = last if not reverse else steps - 1 - last
         h_end = h[torch.arange(batch, device=x.device), last]
         return h, self._pack(h_end, memory, norm, m)

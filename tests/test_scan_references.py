@@ -108,7 +108,7 @@ def test_mlstm_matches_xlstm_native_backend():
     """Their parallel form and their recurrent step (fed the same projections, gates and
     state) against rnnkit's chunkwise form and step, float32."""
     backends = _xlstm_backends()
-    from rnnkit.models.xlstm import MLSTMCell, mlstm_chunkwise
+    from rnnkit.models.xlstm import MLSTMCell, head_norm, mlstm_chunkwise
 
     torch.manual_seed(0)
     cell = MLSTMCell(12, 32, heads=4)
@@ -135,7 +135,7 @@ def test_mlstm_matches_xlstm_native_backend():
             r, (c, n, m) = backends.recurrent_step_stabilized_simple(
                 c, n, m, q[:, s].unsqueeze(2).clone(), (key[:, s] * d ** 0.5).unsqueeze(2).clone(),
                 v[:, s].unsqueeze(2).clone(), i_pre[:, s, :, None, None], f_pre[:, s, :, None, None], eps=0.0)
-            assert torch.allclose(h, o[:, s] * r.flatten(1), atol=1e-5, rtol=1e-5)
+            assert torch.allclose(h, o[:, s] * head_norm(r.squeeze(2), cell.head_norm), atol=1e-5, rtol=1e-5)
 
 
 def test_slstm_matches_xlstm_native_backend():

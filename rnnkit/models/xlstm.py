@@ -18,7 +18,8 @@ mLSTM, per head of width d, a matrix memory written with a key and read with a q
     i~_t, f~_t = w_i x_t, w_f x_t             (one input and one forget gate per head)
     C_t = f_t C_(t-1) + i_t k_t v_t^T         (stored as keys x values: h is q^T C, the
     n_t = f_t n_(t-1) + i_t k_t                paper's C q with C transposed)
-    h_t = o_t * (q_t^T C_t) / max(|q_t^T n_t|, 1)
+    h_t = o_t * N(q_t^T C_t / max(|q_t^T n_t|, 1))      (N: each head's d numbers divided
+                                                          by their RMS, a learned scale)
 
 No gate reads the state, so a whole sequence has a closed form; :func:`mlstm_chunkwise`
 computes it a chunk at a time (within a chunk, all positions at once; across chunks, the
@@ -41,6 +42,7 @@ from torch import nn
 from rnnkit.models.scan import last_real, widen
 
 SHUT = -1e30     # an input gate's log on padding: exp of it is 0, the state passes unchanged
+NORM_EPS = 1e-6  # mLSTM's head norm
 
 
 def _check_heads(hidden_size: int, heads: int) -> int:
@@ -190,6 +192,7 @@ class MLSTMCell(nn.Module):
         self.head_size = d = _check_heads(hidden_size, heads)
         self.state_size = hidden_size + heads * d * d + hidden_size + heads
         self.proj = nn.Linear(input_size, 4 * hidden_size + 2 * heads)
+        self.head_norm = nn.Parameter(torch.ones(hidden_size))     # each head's read-out, layer-normalised
         with torch.no_grad():     # as xLSTM starts them: input gates near 0, forget gates open
             h4 = 4 * hidden_size
             self.proj.weight[h4:].zero_()
@@ -218,7 +221,7 @@ class MLSTMCell(nn.Module):
 
     def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, v, o, i_pre, log_f = self._parts(x)
-        h, memory, norm, m = _mlstm_step(q, k, v, o, i_pre, log_f, *self._unpack(state))
+        h, memory, norm, m = _mlstm_step(q, k, v, o, i_pre, log_f, *self._unpack(state), self.head_norm)
         return h, self._pack(h, memory, norm, m)
 
     def run(self, x: torch.Tensor, state: torch.Tensor, held: torch.Tensor | None,
@@ -233,14 +236,14 @@ class MLSTMCell(nn.Module):
         q, k, v, o, i_pre, log_f = (flip(t) for t in (q, k, v, o, i_pre, log_f))
         if graph:
             held = flip(_held_or_none(held, o))
-            h, state = _scripted("mlstm")(q, k, v, o, i_pre, log_f, held, state, self.heads)
+            h, state = _scripted("mlstm")(q, k, v, o, i_pre, log_f, held, state, self.heads, self.head_norm)
             return flip(h), state
         memory, norm, m = self._unpack(state)
         batch, steps = x.size(0), x.size(1)
         heads_first = lambda t: t.transpose(1, 2)      # noqa: E731   (B, T, K, ...) -> (B, K, T, ...)
         h, (memory, norm, m) = mlstm_chunkwise(heads_first(q), heads_first(k), heads_first(v), heads_first(i_pre),
                                               heads_first(log_f), memory, norm, m, self.chunk)
-        h = flip(o * h.transpose(1, 2).flatten(-2))
+        h = flip(o * head_norm(h.transpose(1, 2), self.head_norm))
         last = last_real(None if held is None else flip(held), steps, batch, x.device)
         last = last if not reverse else steps - 1 - last
         h_end = h[torch.arange(batch, device=x.device), last]
@@ -265,7 +268,7 @@ class MLSTMCell(nn.Module):
             norm = f[..., None] * norm + i[..., None] * key
             num = (q.unsqueeze(-2) @ memory).squeeze(-2)
             den = (q * norm).sum(-1).abs().clamp_min(1.0)
-            h = torch.sigmoid(o).flatten(-2) * (num / den[..., None]).flatten(-2)
+            h = torch.sigmoid(o).flatten(-2) * head_norm(num / den[..., None], self.head_norm)
             m = torch.maximum(torch.log(f) + m, i_pre)
             out.append(h)
         scale = torch.exp(-m)
@@ -273,7 +276,7 @@ class MLSTMCell(nn.Module):
 
 
 def _mlstm_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, i_pre: torch.Tensor,
-                log_f: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor, m: torch.Tensor):
+                log_f: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor, m: torch.Tensor, weight: torch.Tensor):
     """One stabilised mLSTM position for (N, K, d) q, k, v, (N, H) o, (N, K) gates and the
     state -> h (N, H), memory, norm, m."""
     m_new = torch.maximum(log_f + m, i_pre)
@@ -282,7 +285,15 @@ def _mlstm_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tens
     norm = keep[..., None] * norm + add[..., None] * k
     num = (q.unsqueeze(-2) @ memory).squeeze(-2)
     den = torch.maximum((q * norm).sum(-1).abs(), torch.exp(-m_new))
-    return o * (num / den.unsqueeze(-1)).flatten(-2), memory, norm, m_new
+    return o * head_norm(num / den.unsqueeze(-1), weight), memory, norm, m_new
+
+
+def head_norm(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Each head's read-out h~ (..., K, d) divided by its root mean square over its d numbers,
+    with a learned scale per unit -> (..., K * d). xLSTM's mLSTM layer normalises each head's
+    read-out; the RMS form (no mean subtracted) keeps a head whose numbers are nearly equal
+    from magnifying bf16's rounding into its output."""
+    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + NORM_EPS)).flatten(-2) * weight
 
 
 # --------------------------------------------------------------------------- graphs
@@ -324,7 +335,7 @@ def _slstm_loop(pre: torch.Tensor, held: torch.Tensor, state: torch.Tensor, rec:
 
 
 def _mlstm_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, i_pre: torch.Tensor,
-                log_f: torch.Tensor, held: torch.Tensor, state: torch.Tensor, heads: int):
+                log_f: torch.Tensor, held: torch.Tensor, state: torch.Tensor, heads: int, weight: torch.Tensor):
     # positive axes, and no batch size or length read from a shape the graph may hold fixed
     width = o.size(2)
     d = width // heads
@@ -341,7 +352,9 @@ def _mlstm_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tens
         norm = keep.unsqueeze(2) * norm + add.unsqueeze(2) * k_t
         num = (q_t.unsqueeze(3) * memory).sum(2)
         den = torch.maximum((q_t * norm).sum(2).abs(), torch.exp(-m_new))
-        h = torch.where(held[:, t], h, o[:, t] * (num / den.unsqueeze(2)).flatten(1))
+        read = num / den.unsqueeze(2)
+        read = (read * torch.rsqrt(read.pow(2).mean(2, keepdim=True) + 1e-6)).flatten(1) * weight
+        h = torch.where(held[:, t], h, o[:, t] * read)
         m = m_new
         out.append(h)
     return torch.stack(out, 1), torch.cat([h, memory.flatten(1), norm.flatten(1), m], 1)

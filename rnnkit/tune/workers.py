@@ -42,6 +42,28 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+class ClaimLock:
+    """Held from a worker's count of the study's trials until the trial it then starts exists,
+    so that two workers cannot both see one trial left and both start it: an exclusive lock
+    on a file in the study's folder, which every worker of a study shares (on one machine, or
+    on a shared filesystem)."""
+
+    def __init__(self, folder) -> None:
+        self.path, self.fd = folder / ".claim.lock", None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)          # closing the descriptor drops the lock
+            self.fd = None
+
+
 def describe_trial(trial, metric: str) -> str:
     """One line for a finished trial: number, state, value or reason, parameters."""
     state = trial.state.name.lower()
@@ -65,7 +87,10 @@ def work(spec: StudySpec, say: Callable[[str], None]) -> bool:
     deadline = None if spec.timeout is None else time.monotonic() + spec.timeout
     stop = threading.Event()
 
+    claim = ClaimLock(spec.folder)
+
     def objective(trial):
+        claim.release()                 # the trial exists: the next count includes it
         try:
             return run_trial(study, trial, spec, params)
         except Interrupted:
@@ -84,10 +109,13 @@ def work(spec: StudySpec, say: Callable[[str], None]) -> bool:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")         # Optuna marks heartbeats experimental
             optuna.storages.fail_stale_trials(study)    # a dead worker's trial: failed, and queued again
+        claim.acquire()
         done, busy = progress(study)
         if done >= spec.trials:
+            claim.release()
             break
         if done + busy >= spec.trials:     # the rest is running: another worker's, or a dead one's
+            claim.release()
             if not waited:
                 say(f"waiting for {busy} running trial(s): another worker's, or one left by a worker that died "
                     f"(tried again once its heartbeat is {heartbeat_grace()} s old)")
@@ -96,8 +124,12 @@ def work(spec: StudySpec, say: Callable[[str], None]) -> bool:
             continue
         sampler = study.sampler
         if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study):
+            claim.release()
             break
-        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[finished])
+        try:
+            study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[finished])
+        finally:
+            claim.release()
     return stop.is_set()
 
 

@@ -42,7 +42,6 @@ from torch import nn
 from rnnkit.models.scan import last_real, widen
 
 SHUT = -1e30     # an input gate's log on padding: exp of it is 0, the state passes unchanged
-NORM_EPS = 1e-6  # mLSTM's head norm
 
 
 def _check_heads(hidden_size: int, heads: int) -> int:
@@ -68,20 +67,10 @@ class SLSTMCell(nn.Module):
             self.inp.bias[hidden_size:2 * hidden_size].copy_(torch.linspace(3.0, 6.0, hidden_size))
 
     def _recurrent(self, h: torch.Tensor) -> torch.Tensor:
-        """R h for (N, H) -> (N, 4H) in the gates' order, each gate's units head by head."""
-        n, k, d = h.size(0), self.heads, self.head_size
-        r = torch.bmm(h.view(n, k, d).transpose(0, 1), self.rec.transpose(1, 2).to(h.dtype))   # (K, N, 4d)
-        return r.view(k, n, 4, d).permute(1, 2, 0, 3).reshape(n, 4 * k * d)
+        return _slstm_recurrent(h, self.rec, self.heads)
 
     def _advance(self, pre: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        """The stabilised update from the input's pre-activations ``pre`` (N, 4H) and the state (N, 4H)."""
-        h, c, n, m = state.chunk(4, -1)
-        i, f, z, o = (pre + self._recurrent(h)).chunk(4, -1)
-        log_f = F.logsigmoid(f)
-        m_new = torch.maximum(log_f + m, i)
-        i, f = torch.exp(i - m_new), torch.exp(log_f + m - m_new)
-        c, n = f * c + i * torch.tanh(z), f * n + i
-        return torch.cat([torch.sigmoid(o) * c / n, c, n, m_new], -1)
+        return _slstm_update(pre, state, self.rec, self.heads)
 
     def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         new = self._advance(widen(self.inp(x)), state)
@@ -275,17 +264,41 @@ class MLSTMCell(nn.Module):
         return torch.stack(out, 1), self._pack(h, memory * scale[..., None, None], norm * scale[..., None], m)
 
 
+def _slstm_recurrent(h: torch.Tensor, rec: torch.Tensor, heads: int) -> torch.Tensor:
+    """R h for (N, H) -> (N, 4H) in the gates' order, each gate's units head by head."""
+    d = h.size(1) // heads
+    r = torch.bmm(h.reshape(-1, heads, d).transpose(0, 1), rec.transpose(1, 2))      # (K, N, 4d)
+    return r.reshape(heads, -1, 4, d).permute(1, 2, 0, 3).reshape(-1, 4 * heads * d)
+
+
+def _slstm_update(pre: torch.Tensor, state: torch.Tensor, rec: torch.Tensor, heads: int) -> torch.Tensor:
+    """The stabilised update from the input's pre-activations ``pre`` (N, 4H) and the state
+    [h, c, n, m] (N, 4H). Slices, positive axes and no batch size read from a shape: it also
+    runs inside an exported graph's loop."""
+    hidden = pre.size(1) // 4
+    h, c, n, m = state[:, :hidden], state[:, hidden:2 * hidden], state[:, 2 * hidden:3 * hidden], state[:, 3 * hidden:]
+    g = pre + _slstm_recurrent(h, rec, heads)
+    i, f, z, o = g[:, :hidden], g[:, hidden:2 * hidden], g[:, 2 * hidden:3 * hidden], g[:, 3 * hidden:]
+    log_f = F.logsigmoid(f)
+    m_new = torch.maximum(log_f + m, i)
+    i, f = torch.exp(i - m_new), torch.exp(log_f + m - m_new)
+    c, n = f * c + i * torch.tanh(z), f * n + i
+    return torch.cat([torch.sigmoid(o) * c / n, c, n, m_new], 1)
+
+
 def _mlstm_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, i_pre: torch.Tensor,
                 log_f: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor, m: torch.Tensor, weight: torch.Tensor):
     """One stabilised mLSTM position for (N, K, d) q, k, v, (N, H) o, (N, K) gates and the
-    state -> h (N, H), memory, norm, m."""
+    state -> h (N, H), memory, norm, m. Positive axes only: it also runs inside an exported
+    graph's loop."""
     m_new = torch.maximum(log_f + m, i_pre)
     keep, add = torch.exp(log_f + m - m_new), torch.exp(i_pre - m_new)
-    memory = keep[..., None, None] * memory + add[..., None, None] * (k.unsqueeze(-1) * v.unsqueeze(-2))
-    norm = keep[..., None] * norm + add[..., None] * k
-    num = (q.unsqueeze(-2) @ memory).squeeze(-2)
-    den = torch.maximum((q * norm).sum(-1).abs(), torch.exp(-m_new))
-    return o * head_norm(num / den.unsqueeze(-1), weight), memory, norm, m_new
+    memory = keep.unsqueeze(2).unsqueeze(3) * memory + add.unsqueeze(2).unsqueeze(3) * (k.unsqueeze(3) * v.unsqueeze(2))
+    norm = keep.unsqueeze(2) * norm + add.unsqueeze(2) * k
+    num = torch.matmul(q.unsqueeze(2), memory)[:, :, 0]
+    den = torch.maximum((q * norm).sum(2).abs(), torch.exp(-m_new))
+    read = num / den.unsqueeze(2)
+    return o * _rms_normalised(read, 2).flatten(1) * weight, memory, norm, m_new
 
 
 def head_norm(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -293,7 +306,12 @@ def head_norm(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     with a learned scale per unit -> (..., K * d). xLSTM's mLSTM layer normalises each head's
     read-out; the RMS form (no mean subtracted) keeps a head whose numbers are nearly equal
     from magnifying bf16's rounding into its output."""
-    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + NORM_EPS)).flatten(-2) * weight
+    return _rms_normalised(h, h.dim() - 1).flatten(-2) * weight
+
+
+def _rms_normalised(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x`` divided by its root mean square over ``dim`` (eps 1e-6)."""
+    return x * torch.rsqrt(x.pow(2).mean(dim, keepdim=True) + 1e-6)
 
 
 # --------------------------------------------------------------------------- graphs
@@ -316,27 +334,16 @@ def _held_or_none(held: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor
 
 def _slstm_loop(pre: torch.Tensor, held: torch.Tensor, state: torch.Tensor, rec: torch.Tensor, heads: int):
     hidden = pre.size(2) // 4
-    d = hidden // heads
     out = []
     for t in range(pre.size(1)):
-        h, c, nrm, m = state[:, :hidden], state[:, hidden:2 * hidden], state[:, 2 * hidden:3 * hidden], \
-            state[:, 3 * hidden:]
-        r = torch.bmm(h.reshape(-1, heads, d).transpose(0, 1), rec.transpose(1, 2))
-        g = pre[:, t] + r.reshape(heads, -1, 4, d).permute(1, 2, 0, 3).reshape(-1, 4 * hidden)
-        i, f, z, o = g[:, :hidden], g[:, hidden:2 * hidden], g[:, 2 * hidden:3 * hidden], g[:, 3 * hidden:]
-        log_f = F.logsigmoid(f)
-        m_new = torch.maximum(log_f + m, i)
-        i, f = torch.exp(i - m_new), torch.exp(log_f + m - m_new)
-        c = f * c + i * torch.tanh(z)
-        nrm = f * nrm + i
-        state = torch.where(held[:, t], state, torch.cat([torch.sigmoid(o) * c / nrm, c, nrm, m_new], -1))
+        state = torch.where(held[:, t], state, _slstm_update(pre[:, t], state, rec, heads))
         out.append(state[:, :hidden])
     return torch.stack(out, 1), state
 
 
 def _mlstm_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, i_pre: torch.Tensor,
                 log_f: torch.Tensor, held: torch.Tensor, state: torch.Tensor, heads: int, weight: torch.Tensor):
-    # positive axes, and no batch size or length read from a shape the graph may hold fixed
+    # no batch size or length read from a shape the graph may hold fixed
     width = o.size(2)
     d = width // heads
     h = state[:, :width]
@@ -345,6 +352,7 @@ def _mlstm_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tens
     m = state[:, 2 * width + heads * d * d:]
     out = []
     for t in range(q.size(1)):
+        # _mlstm_step written out: called from here, the exporter loses its tensors' types
         m_new = torch.maximum(log_f[:, t] + m, i_pre[:, t])
         keep, add = torch.exp(log_f[:, t] + m - m_new), torch.exp(i_pre[:, t] - m_new)
         k_t, v_t, q_t = k[:, t].reshape(-1, heads, d), v[:, t].reshape(-1, heads, d), q[:, t].reshape(-1, heads, d)
@@ -354,7 +362,7 @@ def _mlstm_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tens
         den = torch.maximum((q_t * norm).sum(2).abs(), torch.exp(-m_new))
         read = num / den.unsqueeze(2)
         read = (read * torch.rsqrt(read.pow(2).mean(2, keepdim=True) + 1e-6)).flatten(1) * weight
-        h = torch.where(held[:, t], h, o[:, t] * read)
+        h = torch.where(held[:, t], h, o[:, t] * read)      # a held position's gates already keep the memory
         m = m_new
         out.append(h)
     return torch.stack(out, 1), torch.cat([h, memory.flatten(1), norm.flatten(1), m], 1)

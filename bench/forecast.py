@@ -42,8 +42,9 @@ def run_horizon(horizon: int, minutes: float, overrides: list[str], run_dir: Pat
     trainer.fit()
     task = load_task(run_dir / "best.pt", cfg.train.device)
     test = task.evaluate_file(str(DATA), cfg.train.eval_batch_size, split="test")
+    valid = task.evaluate_file(str(DATA), cfg.train.eval_batch_size, split="valid")
     p = trainer.progress
-    return {**test, "best_step": p.best_step, "steps": p.step, "minutes": p.elapsed / 60,
+    return {**test, "valid_mse": valid["mse"], "valid_mae": valid["mae"], "best_step": p.best_step, "steps": p.step, "minutes": p.elapsed / 60,
             "input_length": cfg.data.input_length, "device": task.device}
 
 
@@ -65,7 +66,8 @@ def main() -> int:
         for h in args.horizons:
             r = run_horizon(h, args.minutes, args.overrides, Path(tmp) / f"h{h}")
             rows.append((h, r))
-            print(f"horizon {h}: test MSE {r['mse']:.3f} MAE {r['mae']:.3f}", file=sys.stderr, flush=True)
+            print(f"horizon {h}: valid MSE {r['valid_mse']:.4f}, test MSE {r['mse']:.3f} MAE {r['mae']:.3f}",
+                  file=sys.stderr, flush=True)
     print(describe(rows[0][1]["device"]))
     print(f"ETTh1 multivariate, input length {rows[0][1]['input_length']}, test rows [11520, 14400), "
           f"standardised MSE / MAE; overrides: {' '.join(args.overrides) or 'none'}")
@@ -78,7 +80,7 @@ def main() -> int:
         ratio = f"{r['mse'] / PUBLISHED['DLinear'][h][0]:.3f}" if h in PUBLISHED["DLinear"] else "-"
         print(f"{h:>7} {r['mse']:>6.3f}/{r['mae']:.3f} {r['last_value_mse']:>6.3f}/{r['last_value_mae']:.3f} "
               f"{r['seasonal_mse']:>6.3f}/{r['seasonal_mae']:.3f} {pub} {r['minutes']:>8.1f} "
-              f"{r['best_step']:>5}/{r['steps']:<5} {ratio:>11}")
+              f"{r['best_step']:>5}/{r['steps']:<5} {ratio:>11} {r['valid_mse']:>9.4f}")
     return 0
 
 

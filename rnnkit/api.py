@@ -60,6 +60,7 @@ class Model:
 
     def __init__(self, task: Any, arithmetic: Callable[[], ContextManager], path: str):
         self.task, self._arithmetic, self.path = task, arithmetic, path
+        self._book: Any = None        # the server's streams (stream_batch)
 
     @property
     def kind(self) -> str:
@@ -100,6 +101,55 @@ class Model:
     def _run(self, fn: Callable[[], Any]) -> Any:
         with self.running():
             return fn()
+
+    def streams(self) -> Any:
+        """Live streams, each with its state kept between feeds: ``open(id, piece)``,
+        ``feed([(id, piece, options), ...])`` (all fed at once, stepped as one batch),
+        ``describe(id)``, ``close(id)`` (:mod:`rnnkit.decoding.streams`). Language models
+        are fed text, forecasters rows; other tasks have none (a one-line error says why)."""
+        from rnnkit.config.tasks import TASKS
+
+        entry = TASKS[self.kind]
+        if entry.streams is None:
+            raise ConfigError("", f"a {self.kind} model has no live streams: {entry.no_streams}")
+        return _Running(self, self.task.streams())
+
+    def stream_batch(self, ops: Sequence[tuple]) -> list:
+        """The server's entry to :meth:`streams`: ``ops`` are ``("open", id, piece, options)``,
+        ``("feed", id, piece, options)`` or ``("close", id)``; the answers in order (a dict,
+        None for a close, or the :class:`~rnnkit.decoding.streams.FeedError` of that op).
+        Every feed of one batch, a prime included, is one step of the model per length fed."""
+        from rnnkit.decoding.streams import FeedError
+
+        if self._book is None:
+            self._book = self.streams()
+        book = self._book
+        answers: list = [None] * len(ops)
+        feeds, where = [], []
+        for i, op in enumerate(ops):
+            if op[0] == "open":
+                try:
+                    book.open(op[1])
+                except FeedError as err:
+                    answers[i] = err
+                    continue
+                if op[2] is None or op[2] == "" or op[2] == []:
+                    answers[i] = book.describe(op[1])
+                    continue
+            if op[0] in ("open", "feed"):
+                feeds.append((op[1], op[2], op[3]))
+                where.append(i)
+        for i, answer in zip(where, book.feed(feeds) if feeds else []):
+            if ops[i][0] == "open" and isinstance(answer, Exception):
+                book.close(ops[i][1])          # an open whose prime fails opens nothing
+            answers[i] = answer
+        for i, op in enumerate(ops):
+            if op[0] == "close":
+                try:
+                    book.close(op[1])
+                except FeedError as err:
+                    answers[i] = err
+        return answers
 
     def __repr__(self) -> str:
         return f"<rnnkit {type(self).__name__} {self.kind} from {self.path}>"
@@ -260,6 +310,15 @@ class Forecaster(Model):
                  "truth": float(truth) if truth != "" else None}
                 for origin, when, step, column, value, truth in rows]
 
+    def incremental(self):
+        """A series fed rows as they arrive: ``feed(rows)`` (lists in the model's column order,
+        or dicts by column name) returns ``{"position", "columns", "forecast"}``, the forecast
+        of the next ``horizon`` rows from the last ``input_length`` (None, with ``needs_rows``,
+        until that many have arrived); the same values as :meth:`forecast` at that row."""
+        from rnnkit.decoding.streams import OneStream
+
+        return _Running(self, OneStream(self.task.streams()))
+
     def score(self, csv: str | Path, split: str | None = None, batch_size: int = 64) -> dict[str, Any]:
         """MSE and MAE beside the last-value and seasonal baselines, on every window or ``split``'s."""
         if split is not None and split not in ("train", "valid", "test"):
@@ -289,8 +348,11 @@ def _existing(path: str | Path) -> Path:
     return p
 
 
-KINDS: dict[str, type[Model]] = {"translation": Translator, "lm": LanguageModel, "tagging": Tagger,
-                                 "classification": Classifier, "forecast": Forecaster}
+def _kind(task: Any) -> type[Model]:
+    """The class its registration names for a loaded task."""
+    from rnnkit.config.tasks import TASKS, resolve
+
+    return resolve(TASKS[task.cfg.task].api)
 
 
 def load(checkpoint: str | Path, device: str = "auto", precision: str = "fp32", int8: bool = False,
@@ -308,9 +370,9 @@ def load(checkpoint: str | Path, device: str = "auto", precision: str = "fp32", 
             raise ConfigError("", f"{', '.join(chosen)} apply to checkpoints; an export runs as it was exported "
                                   f"(rnnkit export --int8 chooses int8)")
         task = load_export(checkpoint)
-        return KINDS.get(task.cfg.task, Model)(task, contextlib.nullcontext, str(checkpoint))
+        return _kind(task)(task, contextlib.nullcontext, str(checkpoint))
     from rnnkit.runs import load_task
 
     task = load_task(checkpoint, device)
     arithmetic = inference_arithmetic(task, precision, int8, note)
-    return KINDS.get(task.cfg.task, Model)(task, arithmetic, str(checkpoint))
+    return _kind(task)(task, arithmetic, str(checkpoint))

@@ -27,6 +27,10 @@ def serve(
     max_body: int = typer.Option(1 << 20, "--max-body", min=1, help="Largest request body in bytes (413 beyond)."),
     max_lines: int = typer.Option(256, "--max-lines", min=1, help="Lines per request at most."),
     max_tokens: int = typer.Option(400, "--max-tokens", min=1, help="Tokens per line at most."),
+    max_streams: int = typer.Option(10_000, "--max-streams", min=1,
+                                    help="Live streams open at once per model; an open beyond it gets 429."),
+    stream_idle_seconds: float = typer.Option(600.0, "--stream-idle-seconds", min=0.001,
+                                              help="A live stream not fed for this long is closed."),
     precision: str = precision_option(),
     int8: bool = int8_option(),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
@@ -41,6 +45,9 @@ def serve(
     Example:  rnnkit serve runs/en_fr/best.pt --port 8000
 
     Then:     curl -s localhost:8000/v1/en_fr/translate -d '{"lines": ["a man is riding a bike ."], "beam": 5}'
+
+    Language models and forecasters also keep live streams: POST /v1/NAME/streams opens one, POST
+    /v1/NAME/streams/ID feeds it text (or rows) and answers from the state kept since the last feed.
     """
     with user_errors():
         check_port_free(host, port)     # before minutes of loading, not after
@@ -50,7 +57,8 @@ def serve(
         from rnnkit.serve import Limits, build_app, model_names
 
         limits = Limits(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, max_body=max_body,
-                        max_lines=max_lines, max_tokens=max_tokens)
+                        max_lines=max_lines, max_tokens=max_tokens, max_streams=max_streams,
+                        stream_idle_seconds=stream_idle_seconds)
         names = model_names(checkpoints)
         # a server runs for long: exports' weights packed for onnxruntime's kernels (faster
         # steps for more memory; one-shot commands keep the weights once, mapped from the file)

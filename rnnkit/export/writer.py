@@ -12,14 +12,10 @@ from typing import Any, Callable
 
 from rnnkit.config import ConfigError, config_to_dict
 from rnnkit.config.core import NEW_CELLS
-from rnnkit.export import graphs
+from rnnkit.config.tasks import TASKS, resolve
 from rnnkit.runtime.manifest import EXPORTABLE, FORMAT, MANIFEST, outline_files
 from rnnkit.training.checkpoint import CheckpointError
 from rnnkit.version import __version__
-
-BUILDERS = {"lm": graphs.language_model, "classification": graphs.classifier, "tagging": graphs.tagger,
-            "forecast": graphs.forecaster, "translation": graphs.translator}
-
 
 def exportable(cfg: Any) -> None:
     """One line saying why a checkpoint cannot be exported, or nothing."""
@@ -64,7 +60,7 @@ def export(checkpoint: str | Path, folder: str | Path, opset: int = 17, int8: bo
     os.umask(mask)
     work.chmod(0o777 & ~mask)         # mkdtemp's folder is private; an export is as any folder made here
     try:
-        graph_specs = BUILDERS[task.cfg.task](task, work, opset)
+        graph_specs = resolve(TASKS[task.cfg.task].exporter)(task, work, opset)
         if int8:
             _quantise(work, graph_specs, _cells(task.cfg.model), note)
         _weights_apart(work, graph_specs)

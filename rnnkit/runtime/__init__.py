@@ -11,33 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rnnkit.config.tasks import TASKS, resolve
 from rnnkit.runtime.manifest import MANIFEST, is_export, read_manifest
 
 
 def load_export(folder: str | Path) -> Any:
     """The runtime object for an export folder (checked against its manifest)."""
-    manifest = read_manifest(folder)
-    if manifest["task"] == "lm":
-        from rnnkit.runtime.language_model import OnnxLanguageModel
-
-        return OnnxLanguageModel(Path(folder), manifest)
-    if manifest["task"] == "classification":
-        from rnnkit.runtime.classifier import OnnxClassifier
-
-        return OnnxClassifier(Path(folder), manifest)
-    if manifest["task"] == "tagging":
-        from rnnkit.runtime.tagger import OnnxTagger
-
-        return OnnxTagger(Path(folder), manifest)
-    if manifest["task"] == "forecast":
-        from rnnkit.runtime.forecaster import OnnxForecaster
-
-        return OnnxForecaster(Path(folder), manifest)
-    if manifest["task"] == "translation":
-        from rnnkit.runtime.translator import OnnxTranslator
-
-        return OnnxTranslator(Path(folder), manifest)
-    raise AssertionError(manifest["task"])     # read_manifest refuses other tasks
+    manifest = read_manifest(folder)          # refuses a task without a runtime
+    return resolve(TASKS[manifest["task"]].runtime)(Path(folder), manifest)
 
 
 __all__ = ["MANIFEST", "is_export", "load_export", "read_manifest"]

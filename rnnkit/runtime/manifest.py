@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from rnnkit.config.tasks import exportable_tasks
 from rnnkit.training.checkpoint import CheckpointError, check_format
 
 MANIFEST = "manifest.json"
@@ -18,7 +19,7 @@ PREPACK_VARIABLE = "RNNKIT_ORT_PREPACK"   # 1: onnxruntime packs weights for its
 FILE_KEY = "$file"                 # in the manifest's extras: bytes kept in a file beside it
 FORMAT_NAME, FORMAT_VERSION = "rnnkit-export", 1
 FORMAT = f"{FORMAT_NAME}-{FORMAT_VERSION}"
-EXPORTABLE = ("lm", "classification", "tagging", "forecast", "translation")      # tasks with graphs and a runtime
+EXPORTABLE = exportable_tasks()      # tasks with graphs and a runtime
 
 
 def is_export(path: str | Path) -> bool:

@@ -7,6 +7,13 @@ Routes: ``POST /v1/{model}/translate | predict | generate | forecast`` (JSON in 
 ``GET /v1/models`` (each model's card), ``GET /health``, ``GET /docs`` (OpenAPI), and ``GET /``,
 a page to try the models.
 
+Live streams (language models and forecasters): ``POST /v1/{model}/streams`` opens one
+(optionally primed) and returns its id, ``POST /v1/{model}/streams/{id}`` feeds it and
+answers, ``GET`` describes it, ``DELETE`` closes it. The stream's recurrent state stays in
+the server between feeds, so a feed costs one step per new token; every feed that arrives
+together is stepped as one batch. Idle streams expire after ``stream_idle_seconds``; at
+``max_streams`` open, an open is answered 429 with a Retry-After.
+
 Concurrent requests for one model with the same options wait in one queue and are decoded
 together. Translations are batched continuously: up to ``max_batch`` sentences share one beam
 search, newcomers join it between steps as others finish, and each request is answered when
@@ -32,26 +39,26 @@ from typing import Any, Callable, Hashable, Optional, Sequence
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from starlette.exceptions import HTTPException
 
 from rnnkit.api import Model
 from rnnkit.config import ConfigError
+from rnnkit.config.tasks import TASKS
 from rnnkit.data.vocab import DataError
 from rnnkit.serve.batching import Batcher, Limits
 from rnnkit.serve.errors import Busy, ModelProcessError, RequestError
+from rnnkit.serve.live import FeedRequest, LiveStreams, StrictBody
 from rnnkit.training.checkpoint import CheckpointError
 
 PAGE = Path(__file__).with_name("serve_page.html")
-ROUTES = {"translate": ("translation",), "generate": ("lm",), "predict": ("tagging", "classification"),
-          "forecast": ("forecast",)}     # each model route and the tasks that answer it
+ROUTES: dict[str, tuple[str, ...]] = {}     # each model route and the tasks that answer it
+for _name, _task in TASKS.items():
+    if _task.route:
+        ROUTES[_task.route] = (*ROUTES.get(_task.route, ()), _name)
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class TranslateRequest(_Body):
+class TranslateRequest(StrictBody):
     lines: list[str] = Field(description="Source sentences, one per entry.")
     beam: int = Field(5, ge=1, le=64, description="Beam size; 1 is greedy decoding.")
     n_best: int = Field(1, ge=1, le=64, description="Hypotheses per sentence (at most beam).")
@@ -60,11 +67,11 @@ class TranslateRequest(_Body):
     attention: bool = Field(False, description="Return the best hypothesis's attention weights.")
 
 
-class PredictRequest(_Body):
+class PredictRequest(StrictBody):
     lines: list[str] = Field(description="Sentences, tokens separated by spaces.")
 
 
-class GenerateRequest(_Body):
+class GenerateRequest(StrictBody):
     prime: str = Field("", description="Text the sample continues (not repeated in the answer).")
     length: int = Field(100, ge=1, description="Tokens to sample.")
     temperature: float = Field(1.0, gt=0.0, le=100.0)
@@ -73,7 +80,7 @@ class GenerateRequest(_Body):
     seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
 
 
-class ForecastRequest(_Body):
+class ForecastRequest(StrictBody):
     csv: str = Field(description="The series as CSV text, with the columns the model was trained on.")
     at: Optional[int] = Field(None, ge=0, description="Forecast from this row (default: after the last).")
     every: bool = Field(False, description="Every window of the file instead of one.")
@@ -112,6 +119,7 @@ class Served:
         self.batcher = Batcher(self._run, limits, executor, self._stream)
         self._solo = itertools.count()     # keys that never merge (generate, forecast)
         self._card: dict[str, Any] | None = None
+        self.live = LiveStreams(name, model, limits, self.batcher)
 
     def _run(self, key: Hashable, items: list) -> list:
         kind = key[0]
@@ -121,6 +129,8 @@ class Served:
                                            length_penalty=alpha, replace_unk=replace_unk)
         if kind == "predict":
             return self.model.predict(items, batch_size=self.limits.max_batch)
+        if kind == "streams":
+            return self.model.stream_batch(items)
         return [item() for item in items]     # a solo call
 
     def _stream(self, key: Hashable) -> Any:
@@ -189,7 +199,8 @@ class Served:
             self._card = {"name": self.name, **self.model.card()}
             if self.model.kind == "translation":
                 self._card["attention"] = self.model.has_attention
-        return {**self._card, "batches": self.batcher.batches, "sentences_served": self.batcher.items_done}
+        return {**self._card, "batches": self.batcher.batches, "sentences_served": self.batcher.items_done,
+                "streams_open": len(self.live.streams)}
 
 
 # ---------------------------------------------------------------------- the app
@@ -268,6 +279,7 @@ def build_app(models: dict[str, Model], limits: Limits = Limits(),
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         workers = [asyncio.create_task(s.batcher.serve_forever()) for s in served.values()]
+        workers.append(asyncio.create_task(_expiring()))
         yield
         for w in workers:
             w.cancel()
@@ -275,10 +287,20 @@ def build_app(models: dict[str, Model], limits: Limits = Limits(),
         if on_shutdown is not None:
             on_shutdown(dict(counts))
 
+    async def _expiring() -> None:
+        every = max(0.05, min(1.0, limits.stream_idle_seconds / 4))
+        while True:
+            await asyncio.sleep(every)
+            for s in served.values():
+                if s.live.streams:
+                    await s.live.expire()
+
     app = FastAPI(title="rnnkit", summary="Trained recurrent sequence models over HTTP.",
                   description="Each loaded model answers on `/v1/{model}/...` for its task: translation "
                               "models on `translate`, taggers and classifiers on `predict`, language models "
-                              "on `generate`, forecasters on `forecast`. Errors are `{\"error\": \"...\"}`.",
+                              "on `generate`, forecasters on `forecast`. Language models and forecasters "
+                              "also keep live streams (`/v1/{model}/streams`): the recurrent state stays on "
+                              "the server between feeds. Errors are `{\"error\": \"...\"}`.",
                   lifespan=lifespan)
     app.add_middleware(_BodyLimit, limit=limits.max_body)
     app.add_middleware(_Counted, counts=counts)      # outermost: sees every request
@@ -305,7 +327,8 @@ def build_app(models: dict[str, Model], limits: Limits = Limits(),
 
     @app.exception_handler(RequestError)
     async def _request(request: Request, exc: RequestError) -> JSONResponse:
-        return _error(exc.status, str(exc))
+        headers = {"Retry-After": "1"} if exc.status == 429 else None
+        return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=headers)
 
     @app.exception_handler(Busy)
     async def _busy(request: Request, exc: Busy) -> JSONResponse:
@@ -341,7 +364,8 @@ def build_app(models: dict[str, Model], limits: Limits = Limits(),
         if down:      # the model process died (e.g. killed for memory): a supervisor should restart us
             return _error(503, f"the model process has exited; not serving {', '.join(down)}")
         return {"status": "ok", "models": sorted(served),
-                "queued": {n: s.batcher.waiting for n, s in served.items()}}
+                "queued": {n: s.batcher.waiting for n, s in served.items()},
+                "streams": {n: len(s.live.streams) for n, s in served.items()}}
 
     @app.get("/v1/models", summary="Each loaded model's card: task, sizes, vocabulary, training summary")
     async def list_models() -> dict[str, Any]:
@@ -362,6 +386,23 @@ def build_app(models: dict[str, Model], limits: Limits = Limits(),
     @app.post("/v1/{model}/forecast", summary="Forecast a series (forecasters)")
     async def forecast(model: str, req: ForecastRequest) -> dict[str, Any]:
         return await get(model).forecast(req)
+
+    @app.post("/v1/{model}/streams", summary="Open a live stream (language models, forecasters), primed or not")
+    async def open_stream(model: str, req: FeedRequest) -> dict[str, Any]:
+        return await get(model).live.open(req)
+
+    @app.post("/v1/{model}/streams/{sid}", summary="Feed a stream: text (or ids) for a language model, rows "
+                                                   "for a forecaster; answers from the state after them")
+    async def feed_stream(model: str, sid: str, req: FeedRequest) -> dict[str, Any]:
+        return await get(model).live.feed(sid, req)
+
+    @app.get("/v1/{model}/streams/{sid}", summary="A stream's position, age and idle time")
+    async def describe_stream(model: str, sid: str) -> dict[str, Any]:
+        return get(model).live.describe(sid)
+
+    @app.delete("/v1/{model}/streams/{sid}", summary="Close a stream")
+    async def close_stream(model: str, sid: str) -> dict[str, Any]:
+        return await get(model).live.close(sid)
 
     return app
 

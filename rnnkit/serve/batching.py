@@ -21,13 +21,17 @@ class Limits:
     max_lines: int = 256         # lines per request
     max_tokens: int = 400        # whitespace-separated tokens per line
     max_length: int = 5000       # tokens per generate request
+    max_streams: int = 10_000    # live streams open at once, per model; beyond it: 429
+    stream_idle_seconds: float = 600.0   # a stream not fed for this long is closed
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue", "max_body", "max_lines", "max_tokens", "max_length"):
+        for name in ("max_batch", "max_queue", "max_body", "max_lines", "max_tokens", "max_length", "max_streams"):
             if getattr(self, name) < 1:
                 raise ConfigError("", f"--{name.replace('_', '-')} must be at least 1")
         if self.max_wait_ms < 0:
             raise ConfigError("", "--max-wait-ms must be >= 0")
+        if not self.stream_idle_seconds > 0:
+            raise ConfigError("", "--stream-idle-seconds must be > 0")
 
 
 @dataclass(eq=False)            # compared and hashed by identity: a stream's tags hold it

@@ -203,6 +203,9 @@ class RemoteModel:
     def forecast(self, path: Any, *args: Any, **kwargs: Any) -> list:
         return self._call("forecast", str(path), *args, **kwargs)
 
+    def stream_batch(self, ops: Sequence[tuple]) -> list:
+        return self._call("stream_batch", list(ops))
+
     def stream(self, beam: int = 1, n_best: int = 1, length_penalty: float = 0.0, replace_unk: bool = False,
                capacity: int = 32) -> "RemoteStream":
         return RemoteStream(self._host, self.name, (beam, n_best, length_penalty, replace_unk, capacity), capacity)

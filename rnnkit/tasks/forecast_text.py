@@ -16,6 +16,7 @@ import numpy as np
 from rnnkit.config import ConfigError
 from rnnkit.data.series import Series, gather_windows, read_series, split_rows, window_starts
 from rnnkit.data.vocab import DataError
+from rnnkit.decoding.streams import ForecastStreams
 
 SPLITS = ("train", "valid", "test")
 
@@ -41,6 +42,10 @@ class ForecastText:
 
     def predict_windows(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+    def streams(self, max_rows: int = 100_000) -> ForecastStreams:
+        """Many series fed rows as they arrive, forecast together (:class:`ForecastStreams`)."""
+        return ForecastStreams(self, max_rows)
 
     def read(self, path: str, columns: list[str] | None) -> Series:
         series = read_series(path, self.cfg.data.time_column, columns)

@@ -15,6 +15,7 @@ import numpy as np
 from rnnkit.config import ConfigError
 from rnnkit.data.vocab import EOS
 from rnnkit.decoding import lm_loop
+from rnnkit.decoding.streams import LMStreams
 from rnnkit.metrics import perplexity
 
 
@@ -68,7 +69,16 @@ class LanguageModelText:
 
     def incremental(self) -> lm_loop.Incremental:
         """Feed text a piece at a time and read the next-token distribution after each."""
+        self._forward_only()
+        return lm_loop.Incremental(self, self.encode_piece, self.vocab.itos)
+
+    def streams(self, max_tokens: int = 4096) -> LMStreams:
+        """Many texts fed a piece at a time, stepped together (:class:`LMStreams`)."""
+        self._forward_only()
+        return LMStreams(self, self.encode_piece, self.vocab.itos, self.cfg.data.tokenizer == "word",
+                         self.vocab.unk, max_tokens)
+
+    def _forward_only(self) -> None:
         if self.cfg.data.reverse:
             raise ConfigError("", "a backward LM (data.reverse) reads text right to left; it cannot be fed "
                                   "left to right")
-        return lm_loop.Incremental(self, self.encode_piece, self.vocab.itos)

@@ -157,3 +157,36 @@ def test_function_level_imports_are_read():
 def test_no_module_is_over_500_lines():
     long = {m: n for m, p in MODULES.items() if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
     assert not long, f"split these modules: {long}"
+
+
+def test_every_registered_task_names_what_it_plugs_in():
+    """A task is registered once (``rnnkit.config.tasks``); every name there resolves, and the
+    places that used to list tasks read the registry."""
+    from rnnkit.api import Model
+    from rnnkit.config.tasks import TASKS, exportable_tasks, resolve
+    from rnnkit.runtime.base import Exported
+    from rnnkit.runtime.manifest import EXPORTABLE
+    from rnnkit.serve.app import ROUTES
+    from rnnkit.tasks import task_module
+
+    for name, task in TASKS.items():
+        module = task_module(name)
+        assert callable(module.build) and module.DataConfig is task.data and module.ModelConfig is task.model, name
+        api = resolve(task.api)
+        assert issubclass(api, Model), name
+        assert (task.runtime is None) == (task.exporter is None), f"{name}: an export needs both"
+        if task.runtime:
+            runtime = resolve(task.runtime)
+            assert issubclass(runtime, Exported) and callable(resolve(task.exporter)), name
+        if task.route:
+            assert name in ROUTES[task.route] and callable(getattr(api, {"generate": "generate", "translate":
+                                                                          "translate", "predict": "predict",
+                                                                          "forecast": "forecast"}[task.route]))
+        if task.streams:
+            # both backends of a streaming task open a book of streams
+            built = [c for c in vars(module).values() if isinstance(c, type) and hasattr(c, "streams")]
+            assert built and (not task.runtime or hasattr(resolve(task.runtime), "streams")), name
+        else:
+            assert task.no_streams, f"{name}: say in one line why it has no streams"
+    assert EXPORTABLE == exportable_tasks() and set(EXPORTABLE) == {n for n, t in TASKS.items() if t.runtime}
+    assert {n for names in ROUTES.values() for n in names} == {n for n, t in TASKS.items() if t.route}

@@ -131,6 +131,7 @@ def model_card(path: Path) -> dict[str, Any]:
         "checkpoint": str(path), "task": cfg.get("task"),
         "model": ", ".join(f"{k}={v}" for k, v in _flatten(model).items()),
         "parameters": parameter_count(ckpt["model"]), **{f"{k}_size": v for k, v in sizes.items()},
+        **({"tokenizer": cfg.get("data", {}).get("tokenizer")} if cfg.get("task") == "lm" else {}),
         "steps": progress.get("step"), "epochs": progress.get("epoch"),
         "minutes_trained": round(progress.get("elapsed", 0.0) / 60, 1),
         f"best_{metric}": progress.get("best"), "best_step": progress.get("best_step"),

@@ -34,9 +34,6 @@ def exportable(cfg: Any) -> None:
     if getattr(m, "hierarchical", False):
         raise CheckpointError("model.hierarchical: the hierarchical document classifier has no export yet; it "
                               "runs from its checkpoint")
-    if getattr(m, "output", None) == "adaptive":
-        raise CheckpointError("model.output: adaptive: the adaptive softmax has no export yet; export a model "
-                              "with a full softmax")
 
 
 def export(checkpoint: str | Path, folder: str | Path, opset: int = 17, int8: bool = False,

@@ -196,7 +196,7 @@ class Served:
 
     def card(self) -> dict[str, Any]:
         if self._card is None:      # read from the checkpoint once
-            self._card = {"name": self.name, **self.model.card()}
+            self._card = {"name": self.name, **self.model.card(), "streams": TASKS[self.model.kind].streams}
             if self.model.kind == "translation":
                 self._card["attention"] = self.model.has_attention
         return {**self._card, "batches": self.batcher.batches, "sentences_served": self.batcher.items_done,

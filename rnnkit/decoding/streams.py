@@ -328,7 +328,7 @@ class LMStreams(StreamBook):
             log_probs, state = self.model.step(ids, self.rows.take(rows))
             self.rows.put(rows, state)
             for k, j in enumerate(members):
-                last[j] = np.asarray(log_probs[k, -1], dtype=np.float64)
+                last[j] = log_probs[k, -1]
                 work[j][0].position += ids.shape[1]
         samples = self._continue([(j, work[j][0], work[j][1]) for j in range(len(work)) if work[j][1].continuation],
                                  last)
@@ -349,7 +349,7 @@ class LMStreams(StreamBook):
             return {}
         rngs = [np.random.default_rng(f.seed) for _, _, f in asked]
         state = self.rows.take([s.row for _, s, _ in asked])
-        scores = [last[j].copy() for j, _, _ in asked]
+        scores = [last[j].astype(np.float64) for j, _, _ in asked]
         out: dict[int, list[int]] = {j: [] for j, _, _ in asked}
         for t in range(max(f.continuation for _, _, f in asked)):
             active = [k for k, (_, _, f) in enumerate(asked) if f.continuation > t]
@@ -363,7 +363,7 @@ class LMStreams(StreamBook):
             log_probs, new = self.model.step(np.asarray(tokens, dtype=np.int64)[:, None], take_rows(state, rows))
             put_rows(state, rows, new)
             for n, k in enumerate(active):
-                scores[k] = np.asarray(log_probs[n, -1], dtype=np.float64)
+                scores[k] = log_probs[n, -1].astype(np.float64)
         keep = [k for k, (_, _, f) in enumerate(asked) if f.advance]
         if keep:
             self.rows.put([asked[k][1].row for k in keep], take_rows(state, np.asarray(keep, dtype=np.int64)))
@@ -376,7 +376,8 @@ class LMStreams(StreamBook):
     def _top(self, log_probs: np.ndarray, k: int) -> list[list[Any]]:
         if not k:
             return []
-        order = np.argsort(-log_probs, kind="stable")[:k]
+        best = np.argpartition(-log_probs, k - 1)[:k] if k < log_probs.size else np.arange(log_probs.size)
+        order = best[np.argsort(-log_probs[best], kind="stable")]
         return [[self.vocab[i], float(np.exp(log_probs[i]))] for i in order]
 
     def _text(self, ids: list[int]) -> str:

@@ -6,7 +6,6 @@ the model's batcher, so the feeds that arrive together are one batch of the mode
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import secrets
 import time
@@ -159,6 +158,8 @@ class LiveStreams:
             del self.streams[sid]
         if old:
             self.expired += len(old)
-            with contextlib.suppress(Exception):
-                await asyncio.gather(*(self.batcher.submit(("streams",), [("close", sid)]) for sid in old))
+            chunk = max(1, self.limits.max_queue // 2)     # closes queue as requests do: never past the queue
+            for lo in range(0, len(old), chunk):
+                with contextlib.suppress(Exception):
+                    await self.batcher.submit(("streams",), [("close", sid) for sid in old[lo:lo + chunk]])
         return len(old)

@@ -137,6 +137,50 @@ def direct(model: Path, n: int, batch: int, feeds: int, vocab: list[str]) -> flo
     return done / (time.perf_counter() - start)
 
 
+def faults(model: Path, out: Path, vocab: list[str]) -> list[str]:
+    """Bad feeds and broken clients against a real server with --max-streams 100: each must get
+    a 4xx (or 429), the server must stay up, and no stream may stay open once closed."""
+    import socket
+
+    server = serve(model, out, "faults", "--max-streams", "100")
+    lines = []
+    try:
+        c = Client(server.port)
+        sid = c.post("/v1/wt2/streams", body(text="the"))[1]["id"]
+        cases = {"unknown id": ("/v1/wt2/streams/0000", body(text="a")),
+                 "wrong type": (f"/v1/wt2/streams/{sid}", body(text=5)),
+                 "rows to a language model": (f"/v1/wt2/streams/{sid}", body(rows=[[1.0]])),
+                 "too long": (f"/v1/wt2/streams/{sid}", body(ids=[1] * 6000)),
+                 "not UTF-8": (f"/v1/wt2/streams/{sid}", b'{"text": "' + bytes([0xFF, 0xFE]) + b'"}'),
+                 "not JSON": (f"/v1/wt2/streams/{sid}", b"{text")}
+        for name, (path, payload) in cases.items():
+            status, answer = c.post(path, payload)
+            lines.append(f"{name}: {status} {answer.get('error', '') if isinstance(answer, dict) else answer}")
+        opened = [c.post("/v1/wt2/streams", body(text=vocab[i])) for i in range(1000)]
+        codes = [status for status, _ in opened]
+        lines.append(f"1,000 opens at --max-streams 100 (one open before): {codes.count(200)} opened, "
+                     f"{codes.count(429)} answered 429, {len(codes) - codes.count(200) - codes.count(429)} other")
+        for cut in (True, False):            # a client gone mid-body, and one gone before its answer
+            payload = body(text="harbour lights")
+            head = (f"POST /v1/wt2/streams/{sid} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(payload)}\r\n\r\n").encode()
+            with socket.create_connection(("127.0.0.1", server.port)) as raw:
+                raw.sendall(head + (payload[:5] if cut else payload))
+        time.sleep(1.0)
+        c = Client(server.port)
+        for key in [sid] + [answer["id"] for status, answer in opened if status == 200]:
+            c.conn.request("DELETE", f"/v1/wt2/streams/{key}")
+            c.conn.getresponse().read()
+        c.conn.request("GET", "/health")
+        health = json.loads(c.conn.getresponse().read())
+        lines.append(f"two clients gone mid-feed, then every stream closed: /health {health['status']}, "
+                     f"{health['streams']['wt2']} streams open")
+    finally:
+        code = server.stop()
+    lines.append(f"rnnkit serve after SIGTERM: exit {code}")
+    return lines
+
+
 def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
@@ -208,6 +252,7 @@ def main() -> int:
             after = rss_mb(server.proc.pid)
         finally:
             server.stop()
+        fault_lines = faults(ckpt, out, vocab)
     print(f"CPU {cpu_description()}; rnnkit serve (model process), {args.clients} clients on loopback in the "
           f"same machine; the WikiText-2 word LM (2x LSTM 400, adaptive softmax, 33,278 words)")
     print(f"{'backend':<11} {'words/s':>8} {'direct':>8} {'ratio':>6} {'stateless@100':>14} {'x':>6} "
@@ -220,6 +265,8 @@ def main() -> int:
     print(f"memory: {args.memory_streams} streams of {row} state bytes each = {states:.1f} MB; resident "
           f"{before:.0f} MB -> {full:.0f} MB (+{full - before:.1f} MB, {(full - before) / states:.2f}x the states) "
           f"-> {after:.0f} MB after they expired ({health['streams']['wt2']} open)")
+    for line in fault_lines:
+        print("faults: " + line)
     return 0
 
 

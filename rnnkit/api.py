@@ -253,6 +253,32 @@ class LanguageModel(Model):
             raise ConfigError("", f"--top-p must be in (0, 1], got {top_p}")
         return self._pieces(self.task.generate(prime, length, temperature, top_k, top_p, seed))
 
+    @contextlib.contextmanager
+    def adapted(self, text: str, dynamic: Any, note: Callable[[str], None] | None = None):
+        """Within the block, the model's weights have adapted to ``text`` by dynamic evaluation
+        (:class:`rnnkit.tasks.dynamic.Dynamic`: a gradient step per segment, as it reads it);
+        restored after. ``generate --dynamic`` samples in such a block after its prime."""
+        from rnnkit.tasks import dynamic as dyn
+
+        if self.backend != "torch":
+            raise ConfigError("", f"{self.path}: an export has no gradients; --dynamic needs the checkpoint")
+        dynamic.check()
+        ids = self.task.encode(text) if text else []
+        if len(ids) < 2:
+            raise ConfigError("", "--dynamic adapts to the prime: give a --prime of at least two tokens")
+        import torch
+
+        stats = None
+        if dynamic.rule == "rms":
+            stats = dyn.stats_beside(self.task, dyn.check_checkpoint(self.path), dynamic, self.task.training_ids, note)
+        adapter = dyn.Adapter(self.task.model, dynamic, stats)
+        try:
+            with self._arithmetic():
+                dyn.dynamic_loss(self.task, torch.tensor([ids], device=self.task.device), adapter, dynamic.segment)
+            yield self
+        finally:
+            adapter.reset()
+
     def incremental(self):
         """Text fed a piece at a time, the state kept: ``feed(text)`` returns the next token's
         probabilities (one step per token), ``log_probs`` each fed token's log-probability,
@@ -268,12 +294,22 @@ class LanguageModel(Model):
             yield piece
 
     def score(self, text: str, streams: int = 16, cache: int = 0, cache_theta: float = 0.3,
-              cache_lambda: float = 0.1) -> dict[str, Any]:
+              cache_lambda: float = 0.1, dynamic: Any = None,
+              note: Callable[[str], None] | None = None) -> dict[str, Any]:
         """Loss and perplexity of ``text`` (bits per character for character LMs); with ``cache``
-        (word LMs), also with a continuous cache over that many positions."""
+        (word LMs), also with a continuous cache over that many positions; with ``dynamic`` (a
+        :class:`rnnkit.tasks.dynamic.Dynamic`), also while the model adapts to the text as it
+        reads it (``dynamic_*`` entries; a checkpoint only; the weights are restored after)."""
         if cache and self.task.cfg.data.tokenizer != "word":
             raise ConfigError("", "--cache is for word-level language models")
-        return self._run(lambda: self.task.evaluate_text(text, streams, cache, cache_theta, cache_lambda))
+        if dynamic is None:
+            return self._run(lambda: self.task.evaluate_text(text, streams, cache, cache_theta, cache_lambda))
+        if self.backend != "torch":
+            raise ConfigError("", f"{self.path}: an export has no gradients; --dynamic needs the checkpoint")
+        if getattr(self, "_int8", False):
+            raise ConfigError("", "--dynamic learns while it reads: it needs fp32 or bf16 weights, not --int8")
+        with self._arithmetic():          # not inference mode: it takes gradients
+            return self.task.dynamic_text(text, streams, dynamic, self.path, cache, cache_theta, cache_lambda, note)
 
 
 class Tagger(Model):
@@ -375,4 +411,6 @@ def load(checkpoint: str | Path, device: str = "auto", precision: str = "fp32", 
 
     task = load_task(checkpoint, device)
     arithmetic = inference_arithmetic(task, precision, int8, note)
-    return _kind(task)(task, arithmetic, str(checkpoint))
+    model = _kind(task)(task, arithmetic, str(checkpoint))
+    model._int8 = int8
+    return model

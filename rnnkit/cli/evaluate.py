@@ -37,6 +37,23 @@ def evaluate(
                                       help="--cache: how sharply the cache prefers states like the current one."),
     cache_lambda: float = typer.Option(0.1, "--cache-lambda", min=0.0, max=1.0,
                                        help="--cache: the cache's weight in the mixture with the model."),
+    dynamic: bool = typer.Option(
+        False, "--dynamic",
+        help="Language models: also score while the model adapts to the text it reads (dynamic evaluation, "
+             "Krause et al. 2018): a gradient step after every segment; static and dynamic side by side."),
+    dynamic_rule: str = typer.Option("rms", "--dynamic-rule",
+                                     help="--dynamic: rms (the paper's rule, with gradient statistics of the "
+                                          "training text, kept beside the checkpoint) or sgd."),
+    dynamic_lr: Optional[float] = typer.Option(None, "--dynamic-lr",
+                                               help="--dynamic: the step size eta (default 0.002 for rms, 0.1 "
+                                                    "for sgd)."),
+    dynamic_decay: float = typer.Option(0.02, "--dynamic-decay",
+                                        help="--dynamic: lambda, the pull back towards the trained weights."),
+    dynamic_segment: int = typer.Option(5, "--dynamic-segment", min=1,
+                                        help="--dynamic: tokens per update (n)."),
+    dynamic_stats_tokens: int = typer.Option(500_000, "--dynamic-stats-tokens", min=1,
+                                             help="--dynamic rms: training tokens the gradient statistics are "
+                                                  "collected over."),
     gradient_flow: bool = typer.Option(
         False, "--gradient-flow",
         help="Instead: the norm of the loss's gradient with respect to the hidden state at every time step, "
@@ -54,6 +71,7 @@ def evaluate(
 
     Example:  rnnkit eval runs/en_fr/best.pt --src test.en --ref test.fr --beam 5 --json
     Example:  rnnkit eval runs/lm_wikitext2/best.pt --data wikitext-2/test.txt --cache 2000
+    Example:  rnnkit eval runs/lm_wikitext2/best.pt --data wikitext-2/test.txt --streams 1 --dynamic
     Example:  rnnkit eval runs/adding/best.pt --gradient-flow --plot flow.png
     Example:  rnnkit eval runs/forecast_etth1/best.pt --data ETTh1.csv --split test
     """
@@ -84,13 +102,21 @@ def evaluate(
             bad_option("--split is for forecast checkpoints")
         if cache and (kind != "lm" or m.task.cfg.data.tokenizer != "word"):
             bad_option("--cache is for word-level language models")
+        settings = None
+        if dynamic:
+            if kind != "lm":
+                bad_option(f"--dynamic is for language models; {checkpoint} is a '{kind}' model")
+            from rnnkit.tasks.dynamic import Dynamic
+
+            settings = Dynamic(dynamic_rule, dynamic_lr, dynamic_decay, segment=dynamic_segment,
+                               stats_tokens=dynamic_stats_tokens).check()
         if kind in ("lm", "tagging", "classification", "forecast"):
             if data is None:
                 bad_option(f"--data FILE is required to evaluate a '{kind}' model")
             if not data.is_file():
                 raise DataError(f"--data: file not found: {data}")
             if kind == "lm":
-                results = m.score(read_text(str(data)), streams, cache, cache_theta, cache_lambda)
+                results = m.score(read_text(str(data)), streams, cache, cache_theta, cache_lambda, settings, note)
             elif kind == "forecast":
                 results = m.score(data, split, batch_size)
             else:

@@ -28,6 +28,12 @@ def generate(
                                                             "sample differently (sample i of --num-samples uses "
                                                             "seed + i - 1)."),
     num_samples: int = typer.Option(1, "--num-samples", min=1, help="How many independent samples."),
+    dynamic: bool = typer.Option(False, "--dynamic",
+                                 help="Adapt to the prime first (dynamic evaluation: a gradient step per segment "
+                                      "of it, as rnnkit eval --dynamic does), then sample; a checkpoint only."),
+    dynamic_rule: str = typer.Option("rms", "--dynamic-rule", help="--dynamic: rms or sgd."),
+    dynamic_lr: Optional[float] = typer.Option(None, "--dynamic-lr",
+                                               help="--dynamic: the step size (default 0.002 rms, 0.1 sgd)."),
     precision: str = precision_option(),
     int8: bool = int8_option(),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
@@ -45,17 +51,25 @@ def generate(
         if m.kind != "lm":
             raise CheckpointError(f"{checkpoint}: a '{m.kind}' checkpoint cannot generate text; "
                                   f"use 'rnnkit translate' for translation models")
+        import contextlib
+
+        adapting = contextlib.nullcontext()
+        if dynamic:
+            from rnnkit.tasks.dynamic import Dynamic
+
+            adapting = m.adapted(prime, Dynamic(dynamic_rule, dynamic_lr).check(), note)
         out = sys.stdout
-        for i in range(num_samples):
-            if num_samples > 1:
-                err_console.rule(f"sample {i + 1}")
-            word = m.task.cfg.data.tokenizer == "word"
-            pieces = m.stream(prime, length, temperature, top_k, top_p, None if seed is None else seed + i)
-            out.write(prime + (" " if word and prime and not prime[-1].isspace() else ""))
-            for piece in pieces:
-                out.write(piece)
-                out.flush()
-            out.write("\n")
+        with adapting:
+            for i in range(num_samples):
+                if num_samples > 1:
+                    err_console.rule(f"sample {i + 1}")
+                word = m.task.cfg.data.tokenizer == "word"
+                pieces = m.stream(prime, length, temperature, top_k, top_p, None if seed is None else seed + i)
+                out.write(prime + (" " if word and prime and not prime[-1].isspace() else ""))
+                for piece in pieces:
+                    out.write(piece)
+                    out.flush()
+                out.write("\n")
         out.flush()
 
 

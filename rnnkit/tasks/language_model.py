@@ -212,6 +212,68 @@ class LanguageModelTask(LanguageModelText):
         return {**self.metrics(loss, tokens), **{f"cache_{k}": v for k, v in self.metrics(with_cache, tokens).items()},
                 "tokens": tokens}
 
+    def training_ids(self) -> np.ndarray:
+        """The training text's token ids, read again from the config's files (dynamic
+        evaluation's gradient statistics); one line when they are not there."""
+        from pathlib import Path
+
+        from rnnkit.data.vocab import read_text
+
+        d = self.cfg.data
+        path = d.path if d.path is not None else d.train
+        if path is None or not Path(path).is_file():
+            raise DataError(f"the gradient statistics need the training text, and {path} is not there; give the "
+                            f"checkpoint's training file at that path, or use --dynamic-rule sgd, which needs none")
+        if d.path is not None:
+            end = char_cuts(d.path, d.split)[0]
+            with open(d.path, "rb") as fh:
+                text = fh.read(end).decode("utf-8", errors="replace")
+        else:
+            text = read_text(path)
+        return np.asarray(self.encode(text), np.int64)
+
+    def dynamic_text(self, text: str, rows: int, settings: Any, checkpoint: Any, cache: int = 0,
+                     theta: float = 0.3, lam: float = 0.1, note: Any = None) -> dict[str, float]:
+        """Static and dynamic (:mod:`rnnkit.tasks.dynamic`) loss and perplexity of ``text`` in
+        ``rows`` streams, and with ``cache`` both with the continuous cache; the weights are
+        restored afterwards."""
+        import time
+
+        from rnnkit.tasks import dynamic
+
+        settings.check()
+        ids = self.encode(text)
+        rows = max(1, min(rows, len(ids) // (2 * self.cfg.data.bptt)))      # as the static score lays it out
+        stream = torch.from_numpy(np.ascontiguousarray(batchify(np.asarray(ids, np.int64), rows))).to(self.device)
+        started = time.perf_counter()
+        with torch.no_grad():
+            static = self.evaluate_text(text, rows, cache, theta, lam)
+        static_seconds = time.perf_counter() - started
+        stats = None
+        if settings.rule == "rms":
+            stats = dynamic.stats_beside(self, dynamic.check_checkpoint(checkpoint), settings, self.training_ids, note)
+        adapter = dynamic.Adapter(self.model, settings, stats)
+        started = time.perf_counter()
+        try:
+            bar = lambda it: tqdm(it, desc="dynamic eval", unit="segment", file=sys.stderr, leave=False)  # noqa: E731
+            collected = dynamic.dynamic_loss(self, stream, adapter, settings.segment, bar, keep_states=bool(cache))
+        finally:
+            adapter.reset()
+        loss, tokens, skipped = collected[:3]
+        out = {**static, "static_seconds": round(static_seconds, 2),
+               **{f"dynamic_{k}": v for k, v in self.metrics(loss, tokens).items()},
+               "dynamic_seconds": round(time.perf_counter() - started, 2), "dynamic_skipped": skipped,
+               "dynamic_rule": settings.rule, "dynamic_lr": settings.rate, "dynamic_decay": settings.decay,
+               "dynamic_segment": settings.segment}
+        if cache:
+            from rnnkit.decoding import lm_loop
+
+            hidden, p_model, words = collected[3]
+            p_cache, seen = lm_loop.cache_probs(hidden, words, cache, theta)
+            mixed = lm_loop.cache_mix_loss(p_model, p_cache, seen, lam)
+            out.update({f"dynamic_cache_{k}": v for k, v in self.metrics(mixed, tokens).items()})
+        return out
+
     @torch.no_grad()
     def step_states(self, ids: np.ndarray, state: Any) -> tuple[np.ndarray, np.ndarray, Any]:
         """The backend interface of :mod:`rnnkit.decoding.lm_loop`: log-probabilities (B, T, V)

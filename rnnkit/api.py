@@ -18,6 +18,8 @@ import contextlib
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Sequence
 
+import numpy as np
+
 from rnnkit.config import ConfigError
 
 PRECISIONS = ("fp32", "bf16")
@@ -119,37 +121,11 @@ class Model:
         ``("feed", id, piece, options)`` or ``("close", id)``; the answers in order (a dict,
         None for a close, or the :class:`~rnnkit.decoding.streams.FeedError` of that op).
         Every feed of one batch, a prime included, is one step of the model per length fed."""
-        from rnnkit.decoding.streams import FeedError
+        from rnnkit.decoding.streams import apply_ops
 
         if self._book is None:
             self._book = self.streams()
-        book = self._book
-        answers: list = [None] * len(ops)
-        feeds, where = [], []
-        for i, op in enumerate(ops):
-            if op[0] == "open":
-                try:
-                    book.open(op[1])
-                except FeedError as err:
-                    answers[i] = err
-                    continue
-                if op[2] is None or op[2] == "" or op[2] == []:
-                    answers[i] = book.describe(op[1])
-                    continue
-            if op[0] in ("open", "feed"):
-                feeds.append((op[1], op[2], op[3]))
-                where.append(i)
-        for i, answer in zip(where, book.feed(feeds) if feeds else []):
-            if ops[i][0] == "open" and isinstance(answer, Exception):
-                book.close(ops[i][1])          # an open whose prime fails opens nothing
-            answers[i] = answer
-        for i, op in enumerate(ops):
-            if op[0] == "close":
-                try:
-                    book.close(op[1])
-                except FeedError as err:
-                    answers[i] = err
-        return answers
+        return apply_ops(self._book, ops)
 
     def __repr__(self) -> str:
         return f"<rnnkit {type(self).__name__} {self.kind} from {self.path}>"
@@ -355,11 +331,107 @@ class Forecaster(Model):
 
         return _Running(self, OneStream(self.task.streams()))
 
+    def online(self, csv: str | Path, start: int, end: int | None = None, settings: Any = None,
+               progress: Callable = iter) -> dict[str, Any]:
+        """Replay ``csv`` as a stream from row ``start`` (:mod:`rnnkit.tasks.online`): at each
+        arriving row, forecast the next ``horizon`` rows, then learn by ``settings``' protocol
+        (an :class:`~rnnkit.tasks.online.Online`; leak-free by default). The model stays
+        adapted afterwards (``save`` writes it). Returns the cumulative MSE and MAE
+        (standardised, as the literature reports) of the online and the frozen model, and
+        ``forecasts``, ``frozen`` (n, H, T, original units), ``truth`` and ``origins``."""
+        from rnnkit.tasks.online import Online, replay
+
+        if self.backend != "torch":
+            raise ConfigError("", f"{self.path}: an export has no gradients; online learning needs the checkpoint")
+        settings = (settings or Online()).check()
+        t = self.task
+        series = t.read(str(_existing(csv)), t.columns)
+        values = t.standardised_values(series)
+        length, horizon, n = t.cfg.data.input_length, t.cfg.data.horizon, len(series)
+        end = n if end is None else end
+        if not length <= start <= end - horizon or end > n:
+            raise ConfigError("", f"--start {start} / --end {end}: the online rows need {length} rows before the "
+                                  f"start, {horizon} after the last origin, and at most the file's {n} rows")
+        origins = np.arange(start, end - horizon + 1)
+        from rnnkit.data.series import gather_windows
+
+        frozen = t.predict_windows(np.ascontiguousarray(gather_windows(values, origins, length, 0)))
+        with self._arithmetic():
+            forecasts, learner = replay(t, iter(values[:end]), start, len(origins), settings, progress)
+        truth = gather_windows(values, origins, 0, horizon)[..., t.targets].astype(np.float64)
+        out: dict[str, Any] = {"windows": len(origins), "rows": f"[{start}, {end})", "protocol": settings.protocol,
+                               "updates": learner.updates, "skipped": learner.skipped}
+        for name, pred in (("online", forecasts), ("frozen", frozen)):
+            err = pred.astype(np.float64) - truth
+            out[f"{name}_mse"] = float(np.square(err).mean())
+            out[f"{name}_mae"] = float(np.abs(err).mean())
+            out[f"{name}_curve"] = np.cumsum(np.square(err).mean((1, 2))) / np.arange(1, len(err) + 1)
+        out["mse_vs_frozen"] = out["online_mse"] / out["frozen_mse"] if out["frozen_mse"] else float("nan")
+        inverse = lambda x: t.scaler.inverse(x.astype(np.float64), t.targets)  # noqa: E731
+        out.update(origins=origins, forecasts=inverse(forecasts), frozen=inverse(frozen), truth=inverse(truth))
+        return out
+
+    def learner(self, history: Sequence[Sequence[float]], settings: Any = None) -> "LiveForecaster":
+        """A forecaster that learns from live observations: ``history`` (at least
+        ``input_length`` rows, original units, the model's column order) is what arrived so
+        far; each ``arrive(row)`` learns by ``settings``' protocol (leak-free; the published
+        one needs the future and is for :meth:`online` only) and returns the forecast of the
+        next ``horizon`` rows (original units, (H, T))."""
+        from rnnkit.tasks.online import Online, OnlineLearner
+
+        if self.backend != "torch":
+            raise ConfigError("", f"{self.path}: an export has no gradients; online learning needs the checkpoint")
+        settings = (settings or Online()).check()
+        if settings.protocol != "leak-free":
+            raise ConfigError("", "a live learner learns only from what has arrived: protocol leak-free")
+        rows = np.asarray(history, np.float64)
+        if rows.ndim != 2 or rows.shape[1] != len(self.task.columns) or len(rows) < self.task.cfg.data.input_length:
+            raise ConfigError("", f"history: at least {self.task.cfg.data.input_length} rows of "
+                                  f"{len(self.task.columns)} values ({', '.join(self.task.columns)})")
+        return LiveForecaster(self, OnlineLearner(self.task, settings, self.task.scaler.transform(rows)))
+
+    def save(self, path: str | Path) -> Path:
+        """Write the model as it is now (after ``online``) as a new checkpoint at ``path``
+        (never over the checkpoint it was loaded from)."""
+        from rnnkit.training.checkpoint import load_checkpoint, save_checkpoint
+
+        path = Path(path)
+        if path.resolve() == Path(self.path).resolve():
+            raise ConfigError("", f"{path}: that is the checkpoint the model came from; choose a new file")
+        ckpt = load_checkpoint(self.path)
+        ckpt["model"] = {k: v.detach().cpu() for k, v in self.task.model.state_dict().items()}
+        ckpt.pop("format", None)
+        ckpt.pop("rnnkit_version", None)
+        save_checkpoint(ckpt, path)
+        return path
+
     def score(self, csv: str | Path, split: str | None = None, batch_size: int = 64) -> dict[str, Any]:
         """MSE and MAE beside the last-value and seasonal baselines, on every window or ``split``'s."""
         if split is not None and split not in ("train", "valid", "test"):
             raise ConfigError("", f"--split must be train, valid or test, got {split!r}")
         return self._run(lambda: self.task.evaluate_file(str(_existing(csv)), batch_size, split))
+
+
+class LiveForecaster:
+    """:meth:`Forecaster.learner`'s object: ``arrive(row)`` -> the next forecast; ``learner``
+    is the :class:`~rnnkit.tasks.online.OnlineLearner` (``updates``, ``skipped``)."""
+
+    def __init__(self, model: Forecaster, learner: Any):
+        self.model, self.learner = model, learner
+
+    def forecast(self) -> np.ndarray:
+        t = self.model.task
+        with self.model._arithmetic():
+            return t.scaler.inverse(self.learner.forecast().astype(np.float64), t.targets)
+
+    def arrive(self, row: Sequence[float]) -> np.ndarray:
+        t = self.model.task
+        values = np.asarray(row, np.float64)
+        if values.shape != (len(t.columns),) or not np.isfinite(values).all():
+            raise ConfigError("", f"a row is {len(t.columns)} finite numbers ({', '.join(t.columns)})")
+        with self.model._arithmetic():
+            self.learner.arrive(t.scaler.transform(values[None])[0])
+        return self.forecast()
 
 
 class _Running:

@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from rnnkit.cli import data, evaluate, export, inference, runs, schema, serve, training, tune
+from rnnkit.cli import data, evaluate, export, inference, online, runs, schema, serve, training, tune
 from rnnkit.cli.common import err_console
 
 app = typer.Typer(
@@ -31,6 +31,7 @@ app.command("runs")(runs.compare)
 for command in (runs.average, runs.info, training.prepare, serve.serve, export.export, tune.tune, schema.schema):
     app.command()(command)
 app.command("eval")(evaluate.evaluate)
+app.command()(online.online)
 data_app.command("list")(data.data_list)
 data_app.command("get")(data.data_get)
 data_app.command("info")(data.data_info)

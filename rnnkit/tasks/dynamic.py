@@ -154,6 +154,10 @@ class Adapter:
         self.start = {n: p.detach().clone() for n, p in self.params}
         self.scale: dict[str, torch.Tensor] = {}
         self.pull: dict[str, torch.Tensor] = {}
+        self.keep: dict[str, torch.Tensor] = {}
+        self.anchor: dict[str, torch.Tensor] = {}
+        self.step: dict[str, torch.Tensor] = {}
+        self._ready = False
         if settings.rule == "rms":
             if stats is None:
                 raise ValueError("the rms rule needs gradient statistics")
@@ -167,13 +171,27 @@ class Adapter:
 
     @torch.no_grad()
     def update(self) -> None:
-        s = self.settings
+        """theta <- theta * (1 - pull) + pull * theta_0 - eta * scale * g, the rule's three terms
+        in two in-place passes over each parameter (``keep``, ``anchor``, ``step`` made once)."""
+        if not self._ready:
+            self._prepare()
         for n, p in self.params:
             if p.grad is None:
                 continue
-            step = p.grad * self.scale[n] if s.rule == "rms" else p.grad
-            back = (self.start[n] - p) * (self.pull[n] if s.rule == "rms" else s.decay)
-            p.add_(-s.rate * step + back)
+            if n in self.keep:
+                p.mul_(self.keep[n]).add_(self.anchor[n])
+            p.addcmul_(p.grad, self.step[n], value=-1.0) if n in self.step else p.add_(p.grad, alpha=-self.settings.rate)
+
+    def _prepare(self) -> None:
+        s = self.settings
+        for n, _ in self.params:
+            pull = self.pull[n] if s.rule == "rms" else torch.full_like(self.start[n], s.decay)
+            if s.decay:
+                self.keep[n], self.anchor[n] = 1.0 - pull, pull * self.start[n]
+            if s.rule == "rms":
+                self.step[n] = s.rate * self.scale[n]
+        self.scale, self.pull = {}, {}
+        self._ready = True
 
     @torch.no_grad()
     def reset(self) -> None:

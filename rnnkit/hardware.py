@@ -159,7 +159,19 @@ def release_freed_memory() -> bool:
     speed (every step: 15%). Returns whether it ran."""
     if not _KEEPING:
         return False
-    ctypes.CDLL(None).malloc_trim(0)
+    return trim_heap()
+
+
+def trim_heap() -> bool:
+    """``malloc_trim(0)``: the free pages of glibc's heap back to the system now (a large
+    buffer replaced by another, freed memory that would otherwise stay resident). Returns
+    whether it ran (glibc on Linux only)."""
+    if sys.platform != "linux":
+        return False
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
     return True
 
 

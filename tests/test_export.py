@@ -190,6 +190,19 @@ def test_an_export_runs_where_importing_torch_fails(exported, classifier, tmp_pa
     assert json.loads(lines[-2])["ppl"] == pytest.approx(first["score"]["ppl"])
 
 
+def int8_ops(path: Path) -> set[str]:
+    """The operator types of an exported graph (its weights left on disk), and "fp32 weight
+    product" where a MatMul, Gemm or LSTM still reads a weight in float."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {w.name for w in graph.initializer}
+    ops = {n.op_type for n in graph.node}
+    if any(n.op_type in ("MatMul", "Gemm", "LSTM") and weights & set(n.input) for n in graph.node):
+        ops.add("fp32 weight product")
+    return ops
+
+
 def test_int8_export_is_smaller_and_close(exported, tmp_path):
     ckpt, fp32 = exported["char"]
     result = runner.invoke(app, ["export", str(ckpt), "-o", str(tmp_path / "q"), "--int8"])
@@ -197,6 +210,9 @@ def test_int8_export_is_smaller_and_close(exported, tmp_path):
     assert "int8" in result.output
     size = lambda d: sum(f.stat().st_size for f in d.glob("lm_step.*"))  # noqa: E731  (the graph and its weights)
     assert size(tmp_path / "q") < 0.6 * size(fp32)
+    assert int8_ops(tmp_path / "q" / "lm_step.onnx") >= {"DynamicQuantizeLSTM", "MatMulInteger", "DequantizeLinear"}
+    assert "fp32 weight product" not in int8_ops(tmp_path / "q" / "lm_step.onnx")
+    assert "fp32 weight product" in int8_ops(fp32 / "lm_step.onnx")
     q = rnnkit.load(tmp_path / "q")
     assert q.card()["int8"] is True
     assert q.score(TEXT)["loss"] == pytest.approx(rnnkit.load(fp32).score(TEXT)["loss"], abs=0.05)

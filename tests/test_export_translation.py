@@ -123,6 +123,11 @@ def test_int8_translation_export_is_smaller_and_close(models, tmp_path):
     assert result.exit_code == 0, result.output
     step = lambda d: sum(f.stat().st_size for f in d.glob("decoder_step.*"))  # noqa: E731  (the encoder: mostly graph)
     assert step(tmp_path / "q") < 0.6 * step(fp32)
+    from tests.test_export import int8_ops
+
+    ops = int8_ops(tmp_path / "q" / "decoder_step.onnx")
+    assert {"DynamicQuantizeLSTM", "MatMulInteger"} <= ops and "fp32 weight product" not in ops, sorted(ops)
+    assert "DynamicQuantizeLSTM" in int8_ops(tmp_path / "q" / "encoder.onnx")
     q, f = rnnkit.load(tmp_path / "q").translate(LINES), rnnkit.load(fp32).translate(LINES)
     assert sum(a == b for a, b in zip(q, f)) >= 0.8 * len(LINES)
 
@@ -179,3 +184,21 @@ def test_weights_live_beside_the_graphs(models, tmp_path, monkeypatch):
     result = runner.invoke(app, ["translate", str(broken), "--input", str(SAMPLE / "valid.en")])
     assert result.exit_code == 2 and "encoder.weights) is missing" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_the_runtime_reorders_every_state_array_when_the_rows_stay_as_many(models):
+    """Beam search reorders rows at every step, often to as many rows as before: the LSTM's
+    cell state must move with its hidden state then too (a decode whose reorders were all
+    the identity would not notice if it did not)."""
+    m = rnnkit.load(models["lstm"][1])
+    ids = [m.task.src_tok.encode(s) for s in ("a man is riding a bike", "two dogs", "the red car is fast")]
+    state, _ = m.task.encode_ids(ids)
+    steps = m.task.search_backend()
+    _, _, _, state = steps.step(np.full(3, m.task.bos, np.int64), steps.select(state, np.arange(3)), 2)
+    assert {"h", "c"} <= set(state), sorted(state)
+    order = np.asarray([2, 0, 1])
+    moved = steps.select(state, order)
+    for name, array in state.items():
+        axis = steps.axes[name]
+        assert np.array_equal(moved[name], np.take(array, order, axis=axis)), name
+        assert not np.array_equal(moved[name], array), name      # the rows really differ

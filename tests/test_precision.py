@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from rnnkit.cli import app
 from rnnkit.config import load_config
+from rnnkit.hardware import native_bf16
 from rnnkit.runs import prepare_trainer
 from tests.conftest import ROOT, write_yaml
 from tests.test_crash_safety import task_config
@@ -169,3 +170,18 @@ def test_autocast_turns_onednn_off_only_where_its_bf16_lstm_is_missing(monkeypat
     monkeypatch.setattr(hardware, "onednn_bf16_lstm", lambda: True)
     with hardware.autocast("cpu", torch.bfloat16):
         assert torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.enabled == before
+
+
+@pytest.mark.skipif(not native_bf16(),
+                    reason="this CPU has no native bf16 (avx512_bf16 or amx_bf16): the probe's True case needs one")
+def test_the_onednn_bf16_lstm_probe_is_true_where_the_cpu_has_native_bf16():
+    """On a CPU with native bf16, oneDNN's bf16 LSTM builds, so autocast keeps oneDNN on: the
+    probe saying otherwise would quietly send every bf16 LSTM to torch's slower kernels."""
+    from rnnkit import hardware
+
+    hardware.onednn_bf16_lstm.cache_clear()
+    assert hardware.onednn_bf16_lstm() is True
+    import torch
+
+    with hardware.autocast("cpu", torch.bfloat16):
+        assert torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled

@@ -302,3 +302,31 @@ def test_the_median_pruner_stops_a_clearly_worse_curve(tmp_path):
     assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED"]
     assert study.trials[1].user_attrs["steps"] == 4                # stopped at its first evaluation
     assert study.trials[1].intermediate_values[4] > study.trials[0].intermediate_values[4]
+
+
+def test_best_yaml_is_the_best_trial_not_the_last(tmp_path):
+    """Trials finishing 0.5, 0.1, 0.9 (lower is better): best.yaml is trial 1's config, though
+    trial 2 finished last and trial 0 first."""
+    from rnnkit.tune.study import write_best
+
+    study = optuna.create_study(direction="minimize", study_name="s")
+    for n, value in enumerate((0.5, 0.1, 0.9)):
+        folder = tmp_path / f"trial-{n:04d}"
+        folder.mkdir()
+        cfg = tiny_lm_config(tmp_path, run_dir=str(folder))
+        cfg["train"]["lr"] = [0.01, 0.02, 0.03][n]
+        write_yaml(folder / "config.yaml", cfg)
+        trial = study.ask()
+        trial.set_user_attr("folder", folder.name)
+        study.tell(trial, value)
+    path = write_best(study, tmp_path)
+    assert load_config(path).train.lr == 0.02 and "trial 1 (trial-0001)" in path.read_text()
+
+
+def test_a_binary_search_space_is_one_line_and_exit_2(tmp_path):
+    config, _ = _files(tmp_path)
+    space = tmp_path / "space.bin"
+    space.write_bytes(bytes(range(256)) * 4)
+    result = _tune(str(config), str(space), "--trials", "1", "--dir", str(tmp_path / "runs"))
+    assert result.exit_code == 2 and "not UTF-8 text" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()

@@ -7,6 +7,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from rnnkit.hardware import trim_heap
+
 
 def _map(fn: Callable, *trees: Any) -> Any:
     first = trees[0]
@@ -108,6 +110,7 @@ class StateRows:
             put_rows(self.slab, np.arange(len(owners)), kept)
         self.capacity = new_capacity
         self._free = list(range(new_capacity - 1, len(owners) - 1, -1))
+        trim_heap()                     # the old slab's pages back to the system
         return {o: i for i, o in enumerate(owners)}
 
     def _resize(self, new: int) -> None:
@@ -115,5 +118,7 @@ class StateRows:
             old = self.slab
             self.slab = _map(lambda x: _zeros(x, new), old)
             _map(lambda x, o: x.__setitem__((slice(None), slice(0, self.capacity)), o), self.slab, old)
+            del old
+            trim_heap()
         self._free = list(range(new - 1, self.capacity - 1, -1)) + self._free
         self.capacity = new

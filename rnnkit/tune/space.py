@@ -88,6 +88,10 @@ def read_space(path: Path, config: Path, sampler: str = "tpe") -> list[Param]:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError:
         raise ConfigError("", "is not valid YAML", where) from None
+    except UnicodeDecodeError as err:
+        raise ConfigError("", f"is not UTF-8 text (byte {err.start}); a search space is a YAML file", where) from None
+    except OSError as err:
+        raise ConfigError("", f"cannot be read ({err.strerror})", where) from None
     if not isinstance(raw, dict) or not raw:
         raise ConfigError("", "must map config keys to ranges or choices, e.g. 'train.lr: {low: 1e-4, high: 1e-2, "
                               "log: true}'", where)

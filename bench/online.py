@@ -45,7 +45,7 @@ def train(config: str, run_dir: Path, *overrides: str) -> Path:
 
 
 # ---------------------------------------------------------------------- online forecasting
-def online(horizons: list[int], seconds: int) -> list[str]:
+def online(horizons: list[int], seconds: int, end: int = 14400, quick: bool = False) -> list[str]:
     import numpy as np
 
     import rnnkit
@@ -54,28 +54,30 @@ def online(horizons: list[int], seconds: int) -> list[str]:
     lines, curves = [], {}
     grid = [Online(optimizer=o, lr=lr) for o, lr in itertools.chain(
         (("sgd", lr) for lr in (0.001, 0.003, 0.01, 0.03)), (("adam", lr) for lr in (0.0001, 0.0003, 0.001)))]
+    if quick:
+        grid = grid[:2]
     for h in horizons:
-        ckpt = train("configs/forecast_online_etth1.yaml", OUT / f"etth1_h{h}", f"data.path={ETT}",
-                     f"data.horizon={h}", f"train.max_time={seconds}")
+        ckpt = train("configs/forecast_online_etth1.yaml", OUT / f"etth1_h{h}{'_quick' if quick else ''}",
+                     f"data.path={ETT}", f"data.horizon={h}", f"train.max_time={seconds}")
         chosen = {}
         for protocol in ("leak-free", "published"):
             scored = []
             for g in grid:            # on the validation rows only
                 m = rnnkit.load(ckpt)
-                r = m.online(ETT, 2880, 3600, Online(protocol, g.optimizer, g.lr))
+                r = m.online(ETT, 2880, 3000 if quick else 3600, Online(protocol, g.optimizer, g.lr))
                 scored.append((r["online_mse"], g))
             best = min(scored, key=lambda s: s[0])[1]
             m = rnnkit.load(ckpt)
             with_replay = Online(protocol, best.optimizer, best.lr, replay=256, replay_batch=8)
-            replayed = m.online(ETT, 2880, 3600, with_replay)["online_mse"]
+            replayed = m.online(ETT, 2880, 3000 if quick else 3600, with_replay)["online_mse"]
             chosen[protocol] = (best, with_replay)
             print(f"H={h} {protocol}: chose {best.optimizer} lr {best.lr} on validation "
                   f"(valid MSE {min(s[0] for s in scored):.4f}; with replay {replayed:.4f})", file=sys.stderr, flush=True)
         for protocol in ("leak-free", "published"):
             best, with_replay = chosen[protocol]
             started = time.perf_counter()
-            r = rnnkit.load(ckpt).online(ETT, 3600, 14400, best)
-            rr = rnnkit.load(ckpt).online(ETT, 3600, 14400, with_replay)
+            r = rnnkit.load(ckpt).online(ETT, 3600, end, best)
+            rr = rnnkit.load(ckpt).online(ETT, 3600, end, with_replay)
             seconds_taken = time.perf_counter() - started
             ratio, ratio_replay = r["online_mse"] / r["frozen_mse"], rr["online_mse"] / rr["frozen_mse"]
             goal = 0.8 if protocol == "leak-free" else FSNET_OVER_TCN[h]
@@ -87,7 +89,7 @@ def online(horizons: list[int], seconds: int) -> list[str]:
             print(lines[-1], file=sys.stderr, flush=True)
             if protocol == "leak-free" and h == 24:
                 curves = {"frozen": r["frozen_curve"], "online": r["online_curve"], "online + replay": rr["online_curve"]}
-    if curves:
+    if curves and not quick:
         path = ROOT / "docs" / "images" / "online_etth1.png"
         x = np.arange(len(next(iter(curves.values())))) + 3600
         import matplotlib
@@ -123,8 +125,8 @@ def dynamic(lm: Path | None, minutes: float, valid_tokens: int, streams: int, ch
     test = read_text(str(WT2 / "test.txt"))
     m = rnnkit.load(lm)
     scored = []
-    for rule, lr, decay in (("rms", 0.002, 0.02), ("rms", 0.001, 0.02), ("rms", 0.004, 0.02), ("rms", 0.002, 0.0),
-                            ("sgd", 0.1, 0.02), ("sgd", 0.3, 0.02)):
+    for rule, lr, decay in (("rms", 0.0001, 0.02), ("rms", 0.0003, 0.02), ("rms", 0.001, 0.02), ("rms", 0.002, 0.02),
+                            ("sgd", 0.01, 0.02), ("sgd", 0.03, 0.02), ("sgd", 0.1, 0.02)):
         r = m.score(valid, streams=streams, dynamic=Dynamic(rule, lr, decay))
         scored.append((r["dynamic_ppl"], rule, lr, decay, r["ppl"]))
         print(f"valid: {rule} lr {lr} decay {decay}: {r['ppl']:.2f} -> {r['dynamic_ppl']:.2f}", file=sys.stderr, flush=True)
@@ -158,7 +160,10 @@ def main() -> int:
     ap.add_argument("--streams", type=int, default=16)
     ap.add_argument("--char", action="store_true")
     ap.add_argument("--char-minutes", type=float, default=10.0)
+    ap.add_argument("--quick", action="store_true", help="online only, horizon 24, a few hundred rows: checks that it runs")
     args = ap.parse_args()
+    if args.quick:
+        args.online, args.dynamic, args.horizons, args.forecast_seconds = True, False, [24], 10
     from bench.machine import cpu_description
 
     OUT.mkdir(parents=True, exist_ok=True)
@@ -167,7 +172,7 @@ def main() -> int:
         if not ETT.is_file():
             print(f"skipped: {ETT} is absent")
         else:
-            print("\n".join(online(args.horizons, args.forecast_seconds)))
+            print("\n".join(online(args.horizons, args.forecast_seconds, 3800 if args.quick else 14400, args.quick)))
     if args.dynamic:
         if not WT2.is_dir():
             print(f"skipped: {WT2} is absent")

@@ -207,8 +207,9 @@ def main() -> int:
     if not DATA.is_dir():
         print(f"skipped: {DATA} is absent")
         return 0
+    idle = 20
     if args.quick:
-        args.streams, args.feeds, args.memory_streams, args.clients = 64, 256, 500, 8
+        args.streams, args.feeds, args.memory_streams, args.clients, idle = 64, 256, 500, 8, 2
     from bench.machine import cpu_description
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -238,14 +239,14 @@ def main() -> int:
                              "p99": percentile(lat100, 0.99)}
         print("memory ...", file=sys.stderr, flush=True)
         row = state_bytes(ckpt)
-        server = serve(ckpt, out, "memory", "--stream-idle-seconds", "20")
+        server = serve(ckpt, out, "memory", "--stream-idle-seconds", str(idle))
         try:
             Client(server.port).post("/v1/wt2/streams", body(text="warm", top_k=0))   # the slab exists
-            time.sleep(21)
+            time.sleep(idle + 1)
             before = rss_mb(server.proc.pid)
             open_streams(server.port, args.memory_streams, args.clients, vocab)
             full = rss_mb(server.proc.pid)
-            time.sleep(25)                                     # every stream idle past 20 s: expired
+            time.sleep(idle + 5)                                # every stream idle past idle: expired
             c = Client(server.port)
             c.conn.request("GET", "/health")
             health = json.loads(c.conn.getresponse().read())

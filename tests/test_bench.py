@@ -32,6 +32,8 @@ QUICK = {
     "tune.py": (["--quick"], "quick sweep:"),
     "cells.py": (["--quick"], "step-form generation"),
     "attention.py": (["--quick"], "hierarchical predict --attention:"),
+    "streams.py": (["--quick"], "faults: rnnkit serve after SIGTERM"),
+    "online.py": (["--quick"], "| H | protocol"),
     "transfer.py": (["--quick", "--stages", "pretrain", "sentiment", "--features", "word"],
                     "rt-polarity dev accuracy, ULMFiT"),
 }

@@ -137,7 +137,7 @@ def direct(model: Path, n: int, batch: int, feeds: int, vocab: list[str]) -> flo
     return done / (time.perf_counter() - start)
 
 
-def faults(model: Path, out: Path, vocab: list[str]) -> list[str]:
+def faults(model: Path, out: Path, vocab: list[str], opens: int = 1000) -> list[str]:
     """Bad feeds and broken clients against a real server with --max-streams 100: each must get
     a 4xx (or 429), the server must stay up, and no stream may stay open once closed."""
     import socket
@@ -156,9 +156,9 @@ def faults(model: Path, out: Path, vocab: list[str]) -> list[str]:
         for name, (path, payload) in cases.items():
             status, answer = c.post(path, payload)
             lines.append(f"{name}: {status} {answer.get('error', '') if isinstance(answer, dict) else answer}")
-        opened = [c.post("/v1/wt2/streams", body(text=vocab[i])) for i in range(1000)]
+        opened = [c.post("/v1/wt2/streams", body(text=vocab[i])) for i in range(opens)]
         codes = [status for status, _ in opened]
-        lines.append(f"1,000 opens at --max-streams 100 (one open before): {codes.count(200)} opened, "
+        lines.append(f"{opens:,} opens at --max-streams 100 (one open before): {codes.count(200)} opened, "
                      f"{codes.count(429)} answered 429, {len(codes) - codes.count(200) - codes.count(429)} other")
         for cut in (True, False):            # a client gone mid-body, and one gone before its answer
             payload = body(text="harbour lights")
@@ -209,7 +209,7 @@ def main() -> int:
         return 0
     idle = 20
     if args.quick:
-        args.streams, args.feeds, args.memory_streams, args.clients, idle = 64, 256, 500, 8, 2
+        args.steps, args.streams, args.feeds, args.memory_streams, args.clients, idle = 2, 64, 128, 300, 8, 1
     from bench.machine import cpu_description
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -253,7 +253,7 @@ def main() -> int:
             after = rss_mb(server.proc.pid)
         finally:
             server.stop()
-        fault_lines = faults(ckpt, out, vocab)
+        fault_lines = faults(ckpt, out, vocab, 150 if args.quick else 1000)
     print(f"CPU {cpu_description()}; rnnkit serve (model process), {args.clients} clients on loopback in the "
           f"same machine; the WikiText-2 word LM (2x LSTM 400, adaptive softmax, 33,278 words)")
     print(f"{'backend':<11} {'words/s':>8} {'direct':>8} {'ratio':>6} {'stateless@100':>14} {'x':>6} "

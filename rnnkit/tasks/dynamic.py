@@ -35,7 +35,8 @@ from rnnkit.training.checkpoint import CheckpointError
 RULES = ("rms", "sgd")
 DEFAULT_LR = {"rms": 0.002, "sgd": 0.1}
 STATS_SUFFIX = ".dynamic-stats"
-STATS_FORMAT = 1
+STATS_FORMAT = 2
+STATS_ROWS = 64                  # the training text in this many streams for the statistics (one batch per segment)
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,9 @@ def stats_beside(task: Any, checkpoint: Path, settings: Dynamic, training_ids: C
         raise ConfigError("", "the training text is too short to collect gradient statistics")
     if note is not None:
         note(f"collecting gradient statistics over {len(ids) - 1:,} training tokens (once; kept in {path.name})")
-    stream = torch.from_numpy(ids).view(1, -1).to(task.device)
+    rows = max(1, min(STATS_ROWS, (len(ids) - 1) // (settings.segment * 20)))   # side by side, as in training
+    ids = ids[: rows * ((len(ids) - 1) // rows) + 1]
+    stream = torch.from_numpy(np.ascontiguousarray(ids[:-1].reshape(rows, -1))).to(task.device)
     bar = (lambda it: tqdm(it, desc="gradient statistics", unit="segment", file=sys.stderr, leave=False))
     with torch.enable_grad():
         stats = gradient_stats(task, stream, settings.segment, bar)

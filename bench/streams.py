@@ -202,6 +202,7 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--feeds", type=int, default=4000)
     ap.add_argument("--memory-streams", type=int, default=10_000)
+    ap.add_argument("--memory-only", action="store_true", help="only the memory part (and the faults)")
     ap.add_argument("--quick", action="store_true", help="small counts: checks that it runs")
     args = ap.parse_args()
     if not DATA.is_dir():
@@ -222,7 +223,7 @@ def main() -> int:
         rnnkit("export", str(ckpt), "-o", str(onnx))
         vocab = words(50_000)
         rows = {}
-        for backend, model in (("checkpoint", ckpt), ("export", onnx)):
+        for backend, model in () if args.memory_only else (("checkpoint", ckpt), ("export", onnx)):
             print(f"{backend}: streams ...", file=sys.stderr, flush=True)
             server = serve(model, out, backend)
             try:
@@ -246,7 +247,9 @@ def main() -> int:
             before = rss_mb(server.proc.pid)
             open_streams(server.port, args.memory_streams, args.clients, vocab)
             full = rss_mb(server.proc.pid)
-            time.sleep(idle + 5)                                # every stream idle past idle: expired
+            open_streams(server.port, args.memory_streams, args.clients, vocab)     # as many again: the slope
+            twice = rss_mb(server.proc.pid)
+            time.sleep(idle + 10)                               # every stream idle past idle: expired
             c = Client(server.port)
             c.conn.request("GET", "/health")
             health = json.loads(c.conn.getresponse().read())
@@ -266,6 +269,8 @@ def main() -> int:
     print(f"memory: {args.memory_streams} streams of {row} state bytes each = {states:.1f} MB; resident "
           f"{before:.0f} MB -> {full:.0f} MB (+{full - before:.1f} MB, {(full - before) / states:.2f}x the states) "
           f"-> {after:.0f} MB after they expired ({health['streams']['wt2']} open)")
+    print(f"memory: {args.memory_streams} more streams: {full:.0f} -> {twice:.0f} MB (+{twice - full:.1f} MB, "
+          f"{(twice - full) / states:.2f}x their states: the cost per stream beyond the first's fixed part)")
     for line in fault_lines:
         print("faults: " + line)
     return 0

@@ -220,16 +220,18 @@ def main() -> int:
         rnnkit("train", "configs/lm_wikitext2.yaml", "--set", f"run_dir={out / 'wt2'}", "--set",
                f"train.max_steps={args.steps}", "--set", f"train.eval_every={args.steps}", "--set",
                "train.warmup_steps=0", "--set", "train.max_time=null")
-        rnnkit("export", str(ckpt), "-o", str(onnx))
+        if not args.quick:
+            rnnkit("export", str(ckpt), "-o", str(onnx))
         vocab = words(50_000)
         rows = {}
-        for backend, model in () if args.memory_only else (("checkpoint", ckpt), ("export", onnx)):
+        backends = (("checkpoint", ckpt),) if args.quick else (("checkpoint", ckpt), ("export", onnx))
+        for backend, model in () if args.memory_only else backends:
             print(f"{backend}: streams ...", file=sys.stderr, flush=True)
             server = serve(model, out, backend)
             try:
                 ids = open_streams(server.port, args.streams, args.clients, vocab)
                 rate, lat = feed_load(server.port, ids, args.clients, args.feeds, vocab)
-                few = max(args.clients, 64 if not args.quick else 16)
+                few = max(args.clients, 64 if not args.quick else 8)
                 flat = {n: stateless(server.port, vocab[:n], args.clients, few) for n in (100, 1000)}
                 hundred = ids[:100]
                 _, lat100 = feed_load(server.port, hundred, len(hundred), 10 * len(hundred), vocab)
@@ -249,7 +251,7 @@ def main() -> int:
             full = rss_mb(server.proc.pid)
             open_streams(server.port, args.memory_streams, args.clients, vocab)     # as many again: the slope
             twice = rss_mb(server.proc.pid)
-            time.sleep(idle + 10)                               # every stream idle past idle: expired
+            time.sleep(idle + (2 if args.quick else 10))        # every stream idle past idle: expired
             c = Client(server.port)
             c.conn.request("GET", "/health")
             health = json.loads(c.conn.getresponse().read())

@@ -60,8 +60,8 @@ def inference_arithmetic(task: Any, precision: str = "fp32", int8: bool = False,
 class Model:
     """A loaded checkpoint. ``task`` is the underlying task object (model, vocabularies)."""
 
-    def __init__(self, task: Any, arithmetic: Callable[[], ContextManager], path: str):
-        self.task, self._arithmetic, self.path = task, arithmetic, path
+    def __init__(self, task: Any, arithmetic: Callable[[], ContextManager], path: str, int8: bool = False):
+        self.task, self._arithmetic, self.path, self._int8 = task, arithmetic, path, int8
         self._book: Any = None        # the server's streams (stream_batch)
 
     @property
@@ -282,7 +282,7 @@ class LanguageModel(Model):
             return self._run(lambda: self.task.evaluate_text(text, streams, cache, cache_theta, cache_lambda))
         if self.backend != "torch":
             raise ConfigError("", f"{self.path}: an export has no gradients; --dynamic needs the checkpoint")
-        if getattr(self, "_int8", False):
+        if self._int8:
             raise ConfigError("", "--dynamic learns while it reads: it needs fp32 or bf16 weights, not --int8")
         with self._arithmetic():          # not inference mode: it takes gradients
             return self.task.dynamic_text(text, streams, dynamic, self.path, cache, cache_theta, cache_lambda, note)
@@ -483,6 +483,4 @@ def load(checkpoint: str | Path, device: str = "auto", precision: str = "fp32", 
 
     task = load_task(checkpoint, device)
     arithmetic = inference_arithmetic(task, precision, int8, note)
-    model = _kind(task)(task, arithmetic, str(checkpoint))
-    model._int8 = int8
-    return model
+    return _kind(task)(task, arithmetic, str(checkpoint), int8)

@@ -320,7 +320,7 @@ def test_sigterm_answers_every_accepted_request_then_exits(checkpoints):
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "rnnkit", "serve", f"en_fr={checkpoints['en_fr']}",
-                             "--port", str(port), "--max-batch", "8"], cwd=ROOT, env=env,
+                             f"chars={checkpoints['chars']}", "--port", str(port), "--max-batch", "8"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -338,13 +338,28 @@ def test_sigterm_answers_every_accepted_request_then_exits(checkpoints):
         def ask(i: int):
             return _post(base + "/v1/en_fr/translate", {"lines": lines, "beam": 5}), time.perf_counter()
 
-        with ThreadPoolExecutor(8) as pool:
+        stream = _post(base + "/v1/chars/streams", {"text": "The harbour"})["id"]
+
+        def feed(piece: str):                # live-stream feeds, each sampling a long continuation
+            return (_post(f"{base}/v1/chars/streams/{stream}", {"text": piece, "continuation": 1000}),
+                    time.perf_counter())
+
+        with ThreadPoolExecutor(10) as pool:
             pending = [pool.submit(ask, i) for i in range(8)]
-            time.sleep(0.5)                  # accepted and queued behind one another
+            time.sleep(0.3)
+            feeds = [pool.submit(feed, piece) for piece in (" was", " quiet")]
+            time.sleep(0.2)                  # accepted and queued behind one another
             unanswered = sum(not p.done() for p in pending)
+            unfed = sum(not f.done() for f in feeds)
             signalled = time.perf_counter()
             proc.send_signal(signal.SIGTERM)
             answers = [p.result(timeout=120) for p in pending]
+            fed = [f.result(timeout=120) for f in feeds]
+        # the feeds in flight were answered too, after the signal, each from the state before it
+        first, second = sorted(a["position"] for a, _ in fed)          # in whichever order they were taken
+        assert first in (len("The harbour was"), len("The harbour quiet")) and second == len("The harbour was quiet")
+        assert unfed == 2 and all(done > signalled for _, done in fed)
+        assert all(len(a["continuation"]["tokens"]) == 1000 for a, _ in fed)
         # the signal went out while requests were still pending, and those were answered after it
         assert unanswered >= 2, f"only {unanswered} requests were pending at SIGTERM; the test proves nothing"
         assert sum(done > signalled for _, done in answers) >= 2

@@ -11,23 +11,16 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from typer.testing import CliRunner
 
 import rnnkit
-from rnnkit.cli import app as cli_app
 from rnnkit.decoding.streams import FeedError
 from rnnkit.serve import Limits, ModelProcess, build_app
 from tests.conftest import SAMPLE_TEXT, tiny_lm_config, write_yaml
 from tests.test_forecast import seasonal_series, write_csv
 from tests.test_forecast import train as train_forecaster
+from tests.test_serve import _cli
 
-runner = CliRunner()
 TEXT = SAMPLE_TEXT.read_text(encoding="utf-8")
-
-
-def _cli(*args: str) -> None:
-    result = runner.invoke(cli_app, list(args))
-    assert result.exit_code == 0, result.output
 
 
 @pytest.fixture(scope="module")

@@ -52,6 +52,11 @@ class Stream:
                 "idle_seconds": round(now - self.used, 3)}
 
 
+def not_a_feed(prime: Any) -> bool:
+    """Whether an open's prime is empty (the stream opens without a first feed)."""
+    return prime is None or (isinstance(prime, (str, list)) and not prime)
+
+
 class StreamBook:
     """Streams by id: ``open``, ``feed`` (many at once), ``close``, ``describe``."""
 
@@ -80,7 +85,7 @@ class StreamBook:
         if sid in self.streams:
             raise FeedError(f"stream {sid!r} is open already", 409)
         self.streams[sid] = self._new_stream()
-        if prime is None or (isinstance(prime, (str, list)) and not prime):
+        if not_a_feed(prime):
             return self.streams[sid].describe()
         [answer] = self.feed([(sid, prime, options)])
         if isinstance(answer, Exception):
@@ -287,7 +292,7 @@ def apply_ops(book: StreamBook, ops: Sequence[tuple]) -> list:
             except FeedError as err:
                 answers[i] = err
                 continue
-            if op[2] is None or op[2] == "" or op[2] == []:
+            if not_a_feed(op[2]):
                 answers[i] = book.describe(op[1])
                 continue
         if op[0] in ("open", "feed"):

@@ -72,12 +72,14 @@ def _segments(length: int, n: int):
     return range(0, length - 1, n)
 
 
-def _segment_loss(task: Any, stream: torch.Tensor, start: int, n: int, state: Any) -> tuple[torch.Tensor, int, Any]:
+def _segment(task: Any, stream: torch.Tensor, start: int, n: int, state: Any):
+    """The segment of ``stream`` from ``start``: each position's loss (B, T), the top layer's
+    outputs, the targets and the state after it."""
     x = stream[:, start:start + n]
     y = stream[:, start + 1:start + 1 + n]
     x = x[:, :y.size(1)]
-    out, _, _, state = task.model.features(x, state)
-    return task.model.loss(out, y, reduction="sum"), y.numel(), state
+    out, top, _, state = task.model.features(x, state)
+    return task.model.loss(out, y, reduction="none").view(y.shape), top, y, state
 
 
 def gradient_stats(task: Any, stream: torch.Tensor, segment: int,
@@ -89,8 +91,8 @@ def gradient_stats(task: Any, stream: torch.Tensor, segment: int,
     state, count = None, 0
     for start in progress(_segments(stream.size(1), segment)):
         model.zero_grad(set_to_none=True)
-        total, tokens, state = _segment_loss(task, stream, start, segment, state)
-        (total / tokens).backward()
+        nll, _, _, state = _segment(task, stream, start, segment, state)
+        nll.mean().backward()
         state = detach_state(state)
         for n, p in _params(model):
             if p.grad is not None:
@@ -214,11 +216,7 @@ def dynamic_loss(task: Any, stream: torch.Tensor, adapter: Adapter, segment: int
     for start in progress(_segments(stream.size(1), segment)):
         model.zero_grad(set_to_none=True)
         with torch.enable_grad():
-            x = stream[:, start:start + segment]
-            y = stream[:, start + 1:start + 1 + segment]
-            x = x[:, :y.size(1)]
-            out, top, _, state = model.features(x, state)
-            nll = model.loss(out, y, reduction="none").view(y.shape)
+            nll, top, y, state = _segment(task, stream, start, segment, state)
             loss, tokens = nll.sum(), y.numel()
             value = float(loss.detach())
             if math.isfinite(value):

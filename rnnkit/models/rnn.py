@@ -21,6 +21,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from rnnkit.models.cells import ExplicitRNN
 from rnnkit.models.dropout import dropout, dropout_mask, locked_dropout
+from rnnkit.models.products import dense, grad_input
 from rnnkit.models.stack import STACK_CELLS, CellStack
 
 Cell = Literal["rnn_tanh", "rnn_relu", "lstm", "gru", "mingru", "minlstm", "rglru", "slstm", "mlstm"]
@@ -338,14 +339,14 @@ class _StepProduct(torch.autograd.Function):
         x = x.to(weight.dtype)
         ctx.save_for_backward(x, weight)
         ctx.store = store
-        return x.mm(weight.t())
+        return dense(x, weight)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
         grad = grad.to(weight.dtype)
         ctx.store.append((x, grad))
-        return grad.mm(weight), None, None
+        return grad_input(grad, weight), None, None
 
 
 class LSTMSteps:

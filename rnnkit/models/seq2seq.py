@@ -12,6 +12,7 @@ from rnnkit.models.dropout import Dropout
 from rnnkit.models.rnn import (LSTMSteps, State, length_mask, make_rnn, rnn_step, run_padded, state_output,
                                step_masks)
 from rnnkit.models.losses import linear_cross_entropy
+from rnnkit.models.products import run_linear
 
 
 class Encoder(nn.Module):
@@ -149,7 +150,7 @@ class Decoder(nn.Module):
         if self.attention is None:
             return h, None
         ctx, weights = self.attention(h, st.keys, st.memory, st.mask)
-        return torch.tanh(self.combine(torch.cat([ctx, h], -1))), weights
+        return torch.tanh(run_linear(self.combine, torch.cat([ctx, h], -1))), weights
 
     def forward(self, tgt_in: torch.Tensor, st: DecoderState):
         """All steps at once, every input the gold token; needs no input feeding.
@@ -164,7 +165,7 @@ class Decoder(nn.Module):
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Output-layer logits for decoder vectors of any leading shape."""
-        return self.output(self.dropout(features))
+        return run_linear(self.output, self.dropout(features))
 
     def loss(self, features: torch.Tensor, gold: torch.Tensor, ignore_index: int) -> torch.Tensor:
         """Mean cross-entropy of the output layer over ``features`` (rows, H) against ``gold``,

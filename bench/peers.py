@@ -10,8 +10,11 @@ whole process (start-up and model loading included) and scored with sacreBLEU. P
 memory is each process's maximum resident set size.
 
 rnnkit trains once per ``--precision`` (fp32, and bf16 where the CPU multiplies bf16 natively)
-and decodes its fp32-trained model once per arithmetic (fp32, ``--precision bf16``, ``--int8``);
-each training reports its validation loss at the last step. ``--peers onmt`` leaves Joey NMT
+and decodes its fp32-trained model once per arithmetic (fp32, ``--precision bf16``, ``--int8``)
+and from its export (fp32 and int8, on onnxruntime); each training reports its validation
+loss at the last step. A last table times the same decodings with start-up and loading
+excluded (checkpoint fp32 and bf16 against the export), with whether each gives the
+export's fp32 output line for line. ``--peers onmt`` leaves Joey NMT
 out (it has been the slower peer by a factor of two in every run so far).
 
     python bench/peers.py [--steps 220] [--peers onmt,joey] [--precision fp32,bf16]
@@ -125,7 +128,12 @@ def main() -> int:
     ap.add_argument("--onmt-model", help="OpenNMT-py checkpoint to decode with (default: the one trained here)")
     ap.add_argument("--joey-config", help="Joey NMT config whose model_dir holds the model to decode with")
     ap.add_argument("--rnnkit-checkpoint", help="rnnkit checkpoint to decode with")
+    ap.add_argument("--time-translate", help=argparse.SUPPRESS)          # the child of decode_after_start
+    ap.add_argument("--translate-precision", default="fp32", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.time_translate:
+        print(json.dumps(time_translate(args.time_translate, args.translate_precision)))
+        return 0
     args.peers = [p for p in args.peers.split(",") if p]
     args.precision = [p for p in args.precision.split(",") if p]
     if not set(args.peers) <= set(PEER_NAMES) or not set(args.precision) <= {"fp32", "bf16"}:
@@ -158,6 +166,8 @@ def main() -> int:
               "joey": given(args.joey_config) or str(peer_config("joey", work, args.steps)),
               "rnnkit": given(args.rnnkit_checkpoint) or str(work / f"rnnkit-{args.precision[0]}" / "last.pt")}
     print_decoding(decode_all(models, args.peers, work, bin_))
+    exports = {name: work / f"rnnkit-export-{name}" for name in ("fp32", "int8")}
+    print_after_start(decode_after_start(models["rnnkit"], {n: f for n, f in exports.items() if f.is_dir()}))
     return 0
 
 
@@ -177,12 +187,77 @@ def decode_all(models: dict[str, str], peers: list[str], work: Path, bin_: Path)
     }
     results = {PEER_NAMES[p]: decode(PEER_NAMES[p], commands[p], out / f"{p}.fr", out / f"{p}.log", work)
                for p in peers}
-    for name, option in (("fp32", ""), ("bf16", " --precision bf16"), ("int8", " --int8")):
-        hyp = out / f"rnnkit-{name}.fr"
+    exports = export_rnnkit(models["rnnkit"], work)
+    runs = [(name, models["rnnkit"], option) for name, option in
+            (("fp32", ""), ("bf16", " --precision bf16"), ("int8", " --int8"))]
+    runs += [(f"export {name}", str(folder), "") for name, folder in exports.items()]
+    for name, model, option in runs:
+        hyp = out / f"rnnkit-{name.replace(' ', '-')}.fr"
         results[f"rnnkit {name}"] = decode(
-            f"rnnkit {name}", f"{sys.executable} -m rnnkit translate {models['rnnkit']} --beam 5 --batch-size 64 "
-            f"--length-penalty 1.0{option} -i {src} -o {hyp}", hyp, out / f"rnnkit-{name}.log", ROOT)
+            f"rnnkit {name}", f"{sys.executable} -m rnnkit translate {model} --beam 5 --batch-size 64 "
+            f"--length-penalty 1.0{option} -i {src} -o {hyp}", hyp, out / f"rnnkit-{name.replace(' ', '-')}.log", ROOT)
     return results
+
+
+def export_rnnkit(checkpoint: str, work: Path) -> dict[str, Path]:
+    """The checkpoint exported in fp32 and int8 (not timed); the folders that worked."""
+    folders = {}
+    for name, option in (("fp32", []), ("int8", ["--int8"])):
+        folder = work / f"rnnkit-export-{name}"
+        subprocess.call(["rm", "-rf", str(folder)])
+        res = subprocess.run([sys.executable, "-m", "rnnkit", "export", checkpoint, "-o", str(folder), *option],
+                             cwd=ROOT, capture_output=True, text=True)
+        if res.returncode == 0:
+            folders[name] = folder
+        else:
+            print(f"export {name} failed: {(res.stderr or res.stdout).strip()[-300:]}")
+    return folders
+
+
+def time_translate(model: str, precision: str) -> dict:
+    """In this process: load ``model``, then time the beam-5 translation of test_2016_flickr
+    (the search's time, start-up and loading excluded); the hypotheses' checksum."""
+    import hashlib
+    import time
+
+    import rnnkit
+
+    lines = (SHARED / "data" / "multi30k" / "test_2016_flickr.en").read_text(encoding="utf-8").splitlines()
+    m = rnnkit.load(model, precision=precision)
+    start = time.perf_counter()
+    out = m.translate(lines, beam=5, batch_size=64, length_penalty=1.0)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "sha256": hashlib.sha256("\n".join(out).encode()).hexdigest()}
+
+
+def decode_after_start(checkpoint: str, exports: dict[str, Path]) -> dict:
+    """Decoding time with start-up excluded, each in a fresh process of two threads."""
+    runs = {"checkpoint fp32": (checkpoint, "fp32"), "checkpoint bf16": (checkpoint, "bf16")}
+    runs.update({f"export {name}": (str(folder), "fp32") for name, folder in exports.items()})
+    results = {}
+    for name, (model, precision) in runs.items():
+        res = subprocess.run([sys.executable, __file__, "--time-translate", model, "--translate-precision", precision],
+                             cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+        try:
+            results[name] = json.loads(res.stdout.strip().splitlines()[-1])
+        except (IndexError, json.JSONDecodeError):
+            results[name] = {"error": (res.stderr or res.stdout).strip()[-300:]}
+    return results
+
+
+def print_after_start(results: dict) -> None:
+    print("beam-5 decoding of test_2016_flickr, start-up and loading excluded (one process each, 2 threads):")
+    print(f"{'model':<18} {'seconds':>8}  same fp32 output as the export")
+    ref = results.get("export fp32", {}).get("sha256")
+    for name, r in results.items():
+        if "error" in r:
+            print(f"{name:<18} error: {r['error']}")
+            continue
+        print(f"{name:<18} {r['seconds']:>8.2f}  {'yes' if r['sha256'] == ref else 'no'}")
+    base = results.get("export fp32", {}).get("seconds")
+    for name in ("checkpoint fp32", "checkpoint bf16"):
+        if base and "seconds" in results.get(name, {}):
+            print(f"time ratio {name} / export fp32: {results[name]['seconds'] / base:.2f}")
 
 
 def print_decoding(results: dict) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from rnnkit.hardware import pad_rows
+from rnnkit.models import products
 
 StepFn = Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any, torch.Tensor | None]]
 
@@ -50,7 +51,7 @@ class TorchSteps:
         self._rows = 0             # rows of the state, padding included
 
     def _padded(self) -> bool:
-        return torch.is_autocast_enabled(self.device.type)
+        return torch.is_autocast_enabled(self.device.type) or (self.device.type == "cpu" and products.ENABLED)
 
     @torch.no_grad()
     def step(self, tokens: np.ndarray, state: Any, k: int):

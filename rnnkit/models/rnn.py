@@ -349,6 +349,21 @@ class _StepProduct(torch.autograd.Function):
         return grad_input(grad, weight), None, None
 
 
+class SharedProduct:
+    """``x @ weight.T`` at every step of a loop, the weight's gradient taken as one product
+    over all steps after the loop (:class:`_Shared`) instead of a small one per step; the
+    product in autocast's dtype when it is on."""
+
+    def __init__(self, weight: torch.Tensor):
+        device = weight.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        self.store: list = []
+        self.weight = _Shared.apply(self.store, weight, dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _StepProduct.apply(x, self.weight, self.store)
+
+
 class LSTMSteps:
     """A fused unidirectional ``nn.LSTM`` run step by step where each step's input is a known
     part (K columns: a decoder's word embedding) followed by a part only that step knows

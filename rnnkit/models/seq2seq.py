@@ -9,8 +9,8 @@ from torch import nn
 
 from rnnkit.models.attention import make_attention
 from rnnkit.models.dropout import Dropout
-from rnnkit.models.rnn import (LSTMSteps, State, length_mask, make_rnn, rnn_step, run_padded, state_output,
-                               step_masks)
+from rnnkit.models.rnn import (LSTMSteps, SharedProduct, State, length_mask, make_rnn, rnn_step, run_padded,
+                               state_output, step_masks)
 from rnnkit.models.losses import linear_cross_entropy
 from rnnkit.models.products import run_linear
 
@@ -144,13 +144,17 @@ class Decoder(nn.Module):
         masks = step_masks(self.rnn, memory.size(0), memory)
         return DecoderState(init, feed, memory, keys, mask, context, masks)
 
-    def _attend(self, h: torch.Tensor, st: DecoderState):
+    def _attend(self, h: torch.Tensor, st: DecoderState, combine: SharedProduct | None = None):
         """RNN outputs (B, T, H) -> attentional vectors (B, T, H) and weights (B, T, S), or
-        (B, T, heads, S) with several heads."""
+        (B, T, heads, S) with several heads. ``combine``: the combining layer's product for
+        one step of a loop (T = 1)."""
         if self.attention is None:
             return h, None
         ctx, weights = self.attention(h, st.keys, st.memory, st.mask)
-        return torch.tanh(run_linear(self.combine, torch.cat([ctx, h], -1))), weights
+        joined = torch.cat([ctx, h], -1)
+        if combine is not None:
+            return torch.tanh(combine(joined.squeeze(1))).unsqueeze(1), weights
+        return torch.tanh(run_linear(self.combine, joined)), weights
 
     def forward(self, tgt_in: torch.Tensor, st: DecoderState):
         """All steps at once, every input the gold token; needs no input feeding.
@@ -184,8 +188,8 @@ class Decoder(nn.Module):
         h, rnn = rnn_step(self.rnn, x, st.rnn, st.masks)
         return self._after_rnn(h, rnn, st)
 
-    def _after_rnn(self, h: torch.Tensor, rnn: State, st: DecoderState):
-        out, weights = self._attend(h.unsqueeze(1), st)
+    def _after_rnn(self, h: torch.Tensor, rnn: State, st: DecoderState, combine: SharedProduct | None = None):
+        out, weights = self._attend(h.unsqueeze(1), st, combine)
         out = out.squeeze(1)
         st = st._replace(rnn=rnn, feed=out if self.input_feeding else None)
         return out, st, None if weights is None else weights.squeeze(1)
@@ -196,8 +200,11 @@ class Decoder(nn.Module):
         outs = []
         if LSTMSteps.applies(self.rnn):
             steps = LSTMSteps(self.rnn, x)
+            # the combining layer's weight gradient, too, as one product after the loop
+            combine = SharedProduct(self.combine.weight) if type(self.combine) is nn.Linear and self.combine.bias is None \
+                else None
             for t in range(x.size(1)):
-                out, st, _ = self._after_rnn(*steps.step(t, st.feed, st.rnn), st)
+                out, st, _ = self._after_rnn(*steps.step(t, st.feed, st.rnn), st, combine)
                 outs.append(out)
         else:
             for x_t in x.unbind(1):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rnnkit.models.products import run_linear
 from rnnkit.models.scan import LinearCell, widen
 
 
@@ -35,7 +36,7 @@ class MinGRUCell(LinearCell):
 
     def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """a_t = 1 - z_t and b_t = z_t g(h~_t) for every position of ``x`` (..., input)."""
-        cand, gate = widen(self.proj(x)).chunk(2, -1)
+        cand, gate = widen(run_linear(self.proj, x)).chunk(2, -1)
         z = torch.sigmoid(gate)
         return 1 - z, z * g(cand)
 
@@ -61,7 +62,7 @@ class MinLSTMCell(LinearCell):
 
     def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """a_t = f'_t and b_t = i'_t g(h~_t), the gates normalised to sum to one."""
-        f, i, cand = widen(self.proj(x)).chunk(3, -1)
+        f, i, cand = widen(run_linear(self.proj, x)).chunk(3, -1)
         # f / (f + i) with f = sigmoid(f_pre), i = sigmoid(i_pre), in a form that cannot overflow
         log_f, log_i = -nn.functional.softplus(-f), -nn.functional.softplus(-i)
         forget = torch.sigmoid(log_f - log_i)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rnnkit.models.products import run_linear
 from rnnkit.models.scan import LinearCell, last_real, widen
 
 C = 8.0
@@ -43,8 +44,8 @@ class RGLRUCell(LinearCell):
 
     def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """a_t and b_t = sqrt(1 - a_t^2) i_t u_t for every position of ``x`` (..., input)."""
-        u = self.inp(x)
-        r, i = torch.sigmoid(widen(self.gates(u))).chunk(2, -1)
+        u = run_linear(self.inp, x)
+        r, i = torch.sigmoid(widen(run_linear(self.gates, u))).chunk(2, -1)
         u = widen(u)
         log_a = -C * r * F.softplus(-self.log_a)
         # sqrt(1 - a^2) = sqrt(-expm1(2 log a)), exact near a = 1 (ONNX has no expm1: a graph
@@ -104,12 +105,12 @@ class HawkBlock(nn.Module):
         flip = (lambda t: t.flip(1)) if reverse else (lambda t: t)     # noqa: E731
         x, held = flip(x), None if held is None else flip(held)
         h0, window = self._split(state)
-        u = widen(self.inp(x))
+        u = widen(run_linear(self.inp, x))
         if held is not None:      # padding reads as zeros (a reversed row's padding comes first)
             u = u.masked_fill(held, 0.0)
         u = torch.cat([window, u], 1)
         h, _ = self.rglru.run(self._convolve(u), h0, held, False)
-        y = self.out(F.gelu(widen(self.gate(x))) * h)
+        y = run_linear(self.out, F.gelu(widen(run_linear(self.gate, x))) * h)
         batch, steps = x.size(0), x.size(1)
         last = last_real(held, steps, batch, x.device)
         rows = torch.arange(batch, device=x.device)

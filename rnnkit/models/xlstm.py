@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rnnkit.models.products import run_linear
 from rnnkit.models.scan import last_real, widen
 
 SHUT = -1e30     # an input gate's log on padding: exp of it is 0, the state passes unchanged
@@ -80,7 +81,7 @@ class SLSTMCell(nn.Module):
             reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, input) -> outputs (B, T, H) and the final state; a padded position
         (``held`` (B, T, 1)) keeps the state as it was. Sequential: one position at a time."""
-        pre = widen(self.inp(x))
+        pre = widen(run_linear(self.inp, x))
         if torch.onnx.is_in_onnx_export():
             held = _held_or_none(held, pre)
             pre, held = (pre.flip(1), held.flip(1)) if reverse else (pre, held)
@@ -191,7 +192,7 @@ class MLSTMCell(nn.Module):
     def _parts(self, x: torch.Tensor, split: bool = True):
         """(..., input) -> q, k (scaled), v (..., K, d) (``split``; else (..., H)), o (..., H),
         i~ and log f (..., K)."""
-        p = widen(self.proj(x))
+        p = widen(run_linear(self.proj, x))
         h, k = self.hidden_size, self.heads
         q, key, v, o = p[..., :4 * h].chunk(4, -1)
         if split:

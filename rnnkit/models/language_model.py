@@ -11,6 +11,7 @@ from torch import nn
 from rnnkit.config import recurrent_options
 from rnnkit.config.lm import ModelConfig
 from rnnkit.models.dropout import dropout, embedding_dropout, locked_dropout
+from rnnkit.models.products import run_linear
 from rnnkit.models.rnn import State, make_rnn, rnn_step, stack_groups
 
 
@@ -92,7 +93,7 @@ class RNNLanguageModel(nn.Module):
         else:
             hidden, state = self.rnn(x, state)
         dropped = self._drop(hidden, self.p_out)
-        out = dropped if self.proj is None else self.proj(dropped)
+        out = dropped if self.proj is None else run_linear(self.proj, dropped)
         return Features(out, hidden, dropped, state)
 
     def log_probs(self, out: torch.Tensor) -> torch.Tensor:
@@ -100,7 +101,7 @@ class RNNLanguageModel(nn.Module):
         if self.adaptive:
             shape = out.shape[:-1]
             return self.output.log_prob(out.reshape(-1, out.size(-1)).float()).view(*shape, -1)
-        return F.log_softmax(self.output(out).float(), -1)
+        return F.log_softmax(run_linear(self.output, out).float(), -1)
 
     def target_log_probs(self, out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """log p(target) (B, T) given features ``out`` (B, T, D)."""
@@ -113,7 +114,7 @@ class RNNLanguageModel(nn.Module):
             # the adaptive softmax's own loss: only each target's cluster is computed
             nll = -self.output(flat, y).output
             return {"mean": nll.mean, "sum": nll.sum}.get(reduction, lambda: nll)()
-        return F.cross_entropy(self.output(flat).float(), y, reduction=reduction)
+        return F.cross_entropy(run_linear(self.output, flat).float(), y, reduction=reduction)
 
     def forward(self, tokens: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """``tokens``: (batch, time) ids -> scores (batch, time, vocab) whose softmax is the
@@ -122,7 +123,7 @@ class RNNLanguageModel(nn.Module):
         out, _, _, state = self.features(tokens, state)
         if self.adaptive:
             return self.log_probs(out), state
-        return self.output(out), state
+        return run_linear(self.output, out), state
 
 
 def build_language_model(m: ModelConfig, vocab_size: int) -> RNNLanguageModel:

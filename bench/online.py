@@ -140,10 +140,20 @@ def dynamic(lm: Path | None, minutes: float, valid_tokens: int, streams: int, ch
         ckpt = train("configs/char_lm.yaml", OUT / f"shakespeare_{char_minutes:g}min", f"train.max_time={char_minutes * 60}")
         c = rnnkit.load(ckpt)
         text = read_text(str(SHARED / "tinyshakespeare" / "input.txt"))
-        cut = int(len(text) * 0.9)
-        r = c.score(text[cut:], streams=streams, dynamic=Dynamic("rms", 0.002, 0.02))
-        lines.append(f"| tiny shakespeare last 10%, char LM | {r['bpc']:.3f} bpc | {r['dynamic_bpc']:.3f} bpc | - | - | "
-                     f"rms, eta 0.002, lambda 0.02, n 5, {streams} streams | {r['static_seconds']:.0f} s / "
+        # the corpus README's split: 90% train, 5% valid, 5% test; settings chosen on valid
+        valid, test = text[int(len(text) * 0.9):int(len(text) * 0.95)], text[int(len(text) * 0.95):]
+        found = []
+        for rule, lr, decay, n in (("rms", 0.0005, 0.02, 5), ("rms", 0.002, 0.02, 5), ("rms", 0.0005, 0.02, 20),
+                                   ("rms", 0.001, 0.02, 20), ("rms", 0.002, 0.02, 20), ("rms", 0.001, 0.005, 20),
+                                   ("sgd", 0.03, 0.02, 20)):
+            r = c.score(valid, streams=streams, dynamic=Dynamic(rule, lr, decay, segment=n))
+            found.append((r["dynamic_bpc"], rule, lr, decay, n))
+            print(f"char valid: {rule} lr {lr} decay {decay} n {n}: {r['bpc']:.3f} -> {r['dynamic_bpc']:.3f} bpc",
+                  file=sys.stderr, flush=True)
+        _, rule, lr, decay, n = min(found)
+        r = c.score(test, streams=streams, dynamic=Dynamic(rule, lr, decay, segment=n))
+        lines.append(f"| tiny shakespeare test (last 5%), char LM | {r['bpc']:.3f} bpc | {r['dynamic_bpc']:.3f} bpc | - | - | "
+                     f"{rule}, eta {lr}, lambda {decay}, n {n}, {streams} streams | {r['static_seconds']:.0f} s / "
                      f"{r['dynamic_seconds']:.0f} s |")
     return ["| text, model | static | dynamic | cache | dynamic + cache | settings (chosen on valid) | time static / "
             "dynamic |", "| --- | --- | --- | --- | --- | --- | --- |"] + lines

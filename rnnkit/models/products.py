@@ -35,12 +35,12 @@ ENABLED = _enabled()
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether oneDNN runs ``x @ weight.T``: both plain fp32 CPU tensors, no autocast, no
-    export or trace in progress, and a product large enough."""
+    export, trace or compilation in progress, and a product large enough."""
     return (ENABLED and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and x.layout == torch.strided and weight.layout == torch.strided and weight.dim() == 2
             and x.numel() * weight.size(0) >= SMALLEST and torch._C._get_mkldnn_enabled()
             and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
-            and not torch.onnx.is_in_onnx_export())
+            and not torch.onnx.is_in_onnx_export() and not torch.compiler.is_compiling())
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -125,9 +125,9 @@ def dynamic(lm: Path | None, minutes: float, valid_tokens: int, streams: int, ch
     test = read_text(str(WT2 / "test.txt"))
     m = rnnkit.load(lm)
     scored = []
-    for rule, lr, decay in (("rms", 0.0003, 0.02), ("rms", 0.001, 0.02), ("rms", 0.002, 0.02), ("rms", 0.004, 0.02),
-                            ("rms", 0.008, 0.02), ("rms", 0.004, 0.005), ("rms", 0.004, 0.08),
-                            ("sgd", 0.03, 0.02), ("sgd", 0.1, 0.02), ("sgd", 0.3, 0.02)):
+    grid = [("rms", lr, decay) for lr in (0.001, 0.002, 0.004, 0.008) for decay in (0.0, 0.005, 0.02)]
+    grid += [("rms", 0.0003, 0.02), ("rms", 0.004, 0.08), ("sgd", 0.03, 0.02), ("sgd", 0.1, 0.02), ("sgd", 0.3, 0.02)]
+    for rule, lr, decay in grid:
         r = m.score(valid, streams=streams, dynamic=Dynamic(rule, lr, decay))
         scored.append((r["dynamic_ppl"], rule, lr, decay, r["ppl"]))
         print(f"valid: {rule} lr {lr} decay {decay}: {r['ppl']:.2f} -> {r['dynamic_ppl']:.2f}", file=sys.stderr, flush=True)

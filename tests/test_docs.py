@@ -14,10 +14,14 @@ CHECKED = ("rnnkit", "docs", "bench", "configs", "tests", "data", ".ci")
 SUFFIXES = {".py", ".md", ".yaml", ".yml", ".toml", ".sh", ".html", ".txt", ""}
 
 
+OUTPUTS = ROOT / "bench" / "out"
+
+
 def _files():
     for top in CHECKED:
         for path in (ROOT / top).rglob("*"):
-            if path.is_file() and path.suffix in SUFFIXES and "__pycache__" not in path.parts:
+            if path.is_file() and path.suffix in SUFFIXES and "__pycache__" not in path.parts \
+                    and OUTPUTS not in path.parents:      # benchmark outputs (ignored by git) are not the project's
                 yield path
     yield from (ROOT / name for name in ("README.md", "Makefile", "pyproject.toml", "mkdocs.yml"))
 

@@ -49,6 +49,7 @@ class TorchSteps:
     def __init__(self, step: StepFn, device: torch.device):
         self._step, self.device = step, torch.device(device)
         self._rows = 0             # rows of the state, padding included
+        self._real = 0             # of which the search's own
 
     def _padded(self) -> bool:
         return torch.is_autocast_enabled(self.device.type) or (self.device.type == "cpu" and products.ENABLED)
@@ -70,11 +71,14 @@ class TorchSteps:
         ix = torch.from_numpy(np.ascontiguousarray(index, np.int64)).to(self.device)
         if self._padded():
             ix = pad_rows(ix)
-        self._rows = ix.numel()
+        self._rows, self._real = ix.numel(), index.size
         return state.select(ix)
 
-    @staticmethod
-    def join(a: Any, b: Any) -> Any:
+    def join(self, a: Any, b: Any) -> Any:
+        """``a``'s real rows (its padding copies dropped), then ``b``'s."""
+        if self._rows > self._real:
+            a = a.select(torch.arange(self._real, device=self.device))
+        self._rows = self._real = 0       # the joined state has no padding rows
         return a.join(b)
 
     @staticmethod

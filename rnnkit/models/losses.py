@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
 # rows at a time: 41 MB of fp32 logits for a 10,000-word vocabulary. On the shared translation
 # model (2 cores) 1,024 trained 5% faster than 256 (for 40-60 MB more at the peak) and than 4,096.
 CHUNK = 1024

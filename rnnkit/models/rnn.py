@@ -382,18 +382,14 @@ class LSTMSteps:
 
     def __init__(self, rnn: nn.LSTM, known: torch.Tensor, per_token: bool = False):
         k = known.size(-1)
-        device = known.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else known.dtype
         self.rnn, self.cell_dtype, self.per_token = rnn, torch.promote_types(known.dtype, torch.float32), per_token
         w = rnn.weight_ih_l0
         known = nn.functional.linear(known, w[:, :k], rnn.bias_ih_l0 + rnn.bias_hh_l0)
         self.known = known if per_token else known.unbind(1)
-        self.stores: list[list] = [[] for _ in range(rnn.num_layers)]
-        self.weights, self.biases = [], [None]
+        self.products, self.biases = [], [None]
         for layer in range(rnn.num_layers):
             w_ih, w_hh = getattr(rnn, f"weight_ih_l{layer}"), getattr(rnn, f"weight_hh_l{layer}")
-            joined = torch.cat([w_ih[:, k:] if layer == 0 else w_ih, w_hh], 1)
-            self.weights.append(_Shared.apply(self.stores[layer], joined, dtype))
+            self.products.append(SharedProduct(torch.cat([w_ih[:, k:] if layer == 0 else w_ih, w_hh], 1)))
             if layer:
                 self.biases.append(getattr(rnn, f"bias_ih_l{layer}") + getattr(rnn, f"bias_hh_l{layer}"))
 
@@ -415,7 +411,7 @@ class LSTMSteps:
         for layer in range(rnn.num_layers):
             if layer and rnn.dropout and rnn.training:
                 x = dropout(x, rnn.dropout, training=True)
-            gates = _StepProduct.apply(torch.cat([x, state[0][layer]], 1), self.weights[layer], self.stores[layer])
+            gates = self.products[layer](torch.cat([x, state[0][layer]], 1))
             if layer:
                 added = self.biases[layer]
             else:

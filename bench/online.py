@@ -113,6 +113,19 @@ def online(horizons: list[int], seconds: int, end: int = 14400, quick: bool = Fa
 
 
 # ---------------------------------------------------------------------- dynamic evaluation
+def chosen_on_valid(model, valid: str, streams: int, grid: list[tuple], metric: str) -> tuple:
+    """The (rule, rate, decay, segment) of ``grid`` with the lowest dynamic ``metric`` on ``valid``."""
+    from rnnkit.tasks.dynamic import Dynamic
+
+    found = []
+    for rule, lr, decay, n in grid:
+        r = model.score(valid, streams=streams, dynamic=Dynamic(rule, lr, decay, segment=n))
+        found.append((r[f"dynamic_{metric}"], (rule, lr, decay, n)))
+        print(f"valid: {rule} lr {lr} decay {decay} n {n}: {r[metric]:.3f} -> {r[f'dynamic_{metric}']:.3f} {metric}",
+              file=sys.stderr, flush=True)
+    return min(found)[1]
+
+
 def dynamic(lm: Path | None, minutes: float, valid_tokens: int, streams: int, char: bool, char_minutes: float) -> list[str]:
     import rnnkit
     from rnnkit.data.vocab import read_text
@@ -124,14 +137,10 @@ def dynamic(lm: Path | None, minutes: float, valid_tokens: int, streams: int, ch
     valid = " ".join(read_text(str(WT2 / "valid.txt")).split(" ")[:valid_tokens])
     test = read_text(str(WT2 / "test.txt"))
     m = rnnkit.load(lm)
-    scored = []
-    grid = [("rms", lr, decay) for lr in (0.001, 0.002, 0.004, 0.008) for decay in (0.0, 0.005, 0.02)]
-    grid += [("rms", 0.0003, 0.02), ("rms", 0.004, 0.08), ("sgd", 0.03, 0.02), ("sgd", 0.1, 0.02), ("sgd", 0.3, 0.02)]
-    for rule, lr, decay in grid:
-        r = m.score(valid, streams=streams, dynamic=Dynamic(rule, lr, decay))
-        scored.append((r["dynamic_ppl"], rule, lr, decay, r["ppl"]))
-        print(f"valid: {rule} lr {lr} decay {decay}: {r['ppl']:.2f} -> {r['dynamic_ppl']:.2f}", file=sys.stderr, flush=True)
-    _, rule, lr, decay, _ = min(scored)
+    grid = [("rms", lr, decay, 5) for lr in (0.001, 0.002, 0.004, 0.008) for decay in (0.0, 0.005, 0.02)]
+    grid += [("rms", 0.0003, 0.02, 5), ("rms", 0.004, 0.08, 5), ("sgd", 0.03, 0.02, 5), ("sgd", 0.1, 0.02, 5),
+             ("sgd", 0.3, 0.02, 5)]
+    rule, lr, decay, _ = chosen_on_valid(m, valid, streams, grid, "ppl")
     r = m.score(test, streams=streams, cache=2000, cache_theta=2.0, cache_lambda=0.25, dynamic=Dynamic(rule, lr, decay))
     lines.append(f"| WikiText-2 test, word LM ({lm}) | {r['ppl']:.1f} | {r['dynamic_ppl']:.1f} | {r['cache_ppl']:.1f} | "
                  f"{r['dynamic_cache_ppl']:.1f} | {rule}, eta {lr}, lambda {decay}, n 5, {streams} streams | "
@@ -142,15 +151,9 @@ def dynamic(lm: Path | None, minutes: float, valid_tokens: int, streams: int, ch
         text = read_text(str(SHARED / "tinyshakespeare" / "input.txt"))
         # the corpus README's split: 90% train, 5% valid, 5% test; settings chosen on valid
         valid, test = text[int(len(text) * 0.9):int(len(text) * 0.95)], text[int(len(text) * 0.95):]
-        found = []
-        for rule, lr, decay, n in (("rms", 0.0005, 0.02, 5), ("rms", 0.002, 0.02, 5), ("rms", 0.0005, 0.02, 20),
-                                   ("rms", 0.001, 0.02, 20), ("rms", 0.002, 0.02, 20), ("rms", 0.001, 0.005, 20),
-                                   ("sgd", 0.03, 0.02, 20)):
-            r = c.score(valid, streams=streams, dynamic=Dynamic(rule, lr, decay, segment=n))
-            found.append((r["dynamic_bpc"], rule, lr, decay, n))
-            print(f"char valid: {rule} lr {lr} decay {decay} n {n}: {r['bpc']:.3f} -> {r['dynamic_bpc']:.3f} bpc",
-                  file=sys.stderr, flush=True)
-        _, rule, lr, decay, n = min(found)
+        grid = [("rms", 0.0005, 0.02, 5), ("rms", 0.002, 0.02, 5), ("rms", 0.0005, 0.02, 20), ("rms", 0.001, 0.02, 20),
+                ("rms", 0.002, 0.02, 20), ("rms", 0.001, 0.005, 20), ("sgd", 0.03, 0.02, 20)]
+        rule, lr, decay, n = chosen_on_valid(c, valid, streams, grid, "bpc")
         r = c.score(test, streams=streams, dynamic=Dynamic(rule, lr, decay, segment=n))
         lines.append(f"| tiny shakespeare test (last 5%), char LM | {r['bpc']:.3f} bpc | {r['dynamic_bpc']:.3f} bpc | - | - | "
                      f"{rule}, eta {lr}, lambda {decay}, n {n}, {streams} streams | {r['static_seconds']:.0f} s / "

@@ -17,6 +17,7 @@ Runs go ``--jobs`` at a time, each with ``--threads`` threads, so that the budge
 is the same; a finished run in ``--out`` is reused.
 
     python bench/cells_tasks.py adding [--minutes 15] [--length 1000] [--cells lstm mingru minlstm rglru]
+                                       [--chrono 1000]
     python bench/cells_tasks.py copy [--minutes 15] [--length 100] [--cells ...]
     python bench/cells_tasks.py wikitext2 [--minutes 15] [--cells lstm mingru minlstm rglru]
 """
@@ -75,24 +76,35 @@ def train(config: str, run: Path, overrides: list[str], minutes: float, threads:
     return max((r.get("elapsed", 0.0) for r in records), default=0.0)
 
 
+def chrono(args: argparse.Namespace, cell: str) -> tuple[str, list[str]]:
+    """The run's name in the table (``cell`` or ``cell chronoT``) and its overrides for ``--chrono``."""
+    from rnnkit.config.core import CHRONO_CELLS
+
+    if args.chrono and cell in CHRONO_CELLS:
+        return f"{cell} chrono{args.chrono}", [f"model.chrono_init={args.chrono}"]
+    return cell, []
+
+
 def adding(args: argparse.Namespace, cell: str) -> dict:
-    run = args.out / f"adding{args.length}_{cell}"
+    name, extra = chrono(args, cell)
+    run = args.out / f"adding{args.length}_{name.replace(' ', '_')}"
     seconds = train("configs/adding.yaml", run, [f"model.cell={cell}", f"data.length={args.length}",
-                                                 "train.gradient_flow_every=null"], args.minutes, args.threads)
+                                                 "train.gradient_flow_every=null", *extra], args.minutes, args.threads)
     res = rnnkit("eval", str(run / "best.pt"), "--json")
     result = json.loads(res.stdout)
     steps = max(json.loads(line).get("step", 0) for line in (run / "metrics.jsonl").read_text().splitlines() if line)
-    return {"cell": cell, "test_mse": result.get("mse"), "baseline": result.get("baseline_mse"), "steps": steps,
-            "seconds": seconds, "result": result}
+    return {"cell": name, "test_mse": result.get("mse"), "baseline": result.get("baseline_mse"),
+            "steps": steps, "seconds": seconds, "result": result}
 
 
 def copy(args: argparse.Namespace, cell: str) -> dict:
-    run = args.out / f"copy{args.length}_{cell}"
+    name, extra = chrono(args, cell)
+    run = args.out / f"copy{args.length}_{name.replace(' ', '_')}"
     seconds = train("configs/copy.yaml", run, [f"model.cell={cell}", f"data.length={args.length}",
-                                               "train.gradient_flow_every=null"], args.minutes, args.threads)
+                                               "train.gradient_flow_every=null", *extra], args.minutes, args.threads)
     result = json.loads(rnnkit("eval", str(run / "best.pt"), "--json").stdout)
     steps = max(json.loads(line).get("step", 0) for line in (run / "metrics.jsonl").read_text().splitlines() if line)
-    return {"cell": cell, "accuracy": result.get("accuracy"), "steps": steps, "seconds": seconds, "result": result}
+    return {"cell": name, "accuracy": result.get("accuracy"), "steps": steps, "seconds": seconds, "result": result}
 
 
 def wikitext2(args: argparse.Namespace, cell: str) -> dict:
@@ -115,6 +127,7 @@ def main() -> int:
     ap.add_argument("--cells", nargs="+", default=["lstm", "mingru", "minlstm", "rglru"])
     ap.add_argument("--minutes", type=float, default=15.0)
     ap.add_argument("--length", type=int, help="adding: T (default 1,000); copy: the delay (default 100)")
+    ap.add_argument("--chrono", type=int, default=0, help="adding, copy: minGRU's and minLSTM's chrono_init (0: off)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "cells_tasks")
@@ -138,21 +151,22 @@ def main() -> int:
     print(f"{args.what}: {args.minutes:g} minutes each, {args.threads} thread(s), {args.jobs} at a time "
           f"({(time.time() - started) / 60:.0f} minutes in all)")
     if args.what == "adding":
-        print(f"{'cell':<8} {'test MSE':>9} {'baseline':>9} {'solved':>7} {'steps':>7}")
+        print(f"{'cell':<18} {'test MSE':>9} {'baseline':>9} {'solved':>7} {'steps':>7}")
         for r in rows:
-            print(f"{r['cell']:<8} {r['test_mse']:>9.4f} {r['baseline']:>9.4f} "
+            print(f"{r['cell']:<18} {r['test_mse']:>9.4f} {r['baseline']:>9.4f} "
                   f"{'yes' if r['test_mse'] <= 0.01 else 'no':>7} {r['steps']:>7}")
     elif args.what == "copy":
-        print(f"{'cell':<8} {'test accuracy':>13} {'chance':>7} {'steps':>7}")
+        print(f"{'cell':<18} {'test accuracy':>13} {'chance':>7} {'steps':>7}")
         for r in rows:
-            print(f"{r['cell']:<8} {r['accuracy']:>13.3f} {0.125:>7.3f} {r['steps']:>7}")
+            print(f"{r['cell']:<18} {r['accuracy']:>13.3f} {0.125:>7.3f} {r['steps']:>7}")
     else:
         print(f"{'cell':<8} {'recurrent params':>16} {'test ppl':>9} {'with cache':>11} {'steps':>7}")
         for r in rows:
             print(f"{r['cell']:<8} {r['parameters']:>16,} {r['test_ppl']:>9.1f} {r['test_ppl_cache']:>11.1f} "
                   f"{r['steps']:>7}")
     saved = args.out / f"{args.what}.json"     # earlier cells' rows kept, this run's replacing theirs
-    earlier = [r for r in json.loads(saved.read_text()) if r["cell"] not in args.cells] if saved.exists() else []
+    ran = {r["cell"] for r in rows}
+    earlier = [r for r in json.loads(saved.read_text()) if r["cell"] not in ran] if saved.exists() else []
     saved.write_text(json.dumps(earlier + rows, indent=1))
     return 0
 

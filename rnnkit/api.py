@@ -246,7 +246,8 @@ class LanguageModel(Model):
 
         stats = None
         if dynamic.rule == "rms":
-            stats = dyn.stats_beside(self.task, dyn.check_checkpoint(self.path), dynamic, self.task.training_ids, note)
+            stats = dyn.stats_beside(self.task, dyn.check_checkpoint(self.path), dynamic, self.task.training_ids,
+                                     1, note)
         adapter = dyn.Adapter(self.task.model, dynamic, stats)
         try:
             with self._arithmetic():

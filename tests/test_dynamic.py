@@ -118,6 +118,26 @@ def test_the_cli_keeps_the_checkpoint_and_its_statistics_beside_it(lm, tmp_path)
     assert _digest(lm) == before
 
 
+def test_the_statistics_come_from_as_many_streams_as_the_text_is_read_in(lm, monkeypatch):
+    """The mean squared gradient depends on how many streams share a segment's gradient:
+    statistics from another layout gave steps as large as the weights. Each layout is kept."""
+    m = rnnkit.load(lm)
+    path = lm.with_name(lm.name + dyn.STATS_SUFFIX)
+    path.unlink(missing_ok=True)
+    seen, real = [], dyn.gradient_stats
+    monkeypatch.setattr(dyn, "gradient_stats", lambda task, stream, *a, **k: seen.append(stream.size(0)) or
+                        real(task, stream, *a, **k))
+    settings = dyn.Dynamic(stats_tokens=3000)
+    one = dyn.stats_beside(m.task, lm, settings, m.task.training_ids, 1)
+    three = dyn.stats_beside(m.task, lm, settings, m.task.training_ids, 3)
+    assert seen == [1, 3]
+    # more rows average more tokens per segment: smaller mean squared gradients
+    assert sum(float(s.sum()) for s in three.values()) < sum(float(s.sum()) for s in one.values())
+    again = dyn.stats_beside(m.task, lm, settings, m.task.training_ids, 1)      # both kept, neither recomputed
+    assert seen == [1, 3] and all(torch.equal(again[n], one[n]) for n in one)
+    path.unlink()
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--dynamic-lr", "-1"], "--dynamic-lr must be a finite number >= 0"),
     (["--dynamic-lr", "nan"], "--dynamic-lr must be a finite number >= 0"),

@@ -7,6 +7,7 @@ import torch
 
 from rnnkit.models.mingated import MinGRUCell, g
 from rnnkit.models.rnn import make_rnn as _make_rnn, rnn_step, run_padded
+from rnnkit.models import scan
 from rnnkit.models.scan import linear_scan, sequential_scan
 
 SCAN = ["mingru", "minlstm", "rglru"]
@@ -30,17 +31,23 @@ def _grads(loss, tensors):
     return torch.autograd.grad(loss, tensors, allow_unused=True)
 
 
+@pytest.mark.parametrize("start", ["h0", "zeros"])
+@pytest.mark.parametrize("path", ["two-level", "one step per position"])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("steps", [1, 2, 5, 16, 23])
-def test_block_scan_equals_the_recurrence_in_values_and_gradients(steps, reverse):
+def test_block_scan_equals_the_recurrence_in_values_and_gradients(steps, reverse, path, start, monkeypatch):
+    """Both ways the scan runs (a CPU picks by the numbers per position) give the recurrence."""
+    monkeypatch.setattr(scan, "SEQUENTIAL_WIDTH", 10**9 if path == "two-level" else 0)
     torch.manual_seed(steps)
     a = torch.rand(3, steps, 4, dtype=torch.float64, requires_grad=True)
     b = torch.randn(3, steps, 4, dtype=torch.float64, requires_grad=True)
     h0 = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, steps, 4, dtype=torch.float64)
+    h0 = h0 if start == "h0" else None
+    leaves = (a, b, h0) if h0 is not None else (a, b)
     fast, slow = linear_scan(a, b, h0, reverse), sequential_scan(a, b, h0, reverse)
     assert torch.allclose(fast, slow, atol=1e-12, rtol=0)
-    for x, y in zip(_grads((fast * w).sum(), (a, b, h0)), _grads((slow * w).sum(), (a, b, h0))):
+    for x, y in zip(_grads((fast * w).sum(), leaves), _grads((slow * w).sum(), leaves)):
         assert torch.allclose(x, y, atol=1e-12, rtol=0)
 
 
@@ -86,6 +93,12 @@ def test_step_form_equals_the_parallel_form(cell):
     leaves = [x, *rnn.parameters()]
     for p, q in zip(_grads(_loss(out, final), leaves), _grads(_loss(stepped, state), leaves)):
         assert torch.allclose(p, q, atol=1e-10, rtol=0)
+    with torch.no_grad():            # inference's step (mLSTM writes its memory in place there)
+        state = rnn.initial_state(2, x)
+        for t in range(8):
+            h, state = rnn_step(rnn, x[:, t], state)
+            assert torch.allclose(h, out[:, t], atol=1e-10, rtol=0)
+        assert torch.allclose(final, state, atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -240,7 +253,9 @@ def test_xlstm_keys_are_checked_in_one_line(tmp_path):
                                    ("slstm", "model.recurrent_dropout", 0.2, "sLSTM does not offer it"),
                                    ("mlstm", "model.weight_drop", 0.2, "no recurrent weights"),
                                    ("slstm", "model.impl", "explicit", "one implementation"),
-                                   ("mingru", "model.block", True, "rglru \\(Hawk's block\\) only")]:
+                                   ("mingru", "model.block", True, "rglru \\(Hawk's block\\) only"),
+                                   ("rglru", "model.chrono_init", 1000, "sets the gates of mingru and minlstm"),
+                                   ("minlstm", "model.chrono_init", 1, "2 or more")]:
         cfg = tiny_lm_config(tmp_path)
         cfg["model"]["cell"] = cell
         section, name = key.split(".")
@@ -268,3 +283,20 @@ def test_hawks_block_is_the_papers_layout():
     assert torch.allclose(out[:, 0], y, atol=1e-6)
     assert torch.allclose(final[0, :, :4], y, atol=1e-6) and torch.allclose(final[0, :, 4:8], b, atol=1e-6)
     assert torch.allclose(final[0, :, -4:], u, atol=1e-6)    # the window's newest input
+
+
+@pytest.mark.parametrize("cell", ["mingru", "minlstm"])
+def test_chrono_initialisation_spreads_the_decays_over_the_time_scales_asked_for(cell):
+    """Chrono initialisation (chrono_init: T): with a zero input each unit's decay is
+    a = 1 - 1/(1 + u), u uniform in [1, T - 1]; torch's default starts every decay near 1/2."""
+    torch.manual_seed(0)
+    zero = torch.zeros(1, 1, 8)
+    for chrono in (0, 1000):
+        rnn = make_rnn(cell, 8, 4096, 1, chrono=chrono)
+        a, _ = rnn.cell_l0.coefficients(zero)
+        u = 1.0 / (1.0 - a.double().flatten()) - 1.0      # the time scale each unit starts with, less one
+        if chrono:
+            assert u.min() >= 1 - 1e-3 and u.max() <= 999 * (1 + 1e-3)
+            assert abs(float(u.mean()) - 500) < 25        # uniform over [1, 999]
+        else:
+            assert float(u.max()) < 10

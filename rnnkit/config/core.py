@@ -63,6 +63,8 @@ class RecurrentConfig:
     """`rglru`: each layer is Hawk's recurrent block (De et al. 2024) instead of the bare cell: a GeLU gate branch, and a branch of a linear map and a causal depthwise convolution of width 4 feeding the RG-LRU; their product projected back. The convolution's last inputs ride in the state. Not built for the other cells (an error)."""
     cell_heads: int = num(4, 1, 1024)
     """`slstm` and `mlstm`: heads of the cell's state; hidden_size must divide by it. An sLSTM mixes its memory within a head only; an mLSTM's memory is one (hidden_size / heads)-square matrix per head."""
+    chrono_init: int = num(0, 0, 10_000_000)
+    """`mingru` and `minlstm`: 0 keeps torch's default initialisation; T > 0 sets the gates' biases by the chrono initialisation (Tallec & Ollivier 2018) for dependencies up to T steps: each unit's decay a = 1 - 1/tau starts with tau = 1 + u, u uniform in [1, T - 1], so the units remember over time scales from 2 to T steps from the start (the default starts every decay near 1/2: a state halves at each step). Not built for the other cells (an error)."""
 
 
 RECURRENT_EXTRAS = {"layer_norm": False, "recurrent_dropout": 0.0, "residual": False}
@@ -72,6 +74,7 @@ REGULARISERS = {"weight_drop": 0.0, "locked_dropout": False}   # fused layers' o
 
 SCAN_CELLS = ("mingru", "minlstm", "rglru")   # cells whose recurrence is linear: one implementation, a scan
 NEW_CELLS = (*SCAN_CELLS, "slstm", "mlstm")     # the cells rnnkit stacks itself: one implementation each
+CHRONO_CELLS = ("mingru", "minlstm")             # the cells chrono_init sets
 
 
 def check_recurrent(section: RecurrentConfig, prefix: str) -> None:
@@ -82,6 +85,11 @@ def check_recurrent(section: RecurrentConfig, prefix: str) -> None:
         raise ConfigError(f"{prefix}.residual", f"connects stacked layers; needs {prefix}.num_layers >= 2")
     if section.block and section.cell != "rglru":
         raise ConfigError(f"{prefix}.block", f"is built for rglru (Hawk's block) only, not for {section.cell}")
+    if section.chrono_init and section.cell not in CHRONO_CELLS:
+        raise ConfigError(f"{prefix}.chrono_init", f"sets the gates of {' and '.join(CHRONO_CELLS)}, not of "
+                                                   f"{section.cell}")
+    if section.chrono_init == 1:
+        raise ConfigError(f"{prefix}.chrono_init", "is the longest dependency in steps: 2 or more (0: off)")
     if section.cell in NEW_CELLS:
         if section.impl != "fused":
             raise ConfigError(f"{prefix}.impl", f"{section.cell} has one implementation; impl chooses "
@@ -111,7 +119,8 @@ def check_recurrent(section: RecurrentConfig, prefix: str) -> None:
 
 def recurrent_options(section: RecurrentConfig) -> dict[str, Any]:
     """The keyword arguments ``make_rnn`` takes besides sizes (all but ``cell``)."""
-    return {"impl": section.impl, "heads": section.cell_heads, "block": section.block, **{k: getattr(section, k) for k in RECURRENT_EXTRAS},
+    return {"impl": section.impl, "heads": section.cell_heads, "block": section.block, "chrono": section.chrono_init,
+            **{k: getattr(section, k) for k in RECURRENT_EXTRAS},
             **{k: getattr(section, k) for k in REGULARISERS if hasattr(section, k)}}
 
 

@@ -22,7 +22,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from rnnkit.models.cells import ExplicitRNN
 from rnnkit.models.dropout import dropout, dropout_mask, locked_dropout
 from rnnkit.models.products import dense, grad_input
-from rnnkit.models.stack import STACK_CELLS, CellStack
+from rnnkit.models.stack import CHRONO_CELLS, STACK_CELLS, CellStack
 
 Cell = Literal["rnn_tanh", "rnn_relu", "lstm", "gru", "mingru", "minlstm", "rglru", "slstm", "mlstm"]
 CLASSIC_CELLS: tuple[str, ...] = ("rnn_tanh", "rnn_relu", "lstm", "gru")
@@ -33,18 +33,21 @@ def make_rnn(cell: str, input_size: int, hidden_size: int, num_layers: int = 1,
              dropout: float = 0.0, bidirectional: bool = False, impl: str = "fused",
              layer_norm: bool = False, recurrent_dropout: float = 0.0, residual: bool = False,
              weight_drop: float = 0.0, locked_dropout: bool = False, heads: int = 4,
-             block: bool = False) -> nn.Module:
+             block: bool = False, chrono: int = 0) -> nn.Module:
     """A stacked batch-first recurrent layer; ``dropout`` applies between layers (with
     ``locked_dropout``, one mask per sequence). ``weight_drop`` is DropConnect on the
     hidden-to-hidden weights. ``impl`` ``explicit`` builds it from its equations, which
     ``layer_norm``, ``recurrent_dropout`` and ``residual`` need. The newer cells
     (:data:`rnnkit.models.stack.STACK_CELLS`) have one implementation each; ``heads`` splits
-    sLSTM's and mLSTM's state; ``block`` wraps each layer's cell in its paper's block."""
+    sLSTM's and mLSTM's state; ``block`` wraps each layer's cell in its paper's block;
+    ``chrono`` > 0 sets minGRU's and minLSTM's gate biases for dependencies up to that many steps."""
+    if chrono and cell not in CHRONO_CELLS:
+        raise ValueError(f"chrono initialisation is built for {' and '.join(CHRONO_CELLS)}, not {cell}")
     if cell in STACK_CELLS:
         if weight_drop or recurrent_dropout:
             raise ValueError(f"{cell} takes no weight_drop or recurrent_dropout (dropout acts between its layers)")
         return CellStack(cell, input_size, hidden_size, num_layers, dropout, bidirectional, layer_norm=layer_norm,
-                         residual=residual, locked_dropout=locked_dropout, heads=heads, block=block)
+                         residual=residual, locked_dropout=locked_dropout, heads=heads, block=block, chrono=chrono)
     if block:
         raise ValueError(f"no block is built for {cell}")
     if impl == "explicit":

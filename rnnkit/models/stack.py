@@ -34,19 +34,21 @@ from rnnkit.models.xlstm import MLSTMCell, SLSTMCell
 STACK_CELLS: dict[str, type[nn.Module]] = {"mingru": MinGRUCell, "minlstm": MinLSTMCell, "rglru": RGLRUCell,
                                            "slstm": SLSTMCell, "mlstm": MLSTMCell}
 HEADED_CELLS = ("slstm", "mlstm")     # cells whose state is split into heads
+CHRONO_CELLS = ("mingru", "minlstm")  # cells whose gates the chrono initialisation sets
 BLOCKS: dict[str, type[nn.Module]] = {"rglru": HawkBlock}     # the block a cell's paper puts around it
 
 
 class CellStack(nn.Module):
     """``cell`` one of :data:`STACK_CELLS`; ``heads`` for sLSTM and mLSTM; ``block``: each
-    layer is the block its paper puts around the cell (:data:`BLOCKS`); the other arguments
-    as for ``torch.nn.GRU``."""
+    layer is the block its paper puts around the cell (:data:`BLOCKS`); ``chrono``: minGRU's
+    and minLSTM's chrono initialisation; the other arguments as for ``torch.nn.GRU``."""
 
     batch_first = True
 
     def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int = 1,
                  dropout: float = 0.0, bidirectional: bool = False, layer_norm: bool = False,
-                 residual: bool = False, locked_dropout: bool = False, heads: int = 4, block: bool = False):
+                 residual: bool = False, locked_dropout: bool = False, heads: int = 4, block: bool = False,
+                 chrono: int = 0):
         super().__init__()
         if cell not in STACK_CELLS:
             raise ValueError(f"unknown cell {cell!r}; expected one of {tuple(STACK_CELLS)}")
@@ -60,6 +62,8 @@ class CellStack(nn.Module):
         self.layer_norm, self.residual, self.locked = layer_norm, residual, locked_dropout
         self.trace: dict[int, list[torch.Tensor]] | None = None   # see rnnkit.gradient_flow
         options = {"heads": heads} if cell in HEADED_CELLS else {}
+        if chrono:
+            options["chrono"] = chrono
         for layer in range(num_layers):
             width = input_size if layer == 0 else hidden_size * self.directions
             if layer_norm:
@@ -140,7 +144,7 @@ class CellStack(nn.Module):
             h, new = getattr(self, f"cell_l{layer}").step(x, widen(state[layer]))
             states.append(new)
             x = self._between(h, inp, layer)
-        return x, torch.stack(states)
+        return x, torch.stack(states) if len(states) > 1 else states[0].unsqueeze(0)
 
     def sequential(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole stack from each cell's own equations, one position at a time (no

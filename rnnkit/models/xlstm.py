@@ -200,19 +200,28 @@ class MLSTMCell(nn.Module):
         i_pre, f_pre = p[..., 4 * h:].chunk(2, -1)
         return q, key / math.sqrt(self.head_size), v, torch.sigmoid(o), i_pre, F.logsigmoid(f_pre)
 
-    def _unpack(self, state: torch.Tensor):
+    def _views(self, state: torch.Tensor):
+        """The packed state's parts as views: h (..., H), memory (..., K, d, d), norm (..., K, d), m (..., K)."""
         h, k, d = self.hidden_size, self.heads, self.head_size
-        sizes = [h, k * d * d, h, k]
-        _, memory, norm, m = state.split(sizes, -1)
-        return memory.unflatten(-1, (k, d, d)), norm.unflatten(-1, (k, d)), m
+        out, memory, norm, m = state.split([h, k * d * d, h, k], -1)
+        return out, memory.unflatten(-1, (k, d, d)), norm.unflatten(-1, (k, d)), m
+
+    def _unpack(self, state: torch.Tensor):
+        return self._views(state)[1:]
 
     def _pack(self, h: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         return torch.cat([h, memory.flatten(-3), norm.flatten(-2), m], -1)
 
     def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, v, o, i_pre, log_f = self._parts(x)
-        h, memory, norm, m = _mlstm_step(q, k, v, o, i_pre, log_f, *self._unpack(state), self.head_norm)
-        return h, self._pack(h, memory, norm, m)
+        if torch.is_grad_enabled() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+            # training through the step form (an input-feeding decoder), or a graph being written
+            h, memory, norm, m = _mlstm_step(q, k, v, o, i_pre, log_f, *self._unpack(state), self.head_norm)
+            return h, self._pack(h, memory, norm, m)
+        new = torch.empty_like(state)       # inference writes the new state's parts in place
+        parts = self._views(new)
+        _mlstm_step_into(q, k, v, o, i_pre, log_f, *self._unpack(state), self.head_norm, *parts)
+        return parts[0], new
 
     def run(self, x: torch.Tensor, state: torch.Tensor, held: torch.Tensor | None,
             reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,6 +309,26 @@ def _mlstm_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tens
     den = torch.maximum((q * norm).sum(2).abs(), torch.exp(-m_new))
     read = num / den.unsqueeze(2)
     return o * _rms_normalised(read, 2).flatten(1) * weight, memory, norm, m_new
+
+
+def _mlstm_step_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, i_pre: torch.Tensor,
+                     log_f: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor, m: torch.Tensor,
+                     weight: torch.Tensor, h_out: torch.Tensor, memory_out: torch.Tensor, norm_out: torch.Tensor,
+                     m_out: torch.Tensor) -> None:
+    """:func:`_mlstm_step` at inference, written into the new state's parts (``*_out``) in
+    about half its operations: a step at batch 1 is all per-operation overhead besides the
+    projection. Not differentiable (``out=``)."""
+    carried = log_f + m
+    torch.maximum(carried, i_pre, out=m_out)
+    keep, add = carried.sub_(m_out).exp_(), torch.sub(i_pre, m_out).exp_()
+    added = k * add.unsqueeze(2)                                                    # (N, K, d)
+    torch.mul(memory, keep.unsqueeze(2).unsqueeze(3), out=memory_out).addcmul_(added.unsqueeze(3), v.unsqueeze(2))
+    torch.addcmul(added, norm, keep.unsqueeze(2), out=norm_out)
+    num = torch.matmul(q.unsqueeze(2), memory_out)[:, :, 0]
+    den = torch.maximum(torch.linalg.vecdot(q, norm_out).abs_(), m_out.neg().exp_())
+    read = num.div_(den.unsqueeze(2))
+    read = read.mul_(read.square().mean(2, keepdim=True).add_(1e-6).rsqrt_())
+    torch.mul(read.flatten(1), weight, out=h_out).mul_(o)
 
 
 def head_norm(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

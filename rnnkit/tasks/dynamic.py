@@ -35,8 +35,8 @@ from rnnkit.training.checkpoint import CheckpointError
 RULES = ("rms", "sgd")
 DEFAULT_LR = {"rms": 0.002, "sgd": 0.1}
 STATS_SUFFIX = ".dynamic-stats"
-STATS_FORMAT = 2
-STATS_ROWS = 64                  # the training text in this many streams for the statistics (one batch per segment)
+STATS_FORMAT = 3
+KEPT_STATS = 4                   # statistics for this many (rows, segment, tokens) kept beside a checkpoint
 
 
 @dataclass(frozen=True)
@@ -111,36 +111,43 @@ def checkpoint_digest(path: Path) -> str:
 
 
 def stats_beside(task: Any, checkpoint: Path, settings: Dynamic, training_ids: Callable[[], np.ndarray],
-                 note: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
-    """The gradient statistics of ``checkpoint``: read from ``CHECKPOINT.dynamic-stats`` when
-    that file was computed from these very bytes with these settings, else computed from the
-    training text and written there atomically (the checkpoint itself is never touched)."""
+                 rows: int, note: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
+    """The gradient statistics of ``checkpoint`` for a text read in ``rows`` streams side by
+    side: the mean squared gradient of a segment's mean loss shrinks as more rows share it,
+    so the statistics come from the training text laid out in as many rows as the text being
+    read (Krause et al. collect them as they evaluate). Read from ``CHECKPOINT.dynamic-stats``
+    when it holds statistics from these very bytes with these settings, else computed from
+    the training text and added there atomically (the checkpoint itself is never touched)."""
     path = Path(str(checkpoint) + STATS_SUFFIX)
     digest = checkpoint_digest(checkpoint)
     key = {"format": STATS_FORMAT, "checkpoint_sha256": digest, "segment": settings.segment,
-           "tokens": settings.stats_tokens}
+           "tokens": settings.stats_tokens, "rows": rows}
+    kept: list[dict] = []
     if path.is_file():
         try:
             saved = torch.load(path, map_location=task.device, weights_only=True)
-            if saved.get("key") == key and set(saved["stats"]) == {n for n, _ in _params(task.model)}:
-                return saved["stats"]
+            kept = [e for e in saved["entries"] if e["key"].get("checkpoint_sha256") == digest]
+            for entry in kept:
+                if entry["key"] == key and set(entry["stats"]) == {n for n, _ in _params(task.model)}:
+                    return entry["stats"]
         except Exception:  # noqa: BLE001 - a damaged or foreign file is recomputed
-            pass
+            kept = []
     ids = np.asarray(training_ids(), np.int64)[: settings.stats_tokens + 1]
-    if len(ids) < settings.segment + 1:
+    if len(ids) < rows * settings.segment + 1:
         raise ConfigError("", "the training text is too short to collect gradient statistics")
     if note is not None:
-        note(f"collecting gradient statistics over {len(ids) - 1:,} training tokens (once; kept in {path.name})")
-    rows = max(1, min(STATS_ROWS, (len(ids) - 1) // (settings.segment * 20)))   # side by side, as in training
+        note(f"collecting gradient statistics over {len(ids) - 1:,} training tokens in {rows} stream(s) "
+             f"(once; kept in {path.name})")
     ids = ids[: rows * ((len(ids) - 1) // rows) + 1]
     stream = torch.from_numpy(np.ascontiguousarray(ids[:-1].reshape(rows, -1))).to(task.device)
     bar = (lambda it: tqdm(it, desc="gradient statistics", unit="segment", file=sys.stderr, leave=False))
     with torch.enable_grad():
         stats = gradient_stats(task, stream, settings.segment, bar)
+    entries = [*kept[-(KEPT_STATS - 1):], {"key": key, "stats": {n: s.cpu() for n, s in stats.items()}}]
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
-        torch.save({"key": key, "stats": {n: s.cpu() for n, s in stats.items()}}, tmp)
+        torch.save({"entries": entries}, tmp)
         os.replace(tmp, path)
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)

@@ -251,7 +251,8 @@ class LanguageModelTask(LanguageModelText):
         static_seconds = time.perf_counter() - started
         stats = None
         if settings.rule == "rms":
-            stats = dynamic.stats_beside(self, dynamic.check_checkpoint(checkpoint), settings, self.training_ids, note)
+            stats = dynamic.stats_beside(self, dynamic.check_checkpoint(checkpoint), settings, self.training_ids,
+                                         rows, note)
         adapter = dynamic.Adapter(self.model, settings, stats)
         started = time.perf_counter()
         try:

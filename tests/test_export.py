@@ -27,15 +27,17 @@ def _cli(*args: str) -> str:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A character LSTM LM, a word GRU LM with an adaptive softmax, a character LM of RG-LRUs in Hawk's block and a
-    character mLSTM LM, each trained a few steps and exported."""
+    """A character LSTM LM, a word GRU LM with an adaptive softmax, character LMs of RG-LRUs in Hawk's block, of
+    mLSTMs, and of xLSTM's mLSTM and sLSTM blocks, each trained a few steps and exported."""
     tmp = tmp_path_factory.mktemp("export")
     out = {}
     for name, sections in (("char", {"model": {"cell": "lstm", "num_layers": 2}}),
                            ("word", {"data": {"tokenizer": "word", "bptt": 8},
                                      "model": {"cell": "gru", "output": "adaptive", "cutoffs": [20, 60]}}),
                            ("scan", {"model": {"cell": "rglru", "num_layers": 2, "block": True}}),
-                           ("mlstm", {"model": {"cell": "mlstm", "num_layers": 2, "cell_heads": 2}})):
+                           ("mlstm", {"model": {"cell": "mlstm", "num_layers": 2, "cell_heads": 2}}),
+                           ("mlstm_block", {"model": {"cell": "mlstm", "block": True, "cell_heads": 2}}),
+                           ("slstm_block", {"model": {"cell": "slstm", "block": True, "cell_heads": 2}})):
         cfg = tiny_lm_config(tmp, run_dir=str(tmp / name), **sections)
         cfg["train"].update(max_steps=12, eval_every=12)
         _cli("train", str(write_yaml(tmp / f"{name}.yaml", cfg)))
@@ -121,7 +123,7 @@ def test_viterbi_and_the_crf_loss_match_the_torch_crf():
         assert crf_nll(e, tags[b, :n].tolist(), *params) == pytest.approx(float(nll[b]), rel=1e-5)
 
 
-@pytest.mark.parametrize("name", ["char", "word", "scan", "mlstm"])
+@pytest.mark.parametrize("name", ["char", "word", "scan", "mlstm", "mlstm_block", "slstm_block"])
 def test_the_export_gives_the_checkpoints_log_probabilities(exported, name):
     ckpt, folder = exported[name]
     torch_model, onnx_model = rnnkit.load(ckpt), rnnkit.load(folder)

@@ -1,4 +1,4 @@
-"""The newer cells (minGRU, minLSTM, RG-LRU alone and in Hawk's block, sLSTM, mLSTM): the
+"""The newer cells (minGRU, minLSTM, RG-LRU, sLSTM, mLSTM, alone and in their papers' blocks): the
 parallel form, the step form and the paper's equations agree; padding, carried state, bf16."""
 from __future__ import annotations
 
@@ -11,12 +11,15 @@ from rnnkit.models import scan
 from rnnkit.models.scan import linear_scan, sequential_scan
 
 SCAN = ["mingru", "minlstm", "rglru"]
-CELLS = SCAN + ["slstm", "mlstm", "hawk"]     # hawk: RG-LRU in Hawk's block (block: true)
+CELLS = SCAN + ["slstm", "mlstm", "hawk", "slstm_block", "mlstm_block"]
+BLOCKED = {"hawk": "rglru", "slstm_block": "slstm", "mlstm_block": "mlstm"}     # block: true
 HEADS = 2     # sLSTM and mLSTM split their state into two heads here
 
 
 def make_rnn(cell: str, *args, **kwargs):
-    return _make_rnn("rglru", *args, block=True, **kwargs) if cell == "hawk" else _make_rnn(cell, *args, **kwargs)
+    if cell in BLOCKED:
+        return _make_rnn(BLOCKED[cell], *args, block=True, **kwargs)
+    return _make_rnn(cell, *args, **kwargs)
 
 
 def _state(rnn, batch: int) -> torch.Tensor:
@@ -253,7 +256,7 @@ def test_xlstm_keys_are_checked_in_one_line(tmp_path):
                                    ("slstm", "model.recurrent_dropout", 0.2, "sLSTM does not offer it"),
                                    ("mlstm", "model.weight_drop", 0.2, "no recurrent weights"),
                                    ("slstm", "model.impl", "explicit", "one implementation"),
-                                   ("mingru", "model.block", True, "rglru \\(Hawk's block\\) only"),
+                                   ("mingru", "model.block", True, "rglru, mlstm, slstm \\(their papers' blocks\\)"),
                                    ("rglru", "model.chrono_init", 1000, "sets the gates of mingru and minlstm"),
                                    ("minlstm", "model.chrono_init", 1, "2 or more")]:
         cfg = tiny_lm_config(tmp_path)
@@ -300,3 +303,48 @@ def test_chrono_initialisation_spreads_the_decays_over_the_time_scales_asked_for
             assert abs(float(u.mean()) - 500) < 25        # uniform over [1, 999]
         else:
             assert float(u.max()) < 10
+
+
+def test_xlstm_blocks_are_the_papers_layouts():
+    """One position by hand from a zero state (only the convolution's last tap sees it):
+    the mLSTM block's y = W_down((N(h~) + s c) SiLU(z)), q and k from c = SiLU(conv(x_m)), v
+    from x_m, gates from [q, k, v]; the sLSTM block's y = s + W_down(GeLU(a) b), its i and f
+    gates from c, z and o from the input."""
+    import torch.nn.functional as F
+    from rnnkit.models.xlstm import head_norm
+
+    torch.manual_seed(9)
+    x = torch.randn(2, 1, 8)
+
+    def by_blocks(w, u):       # a block-diagonal map, block by block
+        return torch.cat([u[:, 4 * n:4 * n + 4] @ w[n].t() for n in range(w.size(0))], -1)
+
+    rnn = make_rnn("mlstm_block", 8, 8, 1, heads=HEADS)
+    b = rnn.cell_l0
+    with torch.no_grad():
+        b.gates.weight.normal_()       # the initial zero weights would hide which inputs they read
+        out, _ = rnn(x)
+        xm, z = b.up(x[:, 0]).chunk(2, -1)
+        c = F.silu(b.conv.weight[:, 0, -1] * xm + b.conv.bias)
+        q, k, v = by_blocks(b.q.weight, c), by_blocks(b.k.weight, c), by_blocks(b.v.weight, xm)
+        i_pre = b.gates(torch.cat([q, k, v], -1))[:, :HEADS]
+        d = 8
+        heads = lambda t: t.view(2, HEADS, d)      # noqa: E731
+        qk = (heads(q) * heads(k)).sum(-1) / d ** 0.5 * torch.exp(i_pre)       # q^T n with n = i k / sqrt(d)
+        read = qk.unsqueeze(-1) * heads(v) / qk.abs().clamp_min(1).unsqueeze(-1)
+        y = b.down((head_norm(read, b.head_norm) + b.skip * c) * F.silu(z))
+    assert torch.allclose(out[:, 0], y, atol=1e-5)
+
+    rnn = make_rnn("slstm_block", 8, 8, 1, heads=HEADS)
+    b = rnn.cell_l0
+    with torch.no_grad():
+        out, _ = rnn(x)
+        u = x[:, 0]
+        c = F.silu(b.conv.weight[:, 0, -1] * u + b.conv.bias)
+        w, bias = b.slstm.inp.weight.chunk(4), b.slstm.inp.bias.chunk(4)
+        i = torch.exp(c @ w[0].t() + bias[0])          # h_0 = 0: no recurrent term; n_1 = i
+        h = torch.sigmoid(u @ w[3].t() + bias[3]) * (i * torch.tanh(u @ w[2].t() + bias[2])) / i
+        s = head_norm(h.view(2, HEADS, 4), b.head_norm)
+        a, g = b.ffn_up(b.ffn_norm(s)).chunk(2, -1)
+        y = s + b.ffn_down(F.gelu(a) * g)
+    assert torch.allclose(out[:, 0], y, atol=1e-5)

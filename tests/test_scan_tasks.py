@@ -16,17 +16,19 @@ from tests.test_crash_safety import (assert_same_weights, last_step, launch, rec
 TASK_CELLS = [("lm", "mingru"), ("translation", "minlstm"), ("tagging", "rglru"), ("documents", "minlstm"),
               ("forecast", "mingru"), ("adding", "rglru"), ("copy", "minlstm"), ("classification_hops", "mingru"),
               ("lm", "slstm"), ("translation", "mlstm"), ("tagging", "mlstm"), ("forecast", "slstm"),
-              ("adding", "mlstm"), ("classification_hops", "slstm"), ("tagging", "hawk")]
+              ("adding", "mlstm"), ("classification_hops", "slstm"), ("tagging", "hawk"), ("lm", "mlstm_block"),
+              ("translation", "slstm_block")]
+BLOCKED = {"hawk": "rglru", "mlstm_block": "mlstm", "slstm_block": "slstm"}     # the cell in its paper's block
 
 
 def scan_config(task: str, cell: str, tmp_path, name: str) -> dict:
     cfg = task_config(task, tmp_path, name)
     m = cfg["model"]
     for part in (m["encoder"], m["decoder"]) if "encoder" in m else (m,):
-        part["cell"] = "rglru" if cell == "hawk" else cell
-        if cell == "hawk":            # RG-LRU in Hawk's block
+        part["cell"] = BLOCKED.get(cell, cell)
+        if cell in BLOCKED:
             part["block"] = True
-        if cell in ("slstm", "mlstm"):
+        if part["cell"] in ("slstm", "mlstm"):
             part["cell_heads"] = 2
     return cfg
 
@@ -75,7 +77,7 @@ def _trained(tmp_path, task, cell, **model):
     return tmp_path / "run" / "last.pt"
 
 
-@pytest.mark.parametrize("cell", ["mingru", "minlstm", "rglru", "slstm", "mlstm", "hawk"])
+@pytest.mark.parametrize("cell", ["mingru", "minlstm", "rglru", "slstm", "mlstm", "hawk", "mlstm_block"])
 def test_language_model_fed_in_pieces_scores_as_the_whole_text(tmp_path, cell):
     """The step path (incremental feeding, generation) and the scan over a whole text give the
     same log-probabilities; greedy generation is the argmax chain of one pass over its output."""

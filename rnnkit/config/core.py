@@ -60,7 +60,7 @@ class RecurrentConfig:
     residual: bool = False
     """Explicit and scan cells: layers above the first add their input to their output (needs two layers or more)."""
     block: bool = False
-    """`rglru`: each layer is Hawk's recurrent block (De et al. 2024) instead of the bare cell: a GeLU gate branch, and a branch of a linear map and a causal depthwise convolution of width 4 feeding the RG-LRU; their product projected back. The convolution's last inputs ride in the state. Not built for the other cells (an error)."""
+    """Each layer is the block the cell's paper builds around it, instead of the bare cell. `rglru`: Hawk's recurrent block (De et al. 2024): a GeLU gate branch, and a branch of a linear map and a causal depthwise convolution of width 4 feeding the RG-LRU; their product projected back. `mlstm`: xLSTM's mLSTM block (Beck et al. 2024, pre up-projection): up to twice hidden_size, a convolution of width 4 and SiLU feeding q and k, block-diagonal q/k/v projections, the mLSTM with a learned skip, gated by SiLU of a second branch, projected back down. `slstm`: xLSTM's sLSTM block (post up-projection): a convolution of width 4 and SiLU feeding the input and forget gates, per-head normalisation, then a gated GeLU feed-forward part of width 4/3 with its own residual sum. In each, the convolution's last inputs ride in the state; with `layer_norm: true` and `residual: true` the stack is the papers' pre-norm residual backbone. Not built for the other cells (an error)."""
     cell_heads: int = num(4, 1, 1024)
     """`slstm` and `mlstm`: heads of the cell's state; hidden_size must divide by it. An sLSTM mixes its memory within a head only; an mLSTM's memory is one (hidden_size / heads)-square matrix per head."""
     chrono_init: int = num(0, 0, 10_000_000)
@@ -75,6 +75,7 @@ REGULARISERS = {"weight_drop": 0.0, "locked_dropout": False}   # fused layers' o
 SCAN_CELLS = ("mingru", "minlstm", "rglru")   # cells whose recurrence is linear: one implementation, a scan
 NEW_CELLS = (*SCAN_CELLS, "slstm", "mlstm")     # the cells rnnkit stacks itself: one implementation each
 CHRONO_CELLS = ("mingru", "minlstm")             # the cells chrono_init sets
+BLOCK_CELLS = ("rglru", "mlstm", "slstm")        # the cells a paper builds a block around
 
 
 def check_recurrent(section: RecurrentConfig, prefix: str) -> None:
@@ -83,8 +84,12 @@ def check_recurrent(section: RecurrentConfig, prefix: str) -> None:
     dropout, and nothing that acts on recurrent weights they do not have."""
     if section.residual and getattr(section, "num_layers", 1) < 2:
         raise ConfigError(f"{prefix}.residual", f"connects stacked layers; needs {prefix}.num_layers >= 2")
-    if section.block and section.cell != "rglru":
-        raise ConfigError(f"{prefix}.block", f"is built for rglru (Hawk's block) only, not for {section.cell}")
+    if section.block and section.cell not in BLOCK_CELLS:
+        raise ConfigError(f"{prefix}.block", f"is built for {', '.join(BLOCK_CELLS)} (their papers' blocks), "
+                                             f"not for {section.cell}")
+    if section.block and section.cell == "mlstm" and getattr(section, "hidden_size", 0) % 2:
+        raise ConfigError(f"{prefix}.hidden_size", "the mLSTM block's q, k and v projections take blocks of 4 "
+                                                   "of twice hidden_size: hidden_size must be even")
     if section.chrono_init and section.cell not in CHRONO_CELLS:
         raise ConfigError(f"{prefix}.chrono_init", f"sets the gates of {' and '.join(CHRONO_CELLS)}, not of "
                                                    f"{section.cell}")

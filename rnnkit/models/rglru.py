@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rnnkit.models.blocks import CausalConv, _window_split
 from rnnkit.models.products import run_linear
 from rnnkit.models.scan import LinearCell, last_real, widen
 
@@ -80,25 +81,19 @@ class HawkBlock(nn.Module):
     The state is [y, h, the last three u], flat: the convolution's window rides with the
     recurrent state, so a step, a carried TBPTT state and a padded batch see it as any state."""
 
-    width = 4
-
     def __init__(self, input_size: int, hidden_size: int):
         super().__init__()
         self.hidden_size = hidden_size
-        self.state_size = (self.width + 1) * hidden_size     # y, h, and width - 1 inputs u
+        self.state_size = (CausalConv.width + 1) * hidden_size     # y, h, and the window's three inputs u
         self.gate = nn.Linear(input_size, hidden_size)
         self.inp = nn.Linear(input_size, hidden_size)
-        self.conv = nn.Conv1d(hidden_size, hidden_size, self.width, groups=hidden_size)
+        self.conv = CausalConv(hidden_size)
         self.rglru = RGLRUCell(hidden_size, hidden_size, project=False)
         self.out = nn.Linear(hidden_size, hidden_size)
 
     def _split(self, state: torch.Tensor):
-        h = self.hidden_size
-        return state[..., h:2 * h], state[..., 2 * h:].unflatten(-1, (self.width - 1, h))
-
-    def _convolve(self, window: torch.Tensor) -> torch.Tensor:
-        """(B, T + 3, H) inputs, the carried window first -> (B, T, H) convolution outputs."""
-        return self.conv(window.transpose(1, 2)).transpose(1, 2)
+        """state -> h (..., H), the window (..., 3, H)."""
+        return _window_split(state[..., self.hidden_size:], self.hidden_size)
 
     def run(self, x: torch.Tensor, state: torch.Tensor, held: torch.Tensor | None,
             reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,32 +103,27 @@ class HawkBlock(nn.Module):
         u = widen(run_linear(self.inp, x))
         if held is not None:      # padding reads as zeros (a reversed row's padding comes first)
             u = u.masked_fill(held, 0.0)
-        u = torch.cat([window, u], 1)
-        h, _ = self.rglru.run(self._convolve(u), h0, held, False)
+        conv, full = self.conv.run(u, window)
+        h, _ = self.rglru.run(conv, h0, held, False)
         y = run_linear(self.out, F.gelu(widen(run_linear(self.gate, x))) * h)
         batch, steps = x.size(0), x.size(1)
         last = last_real(held, steps, batch, x.device)
         rows = torch.arange(batch, device=x.device)
-        ends = last.unsqueeze(1) + torch.arange(1, self.width, device=x.device)     # u's last three, in the window
-        final = torch.cat([y[rows, last], h[rows, last], u[rows.unsqueeze(1), ends].flatten(1)], -1)
+        final = torch.cat([y[rows, last], h[rows, last], self.conv.ends(full, last).flatten(1)], -1)
         return flip(y), final
 
     def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h, window = self._split(state)
-        u = torch.cat([window, widen(self.inp(x)).unsqueeze(1)], 1)        # (N, 4, H)
-        c = (u * self.conv.weight[:, 0].t()).sum(1) + self.conv.bias
+        c, window = self.conv.step(widen(self.inp(x)), window)
         _, h = self.rglru.step(c, h)
         y = self.out(F.gelu(widen(self.gate(x))) * h)
-        return y, torch.cat([y, h, u[:, 1:].flatten(1)], -1)
+        return y, torch.cat([y, h, window.flatten(1)], -1)
 
     def sequential(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The block's equations one position at a time (the RG-LRU's own loop inside)."""
         h, window = self._split(state)
-        us, cs = list(window.unbind(1)), []
-        for t in range(x.size(1)):
-            us.append(self.inp(x[:, t]))
-            cs.append(sum(self.conv.weight[:, 0, j] * us[-self.width + j] for j in range(self.width))
-                      + self.conv.bias)
+        us = list(window.unbind(1)) + [self.inp(x[:, t]) for t in range(x.size(1))]
+        cs = [self.conv.sequential(us[:t + CausalConv.width]) for t in range(x.size(1))]
         hs, h = self.rglru.sequential(torch.stack(cs, 1), h)
         y = self.out(F.gelu(self.gate(x)) * hs)
-        return y, torch.cat([y[:, -1], h, torch.stack(us[-(self.width - 1):], 1).flatten(1)], -1)
+        return y, torch.cat([y[:, -1], h, torch.stack(us[-(CausalConv.width - 1):], 1).flatten(1)], -1)

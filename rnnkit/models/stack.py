@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from rnnkit.models.blocks import MLSTMBlock, SLSTMBlock
 from rnnkit.models.dropout import dropout, locked_dropout
 from rnnkit.models.mingated import MinGRUCell, MinLSTMCell
 from rnnkit.models.rglru import HawkBlock, RGLRUCell
@@ -35,7 +36,8 @@ STACK_CELLS: dict[str, type[nn.Module]] = {"mingru": MinGRUCell, "minlstm": MinL
                                            "slstm": SLSTMCell, "mlstm": MLSTMCell}
 HEADED_CELLS = ("slstm", "mlstm")     # cells whose state is split into heads
 CHRONO_CELLS = ("mingru", "minlstm")  # cells whose gates the chrono initialisation sets
-BLOCKS: dict[str, type[nn.Module]] = {"rglru": HawkBlock}     # the block a cell's paper puts around it
+# the block a cell's paper puts around it
+BLOCKS: dict[str, type[nn.Module]] = {"rglru": HawkBlock, "mlstm": MLSTMBlock, "slstm": SLSTMBlock}
 
 
 class CellStack(nn.Module):

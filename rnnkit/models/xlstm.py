@@ -73,15 +73,24 @@ class SLSTMCell(nn.Module):
     def _advance(self, pre: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         return _slstm_update(pre, state, self.rec, self.heads)
 
-    def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        new = self._advance(widen(self.inp(x)), state)
+    def _pre(self, x: torch.Tensor, gates_from: torch.Tensor | None) -> torch.Tensor:
+        """The input's pre-activations [i, f, z, o]; with ``gates_from`` (xLSTM's block: the
+        convolved input), i and f read it and z and o read ``x``."""
+        if gates_from is None:
+            return widen(run_linear(self.inp, x))
+        w, b, half = self.inp.weight, self.inp.bias, 2 * self.hidden_size
+        return widen(torch.cat([F.linear(gates_from, w[:half], b[:half]), F.linear(x, w[half:], b[half:])], -1))
+
+    def step(self, x: torch.Tensor, state: torch.Tensor,
+             gates_from: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        new = self._advance(self._pre(x, gates_from), state)
         return new[:, :self.hidden_size], new
 
     def run(self, x: torch.Tensor, state: torch.Tensor, held: torch.Tensor | None,
-            reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            reverse: bool, gates_from: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, input) -> outputs (B, T, H) and the final state; a padded position
         (``held`` (B, T, 1)) keeps the state as it was. Sequential: one position at a time."""
-        pre = widen(run_linear(self.inp, x))
+        pre = self._pre(x, gates_from)
         if torch.onnx.is_in_onnx_export():
             held = _held_or_none(held, pre)
             pre, held = (pre.flip(1), held.flip(1)) if reverse else (pre, held)
@@ -95,9 +104,11 @@ class SLSTMCell(nn.Module):
             out[t] = state[:, :self.hidden_size]
         return torch.stack(out, 1), state
 
-    def sequential(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def sequential(self, x: torch.Tensor, state: torch.Tensor,
+                   gates_from: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The paper's equations without the stabiliser (c and n themselves), one position at a
         time; m follows its own recursion only to express the final state as the others do."""
+        gates_from = x if gates_from is None else gates_from
         h, c, n, m = state.chunk(4, -1)
         c, n = c * torch.exp(m), n * torch.exp(m)
         w_i, w_f, w_z, w_o = self.inp.weight.chunk(4, 0)
@@ -105,9 +116,9 @@ class SLSTMCell(nn.Module):
         out = []
         for t in range(x.size(1)):
             r_i, r_f, r_z, r_o = self._recurrent(h).chunk(4, -1)
-            xt = x[:, t]
-            i_pre = xt @ w_i.t() + b_i + r_i
-            f = torch.sigmoid(xt @ w_f.t() + b_f + r_f)
+            xt, gt = x[:, t], gates_from[:, t]
+            i_pre = gt @ w_i.t() + b_i + r_i
+            f = torch.sigmoid(gt @ w_f.t() + b_f + r_f)
             c = f * c + torch.exp(i_pre) * torch.tanh(xt @ w_z.t() + b_z + r_z)
             n = f * n + torch.exp(i_pre)
             h = torch.sigmoid(xt @ w_o.t() + b_o + r_o) * c / n
@@ -168,6 +179,16 @@ def mlstm_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_i: to
     den = scores.sum(-1) + w_in * (q * norm_in.unsqueeze(-2)).sum(-1)
     h = num / torch.maximum(den.abs(), torch.exp(-m_t)).unsqueeze(-1)
     return h.reshape(batch, heads, chunks * size, d)[:, :, :steps], (memory, norm, m)
+
+
+def mlstm_positions_first(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i_pre: torch.Tensor,
+                          log_f: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor, m: torch.Tensor, chunk: int):
+    """:func:`mlstm_chunkwise` for (B, T, K, d) q, k, v and (B, T, K) gates -> h~ (B, T, K, d)
+    and the state after the last position."""
+    heads_first = lambda t: t.transpose(1, 2)      # noqa: E731   (B, T, K, ...) -> (B, K, T, ...)
+    h, state = mlstm_chunkwise(heads_first(q), heads_first(k), heads_first(v), heads_first(i_pre),
+                               heads_first(log_f), memory, norm, m, chunk)
+    return h.transpose(1, 2), state
 
 
 class MLSTMCell(nn.Module):
@@ -237,12 +258,9 @@ class MLSTMCell(nn.Module):
             held = flip(_held_or_none(held, o))
             h, state = _scripted("mlstm")(q, k, v, o, i_pre, log_f, held, state, self.heads, self.head_norm)
             return flip(h), state
-        memory, norm, m = self._unpack(state)
         batch, steps = x.size(0), x.size(1)
-        heads_first = lambda t: t.transpose(1, 2)      # noqa: E731   (B, T, K, ...) -> (B, K, T, ...)
-        h, (memory, norm, m) = mlstm_chunkwise(heads_first(q), heads_first(k), heads_first(v), heads_first(i_pre),
-                                              heads_first(log_f), memory, norm, m, self.chunk)
-        h = flip(o * head_norm(h.transpose(1, 2), self.head_norm))
+        h, (memory, norm, m) = mlstm_positions_first(q, k, v, i_pre, log_f, *self._unpack(state), self.chunk)
+        h = flip(o * head_norm(h, self.head_norm))
         last = last_real(None if held is None else flip(held), steps, batch, x.device)
         last = last if not reverse else steps - 1 - last
         h_end = h[torch.arange(batch, device=x.device), last]
@@ -251,27 +269,33 @@ class MLSTMCell(nn.Module):
     def sequential(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The paper's equations without the stabiliser, one position at a time (m follows its
         recursion only to express the final state as the other forms do)."""
-        w = self.proj.weight
-        b = self.proj.bias
-        hs, k_, d = self.hidden_size, self.heads, self.head_size
-        memory, norm, m = self._unpack(state)
-        memory, norm = memory * torch.exp(m)[..., None, None], norm * torch.exp(m)[..., None]
-        out, h = [], state[..., :hs]
-        for t in range(x.size(1)):
-            p = x[:, t] @ w.t() + b
-            q, key, v, o = (p[:, j * hs:(j + 1) * hs].view(-1, k_, d) for j in range(4))
-            key = key / math.sqrt(d)
-            i_pre, f_pre = p[:, 4 * hs:4 * hs + k_], p[:, 4 * hs + k_:]
-            i, f = torch.exp(i_pre), torch.sigmoid(f_pre)
-            memory = f[..., None, None] * memory + i[..., None, None] * key.unsqueeze(-1) * v.unsqueeze(-2)
-            norm = f[..., None] * norm + i[..., None] * key
-            num = (q.unsqueeze(-2) @ memory).squeeze(-2)
-            den = (q * norm).sum(-1).abs().clamp_min(1.0)
-            h = torch.sigmoid(o).flatten(-2) * head_norm(num / den[..., None], self.head_norm)
-            m = torch.maximum(torch.log(f) + m, i_pre)
-            out.append(h)
-        scale = torch.exp(-m)
-        return torch.stack(out, 1), self._pack(h, memory * scale[..., None, None], norm * scale[..., None], m)
+        hs, k, d = self.hidden_size, self.heads, self.head_size
+        p = x @ self.proj.weight.t() + self.proj.bias
+        q, key, v, o = (p[..., j * hs:(j + 1) * hs].unflatten(-1, (k, d)) for j in range(4))
+        out, memory, norm, m = mlstm_sequential(q, key / math.sqrt(d), v, torch.sigmoid(o).flatten(-2),
+                                                p[..., 4 * hs:4 * hs + k], p[..., 4 * hs + k:],
+                                                *self._unpack(state), self.head_norm)
+        return out, self._pack(out[:, -1], memory, norm, m)
+
+
+def mlstm_sequential(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o, i_pre: torch.Tensor, f_pre: torch.Tensor,
+                     memory: torch.Tensor, norm: torch.Tensor, m: torch.Tensor, weight: torch.Tensor):
+    """mLSTM's equations without the stabiliser, one position at a time: ``q``, ``k``
+    (scaled), ``v`` (B, T, K, d), ``o`` (B, T, H) (or 1), gate pre-activations (B, T, K), and
+    the stabilised state before the first position -> outputs (B, T, H) and the stabilised
+    state after the last (m follows its recursion only to express it as the other forms do)."""
+    memory, norm = memory * torch.exp(m)[..., None, None], norm * torch.exp(m)[..., None]
+    out = []
+    for t in range(q.size(1)):
+        i, f = torch.exp(i_pre[:, t]), torch.sigmoid(f_pre[:, t])
+        memory = f[..., None, None] * memory + i[..., None, None] * k[:, t].unsqueeze(-1) * v[:, t].unsqueeze(-2)
+        norm = f[..., None] * norm + i[..., None] * k[:, t]
+        num = (q[:, t].unsqueeze(-2) @ memory).squeeze(-2)
+        den = (q[:, t] * norm).sum(-1).abs().clamp_min(1.0)
+        out.append((o[:, t] if torch.is_tensor(o) else o) * head_norm(num / den[..., None], weight))
+        m = torch.maximum(torch.log(f) + m, i_pre[:, t])
+    scale = torch.exp(-m)
+    return torch.stack(out, 1), memory * scale[..., None, None], norm * scale[..., None], m
 
 
 def _slstm_recurrent(h: torch.Tensor, rec: torch.Tensor, heads: int) -> torch.Tensor:

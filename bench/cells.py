@@ -20,6 +20,7 @@ behind the same input projection as rnnkit's cell (4 heads).
 
     python bench/cells.py [--hidden 512 1024] [--lengths 64 256 1024 4096] [--precision fp32 bf16]
                           [--cells lstm gru mingru ...] [--repeats 2] [--plot PNG] [--json FILE]
+                          (--cells also takes hawk, mlstm_block, slstm_block: the cells in their blocks)
     python bench/cells.py --quick     (small sizes, in one process: checks that it runs)
 """
 from __future__ import annotations
@@ -37,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 OURS = ("mingru", "minlstm", "rglru", "slstm", "mlstm")
 BASELINES = ("lstm", "gru")
+BLOCKS = {"hawk": "rglru", "mlstm_block": "mlstm", "slstm_block": "slstm"}     # cells in their papers' blocks
 REFERENCES = {"mingru-pytorch": "minGRU_pytorch", "minlstm-pytorch": "minGRU_pytorch",
               "recurrentgemma": "recurrentgemma", "xlstm-mlstm": "xlstm", "xlstm-slstm": "xlstm"}
 GOALS = {"mingru": 5.0, "minlstm": 5.0, "mlstm": 2.0}     # tokens/s against the fused LSTM at length 1,024
@@ -59,6 +61,10 @@ def build(cell: str, hidden: int):
         from rnnkit.models.rnn import make_rnn
 
         return make_rnn(cell, hidden, hidden, 1)
+    if cell in BLOCKS:
+        from rnnkit.models.rnn import make_rnn
+
+        return make_rnn(BLOCKS[cell], hidden, hidden, 1, block=True)
     if cell == "mingru-pytorch":
         from minGRU_pytorch import minGRU
 

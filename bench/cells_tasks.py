@@ -20,6 +20,7 @@ is the same; a finished run in ``--out`` is reused.
                                        [--chrono 1000]
     python bench/cells_tasks.py copy [--minutes 15] [--length 100] [--cells ...]
     python bench/cells_tasks.py wikitext2 [--minutes 15] [--cells lstm mingru minlstm rglru]
+                                          (also gru, slstm, mlstm, mlstm_block, slstm_block)
 """
 from __future__ import annotations
 
@@ -48,6 +49,11 @@ WIKITEXT2 = {   # overrides of configs/lm_wikitext2.yaml per cell: about its 2.5
               "model.layer_norm=true", "model.weight_drop=0"],
     "mlstm": ["model.cell=mlstm", "model.hidden_size=464", "model.num_layers=3", "model.residual=true",
               "model.layer_norm=true", "model.weight_drop=0"],
+    # xLSTM's blocks (block: true) in the papers' pre-norm residual backbone
+    "mlstm_block": ["model.cell=mlstm", "model.block=true", "model.hidden_size=368", "model.num_layers=3",
+                    "model.residual=true", "model.layer_norm=true", "model.weight_drop=0"],
+    "slstm_block": ["model.cell=slstm", "model.block=true", "model.hidden_size=304", "model.num_layers=3",
+                    "model.residual=true", "model.layer_norm=true", "model.weight_drop=0"],
 }
 
 

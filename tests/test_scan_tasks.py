@@ -77,7 +77,8 @@ def _trained(tmp_path, task, cell, **model):
     return tmp_path / "run" / "last.pt"
 
 
-@pytest.mark.parametrize("cell", ["mingru", "minlstm", "rglru", "slstm", "mlstm", "hawk", "mlstm_block"])
+@pytest.mark.parametrize("cell", ["mingru", "minlstm", "rglru", "slstm", "mlstm", "hawk", "mlstm_block",
+                                  "slstm_block"])
 def test_language_model_fed_in_pieces_scores_as_the_whole_text(tmp_path, cell):
     """The step path (incremental feeding, generation) and the scan over a whole text give the
     same log-probabilities; greedy generation is the argmax chain of one pass over its output."""
@@ -102,7 +103,7 @@ def test_language_model_fed_in_pieces_scores_as_the_whole_text(tmp_path, cell):
     assert len(int8.generate("The", 20, seed=1)) > 0
 
 
-@pytest.mark.parametrize("cell", ["rglru", "mlstm"])
+@pytest.mark.parametrize("cell", ["rglru", "mlstm", "mlstm_block"])
 def test_beam_search_with_new_cells_decodes_each_sentence_as_alone(tmp_path, cell):
     """Beam rows are reordered by index (an mLSTM's whole memory with them): a sentence
     decoded in a batch of others and beams gives what it gives alone."""

@@ -78,7 +78,10 @@ class SLSTMCell(nn.Module):
         convolved input), i and f read it and z and o read ``x``."""
         if gates_from is None:
             return widen(run_linear(self.inp, x))
-        w, b, half = self.inp.weight, self.inp.bias, 2 * self.hidden_size
+        half = 2 * self.hidden_size
+        if not isinstance(self.inp.weight, torch.Tensor):     # an int8 layer: no weight to slice, both products
+            return widen(torch.cat([self.inp(gates_from)[..., :half], self.inp(x)[..., half:]], -1))
+        w, b = self.inp.weight, self.inp.bias
         return widen(torch.cat([F.linear(gates_from, w[:half], b[:half]), F.linear(x, w[half:], b[half:])], -1))
 
     def step(self, x: torch.Tensor, state: torch.Tensor,

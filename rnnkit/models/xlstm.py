@@ -144,12 +144,12 @@ def mlstm_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_i: to
     chunk with exp(F_t + m_in); each row is divided by its largest weight's exp (its m_t,
     the same number the step-by-step recursion reaches)."""
     batch, heads, steps, d = q.shape
-    size = min(chunk, steps)
-    pad = (-steps) % size
+    chunks = -(-steps // chunk)
+    size = -(-steps // chunks)          # chunks of equal size, at most ``chunk``: the least padding
+    pad = chunks * size - steps
     if pad:      # f = 1 and i = 0 past the end: the state passes unchanged
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
         log_i, log_f = F.pad(log_i, (0, pad), value=SHUT), F.pad(log_f, (0, pad))
-    chunks = (steps + pad) // size
     q, k, v = (t.reshape(batch, heads, chunks, size, d) for t in (q, k, v))
     log_i, log_f = log_i.reshape(batch, heads, chunks, size), log_f.reshape(batch, heads, chunks, size)
     decay = log_f.cumsum(-1)                               # F_t

@@ -20,7 +20,8 @@ is the same; a finished run in ``--out`` is reused.
                                        [--chrono 1000]
     python bench/cells_tasks.py copy [--minutes 15] [--length 100] [--cells ...]
     python bench/cells_tasks.py wikitext2 [--minutes 15] [--cells lstm mingru minlstm rglru]
-                                          (also gru, slstm, mlstm, mlstm_block, slstm_block)
+                                          (also gru, slstm, mlstm, mlstm_block, slstm_block,
+                                          mlstm_block_fresh: data.carry_state false)
 """
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ WIKITEXT2 = {   # overrides of configs/lm_wikitext2.yaml per cell: about its 2.5
     # xLSTM's blocks (block: true) in the papers' pre-norm residual backbone
     "mlstm_block": ["model.cell=mlstm", "model.block=true", "model.hidden_size=368", "model.num_layers=3",
                     "model.residual=true", "model.layer_norm=true", "model.weight_drop=0"],
+    "mlstm_block_fresh": ["model.cell=mlstm", "model.block=true", "model.hidden_size=368", "model.num_layers=3",
+                          "model.residual=true", "model.layer_norm=true", "model.weight_drop=0",
+                          "data.carry_state=false"],     # every training window from a zero state
     "slstm_block": ["model.cell=slstm", "model.block=true", "model.hidden_size=304", "model.num_layers=3",
                     "model.residual=true", "model.layer_norm=true", "model.weight_drop=0"],
 }

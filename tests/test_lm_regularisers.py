@@ -429,3 +429,19 @@ def test_taggers_and_classifiers_take_the_recurrent_regularisers(tmp_path):
     trainer.fit()
     with pytest.raises(ConfigError, match="model.weight_drop: applies to fused layers"):
         load_config(write_yaml(tmp_path / "e.yaml", {**cfg, "model": {"impl": "explicit", "weight_drop": 0.4}}))
+
+
+@pytest.mark.parametrize("carry", [True, False])
+def test_carry_state_false_starts_every_training_window_from_zero(tmp_path, carry):
+    """With ``data.carry_state: false`` a training window's loss is the model's loss on that
+    window from a zero state; carried (the default), it starts where the last window ended."""
+    cfg = tiny_lm_config(tmp_path, data={"carry_state": carry}, model={"cell": "mlstm", "cell_heads": 2})
+    task = prepare_trainer(load_config(write_yaml(tmp_path / "c.yaml", cfg))).task
+    task.model.eval()       # no dropout: the losses compare exactly
+    windows = task.train_batches(0)
+    with torch.no_grad():
+        task.train_step(windows[0], 0, 0)
+        second = task.train_step(windows[1], 1, 1).loss
+        x, y = task._window(task.train_stream, *windows[1])
+        alone = task.model.loss(task.model.features(x).output, y)
+    assert torch.allclose(second, alone) is (not carry)

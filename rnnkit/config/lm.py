@@ -33,6 +33,8 @@ class DataConfig:
     """Keep at most this many tokens, the most frequent; null: all."""
     bptt: int = num(64, 1)
     """Tokens per truncated-backpropagation window; the hidden state is carried across windows, detached."""
+    carry_state: bool = True
+    """Training: each window starts from the state the previous window of its stream ended in (detached: truncated BPTT). `false`: every window starts from a zero state, so the model learns only from `bptt` tokens of context, as evaluation from a zero state first sees it (for cells whose memory outlasts many windows, such as an mLSTM with forget gates near 1, which can otherwise lean on a state built over the whole training run). Evaluation always carries the state."""
     variable_bptt: bool = False
     """AWD-LSTM's windows: `bptt` tokens (or `bptt/2`, 5% of the time) varied by a normal draw (sd 5, at least 5); each step's learning rate scaled by its length / `bptt`."""
     reverse: bool = False

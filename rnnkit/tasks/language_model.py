@@ -116,8 +116,8 @@ class LanguageModelTask(LanguageModelText):
 
     def train_step(self, batch: tuple[int, ...], index: int, step: int) -> StepResult:
         start, length, lo, hi = batch if len(batch) == 4 else (*batch, 0, self.train_stream.shape[0])
-        if index == 0:
-            self.state = None   # a new pass over the stream starts from a zero state
+        if index == 0 or not self.cfg.data.carry_state:
+            self.state = None   # a new pass over the stream (or every window) starts from a zero state
         if self.state is not None and _rows(self.state) != hi - lo:   # all streams' state, from a checkpoint
             self.state = tuple(s[:, lo:hi] for s in self.state) if isinstance(self.state, tuple) \
                 else self.state[:, lo:hi]

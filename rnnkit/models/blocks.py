@@ -109,13 +109,15 @@ def _flipper(reverse: bool):
     return (lambda t: t.flip(1)) if reverse else (lambda t: t)
 
 
-def _final(y: torch.Tensor, memory: torch.Tensor, conv: CausalConv, full: torch.Tensor,
-           held: torch.Tensor | None) -> torch.Tensor:
-    """[y, the cell's memory, the window] at each row's last real position."""
-    batch, steps = y.size(0), y.size(1)
-    last = last_real(held, steps, batch, y.device)
-    rows = torch.arange(batch, device=y.device)
-    return torch.cat([y[rows, last], memory, conv.ends(full, last).flatten(1)], -1)
+def _final(held: torch.Tensor | None, conv: CausalConv, full: torch.Tensor, *per_position: torch.Tensor,
+           carried: torch.Tensor | None = None) -> torch.Tensor:
+    """A block's final state at each row's last real position: the ``per_position`` tensors
+    (B, T, .) there, then the ``carried`` memory (B, .) if any, then the convolution's window."""
+    batch, steps = full.size(0), full.size(1) - (CausalConv.width - 1)
+    last = last_real(held, steps, batch, full.device)
+    rows = torch.arange(batch, device=full.device)
+    parts = [t[rows, last] for t in per_position] + ([] if carried is None else [carried])
+    return torch.cat([*parts, conv.ends(full, last).flatten(1)], -1)
 
 
 class MLSTMBlock(nn.Module):
@@ -150,6 +152,10 @@ class MLSTMBlock(nn.Module):
         memory, norm, m = rest.split([k * d * d, e, k], -1)
         return memory.unflatten(-1, (k, d, d)), norm.unflatten(-1, (k, d)), m, window
 
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(..., E) -> (..., K, d)."""
+        return t.unflatten(-1, (self.heads, self.head_size))
+
     def _inputs(self, x: torch.Tensor):
         """(..., input) -> x_m and z (..., E) from the up-projection."""
         return widen(run_linear(self.up, x)).chunk(2, -1)
@@ -180,13 +186,12 @@ class MLSTMBlock(nn.Module):
         if torch.onnx.is_in_onnx_export():
             read, memory = self._graph(q, k, v, i_pre, log_f, held, memory, norm, m)
         else:
-            split = (lambda t: t.unflatten(-1, (self.heads, self.head_size)))     # noqa: E731
-            read, (memory, norm, m) = mlstm_positions_first(split(q), split(k), split(v), i_pre, log_f,
-                                                            memory, norm, m, self.chunk)
+            q, k, v = (self._heads(t) for t in (q, k, v))
+            read, (memory, norm, m) = mlstm_positions_first(q, k, v, i_pre, log_f, memory, norm, m, self.chunk)
             read = head_norm(read, self.head_norm)
             memory = torch.cat([memory.flatten(1), norm.flatten(1), m], -1)
         y = self._out(read, c, z)
-        return flip(y), _final(y, memory, self.conv, full, held)
+        return flip(y), _final(held, self.conv, full, y, carried=memory)
 
     def _graph(self, q, k, v, i_pre, log_f, held, memory, norm, m):
         """The read-out inside an exported graph: the mLSTM's scripted loop, with an output
@@ -202,9 +207,8 @@ class MLSTMBlock(nn.Module):
         conv, window = self.conv.step(xm, window)
         c = F.silu(conv)
         q, k, v, i_pre, log_f = self._qkv(c, xm)
-        split = (lambda t: t.unflatten(-1, (self.heads, self.head_size)))     # noqa: E731
-        read, memory, norm, m = _mlstm_step(split(q), split(k), split(v), 1.0, i_pre, log_f, memory, norm, m,
-                                            self.head_norm)
+        q, k, v = (self._heads(t) for t in (q, k, v))
+        read, memory, norm, m = _mlstm_step(q, k, v, 1.0, i_pre, log_f, memory, norm, m, self.head_norm)
         y = self._out(read, c, z)
         return y, torch.cat([y, memory.flatten(1), norm.flatten(1), m, window.flatten(1)], -1)
 
@@ -219,8 +223,8 @@ class MLSTMBlock(nn.Module):
                          for t in range(x.size(1))], 1)
         q, k, v = c @ self.q.dense().t(), c @ self.k.dense().t(), xm @ self.v.dense().t()
         gates = torch.cat([q, k, v], -1) @ self.gates.weight.t() + self.gates.bias
-        split = (lambda t: t.unflatten(-1, (self.heads, self.head_size)))     # noqa: E731
-        read, memory, norm, m = mlstm_sequential(split(q), split(k) / math.sqrt(self.head_size), split(v), 1.0,
+        q, k, v = self._heads(q), self._heads(k) / math.sqrt(self.head_size), self._heads(v)
+        read, memory, norm, m = mlstm_sequential(q, k, v, 1.0,
                                                  gates[..., :self.heads], gates[..., self.heads:],
                                                  memory, norm, m, self.head_norm)
         y = ((read + self.skip * c) * F.silu(z)) @ self.down.weight.t() + self.down.bias
@@ -266,7 +270,7 @@ class SLSTMBlock(nn.Module):
         conv, full = self.conv.run(u, window)
         h, cell = self.slstm.run(u, cell, held, False, gates_from=F.silu(widen(conv)))
         y = self._out(h)
-        return flip(y), _final(y, cell, self.conv, full, held)
+        return flip(y), _final(held, self.conv, full, y, carried=cell)
 
     def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cell, window = self._split(state)

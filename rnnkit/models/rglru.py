@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rnnkit.models.blocks import CausalConv, _window_split
+from rnnkit.models.blocks import CausalConv, _final, _flipper, _window_split
 from rnnkit.models.products import run_linear
-from rnnkit.models.scan import LinearCell, last_real, widen
+from rnnkit.models.scan import LinearCell, widen
 
 C = 8.0
 
@@ -97,7 +97,7 @@ class HawkBlock(nn.Module):
 
     def run(self, x: torch.Tensor, state: torch.Tensor, held: torch.Tensor | None,
             reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        flip = (lambda t: t.flip(1)) if reverse else (lambda t: t)     # noqa: E731
+        flip = _flipper(reverse)
         x, held = flip(x), None if held is None else flip(held)
         h0, window = self._split(state)
         u = widen(run_linear(self.inp, x))
@@ -106,11 +106,7 @@ class HawkBlock(nn.Module):
         conv, full = self.conv.run(u, window)
         h, _ = self.rglru.run(conv, h0, held, False)
         y = run_linear(self.out, F.gelu(widen(run_linear(self.gate, x))) * h)
-        batch, steps = x.size(0), x.size(1)
-        last = last_real(held, steps, batch, x.device)
-        rows = torch.arange(batch, device=x.device)
-        final = torch.cat([y[rows, last], h[rows, last], self.conv.ends(full, last).flatten(1)], -1)
-        return flip(y), final
+        return flip(y), _final(held, self.conv, full, y, h)
 
     def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h, window = self._split(state)

@@ -27,6 +27,8 @@ BAD = [
     ({"train": {"lr_schedule": "cosine", "warmup_steps": 50, "max_steps": 20}}, [], "train.warmup_steps",
      "must be below train.max_steps"),
     ({"data": {"train": "x.txt"}}, [], "data.train", "not both"),
+    ({"train": {"lr_schedule": "cosine", "decay_by": "budget"}}, [], "train.decay_by", "needs train.max_time"),
+    ({"train": {"decay_by": "budget", "max_time": 60}}, [], "train.decay_by", "lr_schedule is 'constant'"),
 ]
 
 

@@ -177,3 +177,14 @@ def test_early_stopping_ends_a_run_without_improvement(tmp_path):
     evals = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
              if json.loads(x)["kind"] == "eval"]
     assert evals == [5, 10, 15]
+
+
+def test_budget_decay_reaches_the_floor_when_time_runs_out(tmp_path):
+    """decay_by: budget takes the trainer's clock: a run stopped by max_time long before
+    max_steps ends its cosine near zero; by steps it would still be near its peak."""
+    run = _train(tmp_path, "budget", train={"max_steps": 100_000, "max_time": 1.5, "log_every": 1,
+                                            "eval_every": 100_000, "lr_schedule": "cosine", "decay_by": "budget"})
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if r["kind"] == "train"]
+    assert len(lrs) > 20 and lrs[0] > 0.009 and lrs[-1] < 0.0005
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))

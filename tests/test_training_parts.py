@@ -71,6 +71,22 @@ def test_lr_schedules():
     cos = lrs(lr_schedule="cosine", min_lr=0.1)
     assert cos[0] == 1.0 and cos[50] == pytest.approx(0.55) and cos[-1] == pytest.approx(0.1, abs=1e-3)
     assert all(a >= b for a, b in zip(cos, cos[1:]))
+    tri = lrs(lr_schedule="slanted_triangular", warmup_steps=10)
+    assert tri[9] == 1.0 and tri[-1] == pytest.approx(1 / 32, abs=0.011)
+
+
+def test_budget_decay_ends_at_the_time_limit():
+    """Under decay_by: budget the decay ends at max_time when that comes before max_steps;
+    by steps it ignores the clock."""
+    kw = dict(lr=1.0, min_lr=0.0, max_steps=1000, max_time=100.0, warmup_steps=10)
+    by_steps = LRSchedule(TrainConfig(lr_schedule="cosine", **kw))
+    budget = LRSchedule(TrainConfig(lr_schedule="cosine", decay_by="budget", **kw))
+    assert by_steps.lr(200, elapsed=99.0) == by_steps.lr(200) > 0.9
+    assert budget.lr(200, elapsed=50.0) == pytest.approx(0.5)          # half the time: half of cosine
+    assert budget.lr(200, elapsed=100.0) == pytest.approx(0.0, abs=1e-12)
+    assert budget.lr(990, elapsed=1.0) == by_steps.lr(990)            # steps further along: steps rule
+    tri = LRSchedule(TrainConfig(lr_schedule="slanted_triangular", decay_by="budget", **kw))
+    assert tri.lr(50, elapsed=100.0) == pytest.approx(1 / 32) and tri.lr(5, elapsed=100.0) < 1.0
 
 
 def test_plateau_decays_after_patience_and_resumes():

@@ -181,6 +181,8 @@ class TrainConfig:
     """`plateau`: evaluations without improvement before a decay."""
     min_lr: float = num(0.0, 0)
     """The floor of `cosine` and `plateau`."""
+    decay_by: Literal["steps", "budget"] = "steps"
+    """What ends the decay of `cosine` and `slanted_triangular`: `steps` (at `max_steps`, the same rates on every machine) or `budget` (at whichever of `max_steps` and `max_time` comes first, so a run cut short by `max_time` still ends at the lowest rate; the rate then follows the clock, and a run is not repeatable step for step)."""
     clip_grad_norm: Optional[float] = num(5.0, 0, lo_open=True)
     """Clip the global gradient norm to this (logged as `grad_norm`); null turns clipping off."""
     log_every: int = num(50, 1)

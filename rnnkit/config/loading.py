@@ -225,6 +225,11 @@ def _check(cfg: Config, with_task: bool = True) -> None:
         raise ConfigError("train.betas", f"expected two numbers in [0, 1), got {t.betas!r}")
     if t.lr_schedule in ("cosine", "slanted_triangular") and t.warmup_steps >= t.max_steps:
         raise ConfigError("train.warmup_steps", f"{t.warmup_steps} must be below train.max_steps ({t.max_steps})")
+    if t.decay_by == "budget" and t.lr_schedule not in ("cosine", "slanted_triangular"):
+        raise ConfigError("train.decay_by", f"'budget' ends the decay of cosine and slanted_triangular; "
+                                            f"lr_schedule is {t.lr_schedule!r}")
+    if t.decay_by == "budget" and t.max_time is None:
+        raise ConfigError("train.decay_by", "'budget' needs train.max_time (the decay ends at it or at max_steps)")
     if t.ema_decay is not None and t.optimizer == "nt_asgd":
         raise ConfigError("train.ema_decay", "nt_asgd averages the weights already; use one or the other")
     if (t.ar or t.tar) and not task_schema(cfg.task).activation_regularisation:

@@ -21,17 +21,28 @@ class LRSchedule:
         self.best: float | None = None
         self.bad = 0
 
-    def lr(self, step: int) -> float:
+    def _decayed(self, step: int, start: int, elapsed: float) -> float:
+        """The fraction of the decay done: by steps after ``start``, or under ``decay_by: budget``
+        by whichever of steps and training seconds is further along."""
+        c = self.cfg
+        done = max(0, step - start) / max(1, c.max_steps - start)
+        if c.decay_by == "budget" and c.max_time:
+            done = max(done, elapsed / c.max_time)
+        return min(1.0, done)
+
+    def lr(self, step: int, elapsed: float = 0.0) -> float:
+        """The rate for ``step``; ``elapsed`` (training seconds so far) counts only under
+        ``decay_by: budget``."""
         c = self.cfg
         if c.lr_schedule == "slanted_triangular":
             cut = c.warmup_steps or max(1, c.max_steps // 10)
-            rise = (step + 1) / cut if step < cut else max(0.0, 1 - (step + 1 - cut) / max(1, c.max_steps - cut))
+            rise = (step + 1) / cut if step < cut else 1 - self._decayed(step + 1, cut, elapsed)
             return c.lr * (1 + 31 * rise) / 32
         warm = (step + 1) / c.warmup_steps if step < c.warmup_steps else 1.0
         if c.lr_schedule == "step":
             rate = c.lr * c.lr_gamma ** (step // c.lr_step_size)
         elif c.lr_schedule == "cosine":
-            progress = min(1.0, max(0, step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps))
+            progress = self._decayed(step, c.warmup_steps, elapsed)
             rate = c.min_lr + (c.lr - c.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
         else:
             rate = c.lr * self.scale

@@ -254,7 +254,7 @@ class Trainer:
         """One optimisation step: forward (under autocast), backward, clip, update. A non-finite
         loss or gradient skips the update (fp16's loss scaler handles its own overflows)."""
         t, p = self.cfg.train, self.progress
-        lr = self.schedule.lr(p.step)
+        lr = self.schedule.lr(p.step, p.elapsed)
         if t.unfreeze_every:
             params = self._unfreeze(p.step // t.unfreeze_every)
         self.optimizer.zero_grad(set_to_none=True)

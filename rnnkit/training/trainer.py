@@ -165,6 +165,7 @@ class Trainer:
         """
         t, p = self.cfg.train, self.progress
         p.eval_due = False
+        self.optimizer.zero_grad(set_to_none=True)   # the next step makes its own: the evaluation reuses their memory
         self.task.model.eval()
         with torch.no_grad(), (self.averager.swapped_in() if self.averager else contextlib.nullcontext()):
             results = {f"valid_{k}": float(v) for k, v in self.task.evaluate().items()}

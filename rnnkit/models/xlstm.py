@@ -155,7 +155,7 @@ class SLSTMRun(torch.autograd.Function):
         heads, steps, hidden = ctx.heads, gates.size(0), gates.size(2) // 4
         order = list(range(steps - 1, -1, -1) if ctx.reverse else range(steps))
         d_state = torch.zeros_like(states[0]) if d_final is None else d_final.to(states.dtype).clone()
-        d_pre = torch.zeros(states.size(1), steps, 4 * hidden, dtype=states.dtype, device=states.device)
+        d_pre = states.new_empty(states.size(1), steps, 4 * hidden)      # every position written below
         d_out = None if d_out is None else d_out.to(states.dtype)
         d = hidden // heads
         for k in range(steps - 1, -1, -1):
@@ -304,15 +304,27 @@ class MLSTMCell(nn.Module):
         return torch.cat([h, memory.flatten(-3), norm.flatten(-2), m], -1)
 
     def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not (torch.is_grad_enabled() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()):
+            return self._inference_step(x, state)
+        # training through the step form (an input-feeding decoder), or a graph being written
         q, k, v, o, i_pre, log_f = self._parts(x)
-        if torch.is_grad_enabled() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
-            # training through the step form (an input-feeding decoder), or a graph being written
-            h, memory, norm, m = _mlstm_step(q, k, v, o, i_pre, log_f, *self._unpack(state), self.head_norm)
-            return h, self._pack(h, memory, norm, m)
-        new = torch.empty_like(state)       # inference writes the new state's parts in place
-        parts = self._views(new)
-        _mlstm_step_into(q, k, v, o, i_pre, log_f, *self._unpack(state), self.head_norm, *parts)
-        return parts[0], new
+        h, memory, norm, m = _mlstm_step(q, k, v, o, i_pre, log_f, *self._unpack(state), self.head_norm)
+        return h, self._pack(h, memory, norm, m)
+
+    def _inference_step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`step` without gradients in about half the operations: at batch 1 a step is
+        the projection plus per-operation overhead, so each view and each pass counts."""
+        p = widen(run_linear(self.proj, x))
+        n, hidden, heads, d = p.size(0), self.hidden_size, self.heads, self.head_size
+        q, k, v = p[:, :3 * hidden].view(n, 3, heads, d).unbind(1)
+        new = torch.empty_like(state)
+        sizes = [hidden, heads * d * d, hidden, heads]
+        _, memory, norm, m = state.split(sizes, 1)
+        h_out, memory_out, norm_out, m_out = new.split(sizes, 1)
+        _mlstm_step_into(q, k, v, p[:, 3 * hidden:4 * hidden], p[:, 4 * hidden:4 * hidden + heads],
+                         p[:, 4 * hidden + heads:], memory.view(n, heads, d, d), norm.view(n, heads, d), m,
+                         self.head_norm, h_out, memory_out.view(n, heads, d, d), norm_out.view(n, heads, d), m_out)
+        return h_out, new
 
     def run(self, x: torch.Tensor, state: torch.Tensor, held: torch.Tensor | None,
             reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -411,24 +423,26 @@ def _mlstm_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tens
     return o * _rms_normalised(read, 2).flatten(1) * weight, memory, norm, m_new
 
 
-def _mlstm_step_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, i_pre: torch.Tensor,
-                     log_f: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor, m: torch.Tensor,
+def _mlstm_step_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_pre: torch.Tensor, i_pre: torch.Tensor,
+                     f_pre: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor, m: torch.Tensor,
                      weight: torch.Tensor, h_out: torch.Tensor, memory_out: torch.Tensor, norm_out: torch.Tensor,
                      m_out: torch.Tensor) -> None:
-    """:func:`_mlstm_step` at inference, written into the new state's parts (``*_out``) in
-    about half its operations: a step at batch 1 is all per-operation overhead besides the
-    projection. Not differentiable (``out=``)."""
-    carried = log_f + m
+    """:func:`_mlstm_step` at inference from the projection's parts (q, k unscaled, v (N, K, d);
+    the pre-activations of o (N, H), i and f (N, K)), written into the new state's parts
+    (``*_out``). Not differentiable (``out=``)."""
+    d = q.size(2)
+    carried = F.logsigmoid(f_pre).add_(m)
     torch.maximum(carried, i_pre, out=m_out)
-    keep, add = carried.sub_(m_out).exp_(), torch.sub(i_pre, m_out).exp_()
-    added = k * add.unsqueeze(2)                                                    # (N, K, d)
-    torch.mul(memory, keep.unsqueeze(2).unsqueeze(3), out=memory_out).addcmul_(added.unsqueeze(3), v.unsqueeze(2))
-    torch.addcmul(added, norm, keep.unsqueeze(2), out=norm_out)
-    num = torch.matmul(q.unsqueeze(2), memory_out)[:, :, 0]
+    keep, add = carried.sub_(m_out).exp_(), torch.sub(i_pre, m_out).exp_().mul_(1 / math.sqrt(d))
+    keep = keep.unsqueeze(2)
+    added = k * add.unsqueeze(2)                                                    # (N, K, d): i k / sqrt(d)
+    torch.mul(memory, keep.unsqueeze(3), out=memory_out).addcmul_(added.unsqueeze(3), v.unsqueeze(2))
+    torch.addcmul(added, norm, keep, out=norm_out)
+    num = torch.matmul(q.unsqueeze(2), memory_out).squeeze(2)
     den = torch.maximum(torch.linalg.vecdot(q, norm_out).abs_(), m_out.neg().exp_())
     read = num.div_(den.unsqueeze(2))
     read = read.mul_(read.square().mean(2, keepdim=True).add_(1e-6).rsqrt_())
-    torch.mul(read.flatten(1), weight, out=h_out).mul_(o)
+    torch.mul(read.flatten(1), weight, out=h_out).mul_(torch.sigmoid(o_pre))
 
 
 def head_norm(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

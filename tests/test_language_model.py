@@ -188,3 +188,13 @@ def test_budget_decay_reaches_the_floor_when_time_runs_out(tmp_path):
     lrs = [r["lr"] for r in records if r["kind"] == "train"]
     assert len(lrs) > 20 and lrs[0] > 0.009 and lrs[-1] < 0.0005
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_evaluation_runs_without_the_last_steps_gradients(tmp_path):
+    """The gradients of the step before an evaluation are dropped first, so the evaluation's
+    tensors reuse their memory (the next step makes its own)."""
+    cfg = load_config(write_yaml(tmp_path / "g.yaml", tiny_lm_config(tmp_path, train={"max_steps": 4,
+                                                                                      "eval_every": 4})))
+    trainer = prepare_trainer(cfg)
+    trainer.fit()
+    assert all(p.grad is None for p in trainer.task.model.parameters())

@@ -165,7 +165,11 @@ class Trainer:
         """
         t, p = self.cfg.train, self.progress
         p.eval_due = False
-        self.optimizer.zero_grad(set_to_none=True)   # the next step makes its own: the evaluation reuses their memory
+        # the last step's gradients go (the next step makes its own) and the heap's free pages back
+        # to the system: the evaluation's other shapes then grow the process from what is live,
+        # not from a heap full of holes that its tensors do not fit
+        self.optimizer.zero_grad(set_to_none=True)
+        release_freed_memory()
         self.task.model.eval()
         with torch.no_grad(), (self.averager.swapped_in() if self.averager else contextlib.nullcontext()):
             results = {f"valid_{k}": float(v) for k, v in self.task.evaluate().items()}

@@ -41,6 +41,7 @@ from torch import nn
 
 from rnnkit.models.products import run_linear
 from rnnkit.models.scan import last_real, widen
+from rnnkit.models.slstm_loop import SLSTMRun, _slstm_recurrent, _slstm_update
 
 SHUT = -1e30     # an input gate's log on padding: exp of it is 0, the state passes unchanged
 
@@ -122,79 +123,6 @@ class SLSTMCell(nn.Module):
             m = torch.maximum(torch.log(f) + m, i_pre)
             out.append(h)
         return torch.stack(out, 1), torch.cat([h, c * torch.exp(-m), n * torch.exp(-m), m], -1)
-
-
-class SLSTMRun(torch.autograd.Function):
-    """sLSTM over a sequence with its backward written out: (pre (B, T, 4H), state (B, 4H),
-    rec, held (B, T, 1) or None) -> outputs (B, T, H), final state. Autograd through the
-    loop keeps a dozen tensors per position and runs one node per operation; this keeps each
-    position's state and gate pre-activations (8H numbers), computes the gates' values again
-    from them going back, and takes the recurrent weights' gradient in one product for the
-    whole sequence. The gradients are those of :func:`_slstm_update` to rounding (max's ties
-    split as torch's)."""
-
-    @staticmethod
-    def forward(ctx, pre, state, rec, held, heads: int, reverse: bool):
-        steps, hidden = pre.size(1), pre.size(2) // 4
-        states = state.new_empty(steps + 1, *state.shape)       # states[k]: after k steps of the run
-        gates = state.new_empty(steps, *state.shape)            # gates[k]: step k's pre-activations
-        states[0] = state
-        order = range(steps - 1, -1, -1) if reverse else range(steps)
-        for k, t in enumerate(order):
-            torch.add(pre[:, t], _slstm_recurrent(states[k, :, :hidden], rec, heads), out=gates[k])
-            new = _slstm_gated(gates[k], states[k])
-            states[k + 1] = new if held is None else torch.where(held[:, t], states[k], new)
-        ctx.save_for_backward(states, gates, rec, held)
-        ctx.heads, ctx.reverse, ctx.pre_dtype = heads, reverse, pre.dtype
-        out = states[1:, :, :hidden].transpose(0, 1)
-        return (out.flip(1) if reverse else out).contiguous(), states[-1].clone()
-
-    @staticmethod
-    def backward(ctx, d_out, d_final):
-        states, gates, rec, held = ctx.saved_tensors
-        heads, steps, hidden = ctx.heads, gates.size(0), gates.size(2) // 4
-        order = list(range(steps - 1, -1, -1) if ctx.reverse else range(steps))
-        d_state = torch.zeros_like(states[0]) if d_final is None else d_final.to(states.dtype).clone()
-        d_pre = states.new_empty(states.size(1), steps, 4 * hidden)      # every position written below
-        d_out = None if d_out is None else d_out.to(states.dtype)
-        d = hidden // heads
-        for k in range(steps - 1, -1, -1):
-            t, prev, g = order[k], states[k], gates[k]
-            if d_out is not None:
-                d_state[:, :hidden] += d_out[:, t]
-            h, c, n, m = prev.split(hidden, 1)
-            i_raw, f_raw, z_raw, o_raw = g.split(hidden, 1)
-            log_f = F.logsigmoid(f_raw)
-            carried = log_f + m
-            m_new = torch.maximum(carried, i_raw)
-            ip, fp = torch.exp(i_raw - m_new), torch.exp(carried - m_new)
-            z, o = torch.tanh(z_raw), torch.sigmoid(o_raw)
-            c_new, n_new = fp * c + ip * z, fp * n + ip
-            dh, dc, dn, dm = d_state.split(hidden, 1)
-            ratio = c_new / n_new
-            dc = dc + dh * o / n_new
-            dn = dn - dh * o * ratio / n_new
-            a = (dc * c + dn * n) * fp             # d/d(log f + m - m_new) through f's factor
-            b = (dc * z + dn) * ip                 # d/d(i~ - m_new) through i's factor
-            dm_new = dm - a - b
-            first = (carried > i_raw).to(g.dtype) + 0.5 * (carried == i_raw).to(g.dtype)
-            d_carried = a + dm_new * first
-            dg = torch.cat([b + dm_new * (1 - first), d_carried * torch.sigmoid(-f_raw),
-                            dc * ip * (1 - z * z), dh * ratio * o * (1 - o)], 1)
-            dr = dg.reshape(-1, 4, heads, d).permute(2, 0, 1, 3).reshape(heads, -1, 4 * d)       # (K, B, 4d)
-            dh_prev = torch.bmm(dr, rec.to(dr.dtype)).transpose(0, 1).reshape(-1, hidden)
-            d_prev = torch.cat([dh_prev, dc * fp, dn * fp, d_carried], 1)
-            if held is not None:                   # a held position passed its state through
-                d_prev = torch.where(held[:, t], d_state, d_prev)
-                dg = dg.masked_fill(held[:, t], 0.0)
-            d_pre[:, t] = dg
-            d_state = d_prev
-        # the recurrent weights' gradient, every position at once: sum_t dg_t^T h_(t-1), head by head
-        ordered = d_pre.flip(1) if ctx.reverse else d_pre               # position k of the run
-        dr = ordered.reshape(-1, steps, 4, heads, d).permute(3, 2, 4, 0, 1).reshape(heads, 4 * d, -1)
-        h_prev = states[:-1, :, :hidden].reshape(steps, -1, heads, d).permute(2, 1, 0, 3).reshape(heads, -1, d)
-        d_rec = torch.bmm(dr, h_prev)
-        return d_pre.to(ctx.pre_dtype), d_state, d_rec.to(rec.dtype), None, None, None
 
 
 # --------------------------------------------------------------------------- mLSTM
@@ -378,34 +306,6 @@ def mlstm_sequential(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o, i_pre
         m = torch.maximum(torch.log(f) + m, i_pre[:, t])
     scale = torch.exp(-m)
     return torch.stack(out, 1), memory * scale[..., None, None], norm * scale[..., None], m
-
-
-def _slstm_recurrent(h: torch.Tensor, rec: torch.Tensor, heads: int) -> torch.Tensor:
-    """R h for (N, H) -> (N, 4H) in the gates' order, each gate's units head by head."""
-    d = h.size(1) // heads
-    r = torch.bmm(h.reshape(-1, heads, d).transpose(0, 1), rec.transpose(1, 2))      # (K, N, 4d)
-    return r.reshape(heads, -1, 4, d).permute(1, 2, 0, 3).reshape(-1, 4 * heads * d)
-
-
-def _slstm_update(pre: torch.Tensor, state: torch.Tensor, rec: torch.Tensor, heads: int) -> torch.Tensor:
-    """The stabilised update from the input's pre-activations ``pre`` (N, 4H) and the state
-    [h, c, n, m] (N, 4H). Slices, positive axes and no batch size read from a shape: it also
-    runs inside an exported graph's loop."""
-    hidden = pre.size(1) // 4
-    return _slstm_gated(pre + _slstm_recurrent(state[:, :hidden], rec, heads), state)
-
-
-def _slstm_gated(g: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-    """:func:`_slstm_update` from the gates' whole pre-activations ``g`` (N, 4H), the
-    recurrent part included."""
-    hidden = g.size(1) // 4
-    c, n, m = state[:, hidden:2 * hidden], state[:, 2 * hidden:3 * hidden], state[:, 3 * hidden:]
-    i, f, z, o = g[:, :hidden], g[:, hidden:2 * hidden], g[:, 2 * hidden:3 * hidden], g[:, 3 * hidden:]
-    log_f = F.logsigmoid(f)
-    m_new = torch.maximum(log_f + m, i)
-    i, f = torch.exp(i - m_new), torch.exp(log_f + m - m_new)
-    c, n = f * c + i * torch.tanh(z), f * n + i
-    return torch.cat([torch.sigmoid(o) * c / n, c, n, m_new], 1)
 
 
 def _mlstm_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, i_pre: torch.Tensor,

@@ -61,6 +61,7 @@ class SLSTMRun(torch.autograd.Function):
         return (out.flip(1) if reverse else out).contiguous(), states[-1].clone()
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_final):
         states, gates, rec, held = ctx.saved_tensors
         heads, steps, hidden = ctx.heads, gates.size(0), gates.size(2) // 4

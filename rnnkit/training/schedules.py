@@ -11,8 +11,9 @@ class LRSchedule:
     ``slanted_triangular`` (Howard and Ruder): from lr/32 up to lr over ``warmup_steps`` (default:
     the first 10% of ``max_steps``), then linearly down to lr/32 at ``max_steps``.
 
-    The rate at a step depends only on the step and the plateau scale, so resuming
-    needs no more state than :meth:`state_dict` returns.
+    The rate at a step depends only on the step, the plateau scale and (``decay_by: budget``)
+    the training seconds so far, which a checkpoint's progress keeps: resuming needs no more
+    state than :meth:`state_dict` returns.
     """
 
     def __init__(self, cfg: TrainConfig):

@@ -148,7 +148,7 @@ _KEEPING = False
 
 # How often (training steps) the memory kept by keep_freed_memory is handed back. bf16 training
 # of the shared translation model, 1,000 steps: every 50 steps peaked at 1.33-1.42 GB over
-# three runs, every 25 at 1.20 GB for 1-4% of its tokens/s, every 10 at 1.26 GB for 10%.
+# three runs, every 25 at 1.20-1.36 GB in two for 1-5% of its tokens/s, every 10 at 1.26 GB for 10%.
 RELEASE_EVERY = 25
 
 

@@ -74,7 +74,7 @@ class SLSTMRun(torch.autograd.Function):
             t, prev, g = order[k], states[k], gates[k]
             if d_out is not None:
                 d_state[:, :hidden] += d_out[:, t]
-            h, c, n, m = prev.split(hidden, 1)
+            _, c, n, m = prev.split(hidden, 1)
             i_raw, f_raw, z_raw, o_raw = g.split(hidden, 1)
             log_f = F.logsigmoid(f_raw)
             carried = log_f + m

@@ -210,10 +210,13 @@ def test_keys_a_scan_cell_does_not_take_are_one_line_errors(tmp_path):
 @pytest.mark.parametrize("chunk", [1, 3, 4, 64])
 def test_mlstm_chunkwise_form_is_the_same_for_any_chunk_size(chunk, monkeypatch):
     """Chunks of 1, 3 (not dividing the length), 4 and one chunk for all: the memory carried
-    between chunks gives the papers' equations, values and gradients, with padding."""
+    between chunks gives the papers' equations, values and gradients, with padding; the
+    backward pass going back through the chunks 2 at a time."""
+    from rnnkit.models.mlstm_chunks import MLSTMChunks
     from rnnkit.models.xlstm import MLSTMCell
 
     monkeypatch.setattr(MLSTMCell, "chunk", chunk)
+    monkeypatch.setattr(MLSTMChunks, "GROUP", 2)
     torch.manual_seed(6)
     rnn = make_rnn("mlstm", 5, 8, 1, 0.0, heads=HEADS).double()
     x = torch.randn(2, 13, 5, dtype=torch.float64, requires_grad=True)

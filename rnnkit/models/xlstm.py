@@ -22,8 +22,8 @@ mLSTM, per head of width d, a matrix memory written with a key and read with a q
                                                           by their RMS, a learned scale)
 
 No gate reads the state, so a whole sequence has a closed form; :func:`mlstm_chunkwise`
-computes it a chunk at a time (within a chunk, all positions at once; across chunks, the
-memory carried, one step per chunk).
+(:mod:`rnnkit.models.mlstm_chunks`) computes it a chunk at a time (within a chunk, all
+positions at once; across chunks, the memory carried, one step per chunk).
 
 The stabiliser: exp(i~) overflows, so every state is kept divided by exp(m_t), with
 m_t = max(log f_t + m_(t-1), i~_t); then i_t exp(-m_t) and f_t exp(m_(t-1) - m_t) are at
@@ -39,11 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rnnkit.models.mlstm_chunks import SHUT, mlstm_chunkwise
 from rnnkit.models.products import run_linear
 from rnnkit.models.scan import last_real, widen
 from rnnkit.models.slstm_loop import SLSTMRun, _slstm_recurrent, _slstm_update
-
-SHUT = -1e30     # an input gate's log on padding: exp of it is 0, the state passes unchanged
 
 
 def _check_heads(hidden_size: int, heads: int) -> int:
@@ -126,59 +125,6 @@ class SLSTMCell(nn.Module):
 
 
 # --------------------------------------------------------------------------- mLSTM
-def mlstm_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_i: torch.Tensor, log_f: torch.Tensor,
-                    memory: torch.Tensor, norm: torch.Tensor, m: torch.Tensor, chunk: int = 64):
-    """Every position's h~ = q^T C / max(|q^T n|, exp(-m)) of the stabilised mLSTM recurrence.
-
-    ``q``, ``k`` (scaled), ``v`` (B, K, T, d); ``log_i`` (i~) and ``log_f`` (log sigmoid f~)
-    (B, K, T); the state before the first position: ``memory`` (B, K, d, d), ``norm``
-    (B, K, d), ``m`` (B, K). Returns h~ (B, K, T, d) and the state after the last position.
-
-    With F_t the sum of log f over a chunk's positions up to t, a position t of a chunk reads
-    s <= t of the same chunk with weight exp(F_t - F_s + i~_s) and the memory entering the
-    chunk with exp(F_t + m_in); each row is divided by its largest weight's exp (its m_t,
-    the same number the step-by-step recursion reaches)."""
-    batch, heads, steps, d = q.shape
-    chunks = -(-steps // chunk)
-    size = -(-steps // chunks)          # chunks of equal size, at most ``chunk``: the least padding
-    pad = chunks * size - steps
-    if pad:      # f = 1 and i = 0 past the end: the state passes unchanged
-        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-        log_i, log_f = F.pad(log_i, (0, pad), value=SHUT), F.pad(log_f, (0, pad))
-    q, k, v = (t.reshape(batch, heads, chunks, size, d) for t in (q, k, v))
-    log_i, log_f = log_i.reshape(batch, heads, chunks, size), log_f.reshape(batch, heads, chunks, size)
-    decay = log_f.cumsum(-1)                               # F_t
-    total = decay[..., -1]                                 # a whole chunk's decay (B, K, N)
-    # each chunk's own contribution to the state at its end, stabilised by its own maximum
-    weight = total.unsqueeze(-1) - decay + log_i
-    m_own = weight.amax(-1)
-    scaled = k * torch.exp(weight - m_own.unsqueeze(-1)).unsqueeze(-1)
-    memory_own, norm_own = scaled.transpose(-1, -2) @ v, scaled.sum(-2)
-    # the state entering each chunk: carried one chunk at a time
-    # (unbound first: indexing chunk n in the loop would give each chunk's gradient the size of all chunks)
-    entering = []
-    for tot, m_c, memory_c, norm_c in zip(total.unbind(2), m_own.unbind(2), memory_own.unbind(2), norm_own.unbind(2)):
-        entering.append((memory, norm, m))
-        m_new = torch.maximum(tot + m, m_c)
-        keep, add = torch.exp(tot + m - m_new), torch.exp(m_c - m_new)
-        memory = keep[..., None, None] * memory + add[..., None, None] * memory_c
-        norm = keep[..., None] * norm + add[..., None] * norm_c
-        m = m_new
-    memory_in, norm_in, m_in = (torch.stack(s, 2) for s in zip(*entering))
-    # every position from its chunk's earlier positions and the memory entering the chunk
-    log_d = decay.unsqueeze(-1) - decay.unsqueeze(-2) + log_i.unsqueeze(-2)          # (B, K, N, t, s)
-    later = torch.ones(size, size, dtype=torch.bool, device=q.device).triu(1)
-    log_d = log_d.masked_fill(later, float("-inf"))
-    carried = decay + m_in.unsqueeze(-1)
-    m_t = torch.maximum(log_d.amax(-1), carried)
-    scores = (q @ k.transpose(-1, -2)) * torch.exp(log_d - m_t.unsqueeze(-1))
-    w_in = torch.exp(carried - m_t)
-    num = scores @ v + w_in.unsqueeze(-1) * (q @ memory_in)
-    den = scores.sum(-1) + w_in * (q * norm_in.unsqueeze(-2)).sum(-1)
-    h = num / torch.maximum(den.abs(), torch.exp(-m_t)).unsqueeze(-1)
-    return h.reshape(batch, heads, chunks * size, d)[:, :, :steps], (memory, norm, m)
-
-
 def mlstm_positions_first(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i_pre: torch.Tensor,
                           log_f: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor, m: torch.Tensor, chunk: int):
     """:func:`mlstm_chunkwise` for (B, T, K, d) q, k, v and (B, T, K) gates -> h~ (B, T, K, d)
@@ -330,19 +276,19 @@ def _mlstm_step_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_pre: t
     """:func:`_mlstm_step` at inference from the projection's parts (q, k unscaled, v (N, K, d);
     the pre-activations of o (N, H), i and f (N, K)), written into the new state's parts
     (``*_out``). Not differentiable (``out=``)."""
-    d = q.size(2)
+    n, heads, d = q.shape
     carried = F.logsigmoid(f_pre).add_(m)
     torch.maximum(carried, i_pre, out=m_out)
-    keep, add = carried.sub_(m_out).exp_(), torch.sub(i_pre, m_out).exp_().mul_(1 / math.sqrt(d))
-    keep = keep.unsqueeze(2)
-    added = k * add.unsqueeze(2)                                                    # (N, K, d): i k / sqrt(d)
+    # exp(log f + m - m_new), exp(i~ - m_new) and the floor exp(-m_new), in one pass each
+    scales = torch.stack((carried, i_pre, torch.zeros_like(m))).sub_(m_out).exp_()
+    keep, add, floor = scales[0].unsqueeze(2), scales[1].unsqueeze(2), scales[2]
+    added = torch.mul(k, add).mul_(1 / math.sqrt(d))                                 # (N, K, d): i k / sqrt(d)
     torch.mul(memory, keep.unsqueeze(3), out=memory_out).addcmul_(added.unsqueeze(3), v.unsqueeze(2))
     torch.addcmul(added, norm, keep, out=norm_out)
     num = torch.matmul(q.unsqueeze(2), memory_out).squeeze(2)
-    den = torch.maximum(torch.linalg.vecdot(q, norm_out).abs_(), m_out.neg().exp_())
-    read = num.div_(den.unsqueeze(2))
-    read = read.mul_(read.square().mean(2, keepdim=True).add_(1e-6).rsqrt_())
-    torch.mul(read.flatten(1), weight, out=h_out).mul_(torch.sigmoid(o_pre))
+    den = torch.maximum(torch.linalg.vecdot(q, norm_out).abs_(), floor)
+    read = F.rms_norm(num.div_(den.unsqueeze(2)), (d,), eps=1e-6)       # :func:`_rms_normalised` in one operation
+    torch.mul(read.view(n, heads * d), weight, out=h_out).mul_(torch.sigmoid(o_pre))
 
 
 def head_norm(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -1,17 +1,18 @@
 """mLSTM's chunkwise form (the equations are in :mod:`rnnkit.models.xlstm`): a whole sequence
 a chunk at a time, all positions of a chunk at once and the matrix memory carried from chunk
-to chunk, with a backward pass that keeps only the memory entering each chunk.
+to chunk, with its backward pass written out.
 
-Autograd through the chunkwise form keeps, for every chunk, its own memory contribution, the
-memory entering it twice over and half a dozen (chunk x chunk) weight matrices: at length
-4,096 that is several times what the layer's inputs take. :class:`MLSTMChunks` keeps the
-inputs and the state entering each chunk, and going back computes one chunk's forward again
-under autograd at a time, from the state it kept.
+Autograd through the chunkwise form would keep, for every chunk, its own memory contribution,
+the memory entering it twice over and half a dozen (chunk x chunk) weight matrices: at
+length 4,096 several times what the layer's inputs take. :class:`MLSTMChunks` keeps the
+inputs, the outputs and the state entering each chunk; going back, it computes each chunk's
+(chunk x chunk) weights again and takes everything else from what it kept.
 
-The stabilisers m are constants to every gradient here. Each stabilised quantity is the true
-one times exp(-m) for the m it was computed with, and every output is a ratio of two such
-quantities with the same m (or, in the denominator's floor, the true floor 1 times the same
-exp(-m)); so the outputs do not depend on m, whatever m is, and m needs no gradient."""
+The stabilisers m inside are constants to every gradient. Each stabilised quantity is the
+true one times exp(-m) for the m it was computed with, and every output is a ratio of two
+such quantities with the same m (or, in the denominator's floor, the true floor 1 times the
+same exp(-m)); so the outputs do not depend on those m, and they need no gradient.
+"""
 from __future__ import annotations
 
 import torch
@@ -25,7 +26,7 @@ def _own(k: torch.Tensor, v: torch.Tensor, log_i: torch.Tensor, decay: torch.Ten
     """Each chunk's own contribution to the state at its end, stabilised by its own maximum:
     (..., s, d) k, v and (..., s) i~, F -> memory (..., d, d), norm (..., d), m (...)."""
     weight = decay[..., -1:] - decay + log_i
-    m_own = weight.detach().amax(-1)
+    m_own = weight.amax(-1)
     scaled = k * torch.exp(weight - m_own.unsqueeze(-1)).unsqueeze(-1)
     return scaled.transpose(-1, -2) @ v, scaled.sum(-2), m_own
 
@@ -34,7 +35,7 @@ def _carry(total: torch.Tensor, own: tuple, memory: torch.Tensor, norm: torch.Te
     """The state after a chunk from the state entering it and the chunk's own contribution;
     ``total`` is the chunk's whole log decay (B, K)."""
     memory_c, norm_c, m_c = own
-    m_new = torch.maximum(total.detach() + m, m_c)
+    m_new = torch.maximum(total + m, m_c)
     keep, add = torch.exp(total + m - m_new), torch.exp(m_c - m_new)
     return keep[..., None, None] * memory + add[..., None, None] * memory_c, keep[..., None] * norm + add[..., None] * norm_c, m_new
 
@@ -44,24 +45,30 @@ def _read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_i: torch.Tensor
     """Every position's h~ from its chunk's earlier positions and the state entering the
     chunk: (B, K, N, s, d) q, k, v, (B, K, N, s) gates and the entering states -> h~, its
     denominator before the floor and each position's stabiliser m_t (B, K, N, s)."""
-    log_d = decay.unsqueeze(-1) - decay.unsqueeze(-2) + log_i.unsqueeze(-2)          # (B, K, N, t, s)
-    log_d = log_d.masked_fill(_later(q), float("-inf"))
-    carried = decay + m_in.unsqueeze(-1)
-    m_t = torch.maximum(log_d.amax(-1), carried)
-    scores = (q @ k.transpose(-1, -2)) * torch.exp(log_d - m_t.unsqueeze(-1))
-    w_in = torch.exp(carried - m_t)
+    m_t = _stabilisers(decay, log_i, m_in)
+    scores = (q @ k.transpose(-1, -2)) * _weights(decay, log_i, m_t)
+    w_in = torch.exp(decay + m_in.unsqueeze(-1) - m_t)
     num = scores @ v + w_in.unsqueeze(-1) * (q @ memory_in)
     den = scores.sum(-1) + w_in * (q * norm_in.unsqueeze(-2)).sum(-1)
     return num / _floored(den, m_t).unsqueeze(-1), den, m_t
 
 
-def _later(q: torch.Tensor) -> torch.Tensor:
-    """(s, s): True where the column's position comes after the row's."""
-    size = q.size(-2)
-    return torch.ones(size, size, dtype=torch.bool, device=q.device).triu(1)
+def _stabilisers(decay: torch.Tensor, log_i: torch.Tensor, m_in: torch.Tensor) -> torch.Tensor:
+    """Each position's m_t: the largest of its log weights, F_t - F_s + i~_s over its chunk's
+    positions s <= t (a running maximum of i~_s - F_s) and F_t + m_in for the entering memory."""
+    return torch.maximum(decay + (log_i - decay).cummax(-1).values, decay + m_in.unsqueeze(-1))
+
+
+def _weights(decay: torch.Tensor, log_i: torch.Tensor, m_t: torch.Tensor) -> torch.Tensor:
+    """(..., t, s): exp(F_t - F_s + i~_s - m_t) where s <= t, else 0."""
+    size = decay.size(-1)
+    later = torch.ones(size, size, dtype=torch.bool, device=decay.device).triu(1)
+    log_w = (decay - m_t).unsqueeze(-1) + (log_i - decay).unsqueeze(-2)
+    return torch.exp(log_w.masked_fill_(later, float("-inf")))
 
 
 def _floored(den: torch.Tensor, m_t: torch.Tensor) -> torch.Tensor:
+    """max(|q^T n|, 1), stabilised."""
     return torch.maximum(den.abs(), torch.exp(-m_t))
 
 
@@ -70,11 +77,12 @@ def _chunks(q, k, v, log_i, log_f, memory, norm, m):
     the stabilisers m_t, the final state and the states entering each chunk (stacked on axis 2)."""
     decay = log_f.cumsum(-1)                               # F_t within each chunk
     own = _own(k, v, log_i, decay)
-    entering = []
-    for total, *parts in zip(decay[..., -1].unbind(2), *(t.unbind(2) for t in own)):
-        entering.append((memory, norm, m))
+    entering = [x.new_empty(x.size(0), x.size(1), q.size(2), *x.shape[2:]) for x in (memory, norm, m)]
+    for n, (total, *parts) in enumerate(zip(decay[..., -1].unbind(2), *(t.unbind(2) for t in own))):
+        for kept, x in zip(entering, (memory, norm, m)):
+            kept[:, :, n] = x
         memory, norm, m = _carry(total, parts, memory, norm, m)
-    memory_in, norm_in, m_in = (torch.stack(s, 2) for s in zip(*entering))
+    memory_in, norm_in, m_in = entering
     h, den, m_t = _read(q, k, v, log_i, decay, memory_in, norm_in, m_in)
     return h, den, m_t, (memory, norm, m), (memory_in, norm_in, m_in)
 
@@ -83,9 +91,9 @@ class MLSTMChunks(torch.autograd.Function):
     """:func:`_chunks` with its backward pass written out: (B, K, N, s, d) q, k, v, (B, K, N, s)
     i~ and log f, the state -> h~ and the final memory, norm and m. It keeps the inputs, the
     outputs, each position's denominator and stabiliser and the state entering each chunk;
-    going back, it computes each chunk's (s, s) weights again and nothing else of the forward
-    pass (the product with the memory it reads and with the values it weighs follow from h~
-    and the denominator), ``GROUP`` chunks at a time. Under autocast the products run with
+    going back, it computes each chunk's (s, s) weights and scores again and nothing else of
+    the forward pass (the products with the memory it reads and with the values it weighs
+    follow from h~ and the denominator), ``GROUP`` chunks at a time. Under autocast the products run with
     the forward's settings.
 
     The m inside are constants to the gradients (the module's note); the ends are not: the
@@ -155,15 +163,13 @@ class MLSTMChunks(torch.autograd.Function):
 def _read_backward(q, k, v, log_i, decay, memory_in, norm_in, m_in, h, den, m_t, d_h):
     """Gradients of :func:`_read`'s h~ for a group of chunks, m constant: q, k, v, i~, the
     running decay, and the entering memory and norm."""
-    floor = torch.exp(-m_t)
-    r = torch.maximum(den.abs(), floor)
-    log_d = decay.unsqueeze(-1) - decay.unsqueeze(-2) + log_i.unsqueeze(-2) - m_t.unsqueeze(-1)
-    weights = torch.exp(log_d.masked_fill(_later(q), float("-inf")))               # D (t, s)
+    r = _floored(den, m_t)
+    weights = _weights(decay, log_i, m_t)                                           # D (t, s)
     qk = q @ k.transpose(-1, -2)
     scores = qk * weights                                                           # P
     d_num = d_h / r.unsqueeze(-1)
     dh_h = (d_h * h).sum(-1)                                   # <d num, num> as well
-    d_den = -dh_h / r * torch.sign(den) * (den.abs() > floor).to(den.dtype)
+    d_den = -dh_h / r * torch.sign(den) * (den.abs() > torch.exp(-m_t)).to(den.dtype)
     d_scores = d_num @ v.transpose(-1, -2) + d_den.unsqueeze(-1)
     e = d_scores * scores                                      # gradient of each log weight
     d_qk = d_scores * weights

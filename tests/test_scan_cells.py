@@ -232,6 +232,25 @@ def test_mlstm_chunkwise_form_is_the_same_for_any_chunk_size(chunk, monkeypatch)
     assert torch.allclose(out[1, :6], alone[0], atol=1e-10) and torch.allclose(final[:, 1], end[:, 0], atol=1e-10)
 
 
+def test_mlstm_keeps_no_chunk_by_chunk_matrices_for_its_backward_pass():
+    """What an mLSTM layer keeps for its backward pass, counted by autograd's saved-tensor
+    hook: its inputs, outputs and the memory entering each chunk, about 11 numbers per input
+    number at this size; through autograd the chunkwise form kept 52 (each chunk's (s, s)
+    weights, its own memory and the entering memory twice)."""
+    torch.manual_seed(8)
+    rnn = make_rnn("mlstm", 32, 32, 1, 0.0, heads=4)
+    x = torch.randn(2, 256, 32, requires_grad=True)
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, _ = rnn(x)
+    assert out.requires_grad and sum(storages.values()) / (x.numel() * 4) < 16
+
+
 @pytest.mark.parametrize("cell", ["slstm", "mlstm"])
 def test_the_stabiliser_keeps_exponential_gates_finite(cell):
     """Input-gate pre-activations of 200 overflow exp in float32 (exp(89) is already inf):

@@ -93,8 +93,8 @@ class MLSTMChunks(torch.autograd.Function):
     outputs, each position's denominator and stabiliser and the state entering each chunk;
     going back, it computes each chunk's (s, s) weights and scores again and nothing else of
     the forward pass (the products with the memory it reads and with the values it weighs
-    follow from h~ and the denominator), ``GROUP`` chunks at a time. Under autocast the products run with
-    the forward's settings.
+    follow from h~ and the denominator), ``GROUP`` chunks at a time. Under autocast the
+    products run with the forward's settings.
 
     The m inside are constants to the gradients (the module's note); the ends are not: the
     state in and out stands for its memory and norm times exp(m), so a gradient reaches the
@@ -109,6 +109,7 @@ class MLSTMChunks(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, log_i, log_f, h, den, m_t, *entering, *final)
         kind = q.device.type
         ctx.autocast = kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)
+        ctx.set_materialize_grads(False)      # an unused output's gradient comes as None
         return h, *final
 
     @staticmethod
@@ -116,6 +117,7 @@ class MLSTMChunks(torch.autograd.Function):
     def backward(ctx, d_h, d_memory, d_norm, d_m):
         q, k, v, log_i, log_f, h, den, m_t, memory_in, norm_in, m_in, memory_end, norm_end, m_end = ctx.saved_tensors
         kind, enabled, dtype = ctx.autocast
+        ends = d_memory is not None or d_norm is not None or d_m is not None     # the final state was used
         d_h = torch.zeros_like(h) if d_h is None else d_h
         d_memory = torch.zeros_like(memory_end) if d_memory is None else d_memory
         d_norm = torch.zeros_like(norm_end) if d_norm is None else d_norm
@@ -154,10 +156,12 @@ class MLSTMChunks(torch.autograd.Function):
                 d_f[:, :, g] = d_decay.flip(-1).cumsum(-1).flip(-1)      # decay is log f's running sum
         # the first m, through the memory and norm it scales; the last m's recursion
         d_m0 = (d_memory * memory_in[:, :, 0]).sum((-1, -2)) + (d_norm * norm_in[:, :, 0]).sum(-1)
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_() for t in (log_i, log_f, m_in[:, :, 0])]
-            found = torch.autograd.grad(_last_m(*leaves), leaves, d_m)
-        return d_q, d_k, d_v, d_i + found[0], d_f + found[1], d_memory, d_norm, d_m0 + found[2]
+        if ends:
+            with torch.enable_grad():
+                leaves = [t.detach().requires_grad_() for t in (log_i, log_f, m_in[:, :, 0])]
+                found = torch.autograd.grad(_last_m(*leaves), leaves, d_m)
+            d_i, d_f, d_m0 = d_i + found[0], d_f + found[1], d_m0 + found[2]
+        return d_q, d_k, d_v, d_i, d_f, d_memory, d_norm, d_m0
 
 
 def _read_backward(q, k, v, log_i, decay, memory_in, norm_in, m_in, h, den, m_t, d_h):

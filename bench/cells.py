@@ -22,6 +22,8 @@ behind the same input projection as rnnkit's cell (4 heads).
                           [--cells lstm gru mingru ...] [--repeats 2] [--plot PNG] [--json FILE]
                           (--cells also takes hawk, mlstm_block, slstm_block: the cells in their blocks)
     python bench/cells.py --quick     (small sizes, in one process: checks that it runs)
+    python bench/cells.py --plot PNG --plot-from A.json B.json [--hidden 512] [--precision fp32]
+                          (one plot from the --json files of several runs)
 """
 from __future__ import annotations
 
@@ -252,9 +254,17 @@ def main() -> int:
     ap.add_argument("--step-tokens", type=int, default=2000)
     ap.add_argument("--plot", type=Path, help="write the plot of speed and memory against length here")
     ap.add_argument("--json", type=Path, help="write every measurement here")
+    ap.add_argument("--plot-from", type=Path, nargs="+", help="draw --plot from these --json files and measure nothing")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--one", nargs=4, metavar=("CELL", "HIDDEN", "LENGTH", "PRECISION"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.plot_from:
+        if not args.plot:
+            ap.error("--plot-from needs --plot")
+        rows = [row for f in args.plot_from for row in json.loads(f.read_text())]
+        plot(rows, args.plot, args.hidden[0], args.precision[0])
+        print(f"plot: {args.plot}")
+        return 0
     import torch
 
     if args.device == "auto":

@@ -276,19 +276,19 @@ def _mlstm_step_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_pre: t
     """:func:`_mlstm_step` at inference from the projection's parts (q, k unscaled, v (N, K, d);
     the pre-activations of o (N, H), i and f (N, K)), written into the new state's parts
     (``*_out``). Not differentiable (``out=``)."""
-    n, heads, d = q.shape
+    d = q.size(2)
     carried = F.logsigmoid(f_pre).add_(m)
     torch.maximum(carried, i_pre, out=m_out)
-    # exp(log f + m - m_new), exp(i~ - m_new) and the floor exp(-m_new), in one pass each
-    scales = torch.stack((carried, i_pre, torch.zeros_like(m))).sub_(m_out).exp_()
-    keep, add, floor = scales[0].unsqueeze(2), scales[1].unsqueeze(2), scales[2]
-    added = torch.mul(k, add).mul_(1 / math.sqrt(d))                                 # (N, K, d): i k / sqrt(d)
+    keep, add = carried.sub_(m_out).exp_(), torch.sub(i_pre, m_out).exp_().mul_(1 / math.sqrt(d))
+    keep = keep.unsqueeze(2)
+    added = k * add.unsqueeze(2)                                                    # (N, K, d): i k / sqrt(d)
     torch.mul(memory, keep.unsqueeze(3), out=memory_out).addcmul_(added.unsqueeze(3), v.unsqueeze(2))
     torch.addcmul(added, norm, keep, out=norm_out)
     num = torch.matmul(q.unsqueeze(2), memory_out).squeeze(2)
-    den = torch.maximum(torch.linalg.vecdot(q, norm_out).abs_(), floor)
-    read = F.rms_norm(num.div_(den.unsqueeze(2)), (d,), eps=1e-6)       # :func:`_rms_normalised` in one operation
-    torch.mul(read.view(n, heads * d), weight, out=h_out).mul_(torch.sigmoid(o_pre))
+    den = torch.maximum(torch.linalg.vecdot(q, norm_out).abs_(), m_out.neg().exp_())
+    read = num.div_(den.unsqueeze(2))
+    read = read.mul_(read.square().mean(2, keepdim=True).add_(1e-6).rsqrt_())
+    torch.mul(read.flatten(1), weight, out=h_out).mul_(torch.sigmoid(o_pre))
 
 
 def head_norm(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

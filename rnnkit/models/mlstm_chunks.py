@@ -37,7 +37,8 @@ def _carry(total: torch.Tensor, own: tuple, memory: torch.Tensor, norm: torch.Te
     memory_c, norm_c, m_c = own
     m_new = torch.maximum(total + m, m_c)
     keep, add = torch.exp(total + m - m_new), torch.exp(m_c - m_new)
-    return keep[..., None, None] * memory + add[..., None, None] * memory_c, keep[..., None] * norm + add[..., None] * norm_c, m_new
+    memory = keep[..., None, None] * memory + add[..., None, None] * memory_c
+    return memory, keep[..., None] * norm + add[..., None] * norm_c, m_new
 
 
 def _read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_i: torch.Tensor, decay: torch.Tensor,

@@ -121,7 +121,7 @@ def copy(args: argparse.Namespace, cell: str) -> dict:
 
 
 def wikitext2(args: argparse.Namespace, cell: str) -> dict:
-    run = args.out / f"wikitext2_{cell}" if args.decay_by == "steps" else args.out / f"wikitext2_{cell}_budget"
+    run = args.out / f"wikitext2_{cell}{'_budget' if args.decay_by == 'budget' else ''}"
     seconds = train("configs/lm_wikitext2.yaml", run, WIKITEXT2.get(cell, [f"model.cell={cell}"]),
                     args.minutes, args.threads, args.decay_by)
     test = str(WT2 / "test.txt")

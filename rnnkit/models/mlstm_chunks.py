@@ -22,10 +22,16 @@ from torch.autograd.function import once_differentiable
 SHUT = -1e30     # an input gate's log on padding: exp of it is 0, the state passes unchanged
 
 
+def _own_weights(log_i: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
+    """Each position's log weight in its chunk's contribution to the state at the chunk's end:
+    F_last - F_s + i~_s."""
+    return decay[..., -1:] - decay + log_i
+
+
 def _own(k: torch.Tensor, v: torch.Tensor, log_i: torch.Tensor, decay: torch.Tensor):
     """Each chunk's own contribution to the state at its end, stabilised by its own maximum:
     (..., s, d) k, v and (..., s) i~, F -> memory (..., d, d), norm (..., d), m (...)."""
-    weight = decay[..., -1:] - decay + log_i
+    weight = _own_weights(log_i, decay)
     m_own = weight.amax(-1)
     scaled = k * torch.exp(weight - m_own.unsqueeze(-1)).unsqueeze(-1)
     return scaled.transpose(-1, -2) @ v, scaled.sum(-2), m_own
@@ -132,8 +138,7 @@ class MLSTMChunks(torch.autograd.Function):
         d_i, d_f = torch.empty_like(log_i), torch.empty_like(log_f)
         chunks = q.size(2)
         with torch.autocast(kind, dtype=dtype, enabled=enabled):
-            for start in range(-(-chunks // MLSTMChunks.GROUP) * MLSTMChunks.GROUP - MLSTMChunks.GROUP, -1,
-                               -MLSTMChunks.GROUP):
+            for start in reversed(range(0, chunks, MLSTMChunks.GROUP)):
                 g = slice(start, min(start + MLSTMChunks.GROUP, chunks))
                 parts = _read_backward(q[:, :, g], k[:, :, g], v[:, :, g], log_i[:, :, g], decay[:, :, g],
                                        memory_in[:, :, g], norm_in[:, :, g], m_in[:, :, g], h[:, :, g],
@@ -195,7 +200,7 @@ def _own_backward(k, v, log_i, decay, m_next, d_memory, d_norm, d_k, d_v, d_i, d
     """Adds the gradients through each chunk's own contribution to the state after it
     (sum over s of u_s k_s v_s^T, u_s = exp(F_last - F_s + i~_s - m_after)), given the
     gradients of that state."""
-    u = torch.exp(decay[..., -1:] - decay + log_i - m_next.unsqueeze(-1))
+    u = torch.exp(_own_weights(log_i, decay) - m_next.unsqueeze(-1))
     to_k = v @ d_memory.transpose(-1, -2) + d_norm.unsqueeze(-2)                   # d C v_s + d n
     d_k = d_k + u.unsqueeze(-1) * to_k
     d_v = d_v + u.unsqueeze(-1) * (k @ d_memory)
@@ -206,7 +211,7 @@ def _own_backward(k, v, log_i, decay, m_next, d_memory, d_norm, d_k, d_v, d_i, d
 def _last_m(log_i: torch.Tensor, log_f: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """The stabiliser after the last chunk, as :func:`_chunks` reaches it."""
     decay = log_f.cumsum(-1)
-    m_own = (decay[..., -1:] - decay + log_i).amax(-1)
+    m_own = _own_weights(log_i, decay).amax(-1)
     for total, m_c in zip(decay[..., -1].unbind(2), m_own.unbind(2)):
         m = torch.maximum(total + m, m_c)
     return m

@@ -88,6 +88,19 @@ def autocast(device_type: str, dtype: Any):
         yield
 
 
+def training_precision(precision: str, device: Any) -> str:
+    """What ``train.precision`` runs as on ``device``: ``auto`` is bf16 where it is native (a
+    CUDA device that supports it; a CPU with AVX512-BF16 or AMX whose oneDNN has the bf16 LSTM),
+    else fp32. Any other value runs as given."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and native_bf16() and onednn_bf16_lstm() else "fp32"
+
+
 def bf16_note() -> str | None:
     """A one-line warning when bf16 on this CPU would be emulated (slow), else None."""
     if native_bf16():

@@ -170,6 +170,28 @@ def test_fp16_on_cpu_is_a_clear_error(tmp_path):
     assert not (tmp_path / "cpu16").exists()
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_trains_in_bf16_only_where_the_cpu_has_it(tmp_path, monkeypatch, native):
+    import rnnkit.hardware
+    import rnnkit.training.trainer as trainer_module
+    monkeypatch.setattr(rnnkit.hardware, "native_bf16", lambda: native)
+    monkeypatch.setattr(rnnkit.hardware, "onednn_bf16_lstm", lambda: True)
+    dtypes = []
+    real = trainer_module.autocast
+
+    def recording(device_type, dtype):
+        dtypes.append(dtype)
+        return real(device_type, dtype)
+
+    monkeypatch.setattr(trainer_module, "autocast", recording)
+    cfg_dict = tiny_lm_config(tmp_path, run_dir=str(tmp_path / "auto"))
+    cfg = load_config(write_yaml(tmp_path / "auto.yaml", cfg_dict),
+                      ["train.precision=auto", "train.device=cpu", "train.max_steps=4"])
+    summary = prepare_trainer(cfg).fit()
+    assert summary["precision"] == ("bf16" if native else "fp32")
+    assert dtypes and set(dtypes) == {torch.bfloat16} if native else not dtypes
+
+
 def test_early_stopping_ends_a_run_without_improvement(tmp_path):
     # "max" on a falling loss: no evaluation after the first counts as an improvement
     run = _train(tmp_path, "early", train={"max_steps": 100, "eval_every": 5, "early_stopping": 2,

@@ -197,8 +197,8 @@ class TrainConfig:
     """Stop after this many evaluations without improvement; null: never."""
     num_threads: Optional[int] = num(None, 1)
     """CPU threads for torch; null: torch's default."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """`bf16`: autocast for the matrix products with fp32 master weights (CPU and CUDA); `fp16`: the same with loss scaling (CUDA)."""
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    """`bf16`: autocast for the matrix products with fp32 master weights (CPU and CUDA); `fp16`: the same with loss scaling (CUDA); `auto`: bf16 where the device has it natively (a CPU with AVX512-BF16 or AMX, a CUDA device that supports it), else fp32."""
     gradient_flow_every: Optional[int] = num(None, 1)
     """Every this many steps, write the gradient-flow summary (decay per step, gradient norm at the loss and farthest back) into `metrics.jsonl`."""
     keep_checkpoints: int = num(0, 0)

@@ -186,19 +186,9 @@ class MLSTMCell(nn.Module):
         return h, self._pack(h, memory, norm, m)
 
     def _inference_step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`step` without gradients in about half the operations: at batch 1 a step is
-        the projection plus per-operation overhead, so each view and each pass counts."""
-        p = widen(run_linear(self.proj, x))
-        n, hidden, heads, d = p.size(0), self.hidden_size, self.heads, self.head_size
-        q, k, v = p[:, :3 * hidden].view(n, 3, heads, d).unbind(1)
-        new = torch.empty_like(state)
-        sizes = [hidden, heads * d * d, hidden, heads]
-        _, memory, norm, m = state.split(sizes, 1)
-        h_out, memory_out, norm_out, m_out = new.split(sizes, 1)
-        _mlstm_step_into(q, k, v, p[:, 3 * hidden:4 * hidden], p[:, 4 * hidden:4 * hidden + heads],
-                         p[:, 4 * hidden + heads:], memory.view(n, heads, d, d), norm.view(n, heads, d), m,
-                         self.head_norm, h_out, memory_out.view(n, heads, d, d), norm_out.view(n, heads, d), m_out)
-        return h_out, new
+        """:meth:`step` without gradients, in one scripted function: at batch 1 a step is the
+        projection plus per-operation overhead, so each view and each pass counts."""
+        return _scripted("mlstm_step")(widen(run_linear(self.proj, x)), state, self.head_norm, self.heads)
 
     def run(self, x: torch.Tensor, state: torch.Tensor, held: torch.Tensor | None,
             reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,19 +259,26 @@ def _mlstm_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tens
     return o * _rms_normalised(read, 2).flatten(1) * weight, memory, norm, m_new
 
 
-def _mlstm_step_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_pre: torch.Tensor, i_pre: torch.Tensor,
-                     f_pre: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor, m: torch.Tensor,
-                     weight: torch.Tensor, h_out: torch.Tensor, memory_out: torch.Tensor, norm_out: torch.Tensor,
-                     m_out: torch.Tensor) -> None:
-    """:func:`_mlstm_step` at inference from the projection's parts (q, k unscaled, v (N, K, d);
-    the pre-activations of o (N, H), i and f (N, K)), written into the new state's parts
-    (``*_out``). Not differentiable (``out=``)."""
-    d = q.size(2)
+def _mlstm_inference_step(p: torch.Tensor, state: torch.Tensor, weight: torch.Tensor,
+                          heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_mlstm_step` at inference from the projection ``p`` (N, 4H + 2K) and the flat
+    state (N, S) -> h (N, H) and the new flat state, each part written in place into it (not
+    differentiable: ``out=``). Scripted (:func:`_scripted`): the interpreter spends less per
+    operation than Python does, and at batch 1 the operations are most of a step."""
+    n, hidden = p.size(0), weight.size(0)
+    d = hidden // heads
+    qkv = p[:, :3 * hidden].view(n, 3, heads, d)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    o_pre, i_pre, f_pre = p[:, 3 * hidden:4 * hidden], p[:, 4 * hidden:4 * hidden + heads], p[:, 4 * hidden + heads:]
+    new = torch.empty_like(state)
+    cut = [hidden, heads * d * d, hidden, heads]
+    old, out = state.split(cut, 1), new.split(cut, 1)
+    memory, norm, m = old[1].view(n, heads, d, d), old[2].view(n, heads, d), old[3]
+    h_out, memory_out, norm_out, m_out = out[0], out[1].view(n, heads, d, d), out[2].view(n, heads, d), out[3]
     carried = F.logsigmoid(f_pre).add_(m)
     torch.maximum(carried, i_pre, out=m_out)
-    keep, add = carried.sub_(m_out).exp_(), torch.sub(i_pre, m_out).exp_().mul_(1 / math.sqrt(d))
-    keep = keep.unsqueeze(2)
-    added = k * add.unsqueeze(2)                                                    # (N, K, d): i k / sqrt(d)
+    keep = carried.sub_(m_out).exp_().unsqueeze(2)
+    added = k * torch.sub(i_pre, m_out).exp_().mul_(1 / math.sqrt(d)).unsqueeze(2)        # i k / sqrt(d)
     torch.mul(memory, keep.unsqueeze(3), out=memory_out).addcmul_(added.unsqueeze(3), v.unsqueeze(2))
     torch.addcmul(added, norm, keep, out=norm_out)
     num = torch.matmul(q.unsqueeze(2), memory_out).squeeze(2)
@@ -289,6 +286,7 @@ def _mlstm_step_into(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o_pre: t
     read = num.div_(den.unsqueeze(2))
     read = read.mul_(read.square().mean(2, keepdim=True).add_(1e-6).rsqrt_())
     torch.mul(read.flatten(1), weight, out=h_out).mul_(torch.sigmoid(o_pre))
+    return h_out, new
 
 
 def head_norm(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -309,10 +307,12 @@ _SCRIPTS: dict = {}
 
 
 def _scripted(which: str):
-    """The cell's step-by-step recurrence as a scripted loop (compiled once, on the first
-    export), which an ONNX graph runs over any length; traced code would fix the length."""
+    """A scripted function, compiled once per process on first use: a cell's step-by-step
+    recurrence as a loop that an ONNX graph runs over any length (traced code would fix the
+    length), or mLSTM's inference step."""
     if which not in _SCRIPTS:
-        _SCRIPTS[which] = torch.jit.script(_slstm_loop if which == "slstm" else _mlstm_loop)
+        _SCRIPTS[which] = torch.jit.script({"slstm": _slstm_loop, "mlstm": _mlstm_loop,
+                                            "mlstm_step": _mlstm_inference_step}[which])
     return _SCRIPTS[which]
 
 

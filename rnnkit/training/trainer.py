@@ -16,7 +16,7 @@ from rich.table import Table
 from tqdm import tqdm
 
 from rnnkit.config import Config, ConfigError, config_to_dict
-from rnnkit.hardware import RELEASE_EVERY, autocast, release_freed_memory
+from rnnkit.hardware import RELEASE_EVERY, autocast, release_freed_memory, training_precision
 from rnnkit.training import distributed
 from rnnkit.training.checkpoint import load_checkpoint, save_checkpoint
 from rnnkit.training.run_lock import RunLock
@@ -36,7 +36,8 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, parameter_groups(cfg, task.model))
         self._open_depth: int | None = None      # gradual unfreezing: the deepest group that trains
         self.schedule = LRSchedule(cfg.train)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+        self.precision = training_precision(cfg.train.precision, device)    # `auto` made concrete
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.progress = Progress()
         self.averager: Averager | None = None      # nt_asgd, once triggered; ema_decay: from the start
         if cfg.train.ema_decay is not None:
@@ -250,7 +251,7 @@ class Trainer:
         os._exit(self.exit_code)
 
     def _autocast(self):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.train.precision)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         if dtype is None:
             return contextlib.nullcontext()
         return autocast(self.device.type, dtype)
@@ -416,7 +417,8 @@ class Trainer:
                 self.lock.release()
         summary = {"steps": p.step, "epochs": p.epoch, "seconds": round(p.elapsed, 1),
                    "best_" + t.metric: p.best, "best_step": p.best_step, **p.last_eval,
-                   "nonfinite_skipped": p.nonfinite, "stopped_by": self.stop_signal or self.stopped_by or "-"}
+                   "nonfinite_skipped": p.nonfinite, "stopped_by": self.stop_signal or self.stopped_by or "-",
+                   "precision": self.precision}
         if self.rank.main:
             self._print_summary(summary)
         return summary

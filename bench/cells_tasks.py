@@ -80,7 +80,7 @@ def train(config: str, run: Path, overrides: list[str], minutes: float, threads:
     if not done.exists():
         res = rnnkit("train", config, "--set", f"run_dir={run}", "--set", f"train.max_time={minutes * 60}",
                      "--set", "train.max_steps=1000000", "--set", f"train.num_threads={threads}",
-                     *(["--set", f"train.decay_by={decay_by}"] if decay_by != "steps" else []),
+                     "--set", f"train.decay_by={decay_by}",
                      *[x for o in overrides for x in ("--set", o)], *(["--resume"] if (run / "last.pt").exists() else []))
         if res.returncode != 0:
             raise RuntimeError(f"{run.name}: {res.stderr.strip().splitlines()[-1:]}")

@@ -37,7 +37,7 @@ from bench.machine import describe  # noqa: E402
 SHARED = ROOT.parent / "shared" / "data"
 DATA = SHARED / "wikitext-2"
 FULL_SOFTMAX = ["model.output=softmax", "model.tie_weights=false", "train.max_time=null", "train.warmup_steps=0",
-                "train.lr_schedule=constant"]
+                "train.lr_schedule=constant", "train.decay_by=steps"]
 SAMPLE = ROOT / "data" / "harbour.txt"       # --quick: the bundled text, no corpus needed
 QUICK = ["model.embedding_dim=32", "model.hidden_size=32", "data.bptt=16",
          *(f"data.{split}={SAMPLE}" for split in ("train", "valid", "test"))]

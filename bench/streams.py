@@ -219,7 +219,7 @@ def main() -> int:
         print(f"training the WikiText-2 word LM for {args.steps} steps and exporting it ...", file=sys.stderr, flush=True)
         rnnkit("train", "configs/lm_wikitext2.yaml", "--set", f"run_dir={out / 'wt2'}", "--set",
                f"train.max_steps={args.steps}", "--set", f"train.eval_every={args.steps}", "--set",
-               "train.warmup_steps=0", "--set", "train.max_time=null")
+               "train.warmup_steps=0", "--set", "train.max_time=null", "--set", "train.decay_by=steps")
         if not args.quick:
             rnnkit("export", str(ckpt), "-o", str(onnx))
         vocab = words(50_000)

@@ -202,6 +202,51 @@ def step_time(cell: str, hidden: int, steps: int, device: str) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def product_rate(device: str, size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of one fp32 (size x size) x (size x size) product: about the most this machine
+    multiplies, the best of ``repeats``."""
+    import torch
+
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
+
+
+def weight_products(cell: str, hidden: int) -> int:
+    """Multiply-adds per token of a layer's weight matrices (each 2-D weight: one per element);
+    what a scan or chunkwise form adds on top (mLSTM's memory) is left out, so a bound from it
+    is generous."""
+    return sum(p.numel() for p in build(cell, hidden).parameters() if p.dim() == 2)
+
+
+def product_ceiling(rows: list[dict], cells: list[str], device: str) -> None:
+    """For each cell with a speed goal: the most tokens/s its weight products allow at the
+    faster of the machine's product rate and the rate the fused LSTM reaches, against the
+    LSTM's tokens/s at length 1,024 (fp32). Forward + backward is three products of each
+    weight's size per token (the output, the input's gradient, the weight's gradient)."""
+    peak = product_rate(device)
+    print(f"\nproducts alone, fp32, length 1024: a 2048-square product runs at {peak / 1e9:.0f} GFLOP/s here")
+    for hidden in dict.fromkeys(r["hidden"] for r in rows):
+        base = next((r for r in rows if r["cell"] == "lstm" and r["hidden"] == hidden and r["length"] == 1024
+                     and r["precision"] == "fp32"), None)
+        if base is None:
+            continue
+        lstm_rate = base["tokens_per_s"] * 6 * weight_products("lstm", hidden)
+        rate = max(peak, lstm_rate)
+        print(f"  h{hidden} the fused LSTM: {lstm_rate / 1e9:.0f} GFLOP/s in its products")
+        for cell in (c for c in GOALS if c in cells):
+            most = rate / (6 * weight_products(cell, hidden))
+            print(f"  h{hidden} {cell}: {weight_products(cell, hidden) / 1e6:.2f}M multiply-adds per token "
+                  f"(the LSTM {weight_products('lstm', hidden) / 1e6:.2f}M): at most {most:.0f} tokens/s, "
+                  f"{most / base['tokens_per_s']:.2f}x the LSTM (goal {GOALS[cell]}x)")
+
+
 def run_child(args: argparse.Namespace, cell: str, hidden: int, length: int, precision: str) -> dict | None:
     cmd = [sys.executable, __file__, "--one", cell, str(hidden), str(length), precision, "--batch", str(args.batch),
            "--repeats", str(args.repeats), "--device", args.device, "--threads", str(args.threads)]
@@ -317,6 +362,8 @@ def main() -> int:
                 ratio = row["tokens_per_s"] / base["tokens_per_s"]
                 print(f"goal {cell} >= {goal}x LSTM at 1024 ({row['precision']}, h{row['hidden']}): {ratio:.2f}x "
                       f"{'met' if ratio >= goal else 'not met'}")
+    if "lstm" in cells:
+        product_ceiling(rows, cells, args.device)
     rounds = 5
     print(f"\nstep-form generation, one layer, batch 1: time per token, the best of {rounds} rounds of "
           f"{args.step_tokens // rounds} tokens, the cells taking turns within each round (a shared machine's "

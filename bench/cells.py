@@ -19,7 +19,7 @@ input projection (rnnkit's RG-LRU cell has one; theirs takes its width as it is)
 behind the same input projection as rnnkit's cell (4 heads).
 
     python bench/cells.py [--hidden 512 1024] [--lengths 64 256 1024 4096] [--precision fp32 bf16]
-                          [--cells lstm gru mingru ...] [--repeats 2] [--plot PNG] [--json FILE]
+                          [--cells lstm gru mingru ...] [--repeats 2] [--plot PNG] [--json FILE] [--compile]
                           (--cells also takes hawk, mlstm_block, slstm_block: the cells in their blocks)
     python bench/cells.py --quick     (small sizes, in one process: checks that it runs)
     python bench/cells.py --plot PNG --plot-from A.json B.json [--hidden 512] [--precision fp32]
@@ -140,8 +140,10 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def measure_one(cell: str, hidden: int, length: int, batch: int, precision: str, repeats: int, device: str) -> dict:
-    """Tokens/s and peak memory of forward + backward, in this process."""
+def measure_one(cell: str, hidden: int, length: int, batch: int, precision: str, repeats: int, device: str,
+                compile: bool = False) -> dict:
+    """Tokens/s and peak memory of forward + backward, in this process (``compile``: the layer
+    through ``torch.compile``, its compilation in the warm-up)."""
     import torch
 
     from rnnkit.hardware import autocast
@@ -150,11 +152,12 @@ def measure_one(cell: str, hidden: int, length: int, batch: int, precision: str,
     dev = torch.device(device)
     model = build(cell, hidden).to(dev)
     x = torch.randn(batch, length, hidden, device=dev, requires_grad=True)
+    layer = torch.compile(model) if compile else model
 
     def once() -> float:
         start = time.perf_counter()
         with autocast(dev.type, torch.bfloat16) if precision == "bf16" else torch.autocast(dev.type, enabled=False):
-            out = model(x)
+            out = layer(x)
             out = out[0] if isinstance(out, tuple) else out
             loss = out.float().sum()
         loss.backward()
@@ -249,7 +252,8 @@ def product_ceiling(rows: list[dict], cells: list[str], device: str) -> None:
 
 def run_child(args: argparse.Namespace, cell: str, hidden: int, length: int, precision: str) -> dict | None:
     cmd = [sys.executable, __file__, "--one", cell, str(hidden), str(length), precision, "--batch", str(args.batch),
-           "--repeats", str(args.repeats), "--device", args.device, "--threads", str(args.threads)]
+           "--repeats", str(args.repeats), "--device", args.device, "--threads", str(args.threads),
+           *(["--compile"] if args.compile else [])]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if res.returncode != 0:
         print(f"{cell} h{hidden} T{length} {precision}: failed: {res.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
@@ -300,6 +304,7 @@ def main() -> int:
     ap.add_argument("--plot", type=Path, help="write the plot of speed and memory against length here")
     ap.add_argument("--json", type=Path, help="write every measurement here")
     ap.add_argument("--plot-from", type=Path, nargs="+", help="draw --plot from these --json files and measure nothing")
+    ap.add_argument("--compile", action="store_true", help="every layer through torch.compile (a C++ compiler needed)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--one", nargs=4, metavar=("CELL", "HIDDEN", "LENGTH", "PRECISION"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -320,7 +325,8 @@ def main() -> int:
 
         keep_freed_memory()     # the allocator the rnnkit command trains with, for every cell alike
         cell, hidden, length, precision = args.one
-        print(json.dumps(measure_one(cell, int(hidden), int(length), args.batch, precision, args.repeats, args.device)))
+        print(json.dumps(measure_one(cell, int(hidden), int(length), args.batch, precision, args.repeats, args.device,
+                                     args.compile)))
         return 0
     if args.quick:
         args.hidden, args.lengths, args.batch, args.repeats, args.step_tokens = [32], [64], 4, 1, 50

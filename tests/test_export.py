@@ -243,7 +243,21 @@ def test_bad_exports_are_one_line_and_write_nothing(exported, tmp_path):
     not_ckpt.write_bytes(b"nothing")
     result = runner.invoke(app, ["export", str(not_ckpt), "-o", str(tmp_path / "out_x")])
     assert result.exit_code == 2 and "not a readable rnnkit checkpoint" in result.output
+    # an unreadable checkpoint makes none of the missing folders above DIR
+    result = runner.invoke(app, ["export", str(not_ckpt), "-o", str(tmp_path / "new" / "out_x")])
+    assert result.exit_code == 2 and not (tmp_path / "new").exists()
+    # a file where a folder above DIR should be: one line
+    result = runner.invoke(app, ["export", str(ckpt), "-o", str(tmp_path / "x.pt" / "out")])
+    assert result.exit_code == 2 and "is a file, not a folder" in result.output, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "cfgs", "data-cache", "x.pt"]  # no temporaries
+
+
+def test_an_export_makes_the_folders_above_it(exported, tmp_path):
+    ckpt, _ = exported["char"]
+    result = runner.invoke(app, ["export", str(ckpt), "-o", str(tmp_path / "exports" / "lm" / "char")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "exports" / "lm" / "char" / "manifest.json").is_file()
+    assert os.listdir(tmp_path / "exports" / "lm") == ["char"]      # no temporary left beside it
 
 
 def _copy(folder: Path, to: Path) -> Path:

@@ -10,7 +10,8 @@ from rnnkit.cli.common import err_console, note, user_errors
 
 def export(
     checkpoint: Path = typer.Argument(..., help="A checkpoint (best.pt or last.pt) to export."),
-    output: Path = typer.Option(..., "--output", "-o", help="The folder to write (must not exist yet)."),
+    output: Path = typer.Option(..., "--output", "-o",
+                                help="The folder to write (new or empty; missing folders above it are made)."),
     int8: bool = typer.Option(False, "--int8", help="Quantise the matrix products and LSTM weights to int8 "
                                                     "(onnxruntime's dynamic quantisation)."),
     opset: int = typer.Option(17, "--opset", help="The ONNX opset of the graphs (13 to 20)."),

@@ -38,7 +38,8 @@ def exportable(cfg: Any) -> None:
 
 def export(checkpoint: str | Path, folder: str | Path, opset: int = 17, int8: bool = False,
            note: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Export ``checkpoint`` to ``folder`` (which must not exist yet, or be empty); the manifest."""
+    """Export ``checkpoint`` to ``folder`` (which must not exist yet, or be empty; missing folders
+    above it are made, once the checkpoint proves exportable); the manifest."""
     from rnnkit.reports import model_card
     from rnnkit.runs import load_task
 
@@ -46,12 +47,17 @@ def export(checkpoint: str | Path, folder: str | Path, opset: int = 17, int8: bo
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise ConfigError("", f"-o {folder}: exists; choose a new folder (an export is never written over "
                               f"anything)")
-    if not folder.parent.is_dir():
-        raise ConfigError("", f"-o {folder}: folder {folder.parent} does not exist")
+    above = next((p for p in folder.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ConfigError("", f"-o {folder}: {above} is a file, not a folder")
     if not 13 <= opset <= 20:
         raise ConfigError("", f"--opset must be between 13 and 20, got {opset}")
     task = load_task(checkpoint, "cpu")         # one line if it is not a checkpoint
     exportable(task.cfg)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError("", f"-o {folder}: cannot make {folder.parent} ({e.strerror})") from None
     work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     mask = os.umask(0)
     os.umask(mask)

@@ -28,6 +28,17 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def expand_runs(paths: list[Path]) -> list[Path]:
+    """The run directories ``paths`` name: a path with a metrics.jsonl is one run; a folder
+    without one that holds runs (``runs/``) stands for each of them, in name order."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        inside = sorted(d for d in path.iterdir() if (d / "metrics.jsonl").is_file()) \
+            if path.is_dir() and not (path / "metrics.jsonl").is_file() else []
+        found.extend(inside or [path])
+    return found
+
+
 def run_config(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / "config.yaml"
     try:

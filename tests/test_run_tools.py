@@ -3,6 +3,7 @@ model cards and shell completion."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,6 +68,14 @@ def test_plot_and_runs_for_one_and_several_runs(tmp_path):
     rows = json.loads(runner.invoke(app, ["runs", str(a), str(b), "--json"]).stdout)
     assert [r["differs"] for r in rows] == ["model.hidden_size=32", "model.hidden_size=16"]
     assert rows[0]["steps"] == 20 and rows[0]["best_step"] in (10, 20) and rows[0]["metric"] == "valid_loss"
+    # the folder holding both runs (and something that is not a run) stands for the two runs
+    (tmp_path / "notes.txt").write_text("not a run")
+    rows = json.loads(runner.invoke(app, ["runs", str(tmp_path), "--json"]).stdout)
+    assert [Path(r["run"]).name for r in rows] == ["a", "b"]
+    result = runner.invoke(app, ["plot", str(tmp_path), "-o", str(tmp_path / "all.png")])
+    assert result.exit_code == 0 and "of 2 runs" in result.output, result.output
+    result = runner.invoke(app, ["runs", str(tmp_path / "a" / "tensorboard-none")])
+    assert result.exit_code == 2 and "no metrics.jsonl" in result.output
 
 
 def test_average_is_the_elementwise_mean_and_refuses_other_shapes(tmp_path):

@@ -12,7 +12,8 @@ from rnnkit.cli.common import (bad_option, check_output_file, err_console, print
 
 
 def plot(
-    runs: List[Path] = typer.Argument(..., help="Run directories (each with its metrics.jsonl)."),
+    runs: List[Path] = typer.Argument(..., help="Run directories (each with its metrics.jsonl), or a folder of "
+                                                "them (runs/: every run in it)."),
     metric: Optional[str] = typer.Option(None, "--metric", "-m", help="Validation metric to draw, e.g. valid_bleu "
                                                                         "(default: valid_loss)."),
     out: Path = typer.Option(Path("runs.png"), "--output", "-o", help="PNG file to write."),
@@ -21,16 +22,18 @@ def plot(
 
     Example:  rnnkit plot runs/en_fr runs/en_fr_gru --metric valid_bleu -o compare.png
     """
-    from rnnkit.reports import plot_runs
+    from rnnkit.reports import expand_runs, plot_runs
 
     with user_errors():
         check_output_file(out, "--output")
+        runs = expand_runs(runs)
         drawn = plot_runs(runs, metric, out)
     err_console.print(f"wrote {out} (training loss and {drawn} of {len(runs)} run{'s' * (len(runs) > 1)})")
 
 
 def compare(
-    runs: List[Path] = typer.Argument(..., help="Run directories to compare."),
+    runs: List[Path] = typer.Argument(..., help="Run directories to compare, or a folder of them (runs/: every "
+                                                "run in it)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON list instead of a table."),
 ) -> None:
     """Compare runs: task, the config keys that differ, steps, minutes, best metric and its step.
@@ -39,11 +42,11 @@ def compare(
     """
     from rich.table import Table
 
-    from rnnkit.reports import compare_runs
+    from rnnkit.reports import compare_runs, expand_runs
     from rnnkit.training.progress import format_number
 
     with user_errors():
-        rows = compare_runs(runs)
+        rows = compare_runs(expand_runs(runs))
     if as_json:
         print(json.dumps(rows))
         return

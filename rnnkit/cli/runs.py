@@ -38,7 +38,7 @@ def compare(
 ) -> None:
     """Compare runs: task, the config keys that differ, steps, minutes, best metric and its step.
 
-    Example:  rnnkit runs runs/*
+    Example:  rnnkit runs runs/      (every run in the folder; or name them: runs/a runs/b)
     """
     from rich.table import Table
 

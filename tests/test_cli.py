@@ -50,6 +50,21 @@ def test_train_bad_config_is_one_line_exit_2(tmp_path):
     assert not (tmp_path / "run").exists()   # nothing is created for a rejected config
 
 
+def test_text_too_short_or_empty_names_its_file(tmp_path, trained):
+    short = tmp_path / "short.txt"
+    short.write_text("ab\ncd\n")
+    cfg = tiny_lm_config(tmp_path, run_dir=str(tmp_path / "s"))
+    cfg["data"] = {"train": str(short), "valid": str(SAMPLE_TEXT), "tokenizer": "char", "bptt": 16}
+    path = write_yaml(tmp_path / "short.yaml", cfg)
+    result = runner.invoke(app, ["train", str(path)])
+    assert result.exit_code == 2, result.output
+    assert f"data.train ({short}): 6 tokens are too few to lay out as 8 streams" in result.output
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    result = runner.invoke(app, ["eval", str(trained / "best.pt"), "--data", str(empty)])
+    assert result.exit_code == 2 and f"{empty}: file is empty" in result.output, result.output
+
+
 def test_generate_streams_text_and_is_seeded(trained):
     args = ["generate", str(trained / "best.pt"), "--prime", "The", "--length", "40", "--seed", "3"]
     first, second = runner.invoke(app, args), runner.invoke(app, args)

@@ -116,6 +116,8 @@ def read_text(path: str) -> str:
         raw = open(path, "rb").read()
     except OSError as err:
         raise DataError(f"{path}: cannot read ({err.strerror})") from None
+    if not raw.strip():
+        raise DataError(f"{path}: file is empty")
     return decode_text(raw, path)
 
 

@@ -23,11 +23,14 @@ from rnnkit.training.interface import StepResult
 from rnnkit.tasks.lm_text import LanguageModelText
 from rnnkit.transfer import read_language_model
 
-def batchify(ids: np.ndarray, rows: int) -> np.ndarray:
-    """Lay a token stream out as ``rows`` contiguous streams: a (rows, length) view."""
+def batchify(ids: np.ndarray, rows: int, source: str = "the text") -> np.ndarray:
+    """Lay a token stream out as ``rows`` contiguous streams: a (rows, length) view; ``source``
+    names the text in the error when it is too short."""
     length = len(ids) // rows
     if length < 2:
-        raise DataError(f"{len(ids)} tokens are too few to lay out as {rows} streams; "
+        if rows == 1:
+            raise DataError(f"{source}: {len(ids)} tokens are too few (at least 2 are needed)")
+        raise DataError(f"{source}: {len(ids)} tokens are too few to lay out as {rows} streams; "
                         f"give more text or a smaller batch size")
     return ids[: rows * length].reshape(rows, length)
 
@@ -83,10 +86,13 @@ class LanguageModelTask(LanguageModelText):
         self.train_stream: np.ndarray | None = None     # (rows, length), mapped from the store
         self.valid_stream: torch.Tensor | None = None
         if store is not None:
-            self.train_stream = batchify(self._directed(store.stream("train")), cfg.train.batch_size)
+            d = cfg.data
+            self.train_stream = batchify(self._directed(store.stream("train")), cfg.train.batch_size,
+                                         f"data.train ({d.train})" if d.path is None else f"data.path ({d.path})")
             valid = np.array(self._directed(store.stream("valid")), dtype=np.int64)
             rows = min(cfg.train.eval_batch_size, max(1, len(valid) // (2 * cfg.data.bptt)))
-            self.valid_stream = torch.from_numpy(np.ascontiguousarray(batchify(valid, rows))).to(device)
+            named = f"data.valid ({d.valid})" if d.path is None else "data.path's validation split"
+            self.valid_stream = torch.from_numpy(np.ascontiguousarray(batchify(valid, rows, named))).to(device)
 
     def _directed(self, ids: np.ndarray) -> np.ndarray:
         """A stream as the model reads it: reversed (a view) for a backward LM."""

@@ -279,6 +279,11 @@ def test_names_and_bad_checkpoints_are_one_line_errors(tmp_path):
         model_names(["a/best.pt", "a/last.pt"])
     result = runner.invoke(cli_app, ["serve", str(tmp_path / "missing.pt")])
     assert result.exit_code == 2 and "missing.pt" in result.output
+    (tmp_path / "exports" / "char_lm").mkdir(parents=True)       # an export folder: named after itself
+    assert model_names([str(tmp_path / "exports" / "char_lm"), "/best.pt"]) == {
+        "char_lm": str(tmp_path / "exports" / "char_lm"), "best": "/best.pt"}
+    result = runner.invoke(cli_app, ["serve", "/missing.pt"])      # at the root: not found, not a naming error
+    assert result.exit_code == 2 and "/missing.pt" in result.output and "model name" not in result.output
 
 
 def test_a_port_in_use_is_one_line_before_any_model_loads(checkpoints):

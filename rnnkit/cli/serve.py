@@ -15,8 +15,8 @@ from rnnkit.runtime.manifest import PREPACK_VARIABLE
 
 def serve(
     checkpoints: List[str] = typer.Argument(..., metavar="CKPT...",
-                                            help="Checkpoints to serve, each PATH (named after its run folder) "
-                                                 "or NAME=PATH."),
+                                            help="Checkpoints to serve, each PATH (named after its run folder; "
+                                                 "an export folder after itself) or NAME=PATH."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on."),
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="Sentences decoded together at most."),

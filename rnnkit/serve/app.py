@@ -408,12 +408,15 @@ def build_app(models: dict[str, Model], limits: Limits = Limits(),
 
 
 def model_names(checkpoints: Sequence[str]) -> dict[str, str]:
-    """``NAME=PATH`` or ``PATH`` (named after its run folder) -> {name: path}; names unique."""
+    """``NAME=PATH`` or ``PATH`` -> {name: path}; names unique. A checkpoint is named after its
+    run folder (after its file where that folder has no name: ``/best.pt``), an export folder
+    after itself."""
     names: dict[str, str] = {}
     for spec in checkpoints:
         name, sep, path = spec.partition("=")
         if not sep:
-            path, name = spec, Path(spec).resolve().parent.name
+            where = Path(spec).resolve()
+            path, name = spec, where.name if where.is_dir() else where.parent.name or where.stem
         if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise ConfigError("", f"model name {name!r}: use letters, digits, '-', '_' and '.' (NAME=PATH)")
         if name in names:

@@ -3,6 +3,8 @@ graph's loop run) and a whole sequence with its backward pass written out (:clas
 the parallel form's loop): the equations are in :mod:`rnnkit.models.xlstm`."""
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 import torch.nn.functional as F
 
@@ -42,19 +44,16 @@ class SLSTMRun(torch.autograd.Function):
     position's state and gate pre-activations (8H numbers), computes the gates' values again
     from them going back, and takes the recurrent weights' gradient in one product for the
     whole sequence. The gradients are those of :func:`_slstm_update` to rounding (max's ties
-    split as torch's)."""
+    split as torch's). Both loops run scripted (compiled once per process on first use): a
+    position is some 15 small operations going forward and 40 going back, and the
+    interpreter dispatches them for less than Python does."""
 
     @staticmethod
     def forward(ctx, pre, state, rec, held, heads: int, reverse: bool):
-        steps, hidden = pre.size(1), pre.size(2) // 4
-        states = state.new_empty(steps + 1, *state.shape)       # states[k]: after k steps of the run
-        gates = state.new_empty(steps, *state.shape)            # gates[k]: step k's pre-activations
-        states[0] = state
-        order = range(steps - 1, -1, -1) if reverse else range(steps)
-        for k, t in enumerate(order):
-            torch.add(pre[:, t], _slstm_recurrent(states[k, :, :hidden], rec, heads), out=gates[k])
-            new = _slstm_gated(gates[k], states[k])
-            states[k + 1] = new if held is None else torch.where(held[:, t], states[k], new)
+        from rnnkit.models.xlstm import _scripted
+
+        hidden = pre.size(2) // 4
+        states, gates = _scripted("slstm_forward")(pre, state, rec, held, heads, reverse)
         ctx.save_for_backward(states, gates, rec, held)
         ctx.heads, ctx.reverse, ctx.pre_dtype = heads, reverse, pre.dtype
         out = states[1:, :, :hidden].transpose(0, 1)
@@ -63,47 +62,78 @@ class SLSTMRun(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_final):
+        from rnnkit.models.xlstm import _scripted
+
         states, gates, rec, held = ctx.saved_tensors
         heads, steps, hidden = ctx.heads, gates.size(0), gates.size(2) // 4
-        order = list(range(steps - 1, -1, -1) if ctx.reverse else range(steps))
         d_state = torch.zeros_like(states[0]) if d_final is None else d_final.to(states.dtype).clone()
-        d_pre = states.new_empty(states.size(1), steps, 4 * hidden)      # every position written below
         d_out = None if d_out is None else d_out.to(states.dtype)
-        d = hidden // heads
-        for k in range(steps - 1, -1, -1):
-            t, prev, g = order[k], states[k], gates[k]
-            if d_out is not None:
-                d_state[:, :hidden] += d_out[:, t]
-            _, c, n, m = prev.split(hidden, 1)
-            i_raw, f_raw, z_raw, o_raw = g.split(hidden, 1)
-            log_f = F.logsigmoid(f_raw)
-            carried = log_f + m
-            m_new = torch.maximum(carried, i_raw)
-            ip, fp = torch.exp(i_raw - m_new), torch.exp(carried - m_new)
-            z, o = torch.tanh(z_raw), torch.sigmoid(o_raw)
-            c_new, n_new = fp * c + ip * z, fp * n + ip
-            dh, dc, dn, dm = d_state.split(hidden, 1)
-            ratio = c_new / n_new
-            dc = dc + dh * o / n_new
-            dn = dn - dh * o * ratio / n_new
-            a = (dc * c + dn * n) * fp             # d/d(log f + m - m_new) through f's factor
-            b = (dc * z + dn) * ip                 # d/d(i~ - m_new) through i's factor
-            dm_new = dm - a - b
-            first = (carried > i_raw).to(g.dtype) + 0.5 * (carried == i_raw).to(g.dtype)
-            d_carried = a + dm_new * first
-            dg = torch.cat([b + dm_new * (1 - first), d_carried * torch.sigmoid(-f_raw),
-                            dc * ip * (1 - z * z), dh * ratio * o * (1 - o)], 1)
-            dr = dg.reshape(-1, 4, heads, d).permute(2, 0, 1, 3).reshape(heads, -1, 4 * d)       # (K, B, 4d)
-            dh_prev = torch.bmm(dr, rec.to(dr.dtype)).transpose(0, 1).reshape(-1, hidden)
-            d_prev = torch.cat([dh_prev, dc * fp, dn * fp, d_carried], 1)
-            if held is not None:                   # a held position passed its state through
-                d_prev = torch.where(held[:, t], d_state, d_prev)
-                dg = dg.masked_fill(held[:, t], 0.0)
-            d_pre[:, t] = dg
-            d_state = d_prev
+        d_pre, d_state = _scripted("slstm_backward")(states, gates, rec, held, d_out, d_state, heads, ctx.reverse)
         # the recurrent weights' gradient, every position at once: sum_t dg_t^T h_(t-1), head by head
+        d = hidden // heads
         ordered = d_pre.flip(1) if ctx.reverse else d_pre               # position k of the run
         dr = ordered.reshape(-1, steps, 4, heads, d).permute(3, 2, 4, 0, 1).reshape(heads, 4 * d, -1)
         h_prev = states[:-1, :, :hidden].reshape(steps, -1, heads, d).permute(2, 1, 0, 3).reshape(heads, -1, d)
         d_rec = torch.bmm(dr, h_prev)
         return d_pre.to(ctx.pre_dtype), d_state, d_rec.to(rec.dtype), None, None, None
+
+
+def _run_forward(pre: torch.Tensor, state: torch.Tensor, rec: torch.Tensor, held: Optional[torch.Tensor],
+                 heads: int, reverse: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:class:`SLSTMRun`'s forward loop -> every state (T + 1, B, 4H; states[k] after k steps
+    of the run) and every position's gate pre-activations (T, B, 4H), in the run's order."""
+    steps, hidden = pre.size(1), pre.size(2) // 4
+    states = state.new_empty([steps + 1, state.size(0), state.size(1)])
+    gates = state.new_empty([steps, state.size(0), state.size(1)])
+    states[0] = state
+    for k in range(steps):
+        t = steps - 1 - k if reverse else k
+        torch.add(pre[:, t], _slstm_recurrent(states[k, :, :hidden], rec, heads), out=gates[k])
+        new = _slstm_gated(gates[k], states[k])
+        states[k + 1] = new if held is None else torch.where(held[:, t], states[k], new)
+    return states, gates
+
+
+def _run_backward(states: torch.Tensor, gates: torch.Tensor, rec: torch.Tensor, held: Optional[torch.Tensor],
+                  d_out: Optional[torch.Tensor], d_state: torch.Tensor, heads: int,
+                  reverse: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:class:`SLSTMRun`'s backward loop -> the gradient of the pre-activations (B, T, 4H)
+    and of the state the run started from."""
+    steps, hidden = gates.size(0), gates.size(2) // 4
+    d_pre = states.new_empty([states.size(1), steps, 4 * hidden])      # every position written below
+    d = hidden // heads
+    rec = rec.to(states.dtype)
+    for k in range(steps - 1, -1, -1):
+        t = steps - 1 - k if reverse else k
+        prev, g = states[k], gates[k]
+        if d_out is not None:
+            d_state[:, :hidden] += d_out[:, t]
+        c, n, m = prev[:, hidden:2 * hidden], prev[:, 2 * hidden:3 * hidden], prev[:, 3 * hidden:]
+        i_raw, f_raw, z_raw, o_raw = g[:, :hidden], g[:, hidden:2 * hidden], g[:, 2 * hidden:3 * hidden], g[:, 3 * hidden:]
+        log_f = F.logsigmoid(f_raw)
+        carried = log_f + m
+        m_new = torch.maximum(carried, i_raw)
+        ip, fp = torch.exp(i_raw - m_new), torch.exp(carried - m_new)
+        z, o = torch.tanh(z_raw), torch.sigmoid(o_raw)
+        c_new, n_new = fp * c + ip * z, fp * n + ip
+        dh, dc = d_state[:, :hidden], d_state[:, hidden:2 * hidden]
+        dn, dm = d_state[:, 2 * hidden:3 * hidden], d_state[:, 3 * hidden:]
+        ratio = c_new / n_new
+        dc = dc + dh * o / n_new
+        dn = dn - dh * o * ratio / n_new
+        a = (dc * c + dn * n) * fp             # d/d(log f + m - m_new) through f's factor
+        b = (dc * z + dn) * ip                 # d/d(i~ - m_new) through i's factor
+        dm_new = dm - a - b
+        first = (carried > i_raw).to(g.dtype) + 0.5 * (carried == i_raw).to(g.dtype)
+        d_carried = a + dm_new * first
+        dg = torch.cat([b + dm_new * (1 - first), d_carried * torch.sigmoid(-f_raw),
+                        dc * ip * (1 - z * z), dh * ratio * o * (1 - o)], 1)
+        dr = dg.reshape(-1, 4, heads, d).permute(2, 0, 1, 3).reshape(heads, -1, 4 * d)       # (K, B, 4d)
+        dh_prev = torch.bmm(dr, rec).transpose(0, 1).reshape(-1, hidden)
+        d_prev = torch.cat([dh_prev, dc * fp, dn * fp, d_carried], 1)
+        if held is not None:                   # a held position passed its state through
+            d_prev = torch.where(held[:, t], d_state, d_prev)
+            dg = dg.masked_fill(held[:, t], 0.0)
+        d_pre[:, t] = dg
+        d_state = d_prev
+    return d_pre, d_state

@@ -50,10 +50,8 @@ class SLSTMRun(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pre, state, rec, held, heads: int, reverse: bool):
-        from rnnkit.models.xlstm import _scripted
-
         hidden = pre.size(2) // 4
-        states, gates = _scripted("slstm_forward")(pre, state, rec, held, heads, reverse)
+        states, gates = _loop("forward")(pre, state, rec, held, heads, reverse)
         ctx.save_for_backward(states, gates, rec, held)
         ctx.heads, ctx.reverse, ctx.pre_dtype = heads, reverse, pre.dtype
         out = states[1:, :, :hidden].transpose(0, 1)
@@ -62,13 +60,11 @@ class SLSTMRun(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_final):
-        from rnnkit.models.xlstm import _scripted
-
         states, gates, rec, held = ctx.saved_tensors
         heads, steps, hidden = ctx.heads, gates.size(0), gates.size(2) // 4
         d_state = torch.zeros_like(states[0]) if d_final is None else d_final.to(states.dtype).clone()
         d_out = None if d_out is None else d_out.to(states.dtype)
-        d_pre, d_state = _scripted("slstm_backward")(states, gates, rec, held, d_out, d_state, heads, ctx.reverse)
+        d_pre, d_state = _loop("backward")(states, gates, rec, held, d_out, d_state, heads, ctx.reverse)
         # the recurrent weights' gradient, every position at once: sum_t dg_t^T h_(t-1), head by head
         d = hidden // heads
         ordered = d_pre.flip(1) if ctx.reverse else d_pre               # position k of the run
@@ -137,3 +133,13 @@ def _run_backward(states: torch.Tensor, gates: torch.Tensor, rec: torch.Tensor, 
         d_pre[:, t] = dg
         d_state = d_prev
     return d_pre, d_state
+
+
+_LOOPS: dict = {}
+
+
+def _loop(which: str):
+    """:func:`_run_forward` or :func:`_run_backward`, scripted once per process on first use."""
+    if which not in _LOOPS:
+        _LOOPS[which] = torch.jit.script({"forward": _run_forward, "backward": _run_backward}[which])
+    return _LOOPS[which]

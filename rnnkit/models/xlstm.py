@@ -42,7 +42,7 @@ from torch import nn
 from rnnkit.models.mlstm_chunks import SHUT, mlstm_chunkwise
 from rnnkit.models.products import run_linear
 from rnnkit.models.scan import last_real, widen
-from rnnkit.models.slstm_loop import SLSTMRun, _run_backward, _run_forward, _slstm_recurrent, _slstm_update
+from rnnkit.models.slstm_loop import SLSTMRun, _slstm_recurrent, _slstm_update
 
 
 def _check_heads(hidden_size: int, heads: int) -> int:
@@ -309,11 +309,10 @@ _SCRIPTS: dict = {}
 def _scripted(which: str):
     """A scripted function, compiled once per process on first use: a cell's step-by-step
     recurrence as a loop that an ONNX graph runs over any length (traced code would fix the
-    length), mLSTM's inference step, or sLSTM's training loops."""
+    length), or mLSTM's inference step."""
     if which not in _SCRIPTS:
         _SCRIPTS[which] = torch.jit.script({"slstm": _slstm_loop, "mlstm": _mlstm_loop,
-                                            "mlstm_step": _mlstm_inference_step, "slstm_forward": _run_forward,
-                                            "slstm_backward": _run_backward}[which])
+                                            "mlstm_step": _mlstm_inference_step}[which])
     return _SCRIPTS[which]
 
 

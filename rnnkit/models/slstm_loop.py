@@ -105,7 +105,8 @@ def _run_backward(states: torch.Tensor, gates: torch.Tensor, rec: torch.Tensor, 
         if d_out is not None:
             d_state[:, :hidden] += d_out[:, t]
         c, n, m = prev[:, hidden:2 * hidden], prev[:, 2 * hidden:3 * hidden], prev[:, 3 * hidden:]
-        i_raw, f_raw, z_raw, o_raw = g[:, :hidden], g[:, hidden:2 * hidden], g[:, 2 * hidden:3 * hidden], g[:, 3 * hidden:]
+        i_raw, f_raw = g[:, :hidden], g[:, hidden:2 * hidden]
+        z_raw, o_raw = g[:, 2 * hidden:3 * hidden], g[:, 3 * hidden:]
         log_f = F.logsigmoid(f_raw)
         carried = log_f + m
         m_new = torch.maximum(carried, i_raw)

@@ -240,13 +240,15 @@ def product_ceiling(rows: list[dict], cells: list[str], device: str) -> None:
                      and r["precision"] == "fp32"), None)
         if base is None:
             continue
-        lstm_rate = base["tokens_per_s"] * 6 * weight_products("lstm", hidden)
+        lstm_macs = weight_products("lstm", hidden)
+        lstm_rate = base["tokens_per_s"] * 6 * lstm_macs
         rate = max(peak, lstm_rate)
         print(f"  h{hidden} the fused LSTM: {lstm_rate / 1e9:.0f} GFLOP/s in its products")
         for cell in (c for c in GOALS if c in cells):
-            most = rate / (6 * weight_products(cell, hidden))
-            print(f"  h{hidden} {cell}: {weight_products(cell, hidden) / 1e6:.2f}M multiply-adds per token "
-                  f"(the LSTM {weight_products('lstm', hidden) / 1e6:.2f}M): at most {most:.0f} tokens/s, "
+            macs = weight_products(cell, hidden)
+            most = rate / (6 * macs)
+            print(f"  h{hidden} {cell}: {macs / 1e6:.2f}M multiply-adds per token "
+                  f"(the LSTM {lstm_macs / 1e6:.2f}M): at most {most:.0f} tokens/s, "
                   f"{most / base['tokens_per_s']:.2f}x the LSTM (goal {GOALS[cell]}x)")
 
 

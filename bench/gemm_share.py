@@ -33,15 +33,11 @@ MATMUL = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm
           "aten::mkldnn_rnn_layer", "aten::mkldnn_rnn_layer_backward", "mkldnn::_linear_pointwise"}
 
 
-def is_product(name: str) -> bool:
-    return name in MATMUL
-
-
 def report(what: str, prof, wall: float, top: int) -> None:
     """The products' share of ``wall`` (the same work timed without the profiler) and the
     operators that take the most of the profiled time."""
     events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
-    mat = sum(e.self_cpu_time_total for e in events if is_product(e.key)) / 1e6
+    mat = sum(e.self_cpu_time_total for e in events if e.key in MATMUL) / 1e6
     profiled = sum(e.self_cpu_time_total for e in events) / 1e6
     share = mat / wall
     print(f"{what}: {wall:.2f} s without the profiler, matrix products {mat:.2f} s; "
@@ -50,7 +46,7 @@ def report(what: str, prof, wall: float, top: int) -> None:
     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]:
         seconds = e.self_cpu_time_total / 1e6
         print(f"  {e.key[:42]:<42} {seconds:7.3f} {seconds / profiled:6.1%} {e.count:6d}  "
-              f"{'yes' if is_product(e.key) else ''}")
+              f"{'yes' if e.key in MATMUL else ''}")
 
 
 def main() -> int:

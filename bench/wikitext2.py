@@ -37,8 +37,8 @@ PLAIN = ["model.dropout=0", "model.input_dropout=0", "model.layer_dropout=0", "m
          "model.embedding_dropout=0", "model.weight_drop=0", "train.ar=0", "train.tar=0", "data.variable_bptt=false"]
 RUNS = {"regularised": [], "plain": PLAIN}
 QUICK = ["model.embedding_dim=16", "model.hidden_size=16", "model.num_layers=1", "train.max_steps=2",
-         "train.eval_every=2", "train.warmup_steps=0", "train.lr_schedule=constant", "train.decay_by=steps", "train.batch_size=4",
-         "data.bptt=10"]   # --quick: checks that it runs
+         "train.eval_every=2", "train.warmup_steps=0", "train.lr_schedule=constant", "train.decay_by=steps",
+         "train.batch_size=4", "data.bptt=10"]   # --quick: checks that it runs
 THETAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
 LAMBDAS = (0.02, 0.05, 0.08, 0.1, 0.15, 0.2, 0.25, 0.3)
 
@@ -133,7 +133,8 @@ def softmax_speed(out: Path, steps: int, rounds: int) -> dict[str, float]:
             rnnkit("train", str(CONFIG), "--set", f"run_dir={run}", "--set", f"model.output={output}",
                    "--set", f"train.max_steps={steps}", "--set", f"train.log_every={steps // 2}",
                    "--set", f"train.eval_every={steps}", "--set", "train.warmup_steps=0",
-                   "--set", "train.lr_schedule=constant", "--set", "train.decay_by=steps", *[a for s in data_overrides() for a in ("--set", s)])
+                   "--set", "train.lr_schedule=constant", "--set", "train.decay_by=steps",
+                   *[a for s in data_overrides() for a in ("--set", s)])
             rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
             speeds[output].append([x for x in rows if x["kind"] == "train"][-1]["tokens_per_s"])   # second half
     return {k: statistics.median(v) for k, v in speeds.items()}

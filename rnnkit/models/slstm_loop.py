@@ -3,6 +3,7 @@ graph's loop run) and a whole sequence with its backward pass written out (:clas
 the parallel form's loop): the equations are in :mod:`rnnkit.models.xlstm`."""
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -136,11 +137,7 @@ def _run_backward(states: torch.Tensor, gates: torch.Tensor, rec: torch.Tensor, 
     return d_pre, d_state
 
 
-_LOOPS: dict = {}
-
-
+@functools.cache
 def _loop(which: str):
     """:func:`_run_forward` or :func:`_run_backward`, scripted once per process on first use."""
-    if which not in _LOOPS:
-        _LOOPS[which] = torch.jit.script({"forward": _run_forward, "backward": _run_backward}[which])
-    return _LOOPS[which]
+    return torch.jit.script({"forward": _run_forward, "backward": _run_backward}[which])

@@ -33,6 +33,7 @@ carry: [h, c, n, m] for sLSTM, [h, C, n, m] for mLSTM, flat, h first.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -303,17 +304,13 @@ def _rms_normalised(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- graphs
-_SCRIPTS: dict = {}
-
-
+@functools.cache
 def _scripted(which: str):
     """A scripted function, compiled once per process on first use: a cell's step-by-step
     recurrence as a loop that an ONNX graph runs over any length (traced code would fix the
     length), or mLSTM's inference step."""
-    if which not in _SCRIPTS:
-        _SCRIPTS[which] = torch.jit.script({"slstm": _slstm_loop, "mlstm": _mlstm_loop,
-                                            "mlstm_step": _mlstm_inference_step}[which])
-    return _SCRIPTS[which]
+    functions = {"slstm": _slstm_loop, "mlstm": _mlstm_loop, "mlstm_step": _mlstm_inference_step}
+    return torch.jit.script(functions[which])
 
 
 def _held_or_none(held: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
